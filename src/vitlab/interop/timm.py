@@ -1,0 +1,76 @@
+"""Conversion between vitlab and timm state dicts.
+
+Each backbone family registers a pair of key/tensor converters with
+:func:`register_timm_converter`; :func:`load_timm_weights` converts and loads strictly, so
+a missing or unexpected key raises and names the keys.  Converters are pure functions on
+dicts of tensors, so the round trip ``to_timm(from_timm(sd)) == sd`` is testable without timm.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Tuple, Type
+
+import torch
+from torch import nn
+
+__all__ = ["register_timm_converter", "load_timm_weights", "to_timm_state_dict", "TimmKeyError"]
+
+StateDict = Dict[str, torch.Tensor]
+_CONVERTERS: List[Tuple[Type[nn.Module], Callable, Callable]] = []
+
+
+class TimmKeyError(KeyError):
+    """Raised when a state dict does not match the model (missing or unexpected keys)."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0])
+
+
+def register_timm_converter(model_cls: Type[nn.Module]):
+    """Decorator for a class with static ``from_timm(sd, model) -> sd`` and ``to_timm(sd, model) -> sd``."""
+
+    def deco(conv):
+        _CONVERTERS.insert(0, (model_cls, conv.from_timm, conv.to_timm))
+        return conv
+
+    return deco
+
+
+def _converter(model: nn.Module):
+    _ensure_loaded()
+    for cls, fwd, bwd in _CONVERTERS:
+        if isinstance(model, cls):
+            return fwd, bwd
+    raise ValueError(f"no timm converter for {type(model).__name__}; models with one: "
+                     f"{', '.join(sorted({c.__name__ for c, _, _ in _CONVERTERS}))}")
+
+
+def _ensure_loaded() -> None:
+    import vitlab.models  # noqa: F401  (model files register their converters)
+    import vitlab.interop.timm_vit  # noqa: F401
+
+
+def load_timm_weights(model: nn.Module, timm_state_dict: StateDict) -> nn.Module:
+    """Load the state dict of the corresponding timm model into ``model`` in place (strict).
+
+    Raises :class:`TimmKeyError` naming missing/unexpected keys and ``ValueError`` naming any
+    tensor whose shape differs."""
+    fwd, _ = _converter(model)
+    sd = fwd({k: v for k, v in timm_state_dict.items()}, model)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    if missing or unexpected:
+        raise TimmKeyError(f"timm state dict does not match {type(model).__name__}: "
+                           f"missing keys {missing[:20]}{' ...' if len(missing) > 20 else ''}; "
+                           f"unexpected keys {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''}")
+    bad = [f"{k}: timm {tuple(sd[k].shape)} vs vitlab {tuple(own[k].shape)}" for k in own if sd[k].shape != own[k].shape]
+    if bad:
+        raise ValueError("shape mismatch loading timm weights: " + "; ".join(bad[:10]))
+    model.load_state_dict(sd, strict=True)
+    return model
+
+
+def to_timm_state_dict(model: nn.Module) -> StateDict:
+    """The state dict of ``model`` with timm's key names and layouts."""
+    _, bwd = _converter(model)
+    return bwd({k: v.detach().clone() for k, v in model.state_dict().items()}, model)

@@ -1,0 +1,31 @@
+"""vitlab parts: small modules with one job each, chosen by name.
+
+* mixers (:data:`MIXERS`): ``softmax``, ``cosine``, ``focused_linear``, ``attnscale``
+* norms (:data:`NORMS`): ``layernorm``, ``center``, ``rms``
+* shortcuts (:data:`SHORTCUTS`): ``plain``, ``weighted``, ``layerscale``
+* initialisers (:data:`INITS`): ``trunc_normal``, ``xavier``, ``spectral``
+* patch embeddings (:data:`EMBEDS`): ``patch``, ``conv``; position encodings ``learned``, ``sincos``, ``none``
+* :class:`FeatScale`, :class:`Mlp`, :class:`DropPath`, :class:`DWConvUnit`
+"""
+from timm.layers import DropPath  # noqa: F401  (stochastic depth, Huang et al. 2016; timm's is well kept)
+
+from vitlab.layers.attention import Attention, AttnScale, CosineAttention
+from vitlab.layers.conv_unit import DWConvUnit
+from vitlab.layers.featscale import FeatScale
+from vitlab.layers.init import INITS, init_weights, spectral_init_, spectral_norm_of
+from vitlab.layers.linear_attention import FocusedLinearAttention, focusing_function
+from vitlab.layers.mixers import MIXERS, create_mixer
+from vitlab.layers.mlp import Mlp
+from vitlab.layers.norm import NORMS, CenterNorm, create_norm
+from vitlab.layers.patch_embed import EMBEDS, ConvStem, PatchEmbed, to_2tuple
+from vitlab.layers.pos_embed import POS_EMBEDS, resample_pos_embed, sincos_2d
+from vitlab.layers.recording import AttentionRecorder, RecordsAttention, record_attention
+from vitlab.layers.shortcut import SHORTCUTS, ChannelScale, create_shortcut
+
+__all__ = [
+    "Attention", "AttnScale", "CosineAttention", "FocusedLinearAttention", "focusing_function", "MIXERS",
+    "create_mixer", "CenterNorm", "NORMS", "create_norm", "SHORTCUTS", "ChannelScale", "create_shortcut",
+    "FeatScale", "Mlp", "DropPath", "DWConvUnit", "INITS", "init_weights", "spectral_init_", "spectral_norm_of",
+    "EMBEDS", "PatchEmbed", "ConvStem", "to_2tuple", "POS_EMBEDS", "sincos_2d", "resample_pos_embed",
+    "record_attention", "RecordsAttention", "AttentionRecorder",
+]

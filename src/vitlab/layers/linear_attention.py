@@ -1,0 +1,103 @@
+"""Focused linear attention (``focused_linear``): linear cost in the number of tokens."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitlab.layers.attention import Attention
+
+__all__ = ["FocusedLinearAttention", "focusing_function"]
+
+
+def focusing_function(x: torch.Tensor, p: float = 3.0) -> torch.Tensor:
+    """``f_p(x) = |x| / |x**p| * x**p`` over the last axis (keeps the norm, sharpens the direction).
+
+    From "FLatten Transformer: Vision Transformer using Focused Linear Attention" (Han et al.,
+    ICCV 2023), eq. for the focusing function; expects non-negative ``x`` (after ReLU).
+    """
+    xp = x ** p
+    return xp * (x.norm(dim=-1, keepdim=True) / xp.norm(dim=-1, keepdim=True))
+
+
+class FocusedLinearAttention(Attention):
+    """Focused linear attention with depthwise-conv rank restoration.
+
+    From "FLatten Transformer: Vision Transformer using Focused Linear Attention" (Han et al.,
+    ICCV 2023).  Order of operations follows the released code (spec ``flatten.md`` section 3):
+    a zero-initialised learnable position encoding on K, ``ReLU + 1e-6``, division by
+    ``softplus(scale)`` (learnable per channel, init 0), the focusing function over the full
+    channel axis, then per head ``out_i = q_i (K^T V / n) / (q_i . mean_j k_j + 1e-6)``, plus a
+    depthwise ``kernel_size`` conv on V (weights shared by all heads) over the token map.
+
+    Cost is O(N d^2) per head.  When recording, the implied row-normalised N x N matrix
+    ``phi(Q) phi(K)^T`` is handed out (the DWC term is a separate local operator).
+
+    Tokens: ``num_prefix`` leading tokens (class tokens) take part in attention but not in the
+    DWC, which runs on the ``hw`` grid of the remaining tokens.  ``num_tokens`` sizes the
+    position encoding on K; without it, no position encoding is used.
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, attn_drop: float = 0.0,
+                 proj_drop: float = 0.0, focusing_factor: float = 3.0, kernel_size: int = 5,
+                 num_tokens: Optional[int] = None, **_unused):
+        super().__init__(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop)
+        if kernel_size % 2 != 1:
+            raise ValueError(f"kernel_size must be odd, got {kernel_size}")
+        self.focusing_factor = focusing_factor
+        self.dwc = nn.Conv2d(self.head_dim, self.head_dim, kernel_size, padding=kernel_size // 2, groups=self.head_dim)
+        self.scale_param = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_enc = nn.Parameter(torch.zeros(1, num_tokens, dim)) if num_tokens else None
+
+    def _features(self, x: torch.Tensor, num_prefix: int = 0):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        if self.pos_enc is not None:
+            if self.pos_enc.shape[1] != n:
+                raise ValueError(f"FocusedLinearAttention was built for {self.pos_enc.shape[1]} tokens, got {n}")
+            k = k + self.pos_enc
+        div = F.softplus(self.scale_param)
+        q = focusing_function((F.relu(q) + 1e-6) / div, self.focusing_factor)
+        k = focusing_function((F.relu(k) + 1e-6) / div, self.focusing_factor)
+        split = lambda t: t.reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)  # noqa: E731
+        return split(q), split(k), split(v)
+
+    def _dwc(self, v: torch.Tensor, hw: Optional[Tuple[int, int]], num_prefix: int) -> torch.Tensor:
+        b, h, n, d = v.shape
+        vp = v[:, :, num_prefix:]
+        if hw is None:
+            side = math.isqrt(n - num_prefix)
+            if side * side != n - num_prefix:
+                raise ValueError(f"cannot infer a square token grid from {n - num_prefix} tokens; pass hw=(H, W)")
+            hw = (side, side)
+        fm = vp.reshape(b * h, hw[0], hw[1], d).permute(0, 3, 1, 2)
+        out = self.dwc(fm).permute(0, 2, 3, 1).reshape(b, h, hw[0] * hw[1], d)
+        if num_prefix:
+            out = torch.cat([out.new_zeros(b, h, num_prefix, d), out], dim=2)
+        return out
+
+    def implied_attention(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """The row-normalised N x N matrix ``phi(Q) phi(K)^T`` of split-head features."""
+        a = q @ k.transpose(-2, -1)
+        return a / a.sum(dim=-1, keepdim=True)
+
+    def forward(self, x: torch.Tensor, hw: Optional[Tuple[int, int]] = None, num_prefix: int = 0,
+                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if bias is not None:
+            raise ValueError("focused_linear attention cannot take an additive attention bias/mask "
+                             "(it never forms the N x N matrix)")
+        b, n, c = x.shape
+        q, k, v = self._features(x, num_prefix)
+        if self.recording:
+            probs = self.implied_attention(q, k)
+            self._record(probs)
+            out = probs @ v
+        else:
+            z = 1.0 / (q @ k.mean(dim=-2, keepdim=True).transpose(-2, -1) + 1e-6)
+            kv = (k.transpose(-2, -1) * n ** -0.5) @ (v * n ** -0.5)
+            out = (q @ kv) * z
+        out = out + self._dwc(v, hw, num_prefix)
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, c)))

@@ -1,0 +1,274 @@
+"""The isotropic Vision Transformer, built from vitlab parts.
+
+"An Image is Worth 16x16 Words: Transformers for Image Recognition at Scale" (Dosovitskiy
+et al., ICLR 2021) and DeiT ("Training data-efficient image transformers & distillation through
+attention", Touvron et al., ICML 2021).  Every part is an argument: ``mixer``, ``norm``,
+``shortcut``, ``featscale``, ``init``, ``pos_embed``, ``embed``, ``global_pool``.
+
+State-dict keys follow timm's ``VisionTransformer`` (``patch_embed.proj``, ``cls_token``,
+``pos_embed``, ``blocks.{i}.norm1``, ``blocks.{i}.attn.qkv``, ``blocks.{i}.attn.proj``,
+``blocks.{i}.ls1.gamma``, ``blocks.{i}.norm2``, ``blocks.{i}.mlp.fc1``/``fc2``, ``norm``,
+``fc_norm``, ``head``); vitlab-only parts add ``blocks.{i}.featscale.{s,t}``,
+``blocks.{i}.attn.attn_scale.omega``, ``blocks.{i}.conv_units.{0,1}.*``.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from vitlab.layers import (DWConvUnit, DropPath, EMBEDS, FeatScale, Mlp, create_mixer, create_norm,
+                           create_shortcut, init_weights, sincos_2d)
+from vitlab.layers.pos_embed import POS_EMBEDS, resample_pos_embed
+from vitlab.models.base import Intermediate, VitlabModel, make_default_cfg, tokens_to_map
+
+__all__ = ["Block", "VisionTransformer"]
+
+
+class Block(nn.Module):
+    """One transformer block: ``x + DropPath(ls1(FeatScale(mixer(norm1(x)))))`` then the MLP
+    half.  ``post_norm=True`` moves the norms after each residual add (LipsFormer's wiring);
+    ``conv_units=True`` runs LipsFormer's two depthwise-conv residual units first."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 mixer: str = "softmax", norm: str = "layernorm", shortcut: str = "plain",
+                 shortcut_init: Optional[float] = None, featscale: bool = False, drop: float = 0.0,
+                 attn_drop: float = 0.0, drop_path: float = 0.0, norm_eps: float = 1e-6, total_depth: int = 1,
+                 num_tokens: Optional[int] = None, post_norm: bool = False, conv_units: bool = False,
+                 mixer_kwargs: Optional[Dict[str, Any]] = None):
+        super().__init__()
+        self.post_norm = post_norm
+        self.conv_units = nn.ModuleList([
+            DWConvUnit(dim, pointwise=True, alpha=1.0 / total_depth if shortcut_init is None else shortcut_init,
+                       drop_path=drop_path),
+            DWConvUnit(dim, pointwise=False, alpha=1.0 / total_depth if shortcut_init is None else shortcut_init,
+                       drop_path=drop_path),
+        ]) if conv_units else None
+        self.norm1 = create_norm(norm, dim, eps=norm_eps)
+        self.attn = create_mixer(mixer, dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop,
+                                 num_tokens=num_tokens, **(mixer_kwargs or {}))
+        self.featscale = FeatScale(dim) if featscale else None
+        self.ls1 = create_shortcut(shortcut, dim, shortcut_init, depth=total_depth)
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = create_norm(norm, dim, eps=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
+        self.ls2 = create_shortcut(shortcut, dim, shortcut_init, depth=total_depth)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def attn_half(self, x: torch.Tensor, hw: Tuple[int, int], num_prefix: int) -> torch.Tensor:
+        if self.conv_units is not None:
+            for unit in self.conv_units:
+                x = unit(x, hw, num_prefix)
+        y = self.attn(x if self.post_norm else self.norm1(x), hw=hw, num_prefix=num_prefix)
+        if self.featscale is not None:
+            y = self.featscale(y)
+        x = x + self.drop_path1(self.ls1(y))
+        return self.norm1(x) if self.post_norm else x
+
+    def mlp_half(self, x: torch.Tensor) -> torch.Tensor:
+        if self.post_norm:
+            return self.norm2(x + self.drop_path2(self.ls2(self.mlp(x))))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+    def forward(self, x: torch.Tensor, hw: Tuple[int, int], num_prefix: int = 0) -> torch.Tensor:
+        return self.mlp_half(self.attn_half(x, hw, num_prefix))
+
+
+class VisionTransformer(VitlabModel):
+    """Isotropic ViT whose every part is an argument (see the module docstring).
+
+    Args (beyond the usual ViT sizes): ``mixer`` (``softmax`` | ``cosine`` | ``focused_linear``
+    | ``attnscale``), ``norm`` (``layernorm`` | ``center`` | ``rms``), ``shortcut`` (``plain`` |
+    ``weighted`` | ``layerscale``; ``shortcut_init`` overrides its init), ``featscale``
+    (bool), ``init`` (``trunc_normal`` | ``xavier`` | ``spectral``), ``pos_embed`` (``learned``
+    | ``sincos`` | ``none``), ``embed`` (``patch`` | ``conv``), ``global_pool`` (``token`` |
+    ``avg``), ``class_token``, ``post_norm``, ``conv_units``, ``mixer_kwargs``.
+    """
+
+    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 1000,
+                 embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
+                 qkv_bias: bool = True, mixer: str = "softmax", norm: str = "layernorm", shortcut: str = "plain",
+                 shortcut_init: Optional[float] = None, featscale: bool = False, init: str = "trunc_normal",
+                 pos_embed: str = "learned", embed: str = "patch", global_pool: str = "token",
+                 class_token: bool = True, fc_norm: Optional[bool] = None, drop_rate: float = 0.0,
+                 attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0, norm_eps: float = 1e-6,
+                 post_norm: bool = False, conv_units: bool = False, mixer_kwargs: Optional[Dict[str, Any]] = None,
+                 architecture: str = "vit", default_cfg: Optional[Dict[str, Any]] = None):
+        super().__init__()
+        if global_pool not in ("token", "avg"):
+            raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
+        if global_pool == "token" and not class_token:
+            raise ValueError("global_pool='token' needs class_token=True; use global_pool='avg' without a class token")
+        if pos_embed not in POS_EMBEDS:
+            raise ValueError(f"unknown pos_embed {pos_embed!r}; valid: {', '.join(POS_EMBEDS)}")
+        if depth < 1 or embed_dim < 1 or num_heads < 1:
+            raise ValueError(f"depth, embed_dim and num_heads must be positive, got {depth}, {embed_dim}, {num_heads}")
+        if not 0.0 <= drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.num_features = self.embed_dim = embed_dim
+        self.global_pool = global_pool
+        self.num_prefix_tokens = 1 if class_token else 0
+        self.patch_embed = EMBEDS.get(embed)(img_size, patch_size, in_chans, embed_dim)
+        self.grid_size = self.patch_embed.grid_size
+        num_tokens = self.patch_embed.num_patches + self.num_prefix_tokens
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
+        self.pos_embed_type = pos_embed
+        if pos_embed == "learned":
+            self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, embed_dim))
+        elif pos_embed == "sincos":
+            table = torch.cat([torch.zeros(self.num_prefix_tokens, embed_dim), sincos_2d(self.grid_size, embed_dim)])
+            self.register_buffer("pos_embed", table[None], persistent=False)
+        else:
+            self.pos_embed = None
+        self.pos_drop = nn.Dropout(drop_rate)
+        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.Sequential(*[
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, mixer=mixer, norm=norm, shortcut=shortcut,
+                  shortcut_init=shortcut_init, featscale=featscale, drop=drop_rate, attn_drop=attn_drop_rate,
+                  drop_path=dpr[i], norm_eps=norm_eps, total_depth=depth, num_tokens=num_tokens,
+                  post_norm=post_norm, conv_units=conv_units, mixer_kwargs=mixer_kwargs)
+            for i in range(depth)])
+        use_fc_norm = global_pool == "avg" if fc_norm is None else fc_norm
+        self.norm = create_norm(norm, embed_dim, eps=norm_eps) if not use_fc_norm else nn.Identity()
+        self.fc_norm = create_norm(norm, embed_dim, eps=norm_eps) if use_fc_norm else nn.Identity()
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.init_name = init
+        self._init_weights(init)
+        self.default_cfg = default_cfg or make_default_cfg(architecture, self.patch_embed.img_size[0], num_classes,
+                                                           in_chans)
+
+    @torch.no_grad()
+    def _init_weights(self, init: str) -> None:
+        if isinstance(self.pos_embed, nn.Parameter):
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=1e-6)
+        init_weights(self, init)
+
+    # -- the model contract ---------------------------------------------------------------
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        x = self.patch_embed(x)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed
+        return self.pos_drop(x)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._embed(x)
+        for blk in self.blocks:
+            x = blk(x, self.grid_size, self.num_prefix_tokens)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = x[:, self.num_prefix_tokens:].mean(dim=1) if self.global_pool == "avg" else x[:, 0]
+        x = self.head_drop(self.fc_norm(x))
+        return x if pre_logits else self.head(x)
+
+    def _entry(self, name: str, kind: str, x: torch.Tensor) -> Intermediate:
+        p = self.num_prefix_tokens
+        return Intermediate(name, kind, tokens_to_map(x[:, p:], self.grid_size), x[:, :p] if p else None)
+
+    def forward_intermediates(self, x: torch.Tensor) -> List[Intermediate]:
+        """Embedding output, then for every block its attention half and its MLP half."""
+        x = self._embed(x)
+        out = [self._entry("patch_embed", "embed", x)]
+        for i, blk in enumerate(self.blocks):
+            x = blk.attn_half(x, self.grid_size, self.num_prefix_tokens)
+            out.append(self._entry(f"blocks.{i}.attn", "attn", x))
+            x = blk.mlp_half(x)
+            out.append(self._entry(f"blocks.{i}.mlp", "mlp", x))
+        return out
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Loads a state dict, resizing a learned ``pos_embed`` trained at another image size
+        (e.g. a 224 checkpoint into a 384 model) by bicubic interpolation."""
+        pe = state_dict.get("pos_embed")
+        if isinstance(self.pos_embed, nn.Parameter) and pe is not None and pe.shape != self.pos_embed.shape:
+            n_old = pe.shape[1] - self.num_prefix_tokens
+            side = int(round(n_old ** 0.5))
+            if side * side != n_old:
+                raise ValueError(f"cannot resize pos_embed of shape {tuple(pe.shape)}: not a square grid")
+            state_dict = dict(state_dict)
+            state_dict["pos_embed"] = resample_pos_embed(pe, self.grid_size, (side, side), self.num_prefix_tokens)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+# -- registered recipes -------------------------------------------------------------------------
+from vitlab.registry import register_model  # noqa: E402
+
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
+
+
+def _vit(architecture: str, defaults: Dict[str, Any], overrides: Dict[str, Any], **cfg: Any) -> VisionTransformer:
+    """Merge a recipe's defaults with the caller's overrides and attach the matching default_cfg."""
+    kw = {**defaults, **overrides}
+    mean, std = cfg.pop("mean", None), cfg.pop("std", None)
+    default_cfg = make_default_cfg(architecture, kw.get("img_size", 224), kw.get("num_classes", 1000),
+                                   kw.get("in_chans", 3), **({"mean": mean, "std": std} if mean else {}), **cfg)
+    return VisionTransformer(architecture=architecture, default_cfg=default_cfg, **kw)
+
+
+_SIZES = {
+    "tiny": dict(embed_dim=192, depth=12, num_heads=3),
+    "small": dict(embed_dim=384, depth=12, num_heads=6),
+    "base": dict(embed_dim=768, depth=12, num_heads=12),
+    "large": dict(embed_dim=1024, depth=24, num_heads=16),
+}
+
+
+def _register_vit(name: str, size: str, patch: int, img: int, extra: Optional[Dict[str, Any]] = None, **cfg: Any):
+    defaults = dict(_SIZES[size], patch_size=patch, img_size=img, **(extra or {}))
+
+    def factory(**overrides: Any) -> VisionTransformer:
+        return _vit(name, defaults, overrides, **dict(cfg))
+
+    factory.__name__ = factory.__qualname__ = name
+    factory.__doc__ = f"{name}: ViT-{size[0].upper()}/{patch} at {img}x{img} ({defaults})."
+    register_model(factory)
+
+
+# ViT (Dosovitskiy et al., 2021) and DeiT (Touvron et al., 2021): same sizes and names as timm.
+for _size in ("tiny", "small", "base", "large"):
+    _register_vit(f"vit_{_size}_patch16_224", _size, 16, 224)
+_register_vit("vit_base_patch32_224", "base", 32, 224)
+_register_vit("vit_small_patch32_224", "small", 32, 224)
+_register_vit("vit_base_patch16_384", "base", 16, 384, crop_pct=1.0)
+for _size in ("tiny", "small", "base"):
+    _register_vit(f"deit_{_size}_patch16_224", _size, 16, 224)
+# small-image configs: CIFAR (32x32, 10 classes) and MNIST-size (28x28, 1 channel, 10 classes)
+for _size in ("tiny", "small"):
+    _register_vit(f"vit_{_size}_patch4_32", _size, 4, 32, dict(num_classes=10), mean=CIFAR10_MEAN, std=CIFAR10_STD,
+                  crop_pct=1.0)
+    _register_vit(f"vit_{_size}_patch4_28", _size, 4, 28, dict(num_classes=10, in_chans=1), mean=MNIST_MEAN,
+                  std=MNIST_STD, crop_pct=1.0)
+# ViT-Ti of "How Do Vision Transformers Work?" (Park & Kim, ICLR 2022): patch 2, no qkv bias
+_register_vit("vit_tiny_patch2_32", "tiny", 2, 32, dict(num_classes=10, qkv_bias=False), mean=CIFAR10_MEAN,
+              std=CIFAR10_STD, crop_pct=1.0)
+
+# Anti-oversmoothing (Wang et al., ICLR 2022): DeiT-S with 12 or 24 blocks + AttnScale / FeatScale
+for _depth in (12, 24):
+    _register_vit(f"attnscale_small_{_depth}", "small", 16, 224, dict(depth=_depth, mixer="attnscale"))
+    _register_vit(f"featscale_small_{_depth}", "small", 16, 224, dict(depth=_depth, featscale=True))
+    _register_vit(f"deit_small_{_depth}_patch16_224", "small", 16, 224, dict(depth=_depth)) if _depth == 24 else None
+
+# LipsFormer (Qi et al., ICLR 2023) parts on DeiT-S: cosine attention (tau 10), CenterNorm,
+# weighted shortcut (alpha 1/L), spectral init, post-norm blocks with the depthwise-conv units.
+_register_vit("lipsformer_vit_small", "small", 16, 224,
+              dict(mixer="cosine", norm="center", shortcut="weighted", init="spectral", post_norm=True,
+                   conv_units=True, mixer_kwargs=dict(tau=10.0)))
+_register_vit("lipsformer_vit_tiny_patch4_32", "tiny", 4, 32,
+              dict(num_classes=10, mixer="cosine", norm="center", shortcut="weighted", init="spectral",
+                   post_norm=True, conv_units=True, mixer_kwargs=dict(tau=10.0)),
+              mean=CIFAR10_MEAN, std=CIFAR10_STD, crop_pct=1.0)
+# FLatten (Han et al., ICCV 2023): focused linear attention (p=3, DWC k=5) in every block
+_register_vit("flatten_vit_small", "small", 16, 224,
+              dict(mixer="focused_linear", mixer_kwargs=dict(focusing_factor=3.0, kernel_size=5)))
+_register_vit("flatten_deit_tiny", "tiny", 16, 224,
+              dict(mixer="focused_linear", mixer_kwargs=dict(focusing_factor=3.0, kernel_size=5)))
