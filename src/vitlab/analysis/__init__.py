@@ -1,13 +1,55 @@
-"""Analysis instruments for vision transformers (lazy: submodules load on first use)."""
+"""Analysis instruments for vision transformers.
+
+Fourier spectra and variance of feature maps, oversmoothing, attention maps, Lipschitz
+bounds, loss landscapes, Hessian spectra, corruption robustness and calibration; see
+``docs/analysis.md``.  Submodules load lazily on first use, so ``import vitlab.analysis`` is
+cheap (no matplotlib, no scipy).
+
+Entry points: :func:`hessian_eigenvalues`, :func:`expected_calibration_error`,
+:func:`lipschitz_upper_bound`, :func:`lipschitz_estimate`, :func:`corrupt` and the rest below.
+"""
 from __future__ import annotations
 
 import importlib
 
 _EXPORTS = {
+    # calibration
     "calibration_metrics": "calibration",
     "expected_calibration_error": "calibration",
     "reliability_bins": "calibration",
     "plot_reliability_diagram": "calibration",
+    # fourier / variance / oversmoothing
+    "relative_log_amplitude": "fourier",
+    "high_frequency_amplitude": "fourier",
+    "feature_map_variance": "fourier",
+    "hc_dc_ratio": "oversmoothing",
+    "dc_energy_share": "oversmoothing",
+    "high_frequency_fraction": "oversmoothing",
+    "patch_uniformity": "oversmoothing",
+    "attention_collapse": "oversmoothing",
+    "feature_statistics": "features",
+    # attention maps
+    "attention_maps": "attention_maps",
+    "attention_statistics": "attention_maps",
+    "mean_attention_distance": "attention_maps",
+    "attention_entropy": "attention_maps",
+    "plot_attention_overlay": "attention_maps",
+    # lipschitz
+    "lipschitz_upper_bound": "lipschitz",
+    "lipschitz_bound_report": "lipschitz",
+    "lipschitz_estimate": "lipschitz",
+    # landscape / hessian
+    "loss_landscape": "landscape",
+    "filter_normalized_direction": "landscape",
+    "plot_landscape": "landscape",
+    "hessian_eigenvalues": "hessian",
+    "hessian_density": "hessian",
+    "max_eigenvalue_spectrum": "hessian",
+    "hessian_vector_product": "hessian",
+    # robustness
+    "corrupt": "corruptions",
+    "CORRUPTIONS": "corruptions",
+    "corruption_accuracy": "robustness",
 }
 
 __all__ = sorted(_EXPORTS)

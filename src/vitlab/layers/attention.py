@@ -133,7 +133,7 @@ class CosineAttention(Attention):
 
     @property
     def scale(self):  # SDPA multiplies q.k by this: the temperature
-        return float(self.tau)
+        return float(self.tau.detach())
 
     @scale.setter
     def scale(self, value):  # the parent's 1/sqrt(d) is not used
@@ -146,4 +146,4 @@ class CosineAttention(Attention):
         if self.recording or not isinstance(self.tau, nn.Parameter):
             return super()._attend(q, k, v, bias)
         # learnable tau: SDPA's scale must be a float, so fold tau into q to keep its gradient
-        return super()._attend(q * (self.tau / float(self.tau)), k, v, bias)
+        return super()._attend(q * (self.tau / self.scale), k, v, bias)

@@ -80,9 +80,11 @@ class FocusedLinearAttention(Attention):
         return out
 
     def implied_attention(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """The row-normalised N x N matrix ``phi(Q) phi(K)^T`` of split-head features."""
+        """The N x N matrix the forward pass applies to V: ``phi(Q) phi(K)^T`` with each row
+        divided by its sum plus ``n * 1e-6`` (the released code's normaliser, so rows sum to
+        just under 1)."""
         a = q @ k.transpose(-2, -1)
-        return a / a.sum(dim=-1, keepdim=True)
+        return a / (a.sum(dim=-1, keepdim=True) + k.shape[-2] * 1e-6)
 
     def forward(self, x: torch.Tensor, hw: Optional[Tuple[int, int]] = None, num_prefix: int = 0,
                 bias: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -1,0 +1,118 @@
+"""Window helpers for local-attention backbones (Swin, CSwin): partition / reverse, the
+relative position bias table, the shifted-window attention mask, stripe partition.
+
+From "Swin Transformer: Hierarchical Vision Transformer using Shifted Windows" (Liu et al.,
+ICCV 2021) and "CSWin Transformer: A General Vision Transformer Backbone with Cross-Shaped
+Windows" (Dong et al., CVPR 2022).  Layouts and index conventions follow the official code
+(and timm), so relative-position tables trained there load unchanged.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+
+__all__ = [
+    "window_partition", "window_reverse", "relative_position_index", "add_relative_position_bias",
+    "relative_position_bias", "resize_relative_position_table", "shift_window_mask", "window_bias",
+    "stripe_partition", "stripe_reverse",
+]
+
+
+def window_partition(x: torch.Tensor, window: Tuple[int, int]) -> torch.Tensor:
+    """``(B, H, W, C)`` -> ``(B * nW, wh * ww, C)``; windows in raster order, batch-major
+    (window ``w`` of image ``b`` is row ``b * nW + w``).  ``H, W`` must be multiples of the window."""
+    b, h, w, c = x.shape
+    wh, ww = window
+    if h % wh or w % ww:
+        raise ValueError(f"a {h}x{w} map cannot be split into {wh}x{ww} windows (pad it first)")
+    x = x.view(b, h // wh, wh, w // ww, ww, c).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, wh * ww, c)
+
+
+def window_reverse(windows: torch.Tensor, window: Tuple[int, int], h: int, w: int) -> torch.Tensor:
+    """Inverse of :func:`window_partition`: ``(B * nW, wh * ww, C)`` -> ``(B, H, W, C)``."""
+    wh, ww = window
+    c = windows.shape[-1]
+    x = windows.view(-1, h // wh, w // ww, wh, ww, c).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, h, w, c)
+
+
+def stripe_partition(x: torch.Tensor, stripe: Tuple[int, int]) -> torch.Tensor:
+    """CSwin's ``img2windows`` on a ``(B, H, W, C)`` map: ``(B * nS, sh * sw, C)``.  A vertical
+    stripe is ``(H, sw)``, a horizontal one ``(sh, W)``; the same layout as :func:`window_partition`."""
+    return window_partition(x, stripe)
+
+
+def stripe_reverse(stripes: torch.Tensor, stripe: Tuple[int, int], h: int, w: int) -> torch.Tensor:
+    """Inverse of :func:`stripe_partition`."""
+    return window_reverse(stripes, stripe, h, w)
+
+
+def relative_position_index(wh: int, ww: int, device=None) -> torch.Tensor:
+    """``(wh*ww, wh*ww)`` index into a ``((2wh-1)(2ww-1), heads)`` table: the Swin paper's
+    relative position ``(dy + wh - 1) * (2ww - 1) + (dx + ww - 1)`` of query i to key j."""
+    coords = torch.stack(torch.meshgrid(torch.arange(wh, device=device), torch.arange(ww, device=device),
+                                        indexing="ij")).flatten(1)  # 2, N
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)  # N, N, 2
+    return (rel[..., 0] + wh - 1) * (2 * ww - 1) + (rel[..., 1] + ww - 1)
+
+
+def add_relative_position_bias(module: nn.Module, window: Tuple[int, int], num_heads: int) -> None:
+    """Register Swin's ``relative_position_bias_table`` (a parameter, trunc-normal 0.02) and its
+    non-persistent ``relative_position_index`` on ``module`` (the block's mixer), so that the
+    state-dict key is ``...attn.relative_position_bias_table`` exactly as in the official code/timm."""
+    wh, ww = window
+    table = torch.empty((2 * wh - 1) * (2 * ww - 1), num_heads)
+    nn.init.trunc_normal_(table, std=0.02)
+    module.register_parameter("relative_position_bias_table", nn.Parameter(table))
+    module.register_buffer("relative_position_index", relative_position_index(wh, ww), persistent=False)
+
+
+def relative_position_bias(module: nn.Module) -> torch.Tensor:
+    """The ``(1, heads, N, N)`` additive bias gathered from the table registered on ``module``."""
+    table, index = module.relative_position_bias_table, module.relative_position_index
+    n = index.shape[0]
+    return table[index.reshape(-1)].view(n, n, -1).permute(2, 0, 1).unsqueeze(0)
+
+
+def resize_relative_position_table(table: torch.Tensor, new_window: Tuple[int, int]) -> torch.Tensor:
+    """Bicubic resize of a ``((2w-1)^2, heads)`` table to ``new_window``, as the Swin paper does
+    when fine-tuning a 224 (window 7) model at 384 (window 12); wraps timm's implementation."""
+    from timm.layers.pos_embed_rel import resize_rel_pos_bias_table_simple
+
+    n_new = (2 * new_window[0] - 1) * (2 * new_window[1] - 1)
+    side = int(round(table.shape[0] ** 0.5))
+    if side * side != table.shape[0]:
+        raise ValueError(f"relative position table of shape {tuple(table.shape)} is not from a square window")
+    return resize_rel_pos_bias_table_simple(table, tuple(new_window), (n_new, table.shape[1]))
+
+
+def shift_window_mask(hw: Tuple[int, int], window: Tuple[int, int], shift: Tuple[int, int],
+                      device=None, dtype=torch.float32) -> torch.Tensor:
+    """The shifted-window attention mask ``(nW, N, N)``: 0 between tokens of the same region of
+    the cyclically shifted map, -100 across regions (the official value).  ``hw`` is the padded map."""
+    h, w = hw
+    img = torch.zeros(1, h, w, 1, device=device, dtype=dtype)
+    cnt = 0
+    for hs in (slice(0, -window[0]), slice(-window[0], -shift[0]), slice(-shift[0], None)):
+        for ws in (slice(0, -window[1]), slice(-window[1], -shift[1]), slice(-shift[1], None)):
+            img[:, hs, ws, :] = cnt
+            cnt += 1
+    win = window_partition(img, window).squeeze(-1)  # nW, N
+    diff = win.unsqueeze(1) - win.unsqueeze(2)
+    return torch.zeros_like(diff).masked_fill(diff != 0, -100.0)
+
+
+def window_bias(rel_bias: Optional[torch.Tensor], mask: Optional[torch.Tensor], batch: int,
+                num_heads: int) -> Optional[torch.Tensor]:
+    """Combine a ``(1, heads, N, N)`` relative bias and a ``(nW, N, N)`` shift mask into one
+    bias broadcastable to the windowed batch ``(B * nW, heads, N, N)``."""
+    if mask is None:
+        return rel_bias
+    nw, n, _ = mask.shape
+    m = mask.view(1, nw, 1, n, n)
+    if rel_bias is not None:
+        m = m + rel_bias.view(1, 1, -1, n, n)
+    return m.expand(batch, nw, m.shape[2] if rel_bias is not None else num_heads, n, n).reshape(batch * nw, -1, n, n)

@@ -1,0 +1,335 @@
+"""CaiT: Class-Attention in Image Transformers, built from vitlab parts.
+
+"Going deeper with Image Transformers" (Touvron et al., ICCV 2021).  Three ideas on top of a ViT:
+
+* **LayerScale**: every residual branch is multiplied by a learnable per-channel vector
+  initialised to a small value (1e-5 for depth 24, 1e-6 for deeper models); in vitlab this is
+  the ``layerscale`` shortcut part (``shortcut=`` / ``shortcut_init=`` override it).
+* **Talking-heads attention** ("Talking-Heads Attention", Shazeer et al., 2020): a learned
+  ``heads x heads`` linear map mixes the heads' logits before the softmax (``proj_l``) and
+  the probabilities after it (``proj_w``).  It needs the explicit probability matrix, so it
+  exists for the mixers that form one: ``softmax``, ``attnscale`` (AttnScale applied after
+  ``proj_w``, as in "Anti-Oversmoothing in Deep Vision Transformers", Wang et al., ICLR 2022)
+  and ``cosine``.  ``focused_linear`` never forms the N x N matrix, so combining it with
+  talking heads raises; pass ``talking_heads=False`` to use it (or any other mixer) as a
+  plain mixer in the self-attention blocks.
+* **Class attention**: the class token is inserted only after the self-attention stage
+  (patch tokens only, position embedding without a class row); two class-attention blocks
+  then update the class token alone (query = class token, keys/values = class + patches).
+  ``ca_mixer`` picks their attention (``softmax`` or ``cosine``; default: ``cosine`` when
+  ``mixer='cosine'``, else ``softmax`` -- AttnScale and FeatScale are not applied there, as
+  in the paper's code).
+
+``featscale=True`` adds FeatScale on every self-attention branch (before LayerScale).
+Stochastic depth uses the same rate in every self-attention block (CaiT's rule).
+
+State-dict keys follow timm's ``Cait`` except that LayerScale vectors are ``ls1.gamma`` /
+``ls2.gamma`` (timm: ``gamma_1`` / ``gamma_2``); :mod:`vitlab.interop.timm_cait` renames them.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitlab.layers import (DropPath, FeatScale, Mlp, PatchEmbed, create_mixer, create_norm, create_shortcut,
+                           init_weights)
+from vitlab.layers.attention import Attention, CosineAttention
+from vitlab.layers.pos_embed import resample_pos_embed
+from vitlab.layers.recording import RecordsAttention
+from vitlab.models.base import Intermediate, VitlabModel, make_default_cfg, tokens_to_map
+from vitlab.models.vit import Block
+from vitlab.registry import register_model
+
+__all__ = ["TalkingHeadAttention", "TalkingHeadCosineAttention", "ClassAttention", "ClassAttentionBlock", "Cait",
+           "TALKING_HEAD_MIXERS"]
+
+
+class _TalkingHeads:
+    """Mixin over an explicit-probability mixer: ``proj_l`` mixes heads' logits, ``proj_w`` their
+    probabilities ("Talking-Heads Attention", Shazeer et al., 2020; used by CaiT, Touvron et al.,
+    ICCV 2021).  Parameter names match timm's ``TalkingHeadAttn``."""
+
+    def _init_talking_heads(self, num_heads: int) -> None:
+        self.proj_l = nn.Linear(num_heads, num_heads)
+        self.proj_w = nn.Linear(num_heads, num_heads)
+
+    @staticmethod
+    def _mix_heads(t: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
+        return proj(t.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    def _attend(self, q, k, v, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        logits = self._logits(q, k)
+        if bias is not None:
+            logits = logits + bias
+        probs = self._mix_heads(self._mix_heads(logits, self.proj_l).softmax(dim=-1), self.proj_w)
+        if self.attn_scale is not None:  # AttnScale goes after the post-softmax head mixing
+            probs = self.attn_scale(probs)
+        self._record(probs)
+        return self.attn_drop(probs) @ v
+
+
+class TalkingHeadAttention(_TalkingHeads, Attention):
+    """Softmax attention with talking heads (CaiT's ``TalkingHeadAttn``), optional AttnScale."""
+
+    def __init__(self, dim: int, num_heads: int = 8, **kwargs: Any):
+        super().__init__(dim, num_heads, **kwargs)
+        self._init_talking_heads(num_heads)
+
+
+class TalkingHeadCosineAttention(_TalkingHeads, CosineAttention):
+    """Scaled cosine attention ("LipsFormer", Qi et al., ICLR 2023) with talking heads."""
+
+    def __init__(self, dim: int, num_heads: int = 8, **kwargs: Any):
+        super().__init__(dim, num_heads, **kwargs)
+        self._init_talking_heads(num_heads)
+
+
+# mixer name -> (talking-heads class, extra kwargs)
+TALKING_HEAD_MIXERS: Dict[str, Tuple[type, Dict[str, Any]]] = {
+    "softmax": (TalkingHeadAttention, {}),
+    "attnscale": (TalkingHeadAttention, {"attn_scale": True}),
+    "cosine": (TalkingHeadCosineAttention, {}),
+}
+
+
+def create_talking_heads_mixer(mixer: str, dim: int, num_heads: int, **kwargs: Any) -> nn.Module:
+    if mixer not in TALKING_HEAD_MIXERS:
+        why = (" (it never forms the N x N attention matrix that talking heads mix)"
+               if mixer == "focused_linear" else "")
+        raise ValueError(f"mixer {mixer!r} cannot be combined with talking-heads attention{why}; talking heads "
+                         f"work with {', '.join(TALKING_HEAD_MIXERS)}. Pass talking_heads=False to use "
+                         f"{mixer!r} as a plain mixer in CaiT's self-attention blocks")
+    cls, extra = TALKING_HEAD_MIXERS[mixer]
+    return cls(dim, num_heads, **{**kwargs, **extra})
+
+
+class ClassAttention(RecordsAttention, nn.Module):
+    """Class attention (CaiT, Touvron et al., ICCV 2021): the class token (first token) is the
+    only query; keys and values come from all tokens.  ``mixer`` is ``softmax`` or ``cosine``
+    (scaled cosine logits with temperature ``tau``, LipsFormer).  Names match timm's ``ClassAttn``."""
+
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, attn_drop: float = 0.0,
+                 proj_drop: float = 0.0, mixer: str = "softmax", tau: float = 10.0, **_unused: Any):
+        super().__init__()
+        if mixer not in ("softmax", "cosine"):
+            raise ValueError(f"class attention supports ca_mixer 'softmax' or 'cosine', got {mixer!r}")
+        if dim % num_heads:
+            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.cosine = mixer == "cosine"
+        self.scale = float(tau) if self.cosine else self.head_dim ** -0.5
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.k = nn.Linear(dim, dim, bias=qkv_bias)
+        self.v = nn.Linear(dim, dim, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        split = lambda t: t.reshape(b, -1, self.num_heads, self.head_dim).transpose(1, 2)  # noqa: E731
+        q, k, v = split(self.q(x[:, :1])), split(self.k(x)), split(self.v(x))
+        if self.cosine:
+            q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        if self.recording:
+            probs = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+            self._record(probs)
+            out = self.attn_drop(probs) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0,
+                                                 scale=self.scale)
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, 1, c)))
+
+
+class ClassAttentionBlock(nn.Module):
+    """``cls <- cls + ls1(CA(norm1([cls, x])))``, ``cls <- cls + ls2(MLP(norm2(cls)))`` (CaiT)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 mixer: str = "softmax", norm: str = "layernorm", shortcut: str = "layerscale",
+                 shortcut_init: Optional[float] = None, drop: float = 0.0, attn_drop: float = 0.0,
+                 drop_path: float = 0.0, norm_eps: float = 1e-6, total_depth: int = 1,
+                 mixer_kwargs: Optional[Dict[str, Any]] = None):
+        super().__init__()
+        self.norm1 = create_norm(norm, dim, eps=norm_eps)
+        self.attn = ClassAttention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop,
+                                   mixer=mixer, **(mixer_kwargs or {}))
+        self.ls1 = create_shortcut(shortcut, dim, shortcut_init, depth=total_depth)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = create_norm(norm, dim, eps=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
+        self.ls2 = create_shortcut(shortcut, dim, shortcut_init, depth=total_depth)
+
+    def attn_half(self, x: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
+        return cls + self.drop_path(self.ls1(self.attn(self.norm1(torch.cat([cls, x], dim=1)))))
+
+    def mlp_half(self, cls: torch.Tensor) -> torch.Tensor:
+        return cls + self.drop_path(self.ls2(self.mlp(self.norm2(cls))))
+
+    def forward(self, x: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
+        return self.mlp_half(self.attn_half(x, cls))
+
+
+class Cait(VitlabModel):
+    """CaiT (Touvron et al., ICCV 2021) whose parts are arguments; see the module docstring.
+
+    Args beyond the ViT sizes: ``mixer``, ``talking_heads`` (bool, default True), ``ca_mixer``,
+    ``norm``, ``shortcut`` (default ``layerscale``), ``shortcut_init`` (init of the shortcut part; default: ``layerscale_init`` = 1e-5
+    for ``layerscale``, the part's own default otherwise),
+    ``featscale``, ``init``, ``depth_token_only`` (class-attention blocks, 2),
+    ``mlp_ratio_token_only``, ``mixer_kwargs`` (passed to the self-attention mixer).
+    """
+
+    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 1000,
+                 embed_dim: int = 384, depth: int = 24, num_heads: int = 8, mlp_ratio: float = 4.0,
+                 qkv_bias: bool = True, mixer: str = "softmax", talking_heads: bool = True,
+                 ca_mixer: Optional[str] = None, norm: str = "layernorm", shortcut: str = "layerscale",
+                 shortcut_init: Optional[float] = None, layerscale_init: float = 1e-5, featscale: bool = False, init: str = "trunc_normal",
+                 depth_token_only: int = 2, mlp_ratio_token_only: float = 4.0, drop_rate: float = 0.0,
+                 attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0, norm_eps: float = 1e-6,
+                 mixer_kwargs: Optional[Dict[str, Any]] = None, architecture: str = "cait",
+                 default_cfg: Optional[Dict[str, Any]] = None):
+        super().__init__()
+        if depth < 1 or depth_token_only < 1 or embed_dim < 1 or num_heads < 1:
+            raise ValueError(f"depth, depth_token_only, embed_dim and num_heads must be positive, got "
+                             f"{depth}, {depth_token_only}, {embed_dim}, {num_heads}")
+        if not 0.0 <= drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
+        if shortcut_init is None and shortcut == "layerscale":
+            shortcut_init = layerscale_init
+        if ca_mixer is None:
+            ca_mixer = "cosine" if mixer == "cosine" else "softmax"
+        self.num_classes, self.in_chans = num_classes, in_chans
+        self.num_features = self.embed_dim = embed_dim
+        self.num_prefix_tokens = 1
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.grid_size = self.patch_embed.grid_size
+        n = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, n, embed_dim))  # patches only: no class row
+        self.pos_drop = nn.Dropout(drop_rate)
+        total = depth + depth_token_only
+        common = dict(norm=norm, shortcut=shortcut, shortcut_init=shortcut_init, drop=drop_rate,
+                      attn_drop=attn_drop_rate, norm_eps=norm_eps, total_depth=total)
+        blocks = []
+        for _ in range(depth):
+            blk = Block(embed_dim, num_heads, mlp_ratio, qkv_bias, mixer="softmax" if talking_heads else mixer,
+                        featscale=featscale, drop_path=drop_path_rate, num_tokens=n, mixer_kwargs=mixer_kwargs,
+                        **common)
+            if talking_heads:
+                blk.attn = create_talking_heads_mixer(mixer, embed_dim, num_heads, qkv_bias=qkv_bias,
+                                                      attn_drop=attn_drop_rate, proj_drop=drop_rate,
+                                                      **(mixer_kwargs or {}))
+            blocks.append(blk)
+        self.blocks = nn.Sequential(*blocks)
+        ca_kwargs = {k: v for k, v in (mixer_kwargs or {}).items() if k == "tau"} if ca_mixer == "cosine" else {}
+        self.blocks_token_only = nn.ModuleList([
+            ClassAttentionBlock(embed_dim, num_heads, mlp_ratio_token_only, qkv_bias, mixer=ca_mixer,
+                                mixer_kwargs=ca_kwargs, **common)
+            for _ in range(depth_token_only)])
+        self.norm = create_norm(norm, embed_dim, eps=norm_eps)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.init_name = init
+        with torch.no_grad():
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+            nn.init.trunc_normal_(self.cls_token, std=0.02)
+            init_weights(self, init)
+        self.default_cfg = default_cfg or make_default_cfg(architecture, self.patch_embed.img_size[0],
+                                                           num_classes, in_chans)
+
+    # -- the model contract ---------------------------------------------------------------
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        return self.pos_drop(self.patch_embed(x) + self.pos_embed)
+
+    def _cls(self, b: int) -> torch.Tensor:
+        # a copy, not an expand() view: under no_grad a view of a leaf passed into a module
+        # trips torch's module tracker (FlopCounterMode); the copy is only B x 1 x C
+        return self.cls_token.repeat(b, 1, 1)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._embed(x)
+        for blk in self.blocks:
+            x = blk(x, self.grid_size, 0)
+        cls = self._cls(x.shape[0])
+        for blk in self.blocks_token_only:
+            cls = blk(x, cls)
+        return self.norm(torch.cat([cls, x], dim=1))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.head_drop(x[:, 0])
+        return x if pre_logits else self.head(x)
+
+    def forward_intermediates(self, x: torch.Tensor) -> List[Intermediate]:
+        """Embedding, then every self-attention block's attention and MLP halves (stage 0, no
+        class token), then every class-attention block's halves (stage 1): their patch map is
+        unchanged and the updated class token is the ``prefix``."""
+        x = self._embed(x)
+        out = [Intermediate("patch_embed", "embed", tokens_to_map(x, self.grid_size))]
+        for i, blk in enumerate(self.blocks):
+            x = blk.attn_half(x, self.grid_size, 0)
+            out.append(Intermediate(f"blocks.{i}.attn", "attn", tokens_to_map(x, self.grid_size)))
+            x = blk.mlp_half(x)
+            out.append(Intermediate(f"blocks.{i}.mlp", "mlp", tokens_to_map(x, self.grid_size)))
+        fmap = tokens_to_map(x, self.grid_size)
+        cls = self._cls(x.shape[0])
+        for i, blk in enumerate(self.blocks_token_only):
+            cls = blk.attn_half(x, cls)
+            out.append(Intermediate(f"blocks_token_only.{i}.attn", "attn", fmap, cls, stage=1))
+            cls = blk.mlp_half(cls)
+            out.append(Intermediate(f"blocks_token_only.{i}.mlp", "mlp", fmap, cls, stage=1))
+        return out
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Loads a state dict, resizing a ``pos_embed`` trained at another image size (bicubic)."""
+        pe = state_dict.get("pos_embed")
+        if pe is not None and pe.shape != self.pos_embed.shape:
+            side = int(round(pe.shape[1] ** 0.5))
+            if side * side != pe.shape[1]:
+                raise ValueError(f"cannot resize pos_embed of shape {tuple(pe.shape)}: not a square grid")
+            state_dict = dict(state_dict)
+            state_dict["pos_embed"] = resample_pos_embed(pe, self.grid_size, (side, side), 0)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+# -- registered recipes (names and sizes as timm's) ---------------------------------------------
+_CAIT_SIZES = {
+    "xxs24": dict(embed_dim=192, depth=24, num_heads=4, layerscale_init=1e-5),
+    "xxs36": dict(embed_dim=192, depth=36, num_heads=4, layerscale_init=1e-5),
+    "xs24": dict(embed_dim=288, depth=24, num_heads=6, layerscale_init=1e-5),
+    "s24": dict(embed_dim=384, depth=24, num_heads=8, layerscale_init=1e-5),
+    "s36": dict(embed_dim=384, depth=36, num_heads=8, layerscale_init=1e-6),
+    "m36": dict(embed_dim=768, depth=36, num_heads=16, layerscale_init=1e-6),
+}
+
+
+def _register(name: str, size: str, img: int, extra: Optional[Dict[str, Any]] = None, doc: str = "") -> None:
+    defaults = dict(_CAIT_SIZES[size], patch_size=16, img_size=img, **(extra or {}))
+
+    def factory(**overrides: Any) -> Cait:
+        kw = {**defaults, **overrides}
+        cfg = make_default_cfg(name, kw["img_size"], kw.get("num_classes", 1000), kw.get("in_chans", 3),
+                               crop_pct=1.0)
+        return Cait(architecture=name, default_cfg=cfg, **kw)
+
+    factory.__name__ = factory.__qualname__ = name
+    factory.__doc__ = f"{name}: CaiT-{size.upper()} at {img}x{img} (Touvron et al., ICCV 2021){doc}."
+    register_model(factory)
+
+
+for _size, _imgs in (("xxs24", (224, 384)), ("xxs36", (224, 384)), ("xs24", (384,)), ("s24", (224, 384)),
+                     ("s36", (384,)), ("m36", (384,))):
+    for _img in _imgs:
+        _register(f"cait_{_size}_{_img}", _size, _img)
+# Anti-oversmoothing (Wang et al., ICLR 2022) on CaiT: AttnScale in every talking-heads SA block,
+# FeatScale on every SA branch; never in the class-attention blocks.
+for _size in ("xxs24", "xxs36", "s24"):
+    _register(f"attnscale_cait_{_size}_224", _size, 224, dict(mixer="attnscale"),
+              " + AttnScale (Wang et al., ICLR 2022)")
+    _register(f"featscale_cait_{_size}_224", _size, 224, dict(featscale=True),
+              " + FeatScale (Wang et al., ICLR 2022)")
+
+import vitlab.interop.timm_cait  # noqa: E402,F401  (registers the timm converter)

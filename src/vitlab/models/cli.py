@@ -1,0 +1,76 @@
+"""``vitlab models``: list registered models, optionally with parameters and MACs."""
+from __future__ import annotations
+
+import argparse
+import fnmatch
+from typing import Optional
+
+import torch
+from torch import nn
+
+__all__ = ["count_params", "count_macs", "add_arguments", "run", "model_table"]
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def count_macs(model: nn.Module, img_size: Optional[int] = None, in_chans: Optional[int] = None) -> int:
+    """Multiply-accumulates of one forward pass on one image (what papers call "FLOPs"),
+    counted by ``torch.utils.flop_counter.FlopCounterMode`` (FLOPs / 2).  Counts matmuls,
+    convolutions and SDPA; elementwise ops (norms, activations, softmax) are not counted,
+    as in fvcore-style counters."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = getattr(model, "default_cfg", {}) or {}
+    c, h, w = cfg.get("input_size", (3, 224, 224))
+    if img_size is not None:
+        h = w = img_size
+    if in_chans is not None:
+        c = in_chans
+    p = next(model.parameters())
+    x = torch.zeros(1, c, h, w, device=p.device, dtype=p.dtype)
+    was_training = model.training
+    model.eval()
+    try:
+        # the math SDPA backend decomposes attention into counted matmuls (the fused CPU
+        # kernel is not known to the counter)
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+            model(x)
+    finally:
+        model.train(was_training)
+    return fc.get_total_flops() // 2
+
+
+def model_table(pattern: str = "*", macs: bool = True) -> str:
+    """A markdown table of registered models: params (M), GMACs at the default input size."""
+    import vitlab
+
+    rows = ["| model | input | params (M) | GMACs |", "|---|---|---:|---:|"]
+    for name in vitlab.list_models(pattern):
+        m = vitlab.create_model(name)
+        c, h, w = m.default_cfg["input_size"]
+        g = f"{count_macs(m) / 1e9:.2f}" if macs else "-"
+        rows.append(f"| {name} | {c}x{h}x{w} | {count_params(m) / 1e6:.2f} | {g} |")
+        del m
+    return "\n".join(rows)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'swin*' (default: all)")
+    p.add_argument("--table", action="store_true", help="print a markdown table with parameters and GMACs")
+
+
+def run(args: argparse.Namespace) -> int:
+    import vitlab
+
+    if args.table:
+        print(model_table(args.pattern))
+    else:
+        names = vitlab.list_models(args.pattern)
+        if not names:
+            raise ValueError(f"no registered model matches {args.pattern!r}; try 'vitlab models' for all names")
+        print("\n".join(names))
+    return 0

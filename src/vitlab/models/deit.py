@@ -1,0 +1,108 @@
+"""Distilled DeiT: a ViT with a distillation token and a second head.
+
+"Training data-efficient image transformers & distillation through attention" (Touvron et al.,
+ICML 2021).  A learned distillation token is appended after the class token; the class token
+feeds ``head`` (trained on the labels), the distillation token feeds ``head_dist`` (trained on
+the teacher's hard labels).  At evaluation the two heads' logits are averaged (as timm does);
+with ``set_distilled_training(True)`` a model in training mode returns both.
+
+Every part argument of :class:`vitlab.models.vit.VisionTransformer` (``mixer``, ``norm``,
+``shortcut``, ``featscale``, ``init``, ``pos_embed`` ...) works here; ``global_pool`` must be
+``token`` because the two heads read the two prefix tokens.
+
+State-dict keys are timm's ``VisionTransformerDistilled`` keys (``cls_token``, ``dist_token``,
+``pos_embed`` with 2 prefix rows, ``head``, ``head_dist``, the ViT block keys).
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Tuple, Union
+
+import torch
+from torch import nn
+
+from vitlab.layers import init_weights, sincos_2d
+from vitlab.layers.linear_attention import FocusedLinearAttention
+from vitlab.models.base import make_default_cfg
+from vitlab.models.vit import _SIZES, VisionTransformer
+from vitlab.registry import register_model
+
+__all__ = ["DistilledVisionTransformer"]
+
+
+class DistilledVisionTransformer(VisionTransformer):
+    """ViT + distillation token (DeiT, Touvron et al., ICML 2021); see the module docstring."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        if kwargs.get("global_pool", "token") != "token":
+            raise ValueError(f"a distilled DeiT needs global_pool='token' (its heads read the class and "
+                             f"distillation tokens), got global_pool={kwargs['global_pool']!r}")
+        if not kwargs.get("class_token", True):
+            raise ValueError("a distilled DeiT needs class_token=True (head reads the class token)")
+        kwargs.setdefault("architecture", "deit_distilled")
+        super().__init__(*args, **kwargs)
+        self.num_prefix_tokens = 2
+        dim = self.embed_dim
+        num_tokens = self.patch_embed.num_patches + 2
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, dim))
+        if self.pos_embed_type == "learned":
+            self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, dim))
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        elif self.pos_embed_type == "sincos":
+            table = torch.cat([torch.zeros(2, dim), sincos_2d(self.grid_size, dim)])
+            self.register_buffer("pos_embed", table[None], persistent=False)
+        # mixers that size a table by the token count (focused_linear's key position code)
+        for m in self.modules():
+            if isinstance(m, FocusedLinearAttention) and m.pos_enc is not None:
+                m.pos_enc = nn.Parameter(torch.zeros(1, num_tokens, dim))
+        nn.init.trunc_normal_(self.dist_token, std=0.02)
+        self.head_dist = nn.Linear(dim, self.num_classes) if self.num_classes > 0 else nn.Identity()
+        init_weights(self.head_dist, self.init_name)
+        self.distilled_training = False
+
+    def set_distilled_training(self, enable: bool = True) -> None:
+        """In training mode, return ``(class logits, distillation logits)`` instead of their mean."""
+        self.distilled_training = enable
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        x = self.patch_embed(x)
+        b = x.shape[0]
+        x = torch.cat([self.cls_token.expand(b, -1, -1), self.dist_token.expand(b, -1, -1), x], dim=1)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed
+        return self.pos_drop(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False
+                     ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        x_cls, x_dist = self.head_drop(x[:, 0]), self.head_drop(x[:, 1])
+        if pre_logits:
+            return (x_cls + x_dist) / 2
+        x_cls, x_dist = self.head(x_cls), self.head_dist(x_dist)
+        if self.distilled_training and self.training:
+            return x_cls, x_dist
+        return (x_cls + x_dist) / 2
+
+    def reset_classifier(self, num_classes: int) -> None:
+        super().reset_classifier(num_classes)
+        self.head_dist = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+
+def _register(name: str, size: str, img: int = 224, **cfg: Any) -> None:
+    defaults: Dict[str, Any] = dict(_SIZES[size], patch_size=16, img_size=img)
+
+    def factory(**overrides: Any) -> DistilledVisionTransformer:
+        kw = {**defaults, **overrides}
+        default_cfg = make_default_cfg(name, kw.get("img_size", img), kw.get("num_classes", 1000),
+                                       kw.get("in_chans", 3), **cfg)
+        return DistilledVisionTransformer(architecture=name, default_cfg=default_cfg, **kw)
+
+    factory.__name__ = factory.__qualname__ = name
+    factory.__doc__ = f"{name}: distilled DeiT-{size[0].upper()}/16 at {img}x{img} (Touvron et al., ICML 2021)."
+    register_model(factory)
+
+
+for _size in ("tiny", "small", "base"):
+    _register(f"deit_{_size}_distilled_patch16_224", _size)
+_register("deit_base_distilled_patch16_384", "base", 384, crop_pct=1.0)
+
+import vitlab.interop.timm_deit  # noqa: E402,F401  (registers the timm converter)

@@ -1,0 +1,380 @@
+"""Swin Transformer, built from vitlab parts.
+
+"Swin Transformer: Hierarchical Vision Transformer using Shifted Windows" (Liu et al., ICCV
+2021).  Window attention is *any* vitlab mixer run on the tokens of each window, with the
+relative position bias (plus the shifted-window mask) handed to it as ``bias=``; stages whose
+mixer is ``focused_linear`` attend over one global window (no bias, no shift), as in "FLatten
+Transformer" (Han et al., ICCV 2023).  LipsFormer's Swin ("LipsFormer", Qi et al., ICLR 2023)
+is the same backbone with ``post_norm=True, conv_units=True, shift=False`` and its parts.
+
+State-dict keys equal timm's ``swin_*`` models (``patch_embed.proj``, ``patch_embed.norm``,
+``layers.{i}.downsample.{norm,reduction}``, ``layers.{i}.blocks.{j}.norm1``,
+``...attn.relative_position_bias_table``, ``...attn.qkv``, ``...attn.proj``, ``...norm2``,
+``...mlp.fc1/fc2``, ``norm``) except the classifier, ``head`` here and ``head.fc`` in timm
+(:mod:`vitlab.interop.timm_swin` maps it).  vitlab-only parts add ``...featscale.{s,t}``,
+``...attn.attn_scale.omega``, ``...ls1.gamma``/``ls2.gamma`` (weighted shortcut),
+``...conv_units.{0,1}.*`` and the focused-linear mixer's ``dwc``, ``scale_param``, ``pos_enc``.
+
+Attention recording (:func:`vitlab.layers.record_attention`): window stages record one
+``(B * nW, heads, M*M, M*M)`` tensor per block (windows batch-major, raster order inside the
+window, the shifted map for shifted blocks); global focused-linear stages record
+``(B, heads, H*W, H*W)``, the implied linear-attention matrix.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitlab.layers import (DWConvUnit, DropPath, FeatScale, Mlp, PatchEmbed, create_mixer, create_norm,
+                           create_shortcut, init_weights)
+from vitlab.layers.mixers import MIXERS
+from vitlab.layers.pos_embed import resample_pos_embed
+from vitlab.layers.window import (add_relative_position_bias, relative_position_bias,
+                                  resize_relative_position_table, shift_window_mask, window_bias,
+                                  window_partition, window_reverse)
+from vitlab.models.base import Intermediate, VitlabModel, make_default_cfg, tokens_to_map
+from vitlab.registry import register_model
+
+__all__ = ["SwinTransformer", "SwinBlock", "SwinStage", "PatchMerging", "resize_size_dependent"]
+
+LINEAR_MIXER = "focused_linear"
+
+
+def _per_stage(value, n: int, what: str) -> Tuple:
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ValueError(f"{what} needs one value per stage ({n} stages), got {value!r}")
+        return tuple(value)
+    return (value,) * n
+
+
+def resize_size_dependent(model: nn.Module, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """A copy of ``state_dict`` whose input-size-dependent tensors are resized to ``model``'s:
+    relative position tables (bicubic, as the Swin paper's 224 -> 384 fine-tuning) and
+    focused-linear key position encodings ``(1, H*W, C)`` (bicubic on the token grid)."""
+    own = model.state_dict()
+    state_dict = dict(state_dict)
+    for key, val in list(state_dict.items()):
+        if key not in own or own[key].shape == val.shape:
+            continue
+        if key.endswith("relative_position_bias_table"):
+            side = int(round((own[key].shape[0]) ** 0.5))
+            state_dict[key] = resize_relative_position_table(val, ((side + 1) // 2, (side + 1) // 2))
+        elif key.endswith("attn.pos_enc"):
+            old = int(round(val.shape[1] ** 0.5))
+            new = int(round(own[key].shape[1] ** 0.5))
+            if old * old != val.shape[1] or new * new != own[key].shape[1]:
+                raise ValueError(f"cannot resize {key} of shape {tuple(val.shape)} to {tuple(own[key].shape)}: "
+                                 "not square token grids")
+            state_dict[key] = resample_pos_embed(val, (new, new), (old, old), num_prefix=0)
+    return state_dict
+
+
+class PatchMerging(nn.Module):
+    """Concatenate each 2x2 neighbourhood (``4C``), normalise, project to ``out_dim`` without
+    bias (Swin's downsampling; Liu et al., 2021).  Odd maps are zero-padded, as in timm."""
+
+    def __init__(self, dim: int, out_dim: Optional[int] = None, norm: str = "layernorm", norm_eps: float = 1e-5):
+        super().__init__()
+        self.dim, self.out_dim = dim, out_dim or 2 * dim
+        self.norm = create_norm(norm, 4 * dim, eps=norm_eps)
+        self.reduction = nn.Linear(4 * dim, self.out_dim, bias=False)
+
+    def forward(self, x: torch.Tensor, hw: Tuple[int, int]) -> Tuple[torch.Tensor, Tuple[int, int]]:
+        b, n, c = x.shape
+        h, w = hw
+        x = F.pad(x.view(b, h, w, c), (0, 0, 0, w % 2, 0, h % 2))
+        h2, w2 = (h + 1) // 2, (w + 1) // 2
+        # timm/official order of the four neighbours: (0,0), (1,0), (0,1), (1,1)
+        x = x.reshape(b, h2, 2, w2, 2, c).permute(0, 1, 3, 4, 2, 5).reshape(b, h2 * w2, 4 * c)
+        return self.reduction(self.norm(x)), (h2, w2)
+
+
+class SwinBlock(nn.Module):
+    """One Swin block on ``(B, H*W, C)`` tokens of a fixed ``resolution``.
+
+    Pre-norm (default): ``x + DropPath(ls1(FeatScale(WMSA(norm1(x)))))``, then the MLP half.
+    ``post_norm``: ``norm1(x + DropPath(ls1(WMSA(x))))`` (LipsFormer).  ``conv_units`` runs
+    LipsFormer's two depthwise-conv residual units first.  The window shrinks to the map (and
+    the shift is dropped) when the map is not larger than the window, as in the official code;
+    maps that are not multiples of the window are zero-padded (as timm does).  A
+    ``focused_linear`` mixer attends over the whole map (one window, no bias, no shift).
+    """
+
+    def __init__(self, dim: int, resolution: Tuple[int, int], num_heads: int, window_size: int = 7,
+                 shift: bool = False, mlp_ratio: float = 4.0, qkv_bias: bool = True, mixer: str = "softmax",
+                 norm: str = "layernorm", norm_eps: float = 1e-5, shortcut: str = "plain",
+                 shortcut_init: Optional[float] = None, featscale: bool = False, drop: float = 0.0,
+                 attn_drop: float = 0.0, drop_path: float = 0.0, total_depth: int = 1, post_norm: bool = False,
+                 conv_units: bool = False, rel_pos_bias: bool = True,
+                 mixer_kwargs: Optional[Dict[str, Any]] = None):
+        super().__init__()
+        self.dim, self.num_heads, self.resolution = dim, num_heads, tuple(resolution)
+        self.post_norm = post_norm
+        self.global_window = mixer == LINEAR_MIXER
+        h, w = self.resolution
+        if self.global_window:
+            self.window_size, self.shift_size = (h, w), (0, 0)
+        else:
+            ws = tuple(r if r <= window_size else window_size for r in (h, w))
+            half = window_size // 2 if shift else 0
+            self.window_size = ws
+            self.shift_size = tuple(0 if r <= k else half for r, k in zip((h, w), ws))
+        alpha = 1.0 / total_depth if shortcut_init is None else shortcut_init
+        self.conv_units = nn.ModuleList([
+            DWConvUnit(dim, pointwise=True, alpha=alpha, drop_path=drop_path),
+            DWConvUnit(dim, pointwise=False, alpha=alpha, drop_path=drop_path),
+        ]) if conv_units else None
+        self.norm1 = create_norm(norm, dim, eps=norm_eps)
+        n_win = self.window_size[0] * self.window_size[1]
+        self.attn = create_mixer(mixer, dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop,
+                                 num_tokens=n_win, **(mixer_kwargs or {}))
+        self.rel_pos_bias = rel_pos_bias and not self.global_window
+        if self.rel_pos_bias:
+            add_relative_position_bias(self.attn, self.window_size, num_heads)
+        self.featscale = FeatScale(dim) if featscale else None
+        self.ls1 = create_shortcut(shortcut, dim, shortcut_init, depth=total_depth)
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = create_norm(norm, dim, eps=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
+        self.ls2 = create_shortcut(shortcut, dim, shortcut_init, depth=total_depth)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        if any(self.shift_size):
+            hp = -(-h // self.window_size[0]) * self.window_size[0]
+            wp = -(-w // self.window_size[1]) * self.window_size[1]
+            mask = shift_window_mask((hp, wp), self.window_size, self.shift_size)
+        else:
+            mask = None
+        self.register_buffer("attn_mask", mask, persistent=False)
+
+    def extra_repr(self) -> str:
+        return (f"resolution={self.resolution}, window_size={self.window_size}, shift_size={self.shift_size}, "
+                f"global_window={self.global_window}")
+
+    def window_attention(self, x: torch.Tensor) -> torch.Tensor:
+        """The (shifted) window attention of ``(B, H*W, C)`` tokens, merged back to the map."""
+        b, n, c = x.shape
+        h, w = self.resolution
+        if self.global_window:
+            return self.attn(x, hw=self.resolution)
+        x = x.view(b, h, w, c)
+        sh, sw = self.shift_size
+        if sh or sw:
+            x = torch.roll(x, shifts=(-sh, -sw), dims=(1, 2))
+        wh, ww = self.window_size
+        ph, pw = (-h) % wh, (-w) % ww
+        if ph or pw:
+            x = F.pad(x, (0, 0, 0, pw, 0, ph))
+        windows = window_partition(x, self.window_size)
+        rel = relative_position_bias(self.attn) if self.rel_pos_bias else None
+        mask = self.attn_mask.to(windows.dtype) if self.attn_mask is not None else None
+        bias = window_bias(rel.to(windows.dtype) if rel is not None else None, mask, b, self.num_heads)
+        y = self.attn(windows, hw=self.window_size, bias=bias)
+        y = window_reverse(y, self.window_size, h + ph, w + pw)[:, :h, :w]
+        if sh or sw:
+            y = torch.roll(y, shifts=(sh, sw), dims=(1, 2))
+        return y.reshape(b, n, c)
+
+    def attn_half(self, x: torch.Tensor) -> torch.Tensor:
+        if self.conv_units is not None:
+            for unit in self.conv_units:
+                x = unit(x, self.resolution)
+        y = self.window_attention(x if self.post_norm else self.norm1(x))
+        if self.featscale is not None:  # mean over all tokens of the stage map (not per window)
+            y = self.featscale(y)
+        x = x + self.drop_path1(self.ls1(y))
+        return self.norm1(x) if self.post_norm else x
+
+    def mlp_half(self, x: torch.Tensor) -> torch.Tensor:
+        if self.post_norm:
+            return self.norm2(x + self.drop_path2(self.ls2(self.mlp(x))))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp_half(self.attn_half(x))
+
+
+class SwinStage(nn.Module):
+    """Optional patch merging (``downsample``) followed by ``blocks`` (timm's layout)."""
+
+    def __init__(self, downsample: Optional[nn.Module], blocks: Sequence[nn.Module]):
+        super().__init__()
+        self.downsample = downsample if downsample is not None else nn.Identity()
+        self.blocks = nn.Sequential(*blocks)
+
+    def forward(self, x: torch.Tensor, hw: Tuple[int, int]) -> Tuple[torch.Tensor, Tuple[int, int]]:
+        if not isinstance(self.downsample, nn.Identity):
+            x, hw = self.downsample(x, hw)
+        return self.blocks(x), hw
+
+
+class SwinTransformer(VitlabModel):
+    """Swin Transformer whose parts are arguments (Liu et al., ICCV 2021).
+
+    Args beyond the Swin sizes (``embed_dim``, ``depths``, ``num_heads``, ``window_size`` (int
+    or one per stage), ``mlp_ratio``): ``mixer`` (softmax-family mixer of the window stages),
+    ``attn_type`` (one letter per stage: ``L`` = ``focused_linear`` over one global window,
+    ``S`` = ``mixer``; default all ``S``, or all ``L`` when ``mixer="focused_linear"``),
+    ``norm``, ``norm_eps``, ``shortcut``, ``shortcut_init``, ``featscale``, ``init``, ``shift``
+    (shifted windows in every second block), ``post_norm``, ``conv_units``, ``rel_pos_bias``,
+    ``mixer_kwargs`` (handed to every mixer; each ignores what it does not use).
+    """
+
+    def __init__(self, img_size: int = 224, patch_size: int = 4, in_chans: int = 3, num_classes: int = 1000,
+                 embed_dim: int = 96, depths: Sequence[int] = (2, 2, 6, 2), num_heads: Sequence[int] = (3, 6, 12, 24),
+                 window_size: Union[int, Sequence[int]] = 7, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 mixer: str = "softmax", attn_type: Optional[str] = None, norm: str = "layernorm",
+                 norm_eps: float = 1e-5, shortcut: str = "plain", shortcut_init: Optional[float] = None,
+                 featscale: bool = False, init: str = "trunc_normal", shift: bool = True, post_norm: bool = False,
+                 conv_units: bool = False, rel_pos_bias: bool = True, drop_rate: float = 0.0,
+                 attn_drop_rate: float = 0.0, drop_path_rate: float = 0.1,
+                 mixer_kwargs: Optional[Dict[str, Any]] = None, architecture: str = "swin",
+                 default_cfg: Optional[Dict[str, Any]] = None):
+        super().__init__()
+        depths, num_heads = tuple(depths), tuple(num_heads)
+        n_stages = len(depths)
+        if n_stages < 1 or len(num_heads) != n_stages:
+            raise ValueError(f"depths {depths} and num_heads {num_heads} must be non-empty and of equal length")
+        if any(d < 1 for d in depths) or embed_dim < 1:
+            raise ValueError(f"depths and embed_dim must be positive, got depths={depths}, embed_dim={embed_dim}")
+        if not 0.0 <= drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
+        MIXERS.get(mixer)  # unknown names fail here, with the closest valid ones
+        if attn_type is None:
+            attn_type = ("L" if mixer == LINEAR_MIXER else "S") * n_stages
+        if not isinstance(attn_type, str) or len(attn_type) != n_stages or set(attn_type) - {"L", "S"}:
+            raise ValueError(f"attn_type must be a string of {n_stages} letters 'L' (focused linear, global) or "
+                             f"'S' (the window mixer), one per stage, got {attn_type!r}")
+        if mixer == LINEAR_MIXER and "S" in attn_type:
+            raise ValueError(f"attn_type {attn_type!r} asks for window stages ('S'), but mixer='focused_linear' "
+                             "cannot take Swin's relative position bias / shift mask; use mixer='softmax' "
+                             "(or 'cosine', 'attnscale') for the 'S' stages")
+        windows = _per_stage(window_size, n_stages, "window_size")
+        self.num_classes, self.in_chans = num_classes, in_chans
+        self.depths, self.attn_type = depths, attn_type
+        dims = [int(embed_dim * 2 ** i) for i in range(n_stages)]
+        self.embed_dim = embed_dim
+        self.num_features = dims[-1]
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim,
+                                      norm_layer=create_norm(norm, embed_dim, eps=norm_eps))
+        self.grid_size = self.patch_embed.grid_size
+        total = sum(depths)
+        dpr = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]  # linear rule (no tensor: meta-safe)
+        stages, hw, k = [], self.grid_size, 0
+        for i in range(n_stages):
+            down = None
+            if i > 0:
+                down = PatchMerging(dims[i - 1], dims[i], norm=norm, norm_eps=norm_eps)
+                hw = ((hw[0] + 1) // 2, (hw[1] + 1) // 2)
+            stage_mixer = LINEAR_MIXER if attn_type[i] == "L" else mixer
+            blocks = [SwinBlock(dims[i], hw, num_heads[i], window_size=windows[i], shift=shift and j % 2 == 1,
+                                mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, mixer=stage_mixer, norm=norm,
+                                norm_eps=norm_eps, shortcut=shortcut, shortcut_init=shortcut_init,
+                                featscale=featscale, drop=drop_rate, attn_drop=attn_drop_rate, drop_path=dpr[k + j],
+                                total_depth=total, post_norm=post_norm, conv_units=conv_units,
+                                rel_pos_bias=rel_pos_bias, mixer_kwargs=mixer_kwargs)
+                      for j in range(depths[i])]
+            k += depths[i]
+            stages.append(SwinStage(down, blocks))
+        self.layers = nn.ModuleList(stages)
+        self.final_resolution = hw
+        self.norm = create_norm(norm, self.num_features, eps=norm_eps)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.init_name = init
+        init_weights(self, init)
+        self.default_cfg = default_cfg or make_default_cfg(architecture, self.patch_embed.img_size[0], num_classes,
+                                                           in_chans, crop_pct=0.9)
+
+    # -- the model contract ---------------------------------------------------------------
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        return self.patch_embed(x)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, H/32 * W/32, 8C)`` final tokens after the last norm."""
+        x, hw = self._embed(x), self.grid_size
+        for stage in self.layers:
+            x, hw = stage(x, hw)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.head_drop(x.mean(dim=1))
+        return x if pre_logits else self.head(x)
+
+    def forward_intermediates(self, x: torch.Tensor) -> List[Intermediate]:
+        """Patch embedding, then per stage the patch merging (``downsample``) and, for every
+        block, its attention half and its MLP half, each as a ``(B, C, H, W)`` map."""
+        x, hw = self._embed(x), self.grid_size
+        out = [Intermediate("patch_embed", "embed", tokens_to_map(x, hw), None, 0)]
+        for i, stage in enumerate(self.layers):
+            if not isinstance(stage.downsample, nn.Identity):
+                x, hw = stage.downsample(x, hw)
+                out.append(Intermediate(f"layers.{i}.downsample", "downsample", tokens_to_map(x, hw), None, i))
+            for j, blk in enumerate(stage.blocks):
+                x = blk.attn_half(x)
+                out.append(Intermediate(f"layers.{i}.blocks.{j}.attn", "attn", tokens_to_map(x, hw), None, i))
+                x = blk.mlp_half(x)
+                out.append(Intermediate(f"layers.{i}.blocks.{j}.mlp", "mlp", tokens_to_map(x, hw), None, i))
+        return out
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Loads a state dict, resizing what depends on the input size: relative position
+        tables by bicubic interpolation (the Swin paper's 224 -> 384 fine-tuning, window 7 -> 12)
+        and focused-linear key position encodings ``(1, H*W, C)`` by bicubic interpolation of
+        the token grid."""
+        state_dict = resize_size_dependent(self, state_dict)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+# -- registered recipes -------------------------------------------------------------------------
+_SWIN_SIZES = {
+    "tiny": dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.2),
+    "small": dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.3),
+    "base": dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), drop_path_rate=0.5),
+}
+# LipsFormer (Qi et al., ICLR 2023) on Swin: cosine attention (tau 10) + relative position bias,
+# CenterNorm everywhere, weighted shortcuts (alpha_0 = 1/L), spectral init, post-norm blocks,
+# two depthwise-conv units per block, no shifted windows.
+_LIPSFORMER = dict(mixer="cosine", norm="center", shortcut="weighted", init="spectral", post_norm=True,
+                   conv_units=True, shift=False, mixer_kwargs=dict(tau=10.0))
+# FLatten (Han et al., ICCV 2023): focused linear attention (p=3, DWC k=5) over one global
+# window in stages 1-2, Swin's shifted windows in stages 3-4.
+_FLATTEN = dict(attn_type="LLSS", mixer_kwargs=dict(focusing_factor=3.0, kernel_size=5))
+
+
+def _register_swin(name: str, size: str, extra: Optional[Dict[str, Any]] = None, img_size: int = 224,
+                   doc: str = "", **cfg: Any) -> None:
+    defaults = dict(_SWIN_SIZES[size], img_size=img_size, **(extra or {}))
+
+    def factory(**overrides: Any) -> SwinTransformer:
+        kw = {**defaults, **overrides}
+        if name.startswith("flatten_") and "window_size" not in overrides and kw["img_size"] >= 384:
+            kw["window_size"] = 12  # FLatten-Swin@384: window-12 softmax stages (spec flatten.md section 5)
+        extra_cfg = dict(cfg)
+        if kw["img_size"] >= 384:
+            extra_cfg.setdefault("crop_pct", 1.0)
+        default_cfg = make_default_cfg(name, kw["img_size"], kw.get("num_classes", 1000), kw.get("in_chans", 3),
+                                       **{"crop_pct": 0.9, **extra_cfg})
+        return SwinTransformer(architecture=name, default_cfg=default_cfg, **kw)
+
+    factory.__name__ = factory.__qualname__ = name
+    factory.__doc__ = f"{name}: {doc or 'Swin'}-{size[0].upper()} ({defaults})."
+    register_model(factory)
+
+
+for _size in ("tiny", "small", "base"):
+    _register_swin(f"swin_{_size}_patch4_window7_224", _size, doc="Swin (Liu et al., ICCV 2021)")
+    _register_swin(f"lipsformer_swin_{_size}", _size, _LIPSFORMER, doc="LipsFormer (Qi et al., ICLR 2023) Swin")
+    _register_swin(f"flatten_swin_{_size}", _size, _FLATTEN, doc="FLatten (Han et al., ICCV 2023) Swin")
+_register_swin("swin_base_patch4_window12_384", "base", dict(window_size=12), img_size=384, crop_pct=1.0,
+               doc="Swin (Liu et al., ICCV 2021) at 384, window 12")
+# Anti-oversmoothing (Wang et al., ICLR 2022) on Swin-S: AttnScale in every window attention
+# (N = tokens per window), FeatScale on the merged attention output of the whole stage map.
+_register_swin("attnscale_swin_small", "small", dict(mixer="attnscale"), doc="AttnScale (Wang et al., ICLR 2022) Swin")
+_register_swin("featscale_swin_small", "small", dict(featscale=True), doc="FeatScale (Wang et al., ICLR 2022) Swin")
+
+from vitlab.interop import timm_swin  # noqa: E402,F401  (registers the timm converter)

@@ -1,0 +1,321 @@
+"""Every part against an independent computation (closed forms, brute-force einsum)."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import vitlab
+from vitlab.layers import (AttnScale, CenterNorm, CosineAttention, FeatScale, FocusedLinearAttention, ChannelScale,
+                           create_mixer, create_norm, create_shortcut, focusing_function, record_attention,
+                           spectral_init_, sincos_2d)
+from vitlab.layers.attention import Attention
+
+
+def split_heads(t, h):
+    b, n, c = t.shape
+    return t.reshape(b, n, h, c // h).transpose(1, 2)
+
+
+def merge_heads(t):
+    b, h, n, d = t.shape
+    return t.transpose(1, 2).reshape(b, n, h * d)
+
+
+# -- norms -------------------------------------------------------------------------------------
+def test_centernorm_spec_vector():
+    cn = CenterNorm(4)
+    out = cn(torch.tensor([[1.0, 2.0, 3.0, 4.0]]))
+    assert torch.allclose(out, torch.tensor([[-2.0, -2 / 3, 2 / 3, 2.0]]), atol=1e-6)
+
+
+def test_centernorm_closed_form_with_affine():
+    d = 16
+    cn = CenterNorm(d)
+    with torch.no_grad():
+        cn.weight.normal_()
+        cn.bias.normal_()
+    x = torch.randn(3, 5, d) * 7 + 3
+    ref = cn.weight * (d / (d - 1)) * (x - x.mean(-1, keepdim=True)) + cn.bias
+    assert torch.allclose(cn(x), ref, atol=1e-5)
+    # Lipschitz constant: D/(D-1) * max|gamma|, attained on a zero-mean direction when gamma is constant
+    assert cn.lipschitz_constant() == pytest.approx(d / (d - 1) * cn.weight.abs().max().item())
+
+
+@pytest.mark.parametrize("name,cls", [("layernorm", nn.LayerNorm), ("center", CenterNorm), ("rms", nn.RMSNorm)])
+def test_norm_registry(name, cls):
+    assert isinstance(create_norm(name, 8), cls)
+
+
+def test_rms_norm_closed_form():
+    x = torch.randn(4, 8)
+    ref = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+    assert torch.allclose(create_norm("rms", 8)(x), ref, atol=1e-5)
+
+
+# -- attention mixers --------------------------------------------------------------------------
+def brute_softmax_attention(m: Attention, x, logits_fn):
+    q, k, v = (split_heads(t, m.num_heads) for t in m.qkv(x).chunk(3, dim=-1))
+    logits = logits_fn(q, k)
+    a = logits.softmax(-1)
+    return a, m.proj(merge_heads(torch.einsum("bhij,bhjd->bhid", a, v)))
+
+
+def test_softmax_attention_matches_einsum_and_records():
+    m = Attention(32, num_heads=4).eval()
+    x = torch.randn(2, 10, 32)
+    a_ref, out_ref = brute_softmax_attention(m, x, lambda q, k: torch.einsum("bhid,bhjd->bhij", q, k) / math.sqrt(8))
+    assert torch.allclose(m(x), out_ref, atol=1e-5)
+    with record_attention(m) as rec:
+        out = m(x)
+    assert torch.allclose(out, out_ref, atol=1e-5)
+    assert torch.allclose(rec.last()[""], a_ref, atol=1e-6)
+
+
+def test_softmax_attention_matches_timm_attention():
+    from timm.models.vision_transformer import Attention as TimmAttention
+
+    ours, theirs = Attention(48, num_heads=6, qk_norm=True).eval(), TimmAttention(48, num_heads=6, qkv_bias=True, qk_norm=True, norm_layer=nn.LayerNorm).eval()
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 7, 48)
+    assert torch.allclose(ours(x), theirs(x), atol=1e-5)
+
+
+def test_cosine_attention_matches_einsum():
+    tau = 12.0
+    m = CosineAttention(32, num_heads=4, tau=tau).eval()
+    x = torch.randn(2, 9, 32)
+
+    def logits(q, k):
+        cos = torch.einsum("bhid,bhjd->bhij", q, k) / (q.norm(dim=-1)[..., :, None] * k.norm(dim=-1)[..., None, :])
+        return tau * cos
+
+    a_ref, out_ref = brute_softmax_attention(m, x, logits)
+    assert torch.allclose(m(x), out_ref, atol=1e-5)
+    with record_attention(m) as rec:
+        m(x)
+    assert torch.allclose(rec.last()[""], a_ref, atol=1e-6)
+
+
+def test_cosine_logits_bounded_by_tau():
+    m = CosineAttention(16, num_heads=2, tau=10.0)
+    q, k, _ = m._qkv(torch.randn(3, 20, 16) * 100)
+    lg = m._logits(q, k)
+    assert lg.abs().max() <= 10.0 + 1e-4
+
+
+def test_cosine_attention_eps_and_learnable_tau_gradient():
+    m = CosineAttention(16, num_heads=2, tau=10.0, learn_tau=True, eps=1e-6)
+    x = torch.randn(2, 5, 16)
+    m(x).sum().backward()
+    assert m.tau.grad is not None and m.tau.grad.abs() > 0
+    # recorded path and fused path agree with learnable tau too
+    with torch.no_grad():
+        fused = m(x)
+        with record_attention(m):
+            explicit = m(x)
+    assert torch.allclose(fused, explicit, atol=1e-5)
+
+
+def test_attnscale_matches_einsum_and_hc_identity():
+    m = create_mixer("attnscale", 32, num_heads=4).eval()
+    with torch.no_grad():
+        m.attn_scale.omega.copy_(torch.tensor([0.5, -0.3, 2.0, 0.0]))
+    x = torch.randn(2, 11, 32)
+    q, k, v = (split_heads(t, 4) for t in m.qkv(x).chunk(3, dim=-1))
+    a = (torch.einsum("bhid,bhjd->bhij", q, k) / math.sqrt(8)).softmax(-1)
+    omega = m.attn_scale.omega.view(1, 4, 1, 1)
+    a_hat = a + omega * (a - 1.0 / 11)
+    ref = m.proj(merge_heads(a_hat @ v))
+    assert torch.allclose(m(x), ref, atol=1e-5)
+    with record_attention(m) as rec:
+        m(x)
+    p = rec.last()[""]
+    assert torch.allclose(p, a_hat, atol=1e-6)
+    assert torch.allclose(p.sum(-1), torch.ones_like(p.sum(-1)), atol=1e-5)  # rows still sum to 1
+    # HC[A_hat X] = (1 + omega) HC[A X]
+    hc = lambda t: t - t.mean(dim=-2, keepdim=True)  # noqa: E731
+    assert torch.allclose(hc(a_hat @ v), (1 + omega) * hc(a @ v), atol=1e-5)
+
+
+def test_attnscale_uniform_attention_gives_dc():
+    s = AttnScale(3)
+    with torch.no_grad():
+        s.omega.copy_(torch.tensor([1.0, -0.7, 5.0]))
+    a = torch.full((1, 3, 6, 6), 1 / 6)
+    x = torch.randn(1, 3, 6, 4)
+    out = s(a) @ x
+    assert torch.allclose(out, x.mean(dim=-2, keepdim=True).expand_as(out), atol=1e-6)
+
+
+def test_focusing_function_spec_vector():
+    out = focusing_function(torch.tensor([1.0, 2.0, 0.5, 0.0]), 3.0)
+    assert torch.allclose(out, torch.tensor([0.28417, 2.27332, 0.03552, 0.0]), atol=1e-4)
+    assert out.norm().item() == pytest.approx(2.291288, abs=1e-5)
+    x = torch.rand(5, 7)
+    assert torch.allclose(focusing_function(x, 1.0), x, atol=1e-6)  # f_1 is the identity
+    for p in (2.0, 3.0, 6.0):
+        assert torch.allclose(focusing_function(x, p).norm(dim=-1), x.norm(dim=-1), atol=1e-5)
+
+
+def explicit_flatten(m: FocusedLinearAttention, x, hw, num_prefix=0):
+    """The explicit N x N matrix of the same kernel, plus the DWC term, written independently."""
+    b, n, c = x.shape
+    h, d = m.num_heads, m.head_dim
+    q, k, v = m.qkv(x).chunk(3, dim=-1)
+    k = k + m.pos_enc
+    div = F.softplus(m.scale_param)
+
+    def phi(t):
+        t = (F.relu(t) + 1e-6) / div
+        tp = t ** 3
+        return tp * t.norm(dim=-1, keepdim=True) / tp.norm(dim=-1, keepdim=True)
+
+    qh, kh, vh = split_heads(phi(q), h), split_heads(phi(k), h), split_heads(v, h)
+    a = torch.einsum("bhid,bhjd->bhij", qh, kh)
+    a = a / (a.sum(-1, keepdim=True) + n * 1e-6)  # released normaliser: 1 / (q . mean_j k_j + 1e-6)
+    out = a @ vh
+    vp = vh[:, :, num_prefix:].reshape(b * h, hw[0], hw[1], d).permute(0, 3, 1, 2)
+    dw = F.conv2d(vp, m.dwc.weight, m.dwc.bias, padding=m.dwc.padding, groups=d)
+    dw = dw.permute(0, 2, 3, 1).reshape(b, h, hw[0] * hw[1], d)
+    out[:, :, num_prefix:] += dw
+    return a, m.proj(merge_heads(out))
+
+
+@pytest.mark.parametrize("num_prefix", [0, 1])
+def test_focused_linear_matches_explicit_matrix(num_prefix):
+    hw = (6, 5)
+    n = hw[0] * hw[1] + num_prefix
+    m = FocusedLinearAttention(32, num_heads=4, num_tokens=n).eval()
+    with torch.no_grad():  # non-trivial learned parameters
+        m.pos_enc.normal_(std=0.5)
+        m.scale_param.normal_(std=0.5)
+    x = torch.randn(2, n, 32, dtype=torch.float64)
+    m = m.double()
+    a_ref, out_ref = explicit_flatten(m, x, hw, num_prefix)
+    out = m(x, hw=hw, num_prefix=num_prefix)
+    assert (out - out_ref).abs().max() < 1e-5
+    with record_attention(m) as rec:
+        out_rec = m(x, hw=hw, num_prefix=num_prefix)
+    assert (rec.last()[""] - a_ref).abs().max() < 1e-5
+    assert (out_rec - out_ref).abs().max() < 1e-5
+    # float32 fast path against the float64 reference
+    m32 = m.float()
+    assert (m32(x.float(), hw=hw, num_prefix=num_prefix) - out_ref.float()).abs().max() < 1e-4
+
+
+def test_focused_linear_rank():
+    m = FocusedLinearAttention(64, num_heads=4, num_tokens=196).eval()  # head dim 16
+    x = torch.randn(1, 196, 64)
+    with record_attention(m) as rec:
+        m(x, hw=(14, 14))
+    a = rec.last()[""][0, 0].double()
+    assert torch.linalg.matrix_rank(a, rtol=1e-5) <= 16  # phi(Q) phi(K)^T has rank <= head dim
+    # with the DWC the operator V -> A V + DWC(V) on one channel becomes full rank
+    w = m.dwc.weight[0, 0].double()
+    dwc = torch.zeros(196, 196, dtype=torch.float64)
+    for i in range(196):
+        r, c = divmod(i, 14)
+        for dr in range(-2, 3):
+            for dc in range(-2, 3):
+                rr, cc = r + dr, c + dc
+                if 0 <= rr < 14 and 0 <= cc < 14:
+                    dwc[i, rr * 14 + cc] = w[dr + 2, dc + 2]
+    assert torch.linalg.matrix_rank(a + dwc, rtol=1e-5) == 196
+
+
+def test_focused_linear_zero_inits():
+    m = FocusedLinearAttention(16, num_heads=2, num_tokens=9)
+    assert torch.count_nonzero(m.pos_enc) == 0 and torch.count_nonzero(m.scale_param) == 0
+    assert F.softplus(m.scale_param).flatten()[0].item() == pytest.approx(0.693147, abs=1e-6)
+
+
+def test_focused_linear_rejects_bias():
+    m = FocusedLinearAttention(16, num_heads=2)
+    with pytest.raises(ValueError, match="bias"):
+        m(torch.randn(1, 4, 16), hw=(2, 2), bias=torch.zeros(1, 1, 4, 4))
+
+
+def test_softmax_uses_sdpa_fast_path_only_when_not_recording(monkeypatch):
+    calls = []
+    real = F.scaled_dot_product_attention
+
+    def spy(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    for name in ("softmax", "cosine", "attnscale"):
+        m = create_mixer(name, 16, num_heads=2).eval()
+        calls.clear()
+        m(torch.randn(1, 5, 16))
+        assert calls, f"{name} did not use SDPA"
+        calls.clear()
+        with record_attention(m):
+            m(torch.randn(1, 5, 16))
+        assert not calls, f"{name} used SDPA while recording"
+
+
+# -- FeatScale, shortcuts ------------------------------------------------------------------------
+def test_featscale_identity_and_frequency_gains():
+    fs = FeatScale(8)
+    x = torch.randn(2, 10, 8)
+    assert torch.equal(fs(x), x)
+    with torch.no_grad():
+        fs.s.normal_()
+        fs.t.normal_()
+    y = fs(x)
+    dc, hc = x.mean(1, keepdim=True), x - x.mean(1, keepdim=True)
+    assert torch.allclose(y.mean(1, keepdim=True), (1 + fs.s) * dc, atol=1e-5)
+    assert torch.allclose(y - y.mean(1, keepdim=True), (1 + fs.t) * hc, atol=1e-5)
+
+
+def test_shortcuts():
+    x = torch.randn(3, 4, 6)
+    assert isinstance(create_shortcut("plain", 6), nn.Identity)
+    w = create_shortcut("weighted", 6, depth=12)
+    assert torch.allclose(w.gamma, torch.full((6,), 1 / 12)) and torch.allclose(w(x), x / 12)
+    ls = create_shortcut("layerscale", 6)
+    assert torch.allclose(ls.gamma, torch.full((6,), 1e-5))
+    assert create_shortcut("layerscale", 6, init_value=1e-6).gamma[0].item() == pytest.approx(1e-6)
+
+
+def test_lipsformer_weighted_shortcut_init_is_one_over_depth():
+    m = vitlab.create_model("lipsformer_vit_small", depth=4, embed_dim=64, num_heads=2, img_size=32, num_classes=3)
+    gammas = [mod.gamma for mod in m.modules() if isinstance(mod, ChannelScale)]
+    assert len(gammas) == 4 * 4  # two conv units + attention + MLP per block
+    assert all(torch.allclose(g, torch.full_like(g, 0.25)) for g in gammas)
+
+
+# -- initialisers ----------------------------------------------------------------------------
+def test_spectral_init_sets_every_spectral_norm_to_one():
+    m = vitlab.create_model("lipsformer_vit_small", depth=2, embed_dim=64, num_heads=2, img_size=32, num_classes=10)
+    mats = [mod.weight for mod in m.modules() if isinstance(mod, (nn.Linear, nn.Conv2d))]
+    assert len(mats) > 10
+    for w in mats:
+        assert torch.linalg.matrix_norm(w.detach().flatten(1), ord=2).item() == pytest.approx(1.0, abs=1e-4)
+    lin_biases = [mod.bias for mod in m.modules() if isinstance(mod, nn.Linear) and mod.bias is not None]
+    assert all(torch.count_nonzero(b) == 0 for b in lin_biases)
+    spectral_init_(m)  # re-running keeps sigma_1 = 1
+    assert all(torch.linalg.matrix_norm(w.detach().flatten(1), ord=2).item() == pytest.approx(1.0, abs=1e-4)
+               for w in mats)
+
+
+def test_trunc_normal_and_xavier_init_statistics():
+    m = vitlab.create_model("vit_small_patch16_224", depth=2)
+    w = m.blocks[0].mlp.fc1.weight
+    assert w.std().item() == pytest.approx(0.02 * 0.88, rel=0.05)  # std of N(0, .02) truncated at 2 sigma
+    assert w.abs().max().item() <= 0.04 + 1e-6
+    m = vitlab.create_model("vit_small_patch16_224", depth=2, init="xavier")
+    w = m.blocks[0].mlp.fc1.weight
+    bound = math.sqrt(6 / (w.shape[0] + w.shape[1]))
+    assert w.abs().max().item() <= bound and w.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.05)
+
+
+def test_sincos_2d_closed_form():
+    pe = sincos_2d((3, 4), 8)
+    omega = 1.0 / 10000 ** (torch.arange(2) / 2)
+    y, x = 2, 3  # token 11 in raster order
+    ref = torch.cat([torch.sin(x * omega), torch.cos(x * omega), torch.sin(y * omega), torch.cos(y * omega)])
+    assert torch.allclose(pe[11], ref, atol=1e-6)
