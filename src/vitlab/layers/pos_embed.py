@@ -32,4 +32,4 @@ def resample_pos_embed(pos_embed: torch.Tensor, new_grid: Tuple[int, int], old_g
     from timm.layers import resample_abs_pos_embed
 
     return resample_abs_pos_embed(pos_embed, new_size=list(new_grid), old_size=list(old_grid),
-                                  num_prefix_tokens=num_prefix, interpolation=mode, antialias=False)
+                                  num_prefix_tokens=num_prefix, interpolation=mode, antialias=True)

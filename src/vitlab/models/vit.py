@@ -124,7 +124,7 @@ class VisionTransformer(VitlabModel):
         else:
             self.pos_embed = None
         self.pos_drop = nn.Dropout(drop_rate)
-        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # plain floats: works on 'meta'
         self.blocks = nn.Sequential(*[
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias, mixer=mixer, norm=norm, shortcut=shortcut,
                   shortcut_init=shortcut_init, featscale=featscale, drop=drop_rate, attn_drop=attn_drop_rate,
