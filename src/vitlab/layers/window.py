@@ -15,8 +15,8 @@ from torch import nn
 
 __all__ = [
     "window_partition", "window_reverse", "relative_position_index", "add_relative_position_bias",
-    "relative_position_bias", "resize_relative_position_table", "shift_window_mask", "window_bias",
-    "stripe_partition", "stripe_reverse",
+    "relative_position_bias", "resize_relative_position_table", "REL_POS_RESIZE_METHODS", "shift_window_mask",
+    "window_bias", "stripe_partition", "stripe_reverse",
 ]
 
 
@@ -68,6 +68,7 @@ def add_relative_position_bias(module: nn.Module, window: Tuple[int, int], num_h
     nn.init.trunc_normal_(table, std=0.02)
     module.register_parameter("relative_position_bias_table", nn.Parameter(table))
     module.register_buffer("relative_position_index", relative_position_index(wh, ww), persistent=False)
+    module.rel_pos_window = (wh, ww)
 
 
 def relative_position_bias(module: nn.Module) -> torch.Tensor:
@@ -77,16 +78,34 @@ def relative_position_bias(module: nn.Module) -> torch.Tensor:
     return table[index.reshape(-1)].view(n, n, -1).permute(2, 0, 1).unsqueeze(0)
 
 
-def resize_relative_position_table(table: torch.Tensor, new_window: Tuple[int, int]) -> torch.Tensor:
-    """Bicubic resize of a ``((2w-1)^2, heads)`` table to ``new_window``, as the Swin paper does
-    when fine-tuning a 224 (window 7) model at 384 (window 12); wraps timm's implementation."""
-    from timm.layers.pos_embed_rel import resize_rel_pos_bias_table_simple
+REL_POS_RESIZE_METHODS = ("timm", "bicubic")
 
-    n_new = (2 * new_window[0] - 1) * (2 * new_window[1] - 1)
+
+def resize_relative_position_table(table: torch.Tensor, new_window: Tuple[int, int],
+                                   method: str = "timm") -> torch.Tensor:
+    """Resize a ``((2w-1)^2, heads)`` relative position table to ``new_window`` (e.g. a 224 /
+    window-7 Swin checkpoint for a 384 / window-12 model, the Swin paper's 384 fine-tuning).
+
+    ``method="timm"`` (default) is timm's ``resize_rel_pos_bias_table``, the geometric-progression
+    interpolation that timm's Swin ``checkpoint_filter_fn`` applies (from BEiT, Bao et al., ICLR
+    2022); ``"bicubic"`` is the plain bicubic resize of the official Swin code's
+    ``load_pretrained``.  Both are timm's implementations, wrapped.
+    """
+    from timm.layers.pos_embed_rel import resize_rel_pos_bias_table, resize_rel_pos_bias_table_simple
+
+    if method not in REL_POS_RESIZE_METHODS:
+        raise ValueError(f"unknown relative position table resize method {method!r}; "
+                         f"expected one of {REL_POS_RESIZE_METHODS}")
+    if table.ndim != 2:
+        raise ValueError(f"expected a (positions, heads) relative position table, got shape {tuple(table.shape)}")
     side = int(round(table.shape[0] ** 0.5))
     if side * side != table.shape[0]:
         raise ValueError(f"relative position table of shape {tuple(table.shape)} is not from a square window")
-    return resize_rel_pos_bias_table_simple(table, tuple(new_window), (n_new, table.shape[1]))
+    n_new = (2 * new_window[0] - 1) * (2 * new_window[1] - 1)
+    if n_new == table.shape[0]:
+        return table
+    fn = resize_rel_pos_bias_table if method == "timm" else resize_rel_pos_bias_table_simple
+    return fn(table, tuple(new_window), (n_new, table.shape[1]))
 
 
 def shift_window_mask(hw: Tuple[int, int], window: Tuple[int, int], shift: Tuple[int, int],

@@ -18,10 +18,12 @@ State-dict layout: ``patch_embed.{proj,norm}``, ``layers.{i}.downsample.{proj,no
 ``norm``, ``head`` (the official code's ``stage1_conv_embed`` / ``stage{i}`` / ``merge{i}`` /
 ``attns.{b}.get_v`` hold the same tensors).
 
-Attention recording: a two-branch block records two tensors per forward, first the vertical
-stripes ``(B * W/sw, heads/2, H*sw, H*sw)``, then the horizontal ones
-``(B * H/sw, heads/2, sw*W, sw*W)``; ``rec.maps[name]`` keeps both (``rec.last()`` the
-horizontal one).  Single-branch blocks record ``(B, heads, H*W, H*W)``.
+Attention recording: a two-branch block on a square map records one tensor per forward,
+``(B * H/sw, heads, H*sw, H*sw)``: heads ``[0, heads/2)`` hold the vertical stripes (stripe ``s``
+of image ``b`` is row ``b * H/sw + s``, tokens in raster order inside the ``H x sw`` stripe),
+heads ``[heads/2, heads)`` the horizontal ones (``sw x W``).  A block built on a non-square map
+records two tensors (vertical, then horizontal).  Single-branch blocks record
+``(B, heads, H*W, H*W)``.  No matrix over the whole map is formed in two-branch stages.
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ from vitlab.models.base import Intermediate, VitlabModel, make_default_cfg, toke
 from vitlab.models.swin import LINEAR_MIXER, SwinStage, _per_stage, resize_size_dependent
 from vitlab.registry import register_model
 
-__all__ = ["CSwinTransformer", "CSwinBlock", "ConvEmbed"]
+__all__ = ["CSwinTransformer", "CSwinBlock", "ConvEmbed", "cswin_from_official", "cswin_to_official"]
 
 NORM_LAYOUTS = ("pre", "post", "end")
 
@@ -125,6 +127,9 @@ class CSwinBlock(nn.Module):
         if not hasattr(self.attn, "_attend") and not self.linear:
             raise ValueError(f"mixer {mixer!r} has no per-window attention core; CSwin needs a softmax-family "
                              "mixer or focused_linear")
+        if getattr(self.attn, "attn_scale", None) is not None and len(self.stripes) == 2 and h != w:
+            raise ValueError(f"mixer {mixer!r} (one AttnScale weight per head) needs a square map in a "
+                             f"cross-shaped block, got {h}x{w}: the two stripe branches cannot share one call")
         self.lepe = nn.ModuleList([nn.Conv2d(dim // nb, dim // nb, 3, padding=1, groups=dim // nb) for _ in range(nb)])
         self.featscale = FeatScale(dim) if featscale else None
         self.ls1 = create_shortcut(shortcut, dim, shortcut_init, depth=total_depth)
@@ -157,20 +162,29 @@ class CSwinBlock(nn.Module):
         return out + attn._dwc(v, self.resolution, 0)
 
     def cross_attention(self, x: torch.Tensor) -> torch.Tensor:
-        """Cross-shaped window attention of ``(B, H*W, C)`` tokens (output projected)."""
-        b, n, c = x.shape
+        """Cross-shaped window attention of ``(B, H*W, C)`` tokens (output projected).
+
+        On a square map the vertical and horizontal stripes have the same shape, so both
+        branches run as one attention call over all heads (heads ``[0, h/2)`` in vertical
+        stripes, ``[h/2, h)`` in horizontal ones); per-head parts (AttnScale) see every head."""
         q, k, v = self.attn._features(x) if self.linear else self.attn._qkv(x)
         hb = self.num_heads // len(self.stripes)
-        outs = []
-        for i, (stripe, conv) in enumerate(zip(self.stripes, self.lepe)):
-            sl = slice(i * hb, (i + 1) * hb)
-            qs, ks, vs = (_to_stripes(t[:, sl], self.resolution, stripe) for t in (q, k, v))
-            o = self._linear_core(qs, ks, vs) if self.linear else self.attn._attend(qs, ks, vs, None)
-            o = o + self._lepe(conv, vs, stripe)
+        parts = [[_to_stripes(t[:, i * hb:(i + 1) * hb], self.resolution, stripe) for t in (q, k, v)]
+                 for i, stripe in enumerate(self.stripes)]
+        if self.linear:
+            outs = [self._linear_core(*parts[0])]
+        elif all(p[0].shape == parts[0][0].shape for p in parts):
+            qs, ks, vs = (torch.cat([p[j] for p in parts], dim=1) for j in range(3))
+            outs = list(self.attn._attend(qs, ks, vs, None).split(hb, dim=1))
+        else:  # non-square map: one call per branch
+            outs = [self.attn._attend(*p, None) for p in parts]
+        merged = []
+        for o, p, stripe, conv in zip(outs, parts, self.stripes, self.lepe):
+            o = o + self._lepe(conv, p[2], stripe)
             if self.lepe_div_heads:
                 o = o / math.sqrt(hb)
-            outs.append(_from_stripes(o, self.resolution, stripe))
-        y = torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
+            merged.append(_from_stripes(o, self.resolution, stripe))
+        y = torch.cat(merged, dim=-1) if len(merged) > 1 else merged[0]
         return self.attn.proj_drop(self.attn.proj(y))
 
     def attn_half(self, x: torch.Tensor) -> torch.Tensor:
@@ -321,11 +335,70 @@ class CSwinTransformer(VitlabModel):
         return super().load_state_dict(resize_size_dependent(self, state_dict), strict=strict, assign=assign)
 
 
+# -- the official CSwin repository's state-dict layout ---------------------------------------------
+_OFFICIAL_TO_VITLAB = [
+    (r"^stage1_conv_embed\.0\.", "patch_embed.proj."),
+    (r"^stage1_conv_embed\.2\.", "patch_embed.norm."),
+    (r"^merge(\d+)\.conv\.", lambda m: f"layers.{m.group(1)}.downsample.proj."),
+    (r"^merge(\d+)\.norm\.", lambda m: f"layers.{m.group(1)}.downsample.norm."),
+    (r"^stage(\d+)\.(\d+)\.attns\.(\d+)\.get_v\.",
+     lambda m: f"layers.{int(m.group(1)) - 1}.blocks.{m.group(2)}.lepe.{m.group(3)}."),
+    (r"^stage(\d+)\.(\d+)\.(qkv|proj)\.",
+     lambda m: f"layers.{int(m.group(1)) - 1}.blocks.{m.group(2)}.attn.{m.group(3)}."),
+    (r"^stage(\d+)\.(\d+)\.", lambda m: f"layers.{int(m.group(1)) - 1}.blocks.{m.group(2)}."),
+]
+_VITLAB_TO_OFFICIAL = [
+    (r"^patch_embed\.proj\.", "stage1_conv_embed.0."),
+    (r"^patch_embed\.norm\.", "stage1_conv_embed.2."),
+    (r"^layers\.(\d+)\.downsample\.proj\.", lambda m: f"merge{m.group(1)}.conv."),
+    (r"^layers\.(\d+)\.downsample\.norm\.", lambda m: f"merge{m.group(1)}.norm."),
+    (r"^layers\.(\d+)\.blocks\.(\d+)\.lepe\.(\d+)\.",
+     lambda m: f"stage{int(m.group(1)) + 1}.{m.group(2)}.attns.{m.group(3)}.get_v."),
+    (r"^layers\.(\d+)\.blocks\.(\d+)\.attn\.(qkv|proj)\.",
+     lambda m: f"stage{int(m.group(1)) + 1}.{m.group(2)}.{m.group(3)}."),
+    (r"^layers\.(\d+)\.blocks\.(\d+)\.", lambda m: f"stage{int(m.group(1)) + 1}.{m.group(2)}."),
+]
+
+
+def _rename(sd: Dict[str, torch.Tensor], rules) -> Dict[str, torch.Tensor]:
+    import re
+
+    out = {}
+    for k, v in sd.items():
+        for pattern, repl in rules:
+            new, n = re.subn(pattern, repl, k)
+            if n:
+                k = new
+                break
+        out[k] = v
+    return out
+
+
+def cswin_from_official(state_dict: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+    """Rename a state dict of the official CSwin code ("CSWin Transformer", Dong et al., CVPR
+    2022: ``stage1_conv_embed.{0,2}``, ``stage{s}.{j}.{qkv,proj,attns.{b}.get_v,...}``,
+    ``merge{i}.{conv,norm}``) to vitlab's keys; ``{"state_dict_ema" | "state_dict" | "model": sd}``
+    wrappers are unwrapped (the EMA weights first, which the released models report)."""
+    for key in ("state_dict_ema", "state_dict", "model"):
+        if isinstance(state_dict.get(key), dict):
+            state_dict = state_dict[key]
+            break
+    return _rename(state_dict, _OFFICIAL_TO_VITLAB)
+
+
+def cswin_to_official(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Inverse of :func:`cswin_from_official`: vitlab keys to the official CSwin code's."""
+    return _rename(state_dict, _VITLAB_TO_OFFICIAL)
+
+
 # -- registered recipes -------------------------------------------------------------------------
 def _register_cswin(name: str, defaults: Dict[str, Any], doc: str) -> None:
     def factory(**overrides: Any) -> CSwinTransformer:
         kw = {**defaults, **overrides}
         img = kw.get("img_size", 224)
+        if img >= 384 and "split_size" not in overrides:
+            # the official 384 models (CSWin-B@384, FLatten-CSwin-B@384): stripes 12 in stages 3-4
+            kw["split_size"] = tuple(kw["split_size"][:2]) + (12, 12)
         default_cfg = make_default_cfg(name, img, kw.get("num_classes", 1000), kw.get("in_chans", 3),
                                        crop_pct=1.0 if img >= 384 else 0.9)
         return CSwinTransformer(architecture=name, default_cfg=default_cfg, **kw)

@@ -32,7 +32,7 @@ from vitlab.layers import (DWConvUnit, DropPath, FeatScale, Mlp, PatchEmbed, cre
                            create_shortcut, init_weights)
 from vitlab.layers.mixers import MIXERS
 from vitlab.layers.pos_embed import resample_pos_embed
-from vitlab.layers.window import (add_relative_position_bias, relative_position_bias,
+from vitlab.layers.window import (REL_POS_RESIZE_METHODS, add_relative_position_bias, relative_position_bias,
                                   resize_relative_position_table, shift_window_mask, window_bias,
                                   window_partition, window_reverse)
 from vitlab.models.base import Intermediate, VitlabModel, make_default_cfg, tokens_to_map
@@ -51,18 +51,27 @@ def _per_stage(value, n: int, what: str) -> Tuple:
     return (value,) * n
 
 
-def resize_size_dependent(model: nn.Module, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """A copy of ``state_dict`` whose input-size-dependent tensors are resized to ``model``'s:
-    relative position tables (bicubic, as the Swin paper's 224 -> 384 fine-tuning) and
-    focused-linear key position encodings ``(1, H*W, C)`` (bicubic on the token grid)."""
+def resize_size_dependent(model: nn.Module, state_dict: Dict[str, torch.Tensor],
+                          rel_pos_resize: Optional[str] = None) -> Dict[str, torch.Tensor]:
+    """A copy of ``state_dict`` whose input-size-dependent tensors are resized to ``model``'s.
+
+    * relative position tables ``((2w-1)^2, heads)``: to the window of the module that owns the
+      key, with ``rel_pos_resize`` (default: the model's ``rel_pos_resize``, else ``"timm"``;
+      see :func:`vitlab.layers.window.resize_relative_position_table`);
+    * focused-linear key position encodings ``(1, H*W, C)``: bicubic on the square token grid.
+
+    Buffers that older checkpoints saved (``relative_position_index``, ``attn_mask``) are dropped.
+    """
+    method = rel_pos_resize or getattr(model, "rel_pos_resize", "timm")
     own = model.state_dict()
-    state_dict = dict(state_dict)
+    state_dict = {k: v for k, v in state_dict.items()
+                  if not (k.endswith("relative_position_index") or k.endswith("attn_mask")) or k in own}
     for key, val in list(state_dict.items()):
         if key not in own or own[key].shape == val.shape:
             continue
         if key.endswith("relative_position_bias_table"):
-            side = int(round((own[key].shape[0]) ** 0.5))
-            state_dict[key] = resize_relative_position_table(val, ((side + 1) // 2, (side + 1) // 2))
+            owner = model.get_submodule(key[:-len(".relative_position_bias_table")])
+            state_dict[key] = resize_relative_position_table(val, owner.rel_pos_window, method=method)
         elif key.endswith("attn.pos_enc"):
             old = int(round(val.shape[1] ** 0.5))
             new = int(round(own[key].shape[1] ** 0.5))
@@ -220,7 +229,10 @@ class SwinTransformer(VitlabModel):
     ``S`` = ``mixer``; default all ``S``, or all ``L`` when ``mixer="focused_linear"``),
     ``norm``, ``norm_eps``, ``shortcut``, ``shortcut_init``, ``featscale``, ``init``, ``shift``
     (shifted windows in every second block), ``post_norm``, ``conv_units``, ``rel_pos_bias``,
-    ``mixer_kwargs`` (handed to every mixer; each ignores what it does not use).
+    ``mixer_kwargs`` (handed to every mixer; each ignores what it does not use),
+    ``rel_pos_resize`` (how :meth:`load_state_dict` resizes relative position tables of a
+    checkpoint trained with another window: ``"timm"`` as timm's ``checkpoint_filter_fn``,
+    ``"bicubic"`` as the official Swin code).
     """
 
     def __init__(self, img_size: int = 224, patch_size: int = 4, in_chans: int = 3, num_classes: int = 1000,
@@ -231,11 +243,14 @@ class SwinTransformer(VitlabModel):
                  featscale: bool = False, init: str = "trunc_normal", shift: bool = True, post_norm: bool = False,
                  conv_units: bool = False, rel_pos_bias: bool = True, drop_rate: float = 0.0,
                  attn_drop_rate: float = 0.0, drop_path_rate: float = 0.1,
-                 mixer_kwargs: Optional[Dict[str, Any]] = None, architecture: str = "swin",
-                 default_cfg: Optional[Dict[str, Any]] = None):
+                 mixer_kwargs: Optional[Dict[str, Any]] = None, rel_pos_resize: str = "timm",
+                 architecture: str = "swin", default_cfg: Optional[Dict[str, Any]] = None):
         super().__init__()
         depths, num_heads = tuple(depths), tuple(num_heads)
         n_stages = len(depths)
+        if rel_pos_resize not in REL_POS_RESIZE_METHODS:
+            raise ValueError(f"rel_pos_resize must be one of {REL_POS_RESIZE_METHODS}, got {rel_pos_resize!r}")
+        self.rel_pos_resize = rel_pos_resize
         if n_stages < 1 or len(num_heads) != n_stages:
             raise ValueError(f"depths {depths} and num_heads {num_heads} must be non-empty and of equal length")
         if any(d < 1 for d in depths) or embed_dim < 1:
@@ -323,9 +338,9 @@ class SwinTransformer(VitlabModel):
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Loads a state dict, resizing what depends on the input size: relative position
-        tables by bicubic interpolation (the Swin paper's 224 -> 384 fine-tuning, window 7 -> 12)
-        and focused-linear key position encodings ``(1, H*W, C)`` by bicubic interpolation of
-        the token grid."""
+        tables to this model's windows (the Swin paper's 224 -> 384 fine-tuning, window 7 -> 12;
+        method ``self.rel_pos_resize``) and focused-linear key position encodings ``(1, H*W, C)``
+        by bicubic interpolation of the token grid."""
         state_dict = resize_size_dependent(self, state_dict)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
