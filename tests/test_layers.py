@@ -319,3 +319,22 @@ def test_sincos_2d_closed_form():
     y, x = 2, 3  # token 11 in raster order
     ref = torch.cat([torch.sin(x * omega), torch.cos(x * omega), torch.sin(y * omega), torch.cos(y * omega)])
     assert torch.allclose(pe[11], ref, atol=1e-6)
+
+
+def test_cosine_attention_learnable_tau_fast_path_equals_explicit():
+    """With a learnable tau folded into q for SDPA, the fast path equals the recorded explicit
+    path and tau receives the gradient of the closed form d/dtau."""
+    torch.manual_seed(0)
+    m = CosineAttention(32, num_heads=4, tau=7.0, learn_tau=True)
+    x = torch.randn(2, 10, 32)
+    fast = m(x)
+    fast.sum().backward()
+    g_fast = m.tau.grad.clone()
+    m.tau.grad = None
+    with vitlab.layers.record_attention(m) as rec:
+        slow = m(x)
+    slow.sum().backward()
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(g_fast, m.tau.grad, atol=1e-4, rtol=1e-4)
+    assert g_fast.abs() > 0 and m.scale == 1.0
+    assert CosineAttention(32, 4, tau=12.0).scale == 12.0

@@ -114,6 +114,7 @@ class CosineAttention(Attention):
                          attn_scale=attn_scale)
         self.normalize_v = normalize_v
         self.eps = eps
+        self._tau_value = float(tau)  # a python float: no device sync, works on 'meta'
         if learn_tau:
             self.tau = nn.Parameter(torch.tensor(float(tau)))
         else:
@@ -132,8 +133,10 @@ class CosineAttention(Attention):
         return q, k, v
 
     @property
-    def scale(self):  # SDPA multiplies q.k by this: the temperature
-        return float(self.tau.detach())
+    def scale(self):
+        """The float SDPA multiplies q.k by: the fixed temperature, or 1 when a learnable tau is
+        folded into q (so that tau keeps its gradient)."""
+        return 1.0 if isinstance(self.tau, nn.Parameter) else self._tau_value
 
     @scale.setter
     def scale(self, value):  # the parent's 1/sqrt(d) is not used
@@ -146,4 +149,4 @@ class CosineAttention(Attention):
         if self.recording or not isinstance(self.tau, nn.Parameter):
             return super()._attend(q, k, v, bias)
         # learnable tau: SDPA's scale must be a float, so fold tau into q to keep its gradient
-        return super()._attend(q * (self.tau / self.scale), k, v, bias)
+        return super()._attend(q * self.tau, k, v, bias)
