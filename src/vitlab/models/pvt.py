@@ -1,0 +1,394 @@
+"""PVT: the Pyramid Vision Transformer with spatial-reduction attention, built from vitlab parts.
+
+"Pyramid Vision Transformer: A Versatile Backbone for Dense Prediction without Convolutions"
+(Wang et al., ICCV 2021).  Four stages; each starts with a non-overlapping patch embedding
+(patch 4, then 2: strided conv + LayerNorm) and a learned position embedding of its own, then
+runs transformer blocks whose attention reduces the keys/values spatially (**SRA**: a strided
+``sr_ratio x sr_ratio`` conv + LayerNorm on the key/value map).  The class token joins in the
+last stage; the classifier reads it after the final norm.
+
+This module also holds the parts shared with PVTv2 (:mod:`vitlab.models.pvt_v2`): the SRA mixers
+(:func:`create_pvt_mixer`), the convolutional FFN (:class:`MlpWithDepthwiseConv`) and
+:class:`PvtBlock`.
+
+Parts: ``mixer`` (``softmax`` | ``attnscale`` | ``cosine``: SRA with that attention core;
+``focused_linear``: FLatten's focused linear attention over *all* tokens -- as in "FLatten
+Transformer" (Han et al., ICCV 2023) the key reduction is disabled for it, spec ``flatten.md``
+section 5), ``norm`` (every LayerNorm: blocks, patch embeddings, SR norms, final norm),
+``shortcut``/``shortcut_init``, ``featscale`` (on every attention branch), ``init``.
+
+State-dict keys: ``stages.{i}.patch_embed.{proj,norm}``, ``stages.{i}.pos_embed``,
+``stages.{i}.blocks.{j}.{norm1, attn.q, attn.kv, attn.sr, attn.norm, attn.proj, norm2,
+mlp.fc1, mlp.fc2}``, ``cls_token``, ``norm``, ``head`` (timm has no PVT v1).
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from vitlab.layers import (DropPath, FeatScale, Mlp, PatchEmbed, create_mixer, create_norm, create_shortcut,
+                           init_weights)
+from vitlab.layers.attention import Attention, CosineAttention
+from vitlab.layers.pos_embed import resample_pos_embed
+from vitlab.models.base import Intermediate, VitlabModel, make_default_cfg, tokens_to_map
+from vitlab.registry import register_model
+
+__all__ = ["SRAttention", "SRCosineAttention", "create_pvt_mixer", "MlpWithDepthwiseConv", "PvtBlock",
+           "PvtStage", "PyramidVisionTransformer", "PVT_MIXERS"]
+
+
+class _SpatialReduction:
+    """Spatial-reduction attention (SRA) of PVT (Wang et al., ICCV 2021) and its linear variant
+    (``linear_sr``: adaptive average pool to 7x7 + 1x1 conv + norm + GELU) of "PVT v2: Improved
+    Baselines with Pyramid Vision Transformer" (Wang et al., CVMJ 2022).  Mixed into a softmax-
+    family mixer of :mod:`vitlab.layers.attention`, whose attention core (``_attend``: SDPA fast
+    path, AttnScale, recording) it reuses; queries come from all tokens, keys/values from the
+    reduced map.  Parameter names (``q``, ``kv``, ``sr``, ``norm``) match timm's PVTv2."""
+
+    def _init_sr(self, dim: int, qkv_bias: bool, sr_ratio: int, linear_sr: bool, norm: str) -> None:
+        if sr_ratio < 1:
+            raise ValueError(f"sr_ratio must be >= 1, got {sr_ratio}")
+        del self.qkv  # SRA projects queries and keys/values from different token sets
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
+        self.sr_ratio, self.linear_sr = sr_ratio, linear_sr
+        self.pool = self.sr = self.norm = self.act = None
+        if linear_sr:
+            self.pool = nn.AdaptiveAvgPool2d(7)
+            self.sr = nn.Conv2d(dim, dim, kernel_size=1)
+            self.norm = create_norm(norm, dim, eps=1e-5)
+            self.act = nn.GELU()
+        elif sr_ratio > 1:
+            self.sr = nn.Conv2d(dim, dim, kernel_size=sr_ratio, stride=sr_ratio)
+            self.norm = create_norm(norm, dim, eps=1e-5)
+
+    def _reduce(self, x: torch.Tensor, hw: Optional[Tuple[int, int]], num_prefix: int) -> torch.Tensor:
+        if self.sr is None:
+            return x
+        if hw is None:
+            raise ValueError("spatial-reduction attention needs hw=(H, W) of the token map")
+        prefix, t = x[:, :num_prefix], x[:, num_prefix:]
+        b, n, c = t.shape
+        fm = t.transpose(1, 2).reshape(b, c, hw[0], hw[1])
+        if self.pool is not None:
+            fm = self.pool(fm)
+        t = self.norm(self.sr(fm).flatten(2).transpose(1, 2))
+        if self.act is not None:
+            t = self.act(t)
+        return torch.cat([prefix, t], dim=1) if num_prefix else t
+
+    def _post_qkv(self, q, k, v):
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, hw: Optional[Tuple[int, int]] = None, num_prefix: int = 0,
+                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        b, n, c = x.shape
+        q = self.q(x).reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+        kv_in = self._reduce(x, hw, num_prefix)
+        k, v = self.kv(kv_in).reshape(b, kv_in.shape[1], 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4
+                                                                                                  ).unbind(0)
+        q, k, v = self._post_qkv(q, k, v)
+        out = self._attend(q, k, v, bias)
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, c)))
+
+
+class SRAttention(_SpatialReduction, Attention):
+    """Softmax SRA (optionally with AttnScale, "Anti-Oversmoothing in Deep Vision Transformers",
+    Wang et al., ICLR 2022); see :class:`_SpatialReduction`."""
+
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, sr_ratio: int = 1,
+                 linear_sr: bool = False, norm: str = "layernorm", **kwargs: Any):
+        super().__init__(dim, num_heads, qkv_bias=qkv_bias, **kwargs)
+        self._init_sr(dim, qkv_bias, sr_ratio, linear_sr, norm)
+
+
+class SRCosineAttention(_SpatialReduction, CosineAttention):
+    """SRA with LipsFormer's scaled cosine attention ("LipsFormer", Qi et al., ICLR 2023)."""
+
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, sr_ratio: int = 1,
+                 linear_sr: bool = False, norm: str = "layernorm", **kwargs: Any):
+        super().__init__(dim, num_heads, qkv_bias=qkv_bias, **kwargs)
+        self._init_sr(dim, qkv_bias, sr_ratio, linear_sr, norm)
+
+    def _post_qkv(self, q, k, v):
+        return self._normalize(q), self._normalize(k), (self._normalize(v) if self.normalize_v else v)
+
+
+# mixer name -> (class, extra kwargs); focused_linear is built by create_mixer without reduction
+PVT_MIXERS: Dict[str, Tuple[type, Dict[str, Any]]] = {
+    "softmax": (SRAttention, {}),
+    "attnscale": (SRAttention, {"attn_scale": True}),
+    "cosine": (SRCosineAttention, {}),
+}
+
+
+def create_pvt_mixer(mixer: str, dim: int, num_heads: int, sr_ratio: int = 1, linear_sr: bool = False,
+                     norm: str = "layernorm", num_tokens: Optional[int] = None, **kwargs: Any) -> nn.Module:
+    """The token mixer of a PVT block: SRA with the named attention core, or (``focused_linear``)
+    FLatten's focused linear attention over all tokens, which needs no key reduction
+    ("FLatten Transformer", Han et al., ICCV 2023)."""
+    if mixer == "focused_linear":
+        return create_mixer(mixer, dim, num_heads, num_tokens=num_tokens, **kwargs)
+    if mixer not in PVT_MIXERS:
+        create_mixer(mixer, dim, num_heads)  # unknown name: raises with the closest valid names
+        raise ValueError(f"mixer {mixer!r} cannot be used in PVT's spatial-reduction attention; "
+                         f"valid: {', '.join([*PVT_MIXERS, 'focused_linear'])}")
+    cls, extra = PVT_MIXERS[mixer]
+    return cls(dim, num_heads, sr_ratio=sr_ratio, linear_sr=linear_sr, norm=norm, **{**kwargs, **extra})
+
+
+class MlpWithDepthwiseConv(nn.Module):
+    """PVTv2's convolutional FFN: ``fc1 -> [ReLU] -> 3x3 depthwise conv -> GELU -> fc2`` on the
+    token map ("PVT v2: Improved Baselines with Pyramid Vision Transformer", Wang et al., CVMJ
+    2022).  ``extra_relu`` is the linear-SRA variant's ReLU.  Names match timm's."""
+
+    def __init__(self, in_features: int, hidden_features: int, drop: float = 0.0, extra_relu: bool = False):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.relu = nn.ReLU() if extra_relu else nn.Identity()
+        self.dwconv = nn.Conv2d(hidden_features, hidden_features, 3, 1, 1, groups=hidden_features)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_features, in_features)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
+        x = self.fc1(x)
+        b, n, c = x.shape
+        x = self.dwconv(self.relu(x.transpose(1, 2).reshape(b, c, hw[0], hw[1])))
+        return self.drop(self.fc2(self.drop(self.act(x.flatten(2).transpose(1, 2)))))
+
+
+class PvtBlock(nn.Module):
+    """``x + DropPath(ls1(FeatScale(mixer(norm1(x)))))`` then ``x + DropPath(ls2(mlp(norm2(x))))``,
+    with PVT's SRA mixer (Wang et al., ICCV 2021) and, for PVTv2, the convolutional FFN."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, sr_ratio: int = 1,
+                 linear_sr: bool = False, qkv_bias: bool = True, mixer: str = "softmax", norm: str = "layernorm",
+                 shortcut: str = "plain", shortcut_init: Optional[float] = None, featscale: bool = False,
+                 drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0, norm_eps: float = 1e-6,
+                 total_depth: int = 1, num_tokens: Optional[int] = None, dwconv_mlp: bool = False,
+                 mixer_kwargs: Optional[Dict[str, Any]] = None):
+        super().__init__()
+        self.norm1 = create_norm(norm, dim, eps=norm_eps)
+        self.attn = create_pvt_mixer(mixer, dim, num_heads, sr_ratio=sr_ratio, linear_sr=linear_sr, norm=norm,
+                                     num_tokens=num_tokens, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop,
+                                     **(mixer_kwargs or {}))
+        self.featscale = FeatScale(dim) if featscale else None
+        self.ls1 = create_shortcut(shortcut, dim, shortcut_init, depth=total_depth)
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = create_norm(norm, dim, eps=norm_eps)
+        hidden = int(dim * mlp_ratio)
+        self.dwconv_mlp = dwconv_mlp
+        self.mlp = (MlpWithDepthwiseConv(dim, hidden, drop=drop, extra_relu=linear_sr) if dwconv_mlp
+                    else Mlp(dim, hidden, drop=drop))
+        self.ls2 = create_shortcut(shortcut, dim, shortcut_init, depth=total_depth)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def attn_half(self, x: torch.Tensor, hw: Tuple[int, int], num_prefix: int = 0) -> torch.Tensor:
+        y = self.attn(self.norm1(x), hw=hw, num_prefix=num_prefix)
+        if self.featscale is not None:
+            y = self.featscale(y)
+        return x + self.drop_path1(self.ls1(y))
+
+    def mlp_half(self, x: torch.Tensor, hw: Tuple[int, int], num_prefix: int = 0) -> torch.Tensor:
+        y = self.norm2(x)
+        if self.dwconv_mlp:
+            if num_prefix:
+                raise ValueError("the convolutional FFN of PVTv2 cannot take prefix (class) tokens")
+            y = self.mlp(y, hw)
+        else:
+            y = self.mlp(y)
+        return x + self.drop_path2(self.ls2(y))
+
+    def forward(self, x: torch.Tensor, hw: Tuple[int, int], num_prefix: int = 0) -> torch.Tensor:
+        return self.mlp_half(self.attn_half(x, hw, num_prefix), hw, num_prefix)
+
+
+def _as_tuple(v: Any, n: int, what: str) -> Tuple[Any, ...]:
+    t = tuple(v) if isinstance(v, (list, tuple)) else (v,) * n
+    if len(t) != n:
+        raise ValueError(f"{what} needs {n} values (one per stage), got {len(t)}: {t}")
+    return t
+
+
+class PvtStage(nn.Module):
+    """One PVT stage: patch embedding (conv + norm), its own position embedding (with a class
+    row when ``num_prefix``), then the blocks."""
+
+    def __init__(self, img_size: Tuple[int, int], patch_size: int, in_chans: int, dim: int, depth: int,
+                 num_prefix: int, norm: str, block_kwargs: Dict[str, Any], drop_paths: Sequence[float],
+                 use_pos_embed: bool = True):
+        super().__init__()
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, dim, norm_layer=create_norm(norm, dim, 1e-5))
+        self.grid_size = self.patch_embed.grid_size
+        self.num_prefix = num_prefix
+        n = self.patch_embed.num_patches + num_prefix
+        self.pos_embed = nn.Parameter(torch.zeros(1, n, dim)) if use_pos_embed else None
+        self.blocks = nn.ModuleList([PvtBlock(dim, num_tokens=n, drop_path=drop_paths[j], **block_kwargs)
+                                     for j in range(depth)])
+
+
+class PyramidVisionTransformer(VitlabModel):
+    """PVT v1 (Wang et al., ICCV 2021) whose parts are arguments; see the module docstring.
+
+    ``global_pool='token'`` (PVT: class token in the last stage, final norm) or ``'avg'``
+    (FLatten-PVT: no class token, mean of the last stage's tokens; ``final_norm`` defaults to
+    False there, as the released FLatten code never applies its final norm).
+    """
+
+    def __init__(self, img_size: int = 224, patch_size: int = 4, in_chans: int = 3, num_classes: int = 1000,
+                 embed_dims: Sequence[int] = (64, 128, 256, 512), depths: Sequence[int] = (3, 4, 6, 3),
+                 num_heads: Sequence[int] = (1, 2, 4, 8), mlp_ratios: Sequence[float] = (8, 8, 4, 4),
+                 sr_ratios: Sequence[int] = (8, 4, 2, 1), qkv_bias: bool = True, mixer: str = "softmax",
+                 norm: str = "layernorm", shortcut: str = "plain", shortcut_init: Optional[float] = None,
+                 featscale: bool = False, init: str = "trunc_normal", global_pool: str = "token",
+                 final_norm: Optional[bool] = None, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
+                 drop_path_rate: float = 0.0, norm_eps: float = 1e-6, mixer_kwargs: Optional[Dict[str, Any]] = None,
+                 architecture: str = "pvt", default_cfg: Optional[Dict[str, Any]] = None):
+        super().__init__()
+        if global_pool not in ("token", "avg"):
+            raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
+        depths = tuple(depths)
+        ns = len(depths)
+        if ns < 1 or any(d < 1 for d in depths):
+            raise ValueError(f"depths must be positive stage depths, got {depths}")
+        embed_dims, num_heads = _as_tuple(embed_dims, ns, "embed_dims"), _as_tuple(num_heads, ns, "num_heads")
+        mlp_ratios, sr_ratios = _as_tuple(mlp_ratios, ns, "mlp_ratios"), _as_tuple(sr_ratios, ns, "sr_ratios")
+        if not 0.0 <= drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
+        img = img_size if isinstance(img_size, int) else img_size[0]
+        total_stride = patch_size * 2 ** (ns - 1)
+        if img % total_stride:
+            raise ValueError(f"img_size {img} must be divisible by {total_stride} (patch {patch_size}, then "
+                             f"{ns - 1} stride-2 stages)")
+        self.num_classes, self.in_chans = num_classes, in_chans
+        self.num_features = self.embed_dim = embed_dims[-1]
+        self.global_pool = global_pool
+        self.num_prefix_tokens = 1 if global_pool == "token" else 0
+        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        stages, size, c_in, cur = [], (img, img), in_chans, 0
+        for i in range(ns):
+            bk = dict(num_heads=num_heads[i], mlp_ratio=mlp_ratios[i], sr_ratio=sr_ratios[i], qkv_bias=qkv_bias,
+                      mixer=mixer, norm=norm, shortcut=shortcut, shortcut_init=shortcut_init, featscale=featscale,
+                      drop=drop_rate, attn_drop=attn_drop_rate, norm_eps=norm_eps, total_depth=sum(depths),
+                      mixer_kwargs=mixer_kwargs)
+            prefix = self.num_prefix_tokens if i == ns - 1 else 0
+            stage = PvtStage(size, patch_size if i == 0 else 2, c_in, embed_dims[i], depths[i], prefix, norm, bk,
+                             dpr[cur:cur + depths[i]])
+            stages.append(stage)
+            size, c_in, cur = stage.grid_size, embed_dims[i], cur + depths[i]
+        self.stages = nn.ModuleList(stages)
+        self.pos_drop = nn.Dropout(drop_rate)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dims[-1])) if global_pool == "token" else None
+        use_final_norm = (global_pool == "token") if final_norm is None else final_norm
+        self.norm = create_norm(norm, embed_dims[-1], eps=norm_eps) if use_final_norm else nn.Identity()
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+        self.init_name = init
+        with torch.no_grad():
+            for s in self.stages:
+                nn.init.trunc_normal_(s.pos_embed, std=0.02)
+            if self.cls_token is not None:
+                nn.init.trunc_normal_(self.cls_token, std=0.02)
+            init_weights(self, init)
+        self.default_cfg = default_cfg or make_default_cfg(architecture, img, num_classes, in_chans)
+
+    # -- the model contract ---------------------------------------------------------------
+    def _stage_input(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        s = self.stages[i]
+        x = s.patch_embed(x)
+        if s.num_prefix:
+            x = torch.cat([self.cls_token.repeat(x.shape[0], 1, 1), x], dim=1)
+        return self.pos_drop(x + s.pos_embed)
+
+    def _to_map(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        s = self.stages[i]
+        return tokens_to_map(x[:, s.num_prefix:], s.grid_size)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens of the last stage after the final norm: ``(B, P + H*W, C)``."""
+        self.check_input(x)
+        for i, s in enumerate(self.stages):
+            if i > 0:
+                x = self._to_map(x, i - 1)
+            x = self._stage_input(i, x)
+            for blk in s.blocks:
+                x = blk(x, s.grid_size, s.num_prefix)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = x[:, 0] if self.global_pool == "token" else x.mean(dim=1)
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward_intermediates(self, x: torch.Tensor) -> List[Intermediate]:
+        """Per stage: the patch embedding (``embed`` for stage 0, ``downsample`` after), then every
+        block's attention and MLP halves; last the final norm.  The class token is the prefix."""
+        self.check_input(x)
+        out: List[Intermediate] = []
+
+        def entry(name, kind, t, i):
+            p = self.stages[i].num_prefix
+            out.append(Intermediate(name, kind, self._to_map(t, i), t[:, :p] if p else None, stage=i))
+
+        for i, s in enumerate(self.stages):
+            if i > 0:
+                x = self._to_map(x, i - 1)
+            x = self._stage_input(i, x)
+            entry(f"stages.{i}.patch_embed", "embed" if i == 0 else "downsample", x, i)
+            for j, blk in enumerate(s.blocks):
+                x = blk.attn_half(x, s.grid_size, s.num_prefix)
+                entry(f"stages.{i}.blocks.{j}.attn", "attn", x, i)
+                x = blk.mlp_half(x, s.grid_size, s.num_prefix)
+                entry(f"stages.{i}.blocks.{j}.mlp", "mlp", x, i)
+        if not isinstance(self.norm, nn.Identity):
+            entry("norm", "norm", self.norm(x), len(self.stages) - 1)
+        return out
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Loads a state dict, resizing per-stage position embeddings trained at another image
+        size (bicubic, class row kept), as for PVT's fine-tuning at other resolutions."""
+        state_dict = dict(state_dict)
+        for i, s in enumerate(self.stages):
+            key = f"stages.{i}.pos_embed"
+            pe = state_dict.get(key)
+            if pe is not None and pe.shape != s.pos_embed.shape:
+                n_old = pe.shape[1] - s.num_prefix
+                side = int(round(n_old ** 0.5))
+                if side * side != n_old:
+                    raise ValueError(f"cannot resize {key} of shape {tuple(pe.shape)}: not a square grid")
+                state_dict[key] = resample_pos_embed(pe, s.grid_size, (side, side), s.num_prefix)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+# -- registered recipes ---------------------------------------------------------------------------
+_PVT_SIZES = {
+    "tiny": (2, 2, 2, 2), "small": (3, 4, 6, 3), "medium": (3, 4, 18, 3), "large": (3, 8, 27, 3),
+}
+_PVT_COMMON = dict(patch_size=4, embed_dims=(64, 128, 320, 512), num_heads=(1, 2, 5, 8), mlp_ratios=(8, 8, 4, 4),
+                   sr_ratios=(8, 4, 2, 1), qkv_bias=True)
+_FLATTEN = dict(mixer="focused_linear", global_pool="avg", mixer_kwargs=dict(focusing_factor=3.0, kernel_size=5))
+
+
+def _register(name: str, defaults: Dict[str, Any], doc: str) -> None:
+    def factory(**overrides: Any) -> PyramidVisionTransformer:
+        kw = {**defaults, **overrides}
+        cfg = make_default_cfg(name, kw.get("img_size", 224), kw.get("num_classes", 1000), kw.get("in_chans", 3),
+                               crop_pct=0.9)
+        return PyramidVisionTransformer(architecture=name, default_cfg=cfg, **kw)
+
+    factory.__name__ = factory.__qualname__ = name
+    factory.__doc__ = doc
+    register_model(factory)
+
+
+for _size, _depths in _PVT_SIZES.items():
+    _register(f"pvt_{_size}", dict(_PVT_COMMON, depths=_depths),
+              f"PVT-{_size.capitalize()} (Wang et al., ICCV 2021): depths {_depths}.")
+    # FLatten-PVT (Han et al., ICCV 2023): focused linear attention in every block, no key reduction,
+    # mean pooling; drop path 0.1 (T/S) or 0.3 (M/L) in the paper's recipe (pass drop_path_rate=)
+    _register(f"flatten_pvt_{_size}", dict(_PVT_COMMON, depths=_depths, **_FLATTEN),
+              f"FLatten-PVT-{_size[0].upper()} (Han et al., ICCV 2023): PVT-{_size.capitalize()} sizes with "
+              f"focused linear attention (p=3, DWC k=5) in all stages.")

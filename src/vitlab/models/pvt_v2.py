@@ -1,0 +1,219 @@
+"""PVTv2, built from vitlab parts.
+
+"PVT v2: Improved Baselines with Pyramid Vision Transformer" (Wang et al., Computational Visual
+Media 2022).  Three changes to PVT v1 (:mod:`vitlab.models.pvt`): an **overlapping patch
+embedding** (7x7 stride 4, then 3x3 stride 2, zero padding, + LayerNorm), a **convolutional FFN**
+(a 3x3 depthwise conv between the MLP's two linear layers) that replaces the position embeddings,
+and an optional **linear SRA** (``linear=True``: keys/values average-pooled to 7x7).  Each stage
+ends with a LayerNorm; the classifier averages the last map.
+
+Parts as in PVT: ``mixer`` (``softmax`` | ``attnscale`` | ``cosine`` as SRA cores;
+``focused_linear`` = FLatten's focused linear attention over all tokens, no key reduction, "FLatten
+Transformer", Han et al., ICCV 2023), ``norm`` (every LayerNorm), ``shortcut``, ``featscale``,
+``init``.
+
+State-dict keys are timm's ``PyramidVisionTransformerV2`` keys (``patch_embed.{proj,norm}``,
+``stages.{i}.downsample.{proj,norm}``, ``stages.{i}.blocks.{j}.{norm1, attn.q, attn.kv, attn.sr,
+attn.norm, attn.proj, norm2, mlp.fc1, mlp.dwconv, mlp.fc2}``, ``stages.{i}.norm``, ``head``), so the
+timm conversion is the identity (:mod:`vitlab.interop.timm_pvt_v2`).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from vitlab.layers import create_norm, init_weights
+from vitlab.models.base import Intermediate, VitlabModel, make_default_cfg
+from vitlab.models.pvt import PvtBlock, _as_tuple
+from vitlab.registry import register_model
+
+__all__ = ["OverlapPatchEmbed", "PvtV2Stage", "PyramidVisionTransformerV2"]
+
+
+class OverlapPatchEmbed(nn.Module):
+    """Overlapping patch embedding of PVTv2 (Wang et al., 2022): ``k x k`` conv with stride ``s``
+    and padding ``k // 2``, then a norm; ``(B, C, H, W) -> (B, H', W', C')``.  Names match timm."""
+
+    def __init__(self, patch_size: int = 7, stride: int = 4, in_chans: int = 3, embed_dim: int = 768,
+                 norm: str = "layernorm"):
+        super().__init__()
+        if patch_size <= stride:
+            raise ValueError(f"an overlapping patch embedding needs patch_size > stride, got {patch_size} <= {stride}")
+        self.patch_size, self.stride = patch_size, stride
+        self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride=stride, padding=patch_size // 2)
+        self.norm = create_norm(norm, embed_dim, eps=1e-5)
+
+    def out_size(self, size: Tuple[int, int]) -> Tuple[int, int]:
+        p = self.patch_size // 2
+        return tuple((s + 2 * p - self.patch_size) // self.stride + 1 for s in size)  # type: ignore[return-value]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(x).permute(0, 2, 3, 1))
+
+
+class PvtV2Stage(nn.Module):
+    """Optional 3x3/2 overlapping downsample, the blocks, and the stage's closing norm."""
+
+    def __init__(self, dim: int, dim_out: int, depth: int, downsample: bool, grid: Tuple[int, int], norm: str,
+                 norm_eps: float, block_kwargs: Dict[str, Any], drop_paths: Sequence[float]):
+        super().__init__()
+        self.downsample = OverlapPatchEmbed(3, 2, dim, dim_out, norm) if downsample else None
+        self.grid_size = self.downsample.out_size(grid) if downsample else grid
+        n = self.grid_size[0] * self.grid_size[1]
+        self.blocks = nn.ModuleList([PvtBlock(dim_out, num_tokens=n, drop_path=drop_paths[j], dwconv_mlp=True,
+                                              **block_kwargs) for j in range(depth)])
+        self.norm = create_norm(norm, dim_out, eps=norm_eps)
+
+
+class PyramidVisionTransformerV2(VitlabModel):
+    """PVTv2 (Wang et al., 2022) whose parts are arguments; see the module docstring.
+
+    Any input size works (the maps are computed by the convs); with ``mixer='focused_linear'``
+    the key position encoding fixes the token count, so the input must be ``img_size``.
+    """
+
+    def __init__(self, img_size: int = 224, in_chans: int = 3, num_classes: int = 1000,
+                 embed_dims: Sequence[int] = (64, 128, 256, 512), depths: Sequence[int] = (3, 4, 6, 3),
+                 num_heads: Sequence[int] = (1, 2, 4, 8), mlp_ratios: Sequence[float] = (8, 8, 4, 4),
+                 sr_ratios: Sequence[int] = (8, 4, 2, 1), qkv_bias: bool = True, linear: bool = False,
+                 mixer: str = "softmax", norm: str = "layernorm", shortcut: str = "plain",
+                 shortcut_init: Optional[float] = None, featscale: bool = False, init: str = "trunc_normal",
+                 drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
+                 norm_eps: float = 1e-6, mixer_kwargs: Optional[Dict[str, Any]] = None,
+                 architecture: str = "pvt_v2", default_cfg: Optional[Dict[str, Any]] = None):
+        super().__init__()
+        depths = tuple(depths)
+        ns = len(depths)
+        if ns < 1 or any(d < 1 for d in depths):
+            raise ValueError(f"depths must be positive stage depths, got {depths}")
+        embed_dims, num_heads = _as_tuple(embed_dims, ns, "embed_dims"), _as_tuple(num_heads, ns, "num_heads")
+        mlp_ratios, sr_ratios = _as_tuple(mlp_ratios, ns, "mlp_ratios"), _as_tuple(sr_ratios, ns, "sr_ratios")
+        if not 0.0 <= drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
+        img = img_size if isinstance(img_size, int) else img_size[0]
+        self.num_classes, self.in_chans = num_classes, in_chans
+        self.num_features = self.embed_dim = embed_dims[-1]
+        self.img_size = img
+        self.patch_embed = OverlapPatchEmbed(7, 4, in_chans, embed_dims[0], norm)
+        grid = self.patch_embed.out_size((img, img))
+        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        stages, cur, prev = [], 0, embed_dims[0]
+        for i in range(ns):
+            bk = dict(num_heads=num_heads[i], mlp_ratio=mlp_ratios[i], sr_ratio=sr_ratios[i], linear_sr=linear,
+                      qkv_bias=qkv_bias, mixer=mixer, norm=norm, shortcut=shortcut, shortcut_init=shortcut_init,
+                      featscale=featscale, drop=drop_rate, attn_drop=attn_drop_rate, norm_eps=norm_eps,
+                      total_depth=sum(depths), mixer_kwargs=mixer_kwargs)
+            stage = PvtV2Stage(prev, embed_dims[i], depths[i], i > 0, grid, norm, norm_eps, bk,
+                               dpr[cur:cur + depths[i]])
+            stages.append(stage)
+            grid, prev, cur = stage.grid_size, embed_dims[i], cur + depths[i]
+        self.stages = nn.Sequential(*stages)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+        self.init_name = init
+        self._init_weights(init)
+        self.default_cfg = default_cfg or make_default_cfg(architecture, img, num_classes, in_chans, crop_pct=0.9)
+
+    @torch.no_grad()
+    def _init_weights(self, init: str) -> None:
+        # PVTv2's conv init (normal, std sqrt(2 / fan_out)), then the named Linear initialiser
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        init_weights(self, init)
+
+    # -- the model contract ---------------------------------------------------------------
+    def _check(self, x: torch.Tensor) -> None:
+        self.check_input(x)
+        if x.shape[-2] < 32 or x.shape[-1] < 32:
+            raise ValueError(f"PVTv2 needs inputs of at least 32x32 (overall stride 32), got "
+                             f"{x.shape[-2]}x{x.shape[-1]}")
+
+    @staticmethod
+    def _run_stage(stage: PvtV2Stage, x: torch.Tensor, out: Optional[List[Intermediate]] = None,
+                   idx: int = 0) -> torch.Tensor:
+        """``x`` is ``(B, H, W, C)`` channels-last; returns the stage's ``(B, C, H, W)`` map."""
+        if stage.downsample is not None:
+            x = stage.downsample(x.permute(0, 3, 1, 2))
+            if out is not None:
+                out.append(Intermediate(f"stages.{idx}.downsample", "downsample", x.permute(0, 3, 1, 2), stage=idx))
+        b, h, w, c = x.shape
+        hw = (h, w)
+        x = x.reshape(b, h * w, c)
+        as_map = lambda t: t.transpose(1, 2).reshape(b, -1, h, w)  # noqa: E731
+        for j, blk in enumerate(stage.blocks):
+            if out is None:
+                x = blk(x, hw)
+                continue
+            x = blk.attn_half(x, hw)
+            out.append(Intermediate(f"stages.{idx}.blocks.{j}.attn", "attn", as_map(x), stage=idx))
+            x = blk.mlp_half(x, hw)
+            out.append(Intermediate(f"stages.{idx}.blocks.{j}.mlp", "mlp", as_map(x), stage=idx))
+        x = as_map(stage.norm(x))
+        if out is not None:
+            out.append(Intermediate(f"stages.{idx}.norm", "norm", x, stage=idx))
+        return x
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last stage's normed map ``(B, C, H, W)`` (as timm's PVTv2)."""
+        self._check(x)
+        x = self.patch_embed(x)
+        for s in self.stages:
+            x = self._run_stage(s, x).permute(0, 2, 3, 1)
+        return x.permute(0, 3, 1, 2)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.head_drop(x.mean(dim=(-2, -1)))
+        return x if pre_logits else self.head(x)
+
+    def forward_intermediates(self, x: torch.Tensor) -> List[Intermediate]:
+        """The stem (``embed``), then per stage: its downsample, every block's attention and MLP
+        halves, and the stage norm, all as ``(B, C, H, W)`` maps."""
+        self._check(x)
+        x = self.patch_embed(x)
+        out = [Intermediate("patch_embed", "embed", x.permute(0, 3, 1, 2))]
+        for i, s in enumerate(self.stages):
+            x = self._run_stage(s, x, out, i).permute(0, 2, 3, 1)
+        return out
+
+
+# -- registered recipes (timm's names and sizes) -------------------------------------------------
+_V2_SIZES = {
+    "b0": dict(depths=(2, 2, 2, 2), embed_dims=(32, 64, 160, 256), num_heads=(1, 2, 5, 8)),
+    "b1": dict(depths=(2, 2, 2, 2), embed_dims=(64, 128, 320, 512), num_heads=(1, 2, 5, 8)),
+    "b2": dict(depths=(3, 4, 6, 3), embed_dims=(64, 128, 320, 512), num_heads=(1, 2, 5, 8)),
+    "b3": dict(depths=(3, 4, 18, 3), embed_dims=(64, 128, 320, 512), num_heads=(1, 2, 5, 8)),
+    "b4": dict(depths=(3, 8, 27, 3), embed_dims=(64, 128, 320, 512), num_heads=(1, 2, 5, 8)),
+    "b5": dict(depths=(3, 6, 40, 3), embed_dims=(64, 128, 320, 512), num_heads=(1, 2, 5, 8),
+               mlp_ratios=(4, 4, 4, 4)),
+    "b2_li": dict(depths=(3, 4, 6, 3), embed_dims=(64, 128, 320, 512), num_heads=(1, 2, 5, 8), linear=True),
+}
+
+
+def _register(name: str, defaults: Dict[str, Any], doc: str) -> None:
+    def factory(**overrides: Any) -> PyramidVisionTransformerV2:
+        kw = {**defaults, **overrides}
+        cfg = make_default_cfg(name, kw.get("img_size", 224), kw.get("num_classes", 1000), kw.get("in_chans", 3),
+                               crop_pct=0.9)
+        return PyramidVisionTransformerV2(architecture=name, default_cfg=cfg, **kw)
+
+    factory.__name__ = factory.__qualname__ = name
+    factory.__doc__ = doc
+    register_model(factory)
+
+
+for _size, _cfg in _V2_SIZES.items():
+    _register(f"pvt_v2_{_size}", _cfg, f"PVTv2-{_size.upper()} (Wang et al., 2022), timm's sizes.")
+for _size in ("b0", "b1", "b2", "b3", "b4"):
+    # FLatten-PVTv2 (Han et al., ICCV 2023): focused linear attention (p=3, k=5) in all stages, sr = 1
+    _register(f"flatten_pvt_v2_{_size}",
+              dict(_V2_SIZES[_size], mixer="focused_linear", mixer_kwargs=dict(focusing_factor=3.0, kernel_size=5)),
+              f"FLatten-PVTv2-{_size.upper()} (Han et al., ICCV 2023): focused linear attention in all stages.")
+
+import vitlab.interop.timm_pvt_v2  # noqa: E402,F401  (registers the timm converter)
