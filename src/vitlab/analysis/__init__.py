@@ -29,11 +29,11 @@ _EXPORTS = {
     "attention_collapse": "oversmoothing",
     "feature_statistics": "features",
     # attention maps
-    "attention_maps": "attention_maps",
-    "attention_statistics": "attention_maps",
-    "mean_attention_distance": "attention_maps",
-    "attention_entropy": "attention_maps",
-    "plot_attention_overlay": "attention_maps",
+    "attention_maps": "attention",
+    "attention_statistics": "attention",
+    "mean_attention_distance": "attention",
+    "attention_entropy": "attention",
+    "plot_attention_overlay": "attention",
     # lipschitz
     "lipschitz_upper_bound": "lipschitz",
     "lipschitz_bound_report": "lipschitz",

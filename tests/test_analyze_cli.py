@@ -1,0 +1,109 @@
+"""`vitlab analyze` end to end on a tiny checkpoint: every number in analysis.json that can be
+recomputed independently is, the report is self-contained, --compare overlays, bad input fails
+with one clear line."""
+import argparse
+import json
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vitlab
+from vitlab.cli import main
+
+OVERRIDES = dict(depth=1, embed_dim=16, num_heads=2, in_chans=1, num_classes=10)
+TINY = ["--num-images", "24", "--attention-images", "4", "--lipschitz-images", "2", "--lipschitz-iters", "5",
+        "--landscape-steps", "3", "--landscape-images", "8", "--hessian-k", "2", "--hessian-batches", "1",
+        "--hessian-batch-size", "8", "--hessian-iters", "4", "--hessian-density-steps", "4",
+        "--robustness-images", "8", "--corruptions", "gaussian_noise,contrast", "--severities", "1,5",
+        "--batch-size", "8", "--no-progress", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    model = vitlab.create_model("vit_tiny_patch4_28", **OVERRIDES)
+    path = tmp_path_factory.mktemp("ck") / "tiny.pt"
+    torch.save({"model": model.state_dict(), "config": {"model": "vit_tiny_patch4_28", "model_overrides": OVERRIDES,
+                                                        "data": "mnist", "weight_decay": 0.05}}, path)
+    return path, model.eval()
+
+
+@pytest.fixture(scope="module")
+def run_dir(checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("an")
+    n = torch.get_num_threads()
+    try:
+        assert main(["analyze", "--checkpoint", str(checkpoint[0]), "--out", str(out), *TINY]) == 0
+    finally:
+        torch.set_num_threads(n)
+    return out
+
+
+def test_numbers_match_independent_recomputation(checkpoint, run_dir):
+    from vitlab.analysis.cli import augmented_batches, load_data
+    from vitlab.analysis.landscape import soft_cross_entropy
+
+    res = json.loads((run_dir / "analysis.json").read_text())
+    model = checkpoint[1]
+    for key in ("features", "attention", "calibration", "lipschitz", "landscape", "hessian", "robustness"):
+        assert key in res and "error" not in res[key], (key, res.get(key))
+    assert res["meta"]["model"] == "vit_tiny_patch4_28" and res["meta"]["trained"]
+    assert res["meta"]["weight_decay"] == 0.05  # taken from the checkpoint config
+    data = load_data("mnist", 8 + 8, 24, 0)
+    cfg = model.default_cfg
+    x = (data.eval_x[:24] - cfg["mean"][0]) / cfg["std"][0]
+    with torch.no_grad():
+        logits = model(x)
+    top1 = 100 * float((logits.argmax(-1) == data.eval_y[:24]).double().mean())
+    assert res["calibration"]["metrics"]["top1"] == pytest.approx(top1)
+    assert res["calibration"]["metrics"]["nll"] == pytest.approx(float(F.cross_entropy(logits, data.eval_y[:24])), rel=1e-4)
+    # landscape centre = the checkpoint's loss (NLL on the same augmented batches + wd/2 ||θ||²)
+    batches = augmented_batches(data.train_x[:8], data.train_y[:8], 10, 8, 0, cfg)
+    with torch.no_grad():
+        nll = sum(float(soft_cross_entropy(model(xb), yb)) for xb, yb in batches) / len(batches)
+    sq = sum(float(p.detach().double().pow(2).sum()) for p in model.parameters())
+    assert res["landscape"]["loss"][1][1] == pytest.approx(nll + 0.025 * sq, rel=1e-4)
+    assert res["landscape"]["nll"][1][1] == pytest.approx(nll, rel=1e-4)
+    # robustness table entries are accuracies over 8 images; clean accuracy agrees with calibration's
+    assert res["robustness"]["clean"]["acc"] == pytest.approx(
+        float((logits[:8].argmax(-1) == data.eval_y[:8]).double().mean()))
+    assert set(res["robustness"]["table"]) == {"gaussian_noise", "contrast"}
+    # Lipschitz: the estimate is a lower bound, LayerNorm/softmax attention have no finite global bound
+    assert res["lipschitz"]["estimate"] > 0 and res["lipschitz"]["upper_bound"] is None
+    assert len(res["hessian"]["max_eigenvalue_spectrum"]) == 2
+    assert res["features"]["names"][0] == "patch_embed" and len(res["features"]["high_freq"]) == 3
+
+
+def test_report_is_self_contained(run_dir):
+    html = (run_dir / "report.html").read_text()
+    srcs = re.findall(r'<img src="([^"]*)"', html)
+    assert len(srcs) >= 8 and all(s.startswith("data:image/png;base64,") for s in srcs)
+    for name in ("fourier.png", "landscape.png", "hessian_spectrum.png", "robustness.png", "reliability.png",
+                 "attention_overlay.png"):
+        assert (run_dir / name).stat().st_size > 1000, name
+
+
+def test_compare_overlays_runs(run_dir, tmp_path):
+    out = tmp_path / "cmp"
+    assert main(["analyze", "--compare", str(run_dir), str(run_dir / "analysis.json"), "--out", str(out),
+                 "--no-progress"]) == 0
+    res = json.loads((out / "analysis.json").read_text())
+    assert list(res["runs"]) == ["tiny", "tiny_2"]
+    html = (out / "report.html").read_text()
+    assert html.count("tiny_2") >= 3 and (out / "fourier.png").is_file()
+
+
+def test_bad_input_gives_one_line_errors(tmp_path, capsys):
+    assert main(["analyze", "--model", "vit_tiny_patch4_28", "--data", str(tmp_path / "nope"), "--out",
+                 str(tmp_path / "o"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nope" in err[0] and "ImageFolder" in err[0]
+    assert main(["analyze", "--checkpoint", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "o")]) == 2
+    assert "missing.pt" in capsys.readouterr().err
+    assert main(["analyze", "--compare", "no_such_run", "--out", str(tmp_path / "o")]) == 2
+    assert "no_such_run" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["analyze", "--only", "fourier,bogus"])
+    assert "bogus" in capsys.readouterr().err

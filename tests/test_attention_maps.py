@@ -1,0 +1,116 @@
+"""Attention maps: probabilities against a manual softmax, the focused-linear implied matrix
+against the fast path, mean attention distance and entropy against brute force / closed forms."""
+import math
+
+import pytest
+import torch
+
+import vitlab
+from vitlab.analysis.attention import (attention_entropy, attention_maps, attention_rollout, attention_statistics,
+                                       mean_attention_distance, plot_attention_overlay, token_layout)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _tiny(**kw):
+    return vitlab.create_model("vit_tiny_patch4_32", num_classes=10, depth=2, embed_dim=32, num_heads=2,
+                               img_size=16, **kw).eval()
+
+
+def test_distance_matches_brute_force_loops():
+    b, h, p, gh, gw = 2, 3, 1, 3, 4
+    n = p + gh * gw
+    probs = torch.rand(b, h, n, n).softmax(-1)
+    got = mean_attention_distance(probs, (gh, gw), num_prefix=p, scale=4.0)
+    ref = torch.zeros(h, dtype=torch.float64)
+    for bi in range(b):
+        for hi in range(h):
+            tot = 0.0
+            for i in range(gh * gw):
+                row = probs[bi, hi, p + i, p:].double()
+                row = row / row.sum()
+                yi, xi = divmod(i, gw)
+                for j in range(gh * gw):
+                    yj, xj = divmod(j, gw)
+                    tot += float(row[j]) * 4.0 * math.hypot(yi - yj, xi - xj)
+            ref[hi] += tot / (gh * gw) / b
+    assert torch.allclose(got, ref, atol=1e-10)
+
+
+def test_distance_and_entropy_closed_forms():
+    gh = gw = 4
+    n = gh * gw
+    eye = torch.eye(n)[None, None]
+    assert mean_attention_distance(eye, (gh, gw)).item() == pytest.approx(0.0)
+    assert attention_entropy(eye).item() == pytest.approx(0.0, abs=1e-12)
+    uniform = torch.full((1, 2, n, n), 1.0 / n)
+    assert attention_entropy(uniform).tolist() == pytest.approx([math.log(n)] * 2)
+    # every query attends to its horizontal neighbour: distance exactly 1
+    nb = torch.zeros(1, 1, n, n)
+    for i in range(n):
+        y, x = divmod(i, gw)
+        nb[0, 0, i, y * gw + (x + 1 if x + 1 < gw else x - 1)] = 1
+    assert mean_attention_distance(nb, (gh, gw)).item() == pytest.approx(1.0)
+    # two keys at 50/50: entropy log 2
+    half = 0.5 * (nb + eye)
+    assert attention_entropy(half).item() == pytest.approx(math.log(2))
+    with pytest.raises(ValueError, match="does not match"):
+        mean_attention_distance(eye, (3, 3))
+
+
+def test_recorded_softmax_equals_manual_attention():
+    model = _tiny()
+    x = torch.randn(2, 3, 16, 16)
+    maps = attention_maps(model, x)
+    assert list(maps) == ["blocks.0.attn", "blocks.1.attn"]
+    blk = model.blocks[0]
+    tokens = model.forward_intermediates(x)[0].all_tokens  # embedding + class token (the contract)
+    q, k, _ = blk.attn.qkv(blk.norm1(tokens)).reshape(2, 17, 3, 2, 16).permute(2, 0, 3, 1, 4)
+    ref = ((q @ k.transpose(-2, -1)) / math.sqrt(16)).softmax(-1)
+    assert maps["blocks.0.attn"].shape == (2, 2, 17, 17)
+    assert torch.allclose(maps["blocks.0.attn"], ref, atol=1e-5)
+
+
+def test_focused_linear_implied_matrix_reproduces_fast_path():
+    model = _tiny(mixer="focused_linear")
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        fast = model(x)  # never forms the N x N matrix
+    maps = attention_maps(model, x)  # recomputes the output from the implied matrix
+    with torch.no_grad(), vitlab.layers.record_attention(model):
+        slow = model(x)
+    assert torch.allclose(fast, slow, atol=1e-4)
+    a = maps["blocks.1.attn"]
+    assert (a >= 0).all() and torch.allclose(a.sum(-1), torch.ones_like(a.sum(-1)), atol=2e-3)  # eps in the normaliser
+    assert (attention_entropy(a) <= math.log(17) + 1e-9).all()
+
+
+def test_statistics_units_and_rollout(tmp_path):
+    model = _tiny()
+    x = torch.rand(3, 3, 16, 16)
+    st = attention_statistics(model, x, batch_size=2)
+    maps = attention_maps(model, x)
+    assert st["names"] == list(maps) and st["num_images"] == 3
+    assert st["layout"][0] == {"num_prefix": 1, "grid": [4, 4]}
+    for i, name in enumerate(st["names"]):
+        ref = mean_attention_distance(maps[name], (4, 4), 1)
+        assert st["distance"][i] == pytest.approx(ref.tolist(), rel=1e-9)
+        assert st["distance_px"][i] == pytest.approx([4 * v for v in ref.tolist()], rel=1e-9)  # patch size 4
+        assert st["entropy"][i] == pytest.approx(attention_entropy(maps[name]).tolist(), rel=1e-9)
+    # rollout: residual 0 -> product of head means; identity maps -> identity
+    ms = list(maps.values())
+    r = attention_rollout(ms, residual=0.0)
+    ref = ms[1].double().mean(1) @ ms[0].double().mean(1)
+    assert torch.allclose(r, ref, atol=1e-10)
+    eye = torch.eye(17)[None, None].expand(1, 2, 17, 17)
+    assert torch.allclose(attention_rollout([eye, eye]), torch.eye(17, dtype=torch.float64)[None])
+    assert token_layout(17, [(4, 4)]) == (1, (4, 4)) and token_layout(49, []) == (0, (7, 7))
+    assert token_layout(24, []) is None
+    path = plot_attention_overlay(x[0], attention_maps(model, x[:1]), tmp_path / "o.png", grids=[(4, 4)])
+    assert path.stat().st_size > 1000
