@@ -44,15 +44,29 @@ def count_macs(model: nn.Module, img_size: Optional[int] = None, in_chans: Optio
     return fc.get_total_flops() // 2
 
 
+def _build_and_count(name: str, macs: bool):
+    """Build on the meta device (no memory, no init cost) and count there; models whose code
+    needs real values (e.g. data-dependent shapes) are built for real instead."""
+    import vitlab
+
+    try:
+        with torch.device("meta"):
+            m = vitlab.create_model(name)
+            g = count_macs(m) if macs else None
+    except (NotImplementedError, RuntimeError):
+        m = vitlab.create_model(name)
+        g = count_macs(m) if macs else None
+    return m, ("-" if g is None else f"{g / 1e9:.2f}")
+
+
 def model_table(pattern: str = "*", macs: bool = True) -> str:
     """A markdown table of registered models: params (M), GMACs at the default input size."""
     import vitlab
 
     rows = ["| model | input | params (M) | GMACs |", "|---|---|---:|---:|"]
     for name in vitlab.list_models(pattern):
-        m = vitlab.create_model(name)
+        m, g = _build_and_count(name, macs)
         c, h, w = m.default_cfg["input_size"]
-        g = f"{count_macs(m) / 1e9:.2f}" if macs else "-"
         rows.append(f"| {name} | {c}x{h}x{w} | {count_params(m) / 1e6:.2f} | {g} |")
         del m
     return "\n".join(rows)
