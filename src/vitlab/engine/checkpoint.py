@@ -1,0 +1,77 @@
+"""Atomic, resumable checkpoints.
+
+A checkpoint is a plain dict saved with ``torch.save`` and read with ``weights_only=True``
+(no arbitrary unpickling): model, optimizer, scheduler, grad scaler and EMA state dicts, the
+RNG states of torch / numpy / python, the position (epoch and optimizer step within it), the
+resolved config and the metric history.  Writes go to a temporary file that is then
+``os.replace``-d over the target, so a crash never leaves a half-written checkpoint.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import random
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+
+__all__ = ["atomic_save", "load_checkpoint", "capture_rng", "restore_rng", "find_resume_checkpoint"]
+
+
+def atomic_save(obj: Any, path: str) -> str:
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    tmp = os.path.join(d, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def load_checkpoint(path: str) -> Dict[str, Any]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"cannot read checkpoint {path}: {exc}") from None
+    if not isinstance(obj, dict) or "model" not in obj:
+        raise ValueError(f"{path} is not a vitlab checkpoint (no 'model' entry)")
+    return obj
+
+
+def capture_rng() -> Dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]),
+                  float(np_state[4])],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def find_resume_checkpoint(run_dir: str) -> Optional[str]:
+    """The newest checkpoint in ``run_dir/checkpoints`` (``last.pt`` is rewritten at every save)."""
+    cands = [p for p in glob.glob(os.path.join(run_dir, "checkpoints", "*.pt")) if not os.path.basename(p).startswith(".")]
+    cands = [p for p in cands if os.path.basename(p) != "best.pt"]
+    return max(cands, key=os.path.getmtime) if cands else None

@@ -1,0 +1,70 @@
+"""DDP with ``torchrun --nproc_per_node 2`` on CPU (gloo): two processes with batch B each
+must match one process with batch 2B (same samples, same augmentation, averaged gradients),
+and the metrics gathered from both ranks must equal the full validation set's."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+
+def make_folder(root, size=8):
+    rng = np.random.default_rng(2)
+    counts = {"train": (8, 8), "val": (6, 7)}  # 13 val images: uneven shards across 2 ranks
+    for split, per in counts.items():
+        for ci, c in enumerate(("dark", "light")):
+            d = root / split / c
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(per[ci]):
+                arr = np.clip((70 if ci == 0 else 180) + rng.normal(0, 50, (size, size, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(arr).save(d / f"{i}.png")
+    return str(root)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _args(folder, out, batch):
+    return ["-m", "vitlab", "train", "--data", folder, "--out", str(out), "--model", "vit_tiny_patch4_32",
+            "--model-kwargs", "embed_dim=16,depth=2,num_heads=2,patch_size=4", "--img-size", "8", "--epochs", "2",
+            "--batch-size", str(batch), "--lr", "0.01", "--warmup-epochs", "0", "--crop", "rrc", "--hflip", "0.5",
+            "--threads", "1", "--workers", "0", "--no-progress", "--device", "cpu"]
+
+
+def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
+    folder = make_folder(tmp_path / "imgs")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    single = subprocess.run([sys.executable, *_args(folder, tmp_path / "single", 8)], env=env,
+                            capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr[-3000:]
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
+                          "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+                          *_args(folder, tmp_path / "ddp", 4)], env=env, capture_output=True, text=True)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert ddp.stdout.count("run directory:") == 1  # only rank 0 reports
+
+    cfg = yaml.safe_load((tmp_path / "ddp" / "config.yaml").read_text())
+    assert cfg["resolved"]["world_size"] == 2 and cfg["resolved"]["global_batch"] == 8
+    a = torch.load(tmp_path / "single" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "ddp" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=2e-5)
+    sa = json.loads((tmp_path / "single" / "summary.json").read_text())
+    sb = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert sb["world_size"] == 2 and sb["steps"] == sa["steps"] == 4
+    # metrics over all 13 validation images (gathered from both ranks, none duplicated)
+    assert sb["top1"] == pytest.approx(sa["top1"]) and round(sb["top1"] * 13 / 100, 6).is_integer()
+    assert sb["nll"] == pytest.approx(sa["nll"], rel=1e-4)
+    ma = [json.loads(l) for l in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
+    mb = [json.loads(l) for l in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    for ra, rb in zip(ma, mb):  # train loss all-reduced over ranks = the single process's mean
+        assert rb["train_loss"] == pytest.approx(ra["train_loss"], rel=1e-4)

@@ -1,0 +1,92 @@
+"""Exact resume: a run SIGKILLed in the middle of an epoch and resumed with ``--resume auto``
+ends with bit-identical weights (model and EMA) and metrics to an uninterrupted run."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+
+def make_folder(root, per_class=16, size=8):
+    rng = np.random.default_rng(1)
+    for split in ("train", "val"):
+        for ci, c in enumerate(("dark", "light")):
+            d = root / split / c
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class if split == "train" else 6):
+                arr = np.clip((60 if ci == 0 else 190) + rng.normal(0, 40, (size, size, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(arr).save(d / f"{i}.png")
+    return str(root)
+
+
+def _cmd(folder, out, *extra):
+    # every RNG consumer is on: per-sample RandAugment / random erasing (seeded transforms),
+    # Mixup/CutMix (numpy RNG), drop path (torch RNG), EMA, warmup + cosine schedule
+    return [sys.executable, "-m", "vitlab", "train", "--data", folder, "--out", str(out),
+            "--model", "vit_tiny_patch4_32", "--model-kwargs", "embed_dim=16,depth=2,num_heads=2,patch_size=4",
+            "--img-size", "8", "--epochs", "2", "--batch-size", "2", "--lr", "0.005", "--warmup-epochs", "0.5",
+            "--crop", "rrc", "--randaug", "rand-m9-mstd0.5-inc1", "--reprob", "0.25", "--mixup", "0.8",
+            "--cutmix", "1.0", "--drop-path", "0.1", "--ema", "--ema-decay", "0.9", "--threads", "1", "--workers", "0",
+            "--no-progress", "--ckpt-every-steps", "5", *extra]
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
+    return env
+
+
+DETERMINISTIC = ("epoch", "step", "train_loss", "lr", "val_top1", "val_top5", "val_nll", "val_ece",
+                 "ema_val_top1", "ema_val_nll")
+
+
+def test_sigkill_mid_epoch_then_resume_auto_is_exact(tmp_path):
+    folder = make_folder(tmp_path / "imgs")
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    proc = subprocess.Popen(_cmd(folder, cut), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ckpt = cut / "checkpoints" / "last.pt"
+    deadline = time.time() + 120
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, f"training ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    state = torch.load(ckpt, weights_only=True)
+    assert state["epoch"] == 0 and 0 < state["step"] < 16, (state["epoch"], state["step"])  # mid-epoch
+
+    r = subprocess.run(_cmd(folder, cut, "--resume", "auto"), env=_env(), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"(epoch 0, step {state['step']} of 16)" in r.stdout
+    r = subprocess.run(_cmd(folder, ref), env=_env(), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    a = torch.load(ref / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(cut / "checkpoints" / "last.pt", weights_only=True)
+    assert (a["epoch"], a["step"]) == (b["epoch"], b["step"]) == (2, 0)
+    for part in ("model", "ema"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    for k in a["optimizer"]["state"]:
+        assert torch.equal(a["optimizer"]["state"][k]["exp_avg"], b["optimizer"]["state"][k]["exp_avg"])
+    ma = [json.loads(l) for l in (ref / "metrics.jsonl").read_text().splitlines()]
+    mb = [json.loads(l) for l in (cut / "metrics.jsonl").read_text().splitlines()]
+    assert len(ma) == len(mb) == 2
+    for ra, rb in zip(ma, mb):
+        assert {k: ra[k] for k in DETERMINISTIC} == {k: rb[k] for k in DETERMINISTIC}
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (ref, cut))
+    assert (sa["top1"], sa["nll"], sa["ece"]) == (sb["top1"], sb["nll"], sb["ece"])
+    assert sb["resumed_from"]["step"] == state["step"]
+
+
+def test_resume_auto_without_out_is_a_user_error(capsys):
+    from vitlab.cli import main
+
+    assert main(["train", "--resume", "auto"]) == 2
+    assert "--resume auto needs --out" in capsys.readouterr().err
