@@ -20,7 +20,7 @@ if ! "$VENV/bin/python" -c 'import torch, torchvision' 2>/dev/null; then
     # shellcheck disable=SC2086
     "$VENV/bin/pip" install -q $TORCH_SPEC
 fi
-if ! "$VENV/bin/python" -c 'import vitlab, pytest, torchmetrics, vit_pytorch' 2>/dev/null \
+if ! "$VENV/bin/python" -c 'import vitlab, pytest, torchmetrics, vit_pytorch, imagecorruptions' 2>/dev/null \
         || [ pyproject.toml -nt "$VENV/.vitlab-installed" ]; then
     echo "[setup] installing vitlab (editable) with test extras"
     "$VENV/bin/pip" install -q -e ".[test]"
