@@ -52,27 +52,34 @@ class FocusedLinearAttention(Attention):
         self.scale_param = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_enc = nn.Parameter(torch.zeros(1, num_tokens, dim)) if num_tokens else None
 
-    def _features(self, x: torch.Tensor, num_prefix: int = 0):
+    def _phi_qk(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(qkv (B, N, 3C), phi([q, k]) (B, N, 2, C))``: the kernel feature map of q and k,
+        computed for both in one pass of each elementwise op (fewer kernel launches)."""
         b, n, c = x.shape
-        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        qkv = self.qkv(x)
+        qk = qkv[..., :2 * c]
         if self.pos_enc is not None:
             if self.pos_enc.shape[1] != n:
                 raise ValueError(f"FocusedLinearAttention was built for {self.pos_enc.shape[1]} tokens, got {n}")
-            k = k + self.pos_enc
-        div = F.softplus(self.scale_param)
-        q = focusing_function((F.relu(q) + 1e-6) / div, self.focusing_factor)
-        k = focusing_function((F.relu(k) + 1e-6) / div, self.focusing_factor)
-        split = lambda t: t.reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)  # noqa: E731
-        return split(q), split(k), split(v)
+            qk = qk + F.pad(self.pos_enc, (c, 0))  # position encoding on K only
+        qk = qk.unflatten(-1, (2, c))
+        inv = 1.0 / F.softplus(self.scale_param)
+        # (relu(t) + 1e-6) / softplus(s) as one fused multiply-add
+        t = torch.addcmul(1e-6 * inv, F.relu(qk), inv)
+        return qkv, focusing_function(t, self.focusing_factor)
+
+    def _features(self, x: torch.Tensor, num_prefix: int = 0):
+        """``phi(q), phi(k), v`` split into heads, each ``(B, heads, N, head_dim)``."""
+        b, n, c = x.shape
+        qkv, phi = self._phi_qk(x)
+        q, k = phi.unflatten(-1, (self.num_heads, self.head_dim)).permute(2, 0, 3, 1, 4).unbind(0)
+        v = qkv[..., 2 * c:].reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+        return q, k, v
 
     def _dwc(self, v: torch.Tensor, hw: Optional[Tuple[int, int]], num_prefix: int) -> torch.Tensor:
         b, h, n, d = v.shape
         vp = v[:, :, num_prefix:]
-        if hw is None:
-            side = math.isqrt(n - num_prefix)
-            if side * side != n - num_prefix:
-                raise ValueError(f"cannot infer a square token grid from {n - num_prefix} tokens; pass hw=(H, W)")
-            hw = (side, side)
+        hw = self._grid(n - num_prefix, hw)
         fm = vp.reshape(b * h, hw[0], hw[1], d).permute(0, 3, 1, 2)
         out = self.dwc(fm).permute(0, 2, 3, 1).reshape(b, h, hw[0] * hw[1], d)
         if num_prefix:
@@ -92,14 +99,45 @@ class FocusedLinearAttention(Attention):
             raise ValueError("focused_linear attention cannot take an additive attention bias/mask "
                              "(it never forms the N x N matrix)")
         b, n, c = x.shape
-        q, k, v = self._features(x, num_prefix)
-        if self.recording:
+        if self.recording:  # the reference path: the implied N x N matrix, recorded, applied to V
+            q, k, v = self._features(x, num_prefix)
             probs = self.implied_attention(q, k)
             self._record(probs)
-            out = probs @ v
-        else:
-            z = 1.0 / (q @ k.mean(dim=-2, keepdim=True).transpose(-2, -1) + 1e-6)
-            kv = (k.transpose(-2, -1) * n ** -0.5) @ (v * n ** -0.5)
-            out = (q @ kv) * z
-        out = out + self._dwc(v, hw, num_prefix)
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, c)))
+            out = probs @ v + self._dwc(v, hw, num_prefix)
+            return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, c)))
+        return self.proj_drop(self.proj(self._fast(x, hw, num_prefix)))
+
+    def _fast(self, x: torch.Tensor, hw: Optional[Tuple[int, int]], num_prefix: int) -> torch.Tensor:
+        """Linear-cost path, ``(B, N, C)`` before the projection.  V gets a column of ones, so that one
+        ``phi(K)^T [V, 1] / n`` product gives both the numerator ``K^T V / n`` and the normaliser
+        ``mean_j phi(k_j)`` (same math as ``q (K^T V / n) / (q . mean_j k_j + 1e-6)``); the DWC runs on
+        the token map in channels-last layout with its per-head weights tiled over the heads."""
+        b, n, c = x.shape
+        h, d = self.num_heads, self.head_dim
+        qkv, phi = self._phi_qk(x)
+        q, k = phi.unflatten(-1, (h, d)).permute(2, 0, 3, 1, 4).unbind(0)  # (B, h, N, d)
+        v = qkv[..., 2 * c:]
+        v1 = torch.cat([v.unflatten(-1, (h, d)), v.new_ones(b, n, h, 1)], dim=-1).transpose(1, 2)
+        kv1 = (k.transpose(-2, -1) @ v1) * (1.0 / n)  # (B, h, d, d + 1)
+        num = q @ kv1  # (B, h, N, d + 1)
+        out = num[..., :d] / (num[..., d:] + 1e-6)
+        out = out.transpose(1, 2).reshape(b, n, c)
+        grid = self._grid(n - num_prefix, hw)
+        vmap = v[:, num_prefix:].unflatten(1, grid).permute(0, 3, 1, 2)  # (B, C, H, W), channels-last strides
+        w = self.dwc.weight.repeat(h, 1, 1, 1)
+        bias = self.dwc.bias.repeat(h) if self.dwc.bias is not None else None
+        dw = F.conv2d(vmap, w, bias, padding=self.dwc.padding, groups=c).permute(0, 2, 3, 1).reshape(b, -1, c)
+        if num_prefix:
+            dw = F.pad(dw, (0, 0, num_prefix, 0))  # class tokens take no DWC term
+        return out + dw
+
+    @staticmethod
+    def _grid(m: int, hw: Optional[Tuple[int, int]]) -> Tuple[int, int]:
+        if hw is None:
+            side = math.isqrt(m)
+            if side * side != m:
+                raise ValueError(f"cannot infer a square token grid from {m} tokens; pass hw=(H, W)")
+            return side, side
+        if hw[0] * hw[1] != m:
+            raise ValueError(f"hw={tuple(hw)} holds {hw[0] * hw[1]} tokens, but {m} non-prefix tokens were given")
+        return tuple(hw)

@@ -1,0 +1,145 @@
+"""Shared helpers of the benchmark scripts: machine description, tables, RESULTS.md sections."""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "RESULTS.md"
+sys.path.insert(0, str(HERE.parent / "src"))  # run from a checkout without installing
+
+from vitlab.bench import AMP_DTYPES, BenchResult, StepSpec, format_bytes, matmul_rate  # noqa: E402
+
+
+def common_args(description: str, batch_size: int = 16, runs: int = 5) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--device", default="cpu", help="cpu | cuda (default cpu)")
+    p.add_argument("--batch-size", type=int, default=batch_size, help=f"images per step (default {batch_size})")
+    p.add_argument("--runs", type=int, default=runs, help=f"timed steps per model, alternating (default {runs})")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per model first (default 2)")
+    p.add_argument("--amp", default="none", choices=list(AMP_DTYPES), help="autocast dtype (default float32)")
+    p.add_argument("--compile", action="store_true", help="torch.compile every model")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--no-write", action="store_true", help="print only; do not update RESULTS.md")
+    return p
+
+
+def setup(args) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+
+def loadavg() -> str:
+    try:
+        return " ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:  # pragma: no cover
+        return "n/a"
+
+
+def machine(device: str) -> str:
+    if device.startswith("cuda"):
+        dev = torch.cuda.get_device_name(device)
+    else:
+        cpu = platform.processor() or "cpu"
+        try:
+            for line in open("/proc/cpuinfo"):
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+        dev = f"{cpu}, {os.cpu_count()} logical cores visible, torch threads {torch.get_num_threads()}"
+    import timm
+
+    try:
+        import vit_pytorch
+        vp = getattr(vit_pytorch, "__version__", None)
+        if vp is None:
+            from importlib.metadata import version
+            vp = version("vit-pytorch")
+    except ImportError:
+        vp = "not installed"
+    return (f"{dev}; Python {platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}, "
+            f"vit-pytorch {vp}")
+
+
+def mm_rate(args, n: int = 2048) -> float:
+    return matmul_rate(args.device, AMP_DTYPES[args.amp] or torch.float32, n=n, runs=5)
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(headers))) + "|"]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def fmt_result(r: BenchResult, mm: Optional[float] = None) -> List[str]:
+    """img/s, ms/step (median [min-max]), GFLOPs/img, GFLOP/s, roofline %, peak memory, params."""
+    fl = r.flops_per_s
+    return [f"{r.img_per_s:.2f}",
+            f"{r.median_s * 1e3:.0f} [{min(r.times_s) * 1e3:.0f}-{max(r.times_s) * 1e3:.0f}]",
+            f"{r.flops_per_image / 1e9:.2f}" if r.flops_per_image else "n/a",
+            f"{fl / 1e9:.1f}" if fl else "n/a",
+            f"{100 * fl / mm:.0f}%" if (fl and mm) else "n/a",
+            format_bytes(r.peak_mem_bytes),
+            f"{r.params / 1e6:.2f}"]
+
+
+RESULT_HEADERS = ["img/s", "ms/step median [min-max]", "GFLOPs/img", "GFLOP/s", "of mm rate", "peak step mem", "params (M)"]
+
+
+def paired(a: BenchResult, b: BenchResult) -> str:
+    """Throughput ratio a / b from the rounds: median over rounds of t_b / t_a (each round times a and
+    b back to back, so a load change within the run cancels), and in how many rounds a was faster."""
+    r = [tb / ta for ta, tb in zip(a.times_s, b.times_s)]
+    wins = sum(x > 1 for x in r)
+    return f"paired per round {statistics.median(r):.2f}x, faster in {wins}/{len(r)} rounds"
+
+
+def update_results(section: str, title: str, body: str) -> None:
+    """Replace (or append) the block between ``<!-- begin:section -->`` and ``<!-- end:section -->``."""
+    begin, end = f"<!-- begin:{section} -->", f"<!-- end:{section} -->"
+    block = f"{begin}\n## {title}\n\n{body.strip()}\n{end}"
+    text = RESULTS.read_text() if RESULTS.exists() else "# vitlab benchmark results\n"
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: block, text)
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    RESULTS.write_text(text)
+    print(f"updated section '{section}' of {RESULTS}")
+
+
+def header(args, command: str, started: str, load_before: str) -> str:
+    return (f"Command: `{command}`  \n"
+            f"Run: {started}; machine: {machine(args.device)}  \n"
+            f"Load average (1, 5, 15 min) before: {load_before}; after: {loadavg()}  \n"
+            f"Settings: batch {args.batch_size}, {args.amp if args.amp != 'none' else 'float32'}, "
+            f"{'torch.compile, ' if args.compile else ''}device {args.device}, {args.runs} timed steps per model "
+            f"after {args.warmup} warm-up steps, models alternating step by step; medians.\n")
+
+
+def suffix(args) -> str:
+    """Section-name suffix for non-default settings, e.g. '_cuda_bf16_compile' ('' for CPU float32)."""
+    parts = [args.device.split(":")[0]] if args.device != "cpu" else []
+    parts += [args.amp] if args.amp != "none" else []
+    parts += ["compile"] if args.compile else []
+    return "".join("_" + p for p in parts)
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S %Z")
+
+
+def command_line() -> str:
+    return "python " + " ".join([os.path.relpath(sys.argv[0], HERE.parent)] + sys.argv[1:])
