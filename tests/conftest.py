@@ -20,3 +20,13 @@ def cifar10_root():
     if not (root / "train").is_dir():
         pytest.skip(f"real CIFAR-10 images not found at {root} (see shared/data/README.md)")
     return root
+
+
+@pytest.fixture
+def one_thread():
+    """For tests on tiny tensors: threading only adds overhead (and contention on a busy
+    2-core CI box).  Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

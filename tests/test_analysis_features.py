@@ -10,13 +10,7 @@ from vitlab.analysis import fourier, oversmoothing
 from vitlab.analysis.features import feature_statistics
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: threading only adds overhead (and contention on a busy 2-core CI box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_constant_map_has_no_high_frequency():

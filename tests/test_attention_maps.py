@@ -10,12 +10,7 @@ from vitlab.analysis.attention import (attention_entropy, attention_maps, attent
                                        mean_attention_distance, plot_attention_overlay, token_layout)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny(**kw):

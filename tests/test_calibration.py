@@ -13,13 +13,7 @@ Y = torch.tensor([0, 1, 2, 1])
 P = torch.tensor([[0.95, 0.03, 0.02], [0.10, 0.85, 0.05], [0.18, 0.72, 0.10], [0.92, 0.05, 0.03]])
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: threading only adds overhead (and contention on a busy 2-core CI box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_spec_test_vector():

@@ -10,12 +10,7 @@ from vitlab.analysis import CORRUPTIONS, corrupt
 from vitlab.analysis import corruptions as C
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _img(b=2, h=32, w=32, seed=0):

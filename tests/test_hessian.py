@@ -8,13 +8,7 @@ from vitlab.analysis import hessian_eigenvalues
 from vitlab.analysis.hessian import _HVP, hessian_density, hessian_vector_product, lanczos, max_eigenvalue_spectrum
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: threading only adds overhead (and contention on a busy 2-core CI box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny():

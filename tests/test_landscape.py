@@ -12,12 +12,7 @@ import vitlab
 from vitlab.analysis.landscape import filter_normalized_direction, loss_landscape, soft_cross_entropy
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _mlp():

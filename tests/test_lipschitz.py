@@ -9,12 +9,7 @@ from vitlab.analysis import lipschitz_bound_report, lipschitz_estimate, lipschit
 from vitlab.analysis.lipschitz import GELU_LIPSCHITZ, conv2d_norm_bound
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_linear_and_sequential_closed_forms():

@@ -12,7 +12,7 @@ from typing import Callable, Dict, List, Tuple, Type
 import torch
 from torch import nn
 
-__all__ = ["register_timm_converter", "load_timm_weights", "to_timm_state_dict", "TimmKeyError"]
+__all__ = ["register_timm_converter", "register_identity_converter", "IdentityConverter", "load_timm_weights", "to_timm_state_dict", "TimmKeyError"]
 
 StateDict = Dict[str, torch.Tensor]
 _CONVERTERS: List[Tuple[Type[nn.Module], Callable, Callable]] = []
@@ -33,6 +33,24 @@ def register_timm_converter(model_cls: Type[nn.Module]):
         return conv
 
     return deco
+
+
+class IdentityConverter:
+    """For backbones whose state-dict keys are timm's own: nothing to rename.  Parts timm lacks
+    (FeatScale, AttnScale, other mixers) still make the strict load fail, naming the keys."""
+
+    @staticmethod
+    def from_timm(sd: StateDict, model: nn.Module) -> StateDict:
+        return dict(sd)
+
+    @staticmethod
+    def to_timm(sd: StateDict, model: nn.Module) -> StateDict:
+        return dict(sd)
+
+
+def register_identity_converter(model_cls: Type[nn.Module]) -> None:
+    """Register :class:`IdentityConverter` for a backbone that uses timm's key names."""
+    register_timm_converter(model_cls)(IdentityConverter)
 
 
 def _converter(model: nn.Module):

@@ -7,16 +7,7 @@ lacks make the strict load fail and name the keys.
 from __future__ import annotations
 
 import vitlab.interop.timm_vit  # noqa: F401  (register the ViT converter first: later registrations win)
-from vitlab.interop.timm import register_timm_converter
+from vitlab.interop.timm import register_identity_converter
 from vitlab.models.deit import DistilledVisionTransformer
 
-
-@register_timm_converter(DistilledVisionTransformer)
-class DistilledViTConverter:
-    @staticmethod
-    def from_timm(sd, model):
-        return dict(sd)
-
-    @staticmethod
-    def to_timm(sd, model):
-        return dict(sd)
+register_identity_converter(DistilledVisionTransformer)

@@ -6,16 +6,7 @@ strict load fail and name the keys.
 """
 from __future__ import annotations
 
-from vitlab.interop.timm import register_timm_converter
+from vitlab.interop.timm import register_identity_converter
 from vitlab.models.pvt_v2 import PyramidVisionTransformerV2
 
-
-@register_timm_converter(PyramidVisionTransformerV2)
-class PvtV2Converter:
-    @staticmethod
-    def from_timm(sd, model):
-        return dict(sd)
-
-    @staticmethod
-    def to_timm(sd, model):
-        return dict(sd)
+register_identity_converter(PyramidVisionTransformerV2)

@@ -6,16 +6,7 @@ included, so the conversion is the identity.
 """
 from __future__ import annotations
 
-from vitlab.interop.timm import register_timm_converter
+from vitlab.interop.timm import register_identity_converter
 from vitlab.models.resnet import ResNet
 
-
-@register_timm_converter(ResNet)
-class ResNetConverter:
-    @staticmethod
-    def from_timm(sd, model):
-        return dict(sd)
-
-    @staticmethod
-    def to_timm(sd, model):
-        return dict(sd)
+register_identity_converter(ResNet)

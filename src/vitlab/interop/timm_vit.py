@@ -6,16 +6,7 @@ the load fail strictly, naming the keys.
 """
 from __future__ import annotations
 
-from vitlab.interop.timm import register_timm_converter
+from vitlab.interop.timm import register_identity_converter
 from vitlab.models.vit import VisionTransformer
 
-
-@register_timm_converter(VisionTransformer)
-class ViTConverter:
-    @staticmethod
-    def from_timm(sd, model):
-        return dict(sd)
-
-    @staticmethod
-    def to_timm(sd, model):
-        return dict(sd)
+register_identity_converter(VisionTransformer)
