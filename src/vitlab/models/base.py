@@ -129,3 +129,20 @@ def make_default_cfg(architecture: str, img_size: int, num_classes: int, in_chan
                mean=tuple(mean), std=tuple(std), interpolation="bicubic", crop_pct=0.875)
     cfg.update(extra)
     return cfg
+
+
+def register_recipe(model_cls, name: str, defaults: Dict[str, Any], doc: str, **cfg: Any) -> None:
+    """Register ``name`` as a paper recipe: ``model_cls(**defaults)`` with the caller's overrides
+    winning, and a ``default_cfg`` (extra entries ``cfg``, e.g. ``crop_pct``) built from the
+    resolved image size, class count and channels."""
+    from vitlab.registry import register_model
+
+    def factory(**overrides: Any):
+        kw = {**defaults, **overrides}
+        default_cfg = make_default_cfg(name, kw.get("img_size", 224), kw.get("num_classes", 1000),
+                                       kw.get("in_chans", 3), **cfg)
+        return model_cls(architecture=name, default_cfg=default_cfg, **kw)
+
+    factory.__name__ = factory.__qualname__ = name
+    factory.__doc__ = doc
+    register_model(factory)

@@ -32,8 +32,7 @@ from vitlab.layers import (DropPath, FeatScale, Mlp, PatchEmbed, create_mixer, c
                            init_weights)
 from vitlab.layers.attention import Attention, CosineAttention
 from vitlab.layers.pos_embed import resample_pos_embed
-from vitlab.models.base import Intermediate, VitlabModel, make_default_cfg, tokens_to_map
-from vitlab.registry import register_model
+from vitlab.models.base import Intermediate, VitlabModel, make_default_cfg, register_recipe, tokens_to_map
 
 __all__ = ["SRAttention", "SRCosineAttention", "create_pvt_mixer", "MlpWithDepthwiseConv", "PvtBlock",
            "PvtStage", "PyramidVisionTransformer", "PVT_MIXERS"]
@@ -373,15 +372,7 @@ _FLATTEN = dict(mixer="focused_linear", global_pool="avg", mixer_kwargs=dict(foc
 
 
 def _register(name: str, defaults: Dict[str, Any], doc: str) -> None:
-    def factory(**overrides: Any) -> PyramidVisionTransformer:
-        kw = {**defaults, **overrides}
-        cfg = make_default_cfg(name, kw.get("img_size", 224), kw.get("num_classes", 1000), kw.get("in_chans", 3),
-                               crop_pct=0.9)
-        return PyramidVisionTransformer(architecture=name, default_cfg=cfg, **kw)
-
-    factory.__name__ = factory.__qualname__ = name
-    factory.__doc__ = doc
-    register_model(factory)
+    register_recipe(PyramidVisionTransformer, name, defaults, doc, crop_pct=0.9)
 
 
 for _size, _depths in _PVT_SIZES.items():

@@ -26,9 +26,8 @@ import torch
 from torch import nn
 
 from vitlab.layers import create_norm, init_weights
-from vitlab.models.base import Intermediate, VitlabModel, make_default_cfg
+from vitlab.models.base import Intermediate, VitlabModel, make_default_cfg, register_recipe
 from vitlab.models.pvt import PvtBlock, _as_tuple
-from vitlab.registry import register_model
 
 __all__ = ["OverlapPatchEmbed", "PvtV2Stage", "PyramidVisionTransformerV2"]
 
@@ -197,15 +196,7 @@ _V2_SIZES = {
 
 
 def _register(name: str, defaults: Dict[str, Any], doc: str) -> None:
-    def factory(**overrides: Any) -> PyramidVisionTransformerV2:
-        kw = {**defaults, **overrides}
-        cfg = make_default_cfg(name, kw.get("img_size", 224), kw.get("num_classes", 1000), kw.get("in_chans", 3),
-                               crop_pct=0.9)
-        return PyramidVisionTransformerV2(architecture=name, default_cfg=cfg, **kw)
-
-    factory.__name__ = factory.__qualname__ = name
-    factory.__doc__ = doc
-    register_model(factory)
+    register_recipe(PyramidVisionTransformerV2, name, defaults, doc, crop_pct=0.9)
 
 
 for _size, _cfg in _V2_SIZES.items():
