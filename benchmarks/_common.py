@@ -18,6 +18,7 @@ RESULTS = HERE / "RESULTS.md"
 sys.path.insert(0, str(HERE.parent / "src"))  # run from a checkout without installing
 
 from vitlab.bench import AMP_DTYPES, BenchResult, StepSpec, format_bytes, matmul_rate  # noqa: E402
+from vitlab.runtime import tune_cpu_allocator  # noqa: E402
 
 
 def common_args(description: str, batch_size: int = 16, runs: int = 5) -> argparse.ArgumentParser:
@@ -34,8 +35,11 @@ def common_args(description: str, batch_size: int = 16, runs: int = 5) -> argpar
 
 
 def setup(args) -> None:
+    """Threads, seed, and the C allocator setting of ``vitlab train`` / ``vitlab bench``
+    (:func:`vitlab.runtime.tune_cpu_allocator`): process-wide, so every model of the run gets it."""
     if args.threads:
         torch.set_num_threads(args.threads)
+    args.malloc_tuned = tune_cpu_allocator()
     torch.manual_seed(0)
 
 
@@ -126,7 +130,8 @@ def header(args, command: str, started: str, load_before: str) -> str:
             f"Load average (1, 5, 15 min) before: {load_before}; after: {loadavg()}  \n"
             f"Settings: batch {args.batch_size}, {args.amp if args.amp != 'none' else 'float32'}, "
             f"{'torch.compile, ' if args.compile else ''}device {args.device}, {args.runs} timed steps per model "
-            f"after {args.warmup} warm-up steps, models alternating step by step; medians.\n")
+            f"after {args.warmup} warm-up steps, models alternating step by step; medians; C allocator "
+            f"{'tuned by vitlab.runtime for all models (mmap threshold 32 MiB, no heap trimming)' if getattr(args, 'malloc_tuned', False) else 'at its defaults'}.\n")
 
 
 def suffix(args) -> str:

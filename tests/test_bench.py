@@ -69,11 +69,12 @@ def test_cpu_peak_memory_closed_form():
 
 def test_peak_memory_of_inference_grows_with_batch():
     model = vitlab.create_model("vit_tiny_patch16_224", **TINY)
-    m1 = peak_step_memory(make_step(model, StepSpec(batch_size=1, input_size=(3, 32, 32))))
-    m4 = peak_step_memory(make_step(model, StepSpec(batch_size=4, input_size=(3, 32, 32))))
+    m2 = peak_step_memory(make_step(model, StepSpec(batch_size=2, input_size=(3, 32, 32))))
+    m8 = peak_step_memory(make_step(model, StepSpec(batch_size=8, input_size=(3, 32, 32))))
     # the largest live activations are (B, N, 4C) MLP hiddens: at least one of them is counted
-    assert m1 >= 17 * 128 * 4
-    assert 3.0 < m4 / m1 < 5.0
+    # (batch 1 is left out: there, fixed-size small buffers are a large share of the peak)
+    assert m2 >= 2 * 17 * 128 * 4
+    assert 3.0 < m8 / m2 < 5.0
 
 
 # -- steps, timing and alternation -----------------------------------------------------------------

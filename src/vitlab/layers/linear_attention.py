@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitlab.layers.attention import Attention
+from vitlab.layers.inplace import chunkable
 
 __all__ = ["FocusedLinearAttention", "focusing_function"]
 
@@ -39,7 +40,14 @@ class FocusedLinearAttention(Attention):
     Tokens: ``num_prefix`` leading tokens (class tokens) take part in attention but not in the
     DWC, which runs on the ``hw`` grid of the remaining tokens.  ``num_tokens`` sizes the
     position encoding on K; without it, no position encoding is used.
+
+    Without autograd and above ``chunk_tokens`` tokens, the forward pass walks the tokens in
+    chunks of that size (:meth:`_chunked`): every per-token temporary (q, k, their feature maps)
+    lives in the cache for one chunk instead of streaming whole ``N x C`` tensors through memory
+    a dozen times, so the time stays linear in N once the tensors outgrow the cache.
     """
+
+    chunk_tokens: int = 1024  # tokens per chunk of the no-autograd path (0: never chunk)
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, attn_drop: float = 0.0,
                  proj_drop: float = 0.0, focusing_factor: float = 3.0, kernel_size: int = 5,
@@ -105,7 +113,60 @@ class FocusedLinearAttention(Attention):
             self._record(probs)
             out = probs @ v + self._dwc(v, hw, num_prefix)
             return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, c)))
+        if 0 < self.chunk_tokens < n and chunkable(x, self.qkv):
+            return self.proj_drop(self.proj(self._chunked(x, hw, num_prefix)))
         return self.proj_drop(self.proj(self._fast(x, hw, num_prefix)))
+
+    def _phi_chunk(self, t: torch.Tensor, inv: torch.Tensor, eps_inv: torch.Tensor) -> torch.Tensor:
+        """``phi`` of one chunk of q or k, ``(L, C)``, overwriting ``t`` (a fresh projection output)."""
+        t = torch.addcmul(eps_inv, t.relu_(), inv)  # (relu(t) + 1e-6) / softplus(s)
+        return focusing_function(t, self.focusing_factor)
+
+    def _chunked(self, x: torch.Tensor, hw: Optional[Tuple[int, int]], num_prefix: int) -> torch.Tensor:
+        """Same result as :meth:`_fast` (``(B, N, C)`` before the projection), in two passes over
+        token chunks per image: (1) project k and v, accumulate ``phi(K)^T V`` and ``sum_j phi(k_j)``,
+        keep v for the DWC; (2) project q and write ``phi(q) (K^T V / n) / (phi(q) . mean_j k_j + 1e-6)``
+        straight into the output.  No autograd, no autocast (callers check)."""
+        b, n, c = x.shape
+        h, d = self.num_heads, self.head_dim
+        if self.pos_enc is not None and self.pos_enc.shape[1] != n:
+            raise ValueError(f"FocusedLinearAttention was built for {self.pos_enc.shape[1]} tokens, got {n}")
+        w = self.qkv.weight
+        bias = self.qkv.bias if self.qkv.bias is not None else w.new_zeros(3 * c)
+        (wq, wk, wv), (bq, bk, bv) = w.split(c), bias.split(c)
+        inv = (1.0 / F.softplus(self.scale_param)).reshape(c)
+        eps_inv = 1e-6 * inv
+        step = self.chunk_tokens
+        x = x.contiguous()
+        v = x.new_empty(b, n, c)
+        kv = x.new_zeros(b, h, d, d)
+        ksum = x.new_zeros(b, h, d)
+        for i in range(b):
+            for s in range(0, n, step):
+                xs = x[i, s:s + step]
+                k = torch.addmm(bk, xs, wk.t())
+                if self.pos_enc is not None:
+                    k += self.pos_enc[0, s:s + step]
+                k = self._phi_chunk(k, inv, eps_inv).view(-1, h, d)
+                vs = torch.addmm(bv, xs, wv.t(), out=v[i, s:s + step]).view(-1, h, d)
+                kv[i].baddbmm_(k.permute(1, 2, 0), vs.transpose(0, 1))  # (h, d, L) @ (h, L, d)
+                ksum[i] += k.sum(0)
+        kv *= 1.0 / n
+        ksum *= 1.0 / n
+        out = x.new_empty(b, n, c)
+        for i in range(b):
+            for s in range(0, n, step):
+                q = self._phi_chunk(torch.addmm(bq, x[i, s:s + step], wq.t()), inv, eps_inv).view(-1, h, d)
+                num = torch.bmm(q.transpose(0, 1), kv[i])  # (h, L, d)
+                den = (q * ksum[i]).sum(-1, keepdim=True).add_(1e-6)  # (L, h, 1)
+                torch.div(num.transpose(0, 1), den, out=out[i, s:s + step].view(-1, h, d))
+        grid = self._grid(n - num_prefix, hw)
+        vmap = v[:, num_prefix:].unflatten(1, grid).permute(0, 3, 1, 2)  # (B, C, H, W), channels-last strides
+        wd = self.dwc.weight.repeat(h, 1, 1, 1)
+        bd = self.dwc.bias.repeat(h) if self.dwc.bias is not None else None
+        dw = F.conv2d(vmap, wd, bd, padding=self.dwc.padding, groups=c).permute(0, 2, 3, 1)
+        out[:, num_prefix:] += dw.reshape(b, -1, c)
+        return out
 
     def _fast(self, x: torch.Tensor, hw: Optional[Tuple[int, int]], num_prefix: int) -> torch.Tensor:
         """Linear-cost path, ``(B, N, C)`` before the projection.  V gets a column of ones, so that one

@@ -20,6 +20,7 @@ from torch import nn
 
 from vitlab.layers import (DWConvUnit, DropPath, EMBEDS, FeatScale, Mlp, create_mixer, create_norm,
                            create_shortcut, init_weights, sincos_2d)
+from vitlab.layers.inplace import residual_add
 from vitlab.layers.pos_embed import POS_EMBEDS, resample_pos_embed
 from vitlab.models.base import Intermediate, VitlabModel, make_default_cfg, tokens_to_map
 
@@ -63,13 +64,13 @@ class Block(nn.Module):
         y = self.attn(x if self.post_norm else self.norm1(x), hw=hw, num_prefix=num_prefix)
         if self.featscale is not None:
             y = self.featscale(y)
-        x = x + self.drop_path1(self.ls1(y))
+        x = residual_add(x, self.drop_path1(self.ls1(y)), self.attn, self.featscale, self.ls1, self.drop_path1)
         return self.norm1(x) if self.post_norm else x
 
     def mlp_half(self, x: torch.Tensor) -> torch.Tensor:
-        if self.post_norm:
-            return self.norm2(x + self.drop_path2(self.ls2(self.mlp(x))))
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        y = self.drop_path2(self.ls2(self.mlp(x if self.post_norm else self.norm2(x))))
+        x = residual_add(x, y, self.mlp, self.ls2, self.drop_path2)
+        return self.norm2(x) if self.post_norm else x
 
     def forward(self, x: torch.Tensor, hw: Tuple[int, int], num_prefix: int = 0) -> torch.Tensor:
         return self.mlp_half(self.attn_half(x, hw, num_prefix))

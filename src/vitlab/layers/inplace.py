@@ -1,0 +1,71 @@
+"""When an intermediate tensor may be overwritten in place (the inference fast path).
+
+On the CPU, a large fresh activation costs more than its arithmetic: the allocator hands out
+pages that the kernel must fault in and zero.  Without autograd, a block can reuse buffers it
+made itself (the activation overwrites the ``fc1`` output, the residual sum overwrites the
+branch output) and so allocates, writes and reads less.  The results are bit-identical to the
+out-of-place path (the same elementwise ops on the same values).
+
+It is safe only when nobody else can hold the buffer: no autograd graph (``grad`` disabled),
+no forward hook (a hook may keep a module's output) on the modules that produced it, and the
+buffer is not a view of the tensor added to it.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.nn.modules import module as _module
+
+__all__ = ["overwritable", "residual_add", "INPLACE_ACTIVATIONS", "activate", "chunkable"]
+
+
+def _hooked(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks)
+
+
+def overwritable(*producers: Optional[nn.Module]) -> bool:
+    """True when the outputs of ``producers`` may be overwritten: autograd off and no forward hook
+    (module or global) that could have kept a reference to them.  ``None`` entries are skipped."""
+    if torch.is_grad_enabled():
+        return False
+    if _module._global_forward_hooks or _module._global_forward_pre_hooks:
+        return False
+    return not any(_hooked(m) for m in producers if m is not None)
+
+
+def _shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def residual_add(x: torch.Tensor, branch: torch.Tensor, *producers: Optional[nn.Module]) -> torch.Tensor:
+    """``x + branch``; written into ``branch`` when :func:`overwritable` allows it (``branch`` is then
+    the returned tensor; ``x`` is never modified)."""
+    if (branch.shape == x.shape and branch.dtype == x.dtype and overwritable(*producers)
+            and not _shares_storage(branch, x)):
+        return branch.add_(x)
+    return x + branch
+
+
+# activation module type -> its in-place aten op (``approximate`` passed for GELU)
+INPLACE_ACTIVATIONS = {
+    nn.GELU: lambda m, h: torch.ops.aten.gelu_(h, approximate=m.approximate),
+    nn.ReLU: lambda m, h: torch.relu_(h),
+    nn.SiLU: lambda m, h: torch.ops.aten.silu_(h),
+}
+
+
+def activate(act: nn.Module, h: torch.Tensor, *producers: Optional[nn.Module]) -> torch.Tensor:
+    """``act(h)``, in place on ``h`` when ``h`` is a fresh output of ``producers`` that nobody else
+    holds and ``act`` is one of the plain activations of :data:`INPLACE_ACTIVATIONS`."""
+    op = INPLACE_ACTIVATIONS.get(type(act))
+    if op is not None and overwritable(act, *producers):
+        return op(act, h)
+    return act(h)
+
+
+def chunkable(x: torch.Tensor, *producers: Optional[nn.Module]) -> bool:
+    """True when a no-autograd chunked path may replace the modules ``producers`` for input ``x``:
+    :func:`overwritable`, and no autocast (the chunked paths write into buffers of ``x``'s dtype)."""
+    return overwritable(*producers) and not torch.is_autocast_enabled(x.device.type)

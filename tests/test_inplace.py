@@ -1,0 +1,165 @@
+"""The inference fast path that overwrites a block's own fresh buffers (vitlab.layers.inplace):
+taken only when safe, and bit-identical to the out-of-place path."""
+import pytest
+import torch
+from torch import nn
+
+import vitlab
+from vitlab.layers import Mlp
+from vitlab.layers.inplace import activate, overwritable, residual_add
+
+
+@pytest.mark.parametrize("act", [nn.GELU(), nn.GELU(approximate="tanh"), nn.ReLU(), nn.SiLU()])
+def test_activate_in_place_only_without_autograd(act):
+    lin = nn.Linear(8, 16)
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        h = lin(x)
+        ref = act(h.clone())
+        out = activate(act, h, lin)
+    assert out.data_ptr() == h.data_ptr()  # the fast path wrote into fc1's output
+    assert torch.equal(out, ref)
+    h2 = lin(x)  # autograd on: never in place
+    out2 = activate(act, h2, lin)
+    assert out2.data_ptr() != h2.data_ptr()
+    assert torch.equal(out2.detach(), ref)
+
+
+def test_activate_leaves_unknown_activations_alone():
+    class Twice(nn.Module):
+        def forward(self, x):
+            return 2 * x
+    h = torch.randn(3)
+    with torch.no_grad():
+        out = activate(Twice(), h)
+    assert out.data_ptr() != h.data_ptr() and torch.equal(out, 2 * h)
+
+
+def test_forward_hooks_disable_the_fast_path():
+    lin = nn.Linear(8, 16)
+    seen = []
+    handle = lin.register_forward_hook(lambda m, i, o: seen.append(o))
+    assert not overwritable(lin)
+    with torch.no_grad():
+        h = lin(torch.randn(2, 8))
+        kept = h.clone()
+        activate(nn.GELU(), h, lin)
+    assert torch.equal(seen[0], kept)  # the hook's tensor was not overwritten by the GELU
+    handle.remove()
+    assert overwritable(lin) is False  # autograd is on here
+    with torch.no_grad():
+        assert overwritable(lin)
+        g = nn.modules.module.register_module_forward_hook(lambda m, i, o: None)
+        try:
+            assert not overwritable(lin)  # a global hook may keep any output
+        finally:
+            g.remove()
+
+
+def test_residual_add_never_touches_x_and_refuses_aliases():
+    x = torch.randn(2, 5, 4)
+    x0 = x.clone()
+    with torch.no_grad():
+        y = torch.randn(2, 5, 4)
+        y0 = y.clone()
+        out = residual_add(x, y)
+        assert out.data_ptr() == y.data_ptr() and torch.equal(out, x0 + y0) and torch.equal(x, x0)
+        view = x[:]  # the branch is (a view of) x itself: must not be doubled in place
+        out = residual_add(x, view)
+        assert torch.equal(x, x0) and torch.equal(out, 2 * x0)
+        small = torch.randn(4)  # broadcasting branch: out of place
+        out = residual_add(x, small)
+        assert out.shape == x.shape and torch.equal(small, small.clone())
+
+
+@pytest.mark.parametrize("kw", [{}, {"post_norm": True}, {"shortcut": "layerscale", "featscale": True},
+                                {"mixer": "focused_linear"}])
+def test_vit_inference_fast_path_equals_reference(kw, one_thread):
+    torch.manual_seed(0)
+    m = vitlab.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=3, num_classes=7, **kw).eval()
+    if kw.get("shortcut"):
+        with torch.no_grad():
+            for blk in m.blocks:  # make every branch count
+                blk.ls1.gamma.fill_(0.5)
+                blk.ls2.gamma.fill_(0.7)
+    x = torch.randn(3, 3, 32, 32)
+    x0 = x.clone()
+    ref = m(x).detach()  # autograd on: the out-of-place reference path
+    ref_int = [e.feature.detach() for e in m.forward_intermediates(x)]
+    with torch.inference_mode():
+        fast = m(x)
+        fast_int = [e.feature for e in m.forward_intermediates(x)]
+    assert torch.equal(fast, ref)  # same ops on the same values: bit-identical
+    assert all(torch.equal(a, b) for a, b in zip(fast_int, ref_int))  # earlier intermediates not overwritten
+    assert torch.equal(x, x0)
+
+
+def test_mlp_hook_on_fc1_sees_pre_activation():
+    torch.manual_seed(0)
+    mlp = Mlp(8, 32)
+    seen = {}
+    mlp.fc1.register_forward_hook(lambda m, i, o: seen.setdefault("fc1", o))
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        out = mlp(x)
+    assert torch.equal(seen["fc1"], mlp.fc1(x).detach())  # not the GELU of it
+    assert torch.allclose(out, mlp.fc2(nn.functional.gelu(mlp.fc1(x))).detach())
+
+
+# -- chunked no-autograd paths: same results, bounded temporaries -----------------------------------
+@pytest.mark.parametrize("num_prefix,pos", [(0, False), (1, True)])
+def test_focused_linear_chunked_equals_fast_path(num_prefix, pos, monkeypatch):
+    from vitlab.layers import FocusedLinearAttention
+
+    torch.manual_seed(0)
+    hw = (7, 9)
+    n = hw[0] * hw[1] + num_prefix
+    m = FocusedLinearAttention(48, num_heads=3, num_tokens=n if pos else None).eval()
+    with torch.no_grad():
+        m.scale_param.normal_(std=0.5)
+        if pos:
+            m.pos_enc.normal_(std=0.5)
+    m.chunk_tokens = 10  # 7 chunks per image, the last one partial
+    x = torch.randn(2, n, 48)
+    ref = m(x, hw=hw, num_prefix=num_prefix).detach()  # autograd on: the unchunked path
+    calls = []
+    monkeypatch.setattr(type(m), "_fast", lambda *a: calls.append(1) or pytest.fail("unchunked path taken"))
+    with torch.inference_mode():
+        out = m(x, hw=hw, num_prefix=num_prefix)
+    assert not calls and (out - ref).abs().max() < 1e-5 * ref.abs().max()
+    monkeypatch.undo()
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: unchunked
+        assert m(x, hw=hw, num_prefix=num_prefix).dtype == torch.bfloat16
+
+
+def test_mlp_chunked_equals_reference_and_is_taken_only_when_safe(monkeypatch):
+    torch.manual_seed(0)
+    mlp = Mlp(24, 96).eval()
+    mlp.chunk_bytes, mlp.chunk_target = 1000, 3000  # hidden 3 x 37 x 96 x 4 B = 42 KiB -> 15 chunks
+    x = torch.randn(3, 37, 24)
+    ref = mlp(x).detach()
+    taken = []
+    orig = Mlp._chunked
+    monkeypatch.setattr(Mlp, "_chunked", lambda self, x: taken.append(1) or orig(self, x))
+    with torch.no_grad():
+        out = mlp(x)
+    assert taken and out.shape == ref.shape and (out - ref).abs().max() < 1e-6
+    taken.clear()
+    mlp.train()
+    mlp.drop1.p = 0.5  # dropout active: whole-tensor path
+    with torch.no_grad():
+        mlp(x)
+    assert not taken
+    mlp.eval()
+    h = mlp.fc2.register_forward_hook(lambda *a: None)  # a hook on fc2 must see its whole output
+    with torch.no_grad():
+        mlp(x)
+    assert not taken
+    h.remove()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        mlp(x)
+    assert not taken
+    mlp.chunk_bytes = 10 ** 9  # small hidden tensors: no chunking
+    with torch.no_grad():
+        mlp(x)
+    assert not taken
