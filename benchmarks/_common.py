@@ -9,7 +9,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Iterable, List, Optional, Sequence
 
 import torch
 
@@ -17,7 +17,7 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "RESULTS.md"
 sys.path.insert(0, str(HERE.parent / "src"))  # run from a checkout without installing
 
-from vitlab.bench import AMP_DTYPES, BenchResult, StepSpec, format_bytes, matmul_rate  # noqa: E402
+from vitlab.bench import AMP_DTYPES, BenchResult, format_bytes, matmul_rate  # noqa: E402
 from vitlab.runtime import tune_cpu_allocator  # noqa: E402
 
 

@@ -1,7 +1,6 @@
 """`vitlab analyze` end to end on a tiny checkpoint: every number in analysis.json that can be
 recomputed independently is, the report is self-contained, --compare overlays, bad input fails
 with one clear line."""
-import argparse
 import json
 import re
 

@@ -1,6 +1,5 @@
 """Calibration metrics against the spec's test vector (how_vits_work.md §9.3), torchmetrics and
 brute-force recomputation."""
-import math
 import sys
 
 import pytest

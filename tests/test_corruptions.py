@@ -1,6 +1,5 @@
 """Corruptions against the reference package ``imagecorruptions`` (where deterministic), PIL,
 scipy and their defining formulas."""
-import math
 
 import numpy as np
 import pytest

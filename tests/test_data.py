@@ -2,7 +2,6 @@
 import os
 import pickle
 import random
-import warnings
 
 import numpy as np
 import pytest

@@ -1,6 +1,5 @@
 """``vitlab eval`` and the calibration metrics it reports."""
 import json
-import math
 
 import numpy as np
 import pytest

@@ -163,3 +163,20 @@ def test_mlp_chunked_equals_reference_and_is_taken_only_when_safe(monkeypatch):
     with torch.no_grad():
         mlp(x)
     assert not taken
+
+
+def test_residual_wiring_calls_every_part():
+    """ResidualHalves reads the block's parts: FeatScale, conv units, shortcuts, norms, mixer, MLP
+    (a class attribute shadowing a submodule slot once silently dropped FeatScale and conv units)."""
+    from vitlab.models.swin import SwinBlock
+    from vitlab.models.vit import Block
+
+    blocks = [(Block(32, 2, featscale=True, conv_units=True, shortcut="weighted"), ((4, 4), 1), 17),
+              (SwinBlock(32, (4, 4), 2, window_size=2, featscale=True, conv_units=True, post_norm=True), (), 16)]
+    for blk, ctx, n in blocks:
+        calls = []
+        parts = [blk.featscale, *blk.conv_units, blk.norm1, blk.norm2, blk.attn, blk.mlp, blk.ls1, blk.ls2]
+        for i, m in enumerate(parts):
+            m.register_forward_hook(lambda mod, inp, out, i=i: calls.append(i))
+        blk(torch.randn(2, n, 32), *ctx)
+        assert sorted(set(calls)) == list(range(len(parts))), (type(blk).__name__, calls)

@@ -1,7 +1,6 @@
 """Loss landscape: the centre is the model's own loss, every grid point equals the loss of an
 independently perturbed copy, directions are filter-normalised, the l2 terms follow their formulas."""
 import copy
-import math
 
 import pytest
 import torch

@@ -15,7 +15,6 @@ texture (an approximation, flagged by :data:`FROST_SOURCE`).
 """
 from __future__ import annotations
 
-import io
 import math
 from typing import Callable, Dict, Optional
 

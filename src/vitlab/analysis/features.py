@@ -6,7 +6,7 @@ Park & Kim, "How Do Vision Transformers Work?" (ICLR 2022) §3.2-§5 and Wang et
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, Optional
+from typing import Dict, Optional
 
 import torch
 

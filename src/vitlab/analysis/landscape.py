@@ -10,7 +10,6 @@ of (augmented) batches; the plotted loss is NLL + weight_decay Ã— L2 with L2 = Î
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Dict, Optional, Sequence
 
 import torch

@@ -6,7 +6,7 @@ X ∈ R^{N×D}: DC[X] = (1/N)11ᵀX (the mean token), HC[X] = X − DC[X].
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import List, Sequence
 
 import torch
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import functools
 import os
 import warnings
-from typing import Any, Callable, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 from PIL import Image

@@ -23,7 +23,6 @@ import time
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vitlab.engine.checkpoint import atomic_save, capture_rng, find_resume_checkpoint, load_checkpoint, restore_rng

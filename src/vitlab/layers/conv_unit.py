@@ -1,7 +1,7 @@
 """LipsFormer's depthwise-convolution residual units, run at the start of a block."""
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 from torch import nn

@@ -1,7 +1,6 @@
 """Weight initialisers, selectable by name: ``trunc_normal`` (default), ``xavier``, ``spectral``."""
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import nn

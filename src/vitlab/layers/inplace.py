@@ -27,12 +27,13 @@ def _hooked(m: nn.Module) -> bool:
 
 def overwritable(*producers: Optional[nn.Module]) -> bool:
     """True when the outputs of ``producers`` may be overwritten: autograd off and no forward hook
-    (module or global) that could have kept a reference to them.  ``None`` entries are skipped."""
+    (module or global) on them or their submodules (a submodule's output may be the producer's
+    output, e.g. the projection of an attention module).  ``None`` entries are skipped."""
     if torch.is_grad_enabled():
         return False
     if _module._global_forward_hooks or _module._global_forward_pre_hooks:
         return False
-    return not any(_hooked(m) for m in producers if m is not None)
+    return not any(_hooked(s) for m in producers if m is not None for s in m.modules())
 
 
 def _shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:

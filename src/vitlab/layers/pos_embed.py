@@ -4,7 +4,6 @@ from __future__ import annotations
 from typing import Tuple
 
 import torch
-from torch import nn
 
 __all__ = ["POS_EMBEDS", "sincos_2d", "resample_pos_embed"]
 

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitlab.layers import (DropPath, FeatScale, Mlp, PatchEmbed, create_mixer, create_norm, create_shortcut,
+from vitlab.layers import (DropPath, Mlp, PatchEmbed, create_norm, create_shortcut,
                            init_weights)
 from vitlab.layers.attention import Attention, CosineAttention
 from vitlab.layers.pos_embed import resample_pos_embed

@@ -36,6 +36,7 @@ from torch import nn
 from vitlab.layers import (DWConvUnit, DropPath, FeatScale, FocusedLinearAttention, Mlp, create_mixer, create_norm,
                            create_shortcut, init_weights)
 from vitlab.layers.mixers import MIXERS
+from vitlab.layers.residual import ResidualHalves
 from vitlab.layers.window import stripe_partition, stripe_reverse
 from vitlab.models.base import Intermediate, VitlabModel, make_default_cfg, tokens_to_map
 from vitlab.models.swin import LINEAR_MIXER, SwinStage, _per_stage, resize_size_dependent
@@ -83,7 +84,7 @@ def _from_stripes(t: torch.Tensor, hw: Tuple[int, int], stripe: Tuple[int, int])
     return x.reshape(x.shape[0], hw[0] * hw[1], nh * d)
 
 
-class CSwinBlock(nn.Module):
+class CSwinBlock(ResidualHalves, nn.Module):
     """One CSwin block on ``(B, H*W, C)`` tokens of a fixed ``resolution``.
 
     ``norm_layout``: ``"pre"`` (CSwin: ``x + attn(norm1(x))``, ``x + mlp(norm2(x))``),
@@ -187,23 +188,18 @@ class CSwinBlock(nn.Module):
         y = torch.cat(merged, dim=-1) if len(merged) > 1 else merged[0]
         return self.attn.proj_drop(self.attn.proj(y))
 
-    def attn_half(self, x: torch.Tensor) -> torch.Tensor:
-        if self.conv_units is not None:
-            for unit in self.conv_units:
-                x = unit(x, self.resolution)
-        y = self.cross_attention(self.norm1(x) if self.norm_layout == "pre" else x)
-        if self.featscale is not None:  # mean over all tokens of the stage map
-            y = self.featscale(y)
-        x = x + self.drop_path1(self.ls1(y))
-        return self.norm1(x) if self.norm_layout == "post" else x
+    @property
+    def post_norm(self) -> bool:
+        """Branches read un-normalised tokens ("post" and "end"; "end" has ``norm1 = Identity``)."""
+        return self.norm_layout != "pre"
 
-    def mlp_half(self, x: torch.Tensor) -> torch.Tensor:
-        if self.norm_layout == "pre":
-            return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-        return self.norm2(x + self.drop_path2(self.ls2(self.mlp(x))))
+    def _mix(self, x: torch.Tensor) -> torch.Tensor:
+        return self.cross_attention(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp_half(self.attn_half(x))
+    def _unit_args(self) -> Tuple[Tuple[int, int]]:
+        return (self.resolution,)
+
+    # attn_half(x), mlp_half(x), forward(x): vitlab.layers.residual
 
 
 class CSwinTransformer(VitlabModel):

@@ -31,6 +31,8 @@ from torch import nn
 from vitlab.layers import (DropPath, FeatScale, Mlp, PatchEmbed, create_mixer, create_norm, create_shortcut,
                            init_weights)
 from vitlab.layers.attention import Attention, CosineAttention
+from vitlab.layers.inplace import activate
+from vitlab.layers.residual import ResidualHalves
 from vitlab.layers.pos_embed import resample_pos_embed
 from vitlab.models.base import Intermediate, VitlabModel, make_default_cfg, register_recipe, tokens_to_map
 
@@ -155,11 +157,12 @@ class MlpWithDepthwiseConv(nn.Module):
     def forward(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
         x = self.fc1(x)
         b, n, c = x.shape
-        x = self.dwconv(self.relu(x.transpose(1, 2).reshape(b, c, hw[0], hw[1])))
-        return self.drop(self.fc2(self.drop(self.act(x.flatten(2).transpose(1, 2)))))
+        x = self.dwconv(activate(self.relu, x.transpose(1, 2).reshape(b, c, hw[0], hw[1]), self.fc1))
+        # without autograd, the activations overwrite their inputs (vitlab.layers.inplace)
+        return self.drop(self.fc2(self.drop(activate(self.act, x.flatten(2).transpose(1, 2), self.dwconv))))
 
 
-class PvtBlock(nn.Module):
+class PvtBlock(ResidualHalves, nn.Module):
     """``x + DropPath(ls1(FeatScale(mixer(norm1(x)))))`` then ``x + DropPath(ls2(mlp(norm2(x))))``,
     with PVT's SRA mixer (Wang et al., ICCV 2021) and, for PVTv2, the convolutional FFN."""
 
@@ -185,24 +188,17 @@ class PvtBlock(nn.Module):
         self.ls2 = create_shortcut(shortcut, dim, shortcut_init, depth=total_depth)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def attn_half(self, x: torch.Tensor, hw: Tuple[int, int], num_prefix: int = 0) -> torch.Tensor:
-        y = self.attn(self.norm1(x), hw=hw, num_prefix=num_prefix)
-        if self.featscale is not None:
-            y = self.featscale(y)
-        return x + self.drop_path1(self.ls1(y))
+    def _mix(self, x: torch.Tensor, hw: Tuple[int, int], num_prefix: int = 0) -> torch.Tensor:
+        return self.attn(x, hw=hw, num_prefix=num_prefix)
 
-    def mlp_half(self, x: torch.Tensor, hw: Tuple[int, int], num_prefix: int = 0) -> torch.Tensor:
-        y = self.norm2(x)
-        if self.dwconv_mlp:
-            if num_prefix:
-                raise ValueError("the convolutional FFN of PVTv2 cannot take prefix (class) tokens")
-            y = self.mlp(y, hw)
-        else:
-            y = self.mlp(y)
-        return x + self.drop_path2(self.ls2(y))
+    def _mlp(self, x: torch.Tensor, hw: Tuple[int, int], num_prefix: int = 0) -> torch.Tensor:
+        if not self.dwconv_mlp:
+            return self.mlp(x)
+        if num_prefix:
+            raise ValueError("the convolutional FFN of PVTv2 cannot take prefix (class) tokens")
+        return self.mlp(x, hw)
 
-    def forward(self, x: torch.Tensor, hw: Tuple[int, int], num_prefix: int = 0) -> torch.Tensor:
-        return self.mlp_half(self.attn_half(x, hw, num_prefix), hw, num_prefix)
+    # attn_half(x, hw, num_prefix), mlp_half(x, hw, num_prefix), forward: vitlab.layers.residual
 
 
 def _as_tuple(v: Any, n: int, what: str) -> Tuple[Any, ...]:

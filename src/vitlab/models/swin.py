@@ -32,6 +32,7 @@ from vitlab.layers import (DWConvUnit, DropPath, FeatScale, Mlp, PatchEmbed, cre
                            create_shortcut, init_weights)
 from vitlab.layers.mixers import MIXERS
 from vitlab.layers.pos_embed import resample_pos_embed
+from vitlab.layers.residual import ResidualHalves
 from vitlab.layers.window import (REL_POS_RESIZE_METHODS, add_relative_position_bias, relative_position_bias,
                                   resize_relative_position_table, shift_window_mask, window_bias,
                                   window_partition, window_reverse)
@@ -102,7 +103,7 @@ class PatchMerging(nn.Module):
         return self.reduction(self.norm(x)), (h2, w2)
 
 
-class SwinBlock(nn.Module):
+class SwinBlock(ResidualHalves, nn.Module):
     """One Swin block on ``(B, H*W, C)`` tokens of a fixed ``resolution``.
 
     Pre-norm (default): ``x + DropPath(ls1(FeatScale(WMSA(norm1(x)))))``, then the MLP half.
@@ -187,23 +188,14 @@ class SwinBlock(nn.Module):
             y = torch.roll(y, shifts=(sh, sw), dims=(1, 2))
         return y.reshape(b, n, c)
 
-    def attn_half(self, x: torch.Tensor) -> torch.Tensor:
-        if self.conv_units is not None:
-            for unit in self.conv_units:
-                x = unit(x, self.resolution)
-        y = self.window_attention(x if self.post_norm else self.norm1(x))
-        if self.featscale is not None:  # mean over all tokens of the stage map (not per window)
-            y = self.featscale(y)
-        x = x + self.drop_path1(self.ls1(y))
-        return self.norm1(x) if self.post_norm else x
+    def _mix(self, x: torch.Tensor) -> torch.Tensor:
+        return self.window_attention(x)
 
-    def mlp_half(self, x: torch.Tensor) -> torch.Tensor:
-        if self.post_norm:
-            return self.norm2(x + self.drop_path2(self.ls2(self.mlp(x))))
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+    def _unit_args(self) -> Tuple[Tuple[int, int]]:
+        return (self.resolution,)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp_half(self.attn_half(x))
+    # attn_half(x), mlp_half(x), forward(x): vitlab.layers.residual (the FeatScale mean runs over all
+    # tokens of the stage map, not per window)
 
 
 class SwinStage(nn.Module):

@@ -20,14 +20,14 @@ from torch import nn
 
 from vitlab.layers import (DWConvUnit, DropPath, EMBEDS, FeatScale, Mlp, create_mixer, create_norm,
                            create_shortcut, init_weights, sincos_2d)
-from vitlab.layers.inplace import residual_add
+from vitlab.layers.residual import ResidualHalves
 from vitlab.layers.pos_embed import POS_EMBEDS, resample_pos_embed
 from vitlab.models.base import Intermediate, VitlabModel, make_default_cfg, tokens_to_map
 
 __all__ = ["Block", "VisionTransformer"]
 
 
-class Block(nn.Module):
+class Block(ResidualHalves, nn.Module):
     """One transformer block: ``x + DropPath(ls1(FeatScale(mixer(norm1(x)))))`` then the MLP
     half.  ``post_norm=True`` moves the norms after each residual add (LipsFormer's wiring);
     ``conv_units=True`` runs LipsFormer's two depthwise-conv residual units first."""
@@ -57,23 +57,10 @@ class Block(nn.Module):
         self.ls2 = create_shortcut(shortcut, dim, shortcut_init, depth=total_depth)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def attn_half(self, x: torch.Tensor, hw: Tuple[int, int], num_prefix: int) -> torch.Tensor:
-        if self.conv_units is not None:
-            for unit in self.conv_units:
-                x = unit(x, hw, num_prefix)
-        y = self.attn(x if self.post_norm else self.norm1(x), hw=hw, num_prefix=num_prefix)
-        if self.featscale is not None:
-            y = self.featscale(y)
-        x = residual_add(x, self.drop_path1(self.ls1(y)), self.attn, self.featscale, self.ls1, self.drop_path1)
-        return self.norm1(x) if self.post_norm else x
+    def _mix(self, x: torch.Tensor, hw: Tuple[int, int], num_prefix: int = 0) -> torch.Tensor:
+        return self.attn(x, hw=hw, num_prefix=num_prefix)
 
-    def mlp_half(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.drop_path2(self.ls2(self.mlp(x if self.post_norm else self.norm2(x))))
-        x = residual_add(x, y, self.mlp, self.ls2, self.drop_path2)
-        return self.norm2(x) if self.post_norm else x
-
-    def forward(self, x: torch.Tensor, hw: Tuple[int, int], num_prefix: int = 0) -> torch.Tensor:
-        return self.mlp_half(self.attn_half(x, hw, num_prefix))
+    # attn_half(x, hw, num_prefix), mlp_half(x), forward(x, hw, num_prefix): vitlab.layers.residual
 
 
 class VisionTransformer(VitlabModel):
