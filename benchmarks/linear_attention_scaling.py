@@ -25,11 +25,12 @@ MATH = "softmax (math, N x N in memory)"
 class OneBlock(nn.Module):
     """A (B, C, H, W) map -> tokens -> one Block -> tokens: lets ``vitlab.bench`` time a block."""
 
-    def __init__(self, dim: int, heads: int, mixer: str, math: bool = False):
+    def __init__(self, dim: int, heads: int, mixer: str, math: bool = False, pool: bool = False):
         super().__init__()
         self.block = Block(dim, heads, mixer=mixer)
         self.num_classes = dim
         self.math = math  # force the math SDPA backend: the N x N probabilities are materialised
+        self.pool = pool  # training step: mean over tokens -> (B, C) "logits" for the loss
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -38,8 +39,10 @@ class OneBlock(nn.Module):
         tokens = x.flatten(2).transpose(1, 2)
         if self.math:
             with sdpa_kernel(SDPBackend.MATH):
-                return self.block(tokens, (h, w), 0)
-        return self.block(tokens, (h, w), 0)
+                out = self.block(tokens, (h, w), 0)
+        else:
+            out = self.block(tokens, (h, w), 0)
+        return out.mean(1) if self.pool else out
 
 
 def main() -> int:
@@ -60,9 +63,9 @@ def main() -> int:
         spec = StepSpec(batch_size=args.batch_size, input_size=(args.dim, side, side), train=args.train,
                         device=args.device, amp=args.amp, compile=args.compile)
         torch.manual_seed(0)
-        models = {m: OneBlock(args.dim, args.heads, m) for m in MIXERS}
+        models = {m: OneBlock(args.dim, args.heads, m, pool=args.train) for m in MIXERS}
         if side * side <= args.math_max_n:
-            models[MATH] = OneBlock(args.dim, args.heads, "softmax", math=True)
+            models[MATH] = OneBlock(args.dim, args.heads, "softmax", math=True, pool=args.train)
         res[side] = compare(models, spec, runs=args.runs, warmup=args.warmup)
         print(f"N={side * side}: " + ", ".join(f"{m} {r.median_s * 1e3:.1f} ms, {C.format_bytes(r.peak_mem_bytes)}"
                                                 for m, r in res[side].items()), flush=True)

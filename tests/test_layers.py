@@ -338,3 +338,31 @@ def test_cosine_attention_learnable_tau_fast_path_equals_explicit():
     torch.testing.assert_close(g_fast, m.tau.grad, atol=1e-4, rtol=1e-4)
     assert g_fast.abs() > 0 and m.scale == 1.0
     assert CosineAttention(32, 4, tau=12.0).scale == 12.0
+
+
+def test_fused_feature_map_equals_composed_ops_and_gradchecks(monkeypatch):
+    """focused_feature_map (hand-written backward, row chunks) = focusing_function of
+    (relu(u) + 1e-6) * inv, values and gradients for u and inv, on a non-contiguous split view."""
+    import vitlab.layers.linear_attention as la
+    from vitlab.layers.linear_attention import focused_feature_map
+
+    monkeypatch.setattr(la, "_FOCUS_CHUNK_BYTES", 2 * 12 * 8 * 3)  # 3 tokens per chunk: several chunks
+    torch.manual_seed(0)
+    qkv = torch.randn(2, 7, 36, dtype=torch.float64, requires_grad=True)
+    inv = (torch.rand(1, 1, 12, dtype=torch.float64) + 0.5).requires_grad_()
+
+    def fused(a, w):
+        return focused_feature_map(a.split([24, 12], dim=-1)[0].unflatten(-1, (2, 12)), w, 3.0)
+
+    def composed(a, w):
+        u = a.split([24, 12], dim=-1)[0].unflatten(-1, (2, 12))
+        return focusing_function(torch.addcmul(1e-6 * w, F.relu(u), w), 3.0)
+
+    assert torch.autograd.gradcheck(fused, (qkv, inv))
+    g = torch.randn(2, 7, 2, 12, dtype=torch.float64)
+    out_f, out_c = fused(qkv, inv), composed(qkv, inv)
+    assert (out_f - out_c).abs().max() < 1e-12
+    for a, b in zip(torch.autograd.grad(out_f, (qkv, inv), g), torch.autograd.grad(out_c, (qkv, inv), g)):
+        assert (a - b).abs().max() < 1e-10
+    with pytest.raises(ValueError, match="one value per channel"):
+        focused_feature_map(torch.rand(3, 12), torch.rand(5))

@@ -11,7 +11,7 @@ from torch import nn
 from vitlab.layers.attention import Attention
 from vitlab.layers.inplace import chunkable
 
-__all__ = ["FocusedLinearAttention", "focusing_function"]
+__all__ = ["FocusedLinearAttention", "focusing_function", "focused_feature_map"]
 
 
 def focusing_function(x: torch.Tensor, p: float = 3.0) -> torch.Tensor:
@@ -22,6 +22,74 @@ def focusing_function(x: torch.Tensor, p: float = 3.0) -> torch.Tensor:
     """
     xp = x ** p
     return xp * (x.norm(dim=-1, keepdim=True) / xp.norm(dim=-1, keepdim=True))
+
+
+_FOCUS_CHUNK_BYTES = 4 * 1024 * 1024  # the fused feature map walks its input in chunks of about 4 MiB
+
+
+class _FeatureMap(torch.autograd.Function):
+    """``phi(u) = f_p((relu(u) + 1e-6) * inv)``, the focusing function ``f_p`` over the last axis,
+    forward and backward walked in row chunks that stay in the cache.  Saves only ``u`` and ``inv``;
+    the backward recomputes ``t = (relu(u) + 1e-6) * inv``, ``t**p`` and the norms.  Per row, with
+    ``a = |t|``, ``b = |t**p|``, ``s = a / b`` and ``G = g . t**p``::
+
+        dL/dt   = p t**(p-1) * (s g - G a / b**3 * t**p) + G / (a b) * t
+        dL/du   = dL/dt * inv * [u > 0]
+        dL/dinv = sum over rows of dL/dt * (relu(u) + 1e-6)
+    """
+
+    @staticmethod
+    def _rows(x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(-1, *x.shape[-2:]) if x.dim() >= 2 else x.reshape(1, 1, -1)
+
+    @staticmethod
+    def forward(ctx, u: torch.Tensor, inv: torch.Tensor, p: float) -> torch.Tensor:
+        c = u.shape[-1]
+        if inv.numel() != c:
+            raise ValueError(f"inv must hold one value per channel ({c}), got shape {tuple(inv.shape)}")
+        ctx.save_for_backward(u, inv)
+        ctx.p = p
+        rows, w = _FeatureMap._rows(u), inv.reshape(c)
+        out = torch.empty(rows.shape, dtype=u.dtype, device=u.device)
+        eps_w = 1e-6 * w
+        step = max(1, _FOCUS_CHUNK_BYTES // (rows[0].numel() * u.element_size()))
+        for r in range(0, rows.shape[0], step):
+            t = torch.addcmul(eps_w, rows[r:r + step].relu(), w)
+            tp = t.pow(p)
+            torch.mul(tp, t.norm(dim=-1, keepdim=True) / tp.norm(dim=-1, keepdim=True), out=out[r:r + step])
+        return out.view(u.shape)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: torch.Tensor):
+        u, inv = ctx.saved_tensors
+        p, c = ctx.p, u.shape[-1]
+        rows, grows, w = _FeatureMap._rows(u), _FeatureMap._rows(g), inv.reshape(c)
+        gu = torch.empty(rows.shape, dtype=u.dtype, device=u.device)
+        gw = torch.zeros(c, dtype=torch.float64 if u.dtype == torch.float64 else torch.float32, device=u.device)
+        step = max(1, _FOCUS_CHUNK_BYTES // (rows[0].numel() * u.element_size()))
+        for r in range(0, rows.shape[0], step):
+            uc, gc = rows[r:r + step], grows[r:r + step]
+            rl = uc.relu().add_(1e-6)
+            t = rl * w
+            tpm1 = t.pow(p - 1.0)
+            tp = tpm1 * t
+            a = t.norm(dim=-1, keepdim=True)
+            b = tp.norm(dim=-1, keepdim=True)
+            big_g = (gc * tp).sum(dim=-1, keepdim=True)
+            inner = gc * (a / b) - tp * (big_g * a / b.pow(3))
+            gt = torch.addcmul(t * (big_g / (a * b)), tpm1, inner, value=p)
+            gw += (gt * rl).sum(dim=tuple(range(gt.dim() - 1)), dtype=gw.dtype)
+            torch.mul(gt.mul_(w), uc > 0, out=gu[r:r + step])
+        return gu.view(u.shape), gw.to(inv.dtype).view(inv.shape), None
+
+
+def focused_feature_map(u: torch.Tensor, inv: torch.Tensor, p: float = 3.0) -> torch.Tensor:
+    """FLatten's kernel feature map ``f_p((relu(u) + 1e-6) * inv)`` (``inv = 1 / softplus(scale)``,
+    one value per channel) with a hand-written backward, computed in cache-sized row chunks: fewer
+    passes over memory than the composed ops, and autograd keeps only ``u`` and ``inv``.  Equal to
+    ``focusing_function(torch.addcmul(1e-6 * inv, relu(u), inv), p)`` (tests)."""
+    return _FeatureMap.apply(u, inv, float(p))
 
 
 class FocusedLinearAttention(Attention):
@@ -61,27 +129,26 @@ class FocusedLinearAttention(Attention):
         self.pos_enc = nn.Parameter(torch.zeros(1, num_tokens, dim)) if num_tokens else None
 
     def _phi_qk(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``(qkv (B, N, 3C), phi([q, k]) (B, N, 2, C))``: the kernel feature map of q and k,
-        computed for both in one pass of each elementwise op (fewer kernel launches)."""
+        """``(v (B, N, C), phi([q, k]) (B, N, 2, C))``: the kernel feature map of q and k,
+        computed for both in one pass of each elementwise op (fewer kernel launches).  The
+        projection is split with ``split`` (its backward concatenates the gradients; slicing
+        would zero-fill a full-size gradient once per slice)."""
         b, n, c = x.shape
-        qkv = self.qkv(x)
-        qk = qkv[..., :2 * c]
+        qk, v = self.qkv(x).split([2 * c, c], dim=-1)
         if self.pos_enc is not None:
             if self.pos_enc.shape[1] != n:
                 raise ValueError(f"FocusedLinearAttention was built for {self.pos_enc.shape[1]} tokens, got {n}")
             qk = qk + F.pad(self.pos_enc, (c, 0))  # position encoding on K only
         qk = qk.unflatten(-1, (2, c))
-        inv = 1.0 / F.softplus(self.scale_param)
-        # (relu(t) + 1e-6) / softplus(s) as one fused multiply-add
-        t = torch.addcmul(1e-6 * inv, F.relu(qk), inv)
-        return qkv, focusing_function(t, self.focusing_factor)
+        # f_p((relu(qk) + 1e-6) / softplus(s)), fused and chunked (forward and backward)
+        return v, focused_feature_map(qk, 1.0 / F.softplus(self.scale_param), self.focusing_factor)
 
     def _features(self, x: torch.Tensor, num_prefix: int = 0):
         """``phi(q), phi(k), v`` split into heads, each ``(B, heads, N, head_dim)``."""
         b, n, c = x.shape
-        qkv, phi = self._phi_qk(x)
+        v, phi = self._phi_qk(x)
         q, k = phi.unflatten(-1, (self.num_heads, self.head_dim)).permute(2, 0, 3, 1, 4).unbind(0)
-        v = qkv[..., 2 * c:].reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+        v = v.reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
         return q, k, v
 
     def _dwc(self, v: torch.Tensor, hw: Optional[Tuple[int, int]], num_prefix: int) -> torch.Tensor:
@@ -117,11 +184,6 @@ class FocusedLinearAttention(Attention):
             return self.proj_drop(self.proj(self._chunked(x, hw, num_prefix)))
         return self.proj_drop(self.proj(self._fast(x, hw, num_prefix)))
 
-    def _phi_chunk(self, t: torch.Tensor, inv: torch.Tensor, eps_inv: torch.Tensor) -> torch.Tensor:
-        """``phi`` of one chunk of q or k, ``(L, C)``, overwriting ``t`` (a fresh projection output)."""
-        t = torch.addcmul(eps_inv, t.relu_(), inv)  # (relu(t) + 1e-6) / softplus(s)
-        return focusing_function(t, self.focusing_factor)
-
     def _chunked(self, x: torch.Tensor, hw: Optional[Tuple[int, int]], num_prefix: int) -> torch.Tensor:
         """Same result as :meth:`_fast` (``(B, N, C)`` before the projection), in two passes over
         token chunks per image: (1) project k and v, accumulate ``phi(K)^T V`` and ``sum_j phi(k_j)``,
@@ -135,7 +197,7 @@ class FocusedLinearAttention(Attention):
         bias = self.qkv.bias if self.qkv.bias is not None else w.new_zeros(3 * c)
         (wq, wk, wv), (bq, bk, bv) = w.split(c), bias.split(c)
         inv = (1.0 / F.softplus(self.scale_param)).reshape(c)
-        eps_inv = 1e-6 * inv
+        p = self.focusing_factor
         step = self.chunk_tokens
         x = x.contiguous()
         v = x.new_empty(b, n, c)
@@ -147,7 +209,7 @@ class FocusedLinearAttention(Attention):
                 k = torch.addmm(bk, xs, wk.t())
                 if self.pos_enc is not None:
                     k += self.pos_enc[0, s:s + step]
-                k = self._phi_chunk(k, inv, eps_inv).view(-1, h, d)
+                k = focused_feature_map(k, inv, p).view(-1, h, d)
                 vs = torch.addmm(bv, xs, wv.t(), out=v[i, s:s + step]).view(-1, h, d)
                 kv[i].baddbmm_(k.permute(1, 2, 0), vs.transpose(0, 1))  # (h, d, L) @ (h, L, d)
                 ksum[i] += k.sum(0)
@@ -156,7 +218,7 @@ class FocusedLinearAttention(Attention):
         out = x.new_empty(b, n, c)
         for i in range(b):
             for s in range(0, n, step):
-                q = self._phi_chunk(torch.addmm(bq, x[i, s:s + step], wq.t()), inv, eps_inv).view(-1, h, d)
+                q = focused_feature_map(torch.addmm(bq, x[i, s:s + step], wq.t()), inv, p).view(-1, h, d)
                 num = torch.bmm(q.transpose(0, 1), kv[i])  # (h, L, d)
                 den = (q * ksum[i]).sum(-1, keepdim=True).add_(1e-6)  # (L, h, 1)
                 torch.div(num.transpose(0, 1), den, out=out[i, s:s + step].view(-1, h, d))
@@ -175,13 +237,12 @@ class FocusedLinearAttention(Attention):
         the token map in channels-last layout with its per-head weights tiled over the heads."""
         b, n, c = x.shape
         h, d = self.num_heads, self.head_dim
-        qkv, phi = self._phi_qk(x)
+        v, phi = self._phi_qk(x)
         q, k = phi.unflatten(-1, (h, d)).permute(2, 0, 3, 1, 4).unbind(0)  # (B, h, N, d)
-        v = qkv[..., 2 * c:]
         v1 = torch.cat([v.unflatten(-1, (h, d)), v.new_ones(b, n, h, 1)], dim=-1).transpose(1, 2)
         kv1 = (k.transpose(-2, -1) @ v1) * (1.0 / n)  # (B, h, d, d + 1)
-        num = q @ kv1  # (B, h, N, d + 1)
-        out = num[..., :d] / (num[..., d:] + 1e-6)
+        num, den = (q @ kv1).split([d, 1], dim=-1)  # (B, h, N, d), (B, h, N, 1)
+        out = num / (den + 1e-6)
         out = out.transpose(1, 2).reshape(b, n, c)
         grid = self._grid(n - num_prefix, hw)
         vmap = v[:, num_prefix:].unflatten(1, grid).permute(0, 3, 1, 2)  # (B, C, H, W), channels-last strides
