@@ -3,7 +3,7 @@
     python benchmarks/linear_attention_scaling.py          # N = 196, 784, 3136, 12544; dim 384, 6 heads
 
 One pre-norm block (norm, mixer, MLP; vitlab's ``Block``) on a square token grid of side 14, 28,
-56, 112 (no class token), batch 1, inference.  Each token count alternates the two mixers step by
+56, 112 (no class token; contiguous ``(B, N, C)`` tokens, as inside a model), batch 1, inference.  Each token count alternates the two mixers step by
 step.  Prints time and peak step memory per N, the growth factor from one N to the next (4x the
 tokens), and the ratio softmax / focused_linear.  Linear attention: "FLatten Transformer: Vision
 Transformer using Focused Linear Attention" (Han et al., ICCV 2023).
@@ -23,7 +23,8 @@ MATH = "softmax (math, N x N in memory)"
 
 
 class OneBlock(nn.Module):
-    """A (B, C, H, W) map -> tokens -> one Block -> tokens: lets ``vitlab.bench`` time a block."""
+    """A channels-last (B, H, W, C) map -> (B, H*W, C) tokens (a view, no copy) -> one Block ->
+    tokens: lets ``vitlab.bench`` time a block on tokens laid out as inside a model."""
 
     def __init__(self, dim: int, heads: int, mixer: str, math: bool = False, pool: bool = False):
         super().__init__()
@@ -35,8 +36,8 @@ class OneBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        b, c, h, w = x.shape
-        tokens = x.flatten(2).transpose(1, 2)
+        b, h, w, c = x.shape
+        tokens = x.flatten(1, 2)
         if self.math:
             with sdpa_kernel(SDPBackend.MATH):
                 out = self.block(tokens, (h, w), 0)
@@ -60,7 +61,7 @@ def main() -> int:
     print(f"load average: {load0}")
     res = {}
     for side in args.sides:
-        spec = StepSpec(batch_size=args.batch_size, input_size=(args.dim, side, side), train=args.train,
+        spec = StepSpec(batch_size=args.batch_size, input_size=(side, side, args.dim), train=args.train,
                         device=args.device, amp=args.amp, compile=args.compile)
         torch.manual_seed(0)
         models = {m: OneBlock(args.dim, args.heads, m, pool=args.train) for m in MIXERS}
