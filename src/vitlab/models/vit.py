@@ -22,7 +22,7 @@ from vitlab.layers import (DWConvUnit, DropPath, EMBEDS, FeatScale, Mlp, create_
                            create_shortcut, init_weights, sincos_2d)
 from vitlab.layers.residual import ResidualHalves
 from vitlab.layers.pos_embed import POS_EMBEDS, resample_pos_embed
-from vitlab.models.base import Intermediate, VitlabModel, make_default_cfg, tokens_to_map
+from vitlab.models.base import Intermediate, VitlabModel, make_default_cfg, register_recipe, tokens_to_map
 
 __all__ = ["Block", "VisionTransformer"]
 
@@ -188,19 +188,9 @@ class VisionTransformer(VitlabModel):
 
 
 # -- registered recipes -------------------------------------------------------------------------
-from vitlab.registry import register_model  # noqa: E402
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
-
-
-def _vit(architecture: str, defaults: Dict[str, Any], overrides: Dict[str, Any], **cfg: Any) -> VisionTransformer:
-    """Merge a recipe's defaults with the caller's overrides and attach the matching default_cfg."""
-    kw = {**defaults, **overrides}
-    mean, std = cfg.pop("mean", None), cfg.pop("std", None)
-    default_cfg = make_default_cfg(architecture, kw.get("img_size", 224), kw.get("num_classes", 1000),
-                                   kw.get("in_chans", 3), **({"mean": mean, "std": std} if mean else {}), **cfg)
-    return VisionTransformer(architecture=architecture, default_cfg=default_cfg, **kw)
 
 
 _SIZES = {
@@ -213,13 +203,8 @@ _SIZES = {
 
 def _register_vit(name: str, size: str, patch: int, img: int, extra: Optional[Dict[str, Any]] = None, **cfg: Any):
     defaults = dict(_SIZES[size], patch_size=patch, img_size=img, **(extra or {}))
-
-    def factory(**overrides: Any) -> VisionTransformer:
-        return _vit(name, defaults, overrides, **dict(cfg))
-
-    factory.__name__ = factory.__qualname__ = name
-    factory.__doc__ = f"{name}: ViT-{size[0].upper()}/{patch} at {img}x{img} ({defaults})."
-    register_model(factory)
+    register_recipe(VisionTransformer, name, defaults, f"{name}: ViT-{size[0].upper()}/{patch} at {img}x{img} "
+                    f"({defaults}).", **cfg)
 
 
 # ViT (Dosovitskiy et al., 2021) and DeiT (Touvron et al., 2021): same sizes and names as timm.
