@@ -39,7 +39,7 @@ from vitlab.layers.mixers import MIXERS
 from vitlab.layers.residual import ResidualHalves
 from vitlab.layers.window import stripe_partition, stripe_reverse
 from vitlab.models.base import Intermediate, VitlabModel, make_default_cfg, tokens_to_map
-from vitlab.models.swin import LINEAR_MIXER, SwinStage, _per_stage, resize_size_dependent
+from vitlab.models.swin import LINEAR_MIXER, SwinStage, _per_stage, resize_size_dependent, stage_intermediates
 from vitlab.registry import register_model
 
 __all__ = ["CSwinTransformer", "CSwinBlock", "ConvEmbed", "cswin_from_official", "cswin_to_official"]
@@ -313,17 +313,8 @@ class CSwinTransformer(VitlabModel):
         """Stem, then per stage the merge (``downsample``) and every block's attention and MLP
         halves, each as a ``(B, C, H, W)`` map."""
         x, hw = self._embed(x)
-        out = [Intermediate("patch_embed", "embed", tokens_to_map(x, hw), None, 0)]
-        for i, stage in enumerate(self.layers):
-            if not isinstance(stage.downsample, nn.Identity):
-                x, hw = stage.downsample(x, hw)
-                out.append(Intermediate(f"layers.{i}.downsample", "downsample", tokens_to_map(x, hw), None, i))
-            for j, blk in enumerate(stage.blocks):
-                x = blk.attn_half(x)
-                out.append(Intermediate(f"layers.{i}.blocks.{j}.attn", "attn", tokens_to_map(x, hw), None, i))
-                x = blk.mlp_half(x)
-                out.append(Intermediate(f"layers.{i}.blocks.{j}.mlp", "mlp", tokens_to_map(x, hw), None, i))
-        return out
+        embed = Intermediate("patch_embed", "embed", tokens_to_map(x, hw), None, 0)
+        return [embed] + stage_intermediates(self.layers, x, hw)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Loads a state dict; focused-linear key position encodings trained at another input

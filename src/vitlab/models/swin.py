@@ -39,7 +39,7 @@ from vitlab.layers.window import (REL_POS_RESIZE_METHODS, add_relative_position_
 from vitlab.models.base import Intermediate, VitlabModel, make_default_cfg, tokens_to_map
 from vitlab.registry import register_model
 
-__all__ = ["SwinTransformer", "SwinBlock", "SwinStage", "PatchMerging", "resize_size_dependent"]
+__all__ = ["SwinTransformer", "SwinBlock", "SwinStage", "PatchMerging", "resize_size_dependent", "stage_intermediates"]
 
 LINEAR_MIXER = "focused_linear"
 
@@ -212,6 +212,22 @@ class SwinStage(nn.Module):
         return self.blocks(x), hw
 
 
+def stage_intermediates(layers: nn.ModuleList, x: torch.Tensor, hw: Tuple[int, int]) -> List[Intermediate]:
+    """``forward_intermediates`` of hierarchical stages (Swin, CSwin): per stage its ``downsample``
+    (unless ``Identity``) and every block's attention and MLP halves, each as a ``(B, C, H, W)`` map."""
+    out = []
+    for i, stage in enumerate(layers):
+        if not isinstance(stage.downsample, nn.Identity):
+            x, hw = stage.downsample(x, hw)
+            out.append(Intermediate(f"layers.{i}.downsample", "downsample", tokens_to_map(x, hw), None, i))
+        for j, blk in enumerate(stage.blocks):
+            x = blk.attn_half(x)
+            out.append(Intermediate(f"layers.{i}.blocks.{j}.attn", "attn", tokens_to_map(x, hw), None, i))
+            x = blk.mlp_half(x)
+            out.append(Intermediate(f"layers.{i}.blocks.{j}.mlp", "mlp", tokens_to_map(x, hw), None, i))
+    return out
+
+
 class SwinTransformer(VitlabModel):
     """Swin Transformer whose parts are arguments (Liu et al., ICCV 2021).
 
@@ -316,17 +332,8 @@ class SwinTransformer(VitlabModel):
         """Patch embedding, then per stage the patch merging (``downsample``) and, for every
         block, its attention half and its MLP half, each as a ``(B, C, H, W)`` map."""
         x, hw = self._embed(x), self.grid_size
-        out = [Intermediate("patch_embed", "embed", tokens_to_map(x, hw), None, 0)]
-        for i, stage in enumerate(self.layers):
-            if not isinstance(stage.downsample, nn.Identity):
-                x, hw = stage.downsample(x, hw)
-                out.append(Intermediate(f"layers.{i}.downsample", "downsample", tokens_to_map(x, hw), None, i))
-            for j, blk in enumerate(stage.blocks):
-                x = blk.attn_half(x)
-                out.append(Intermediate(f"layers.{i}.blocks.{j}.attn", "attn", tokens_to_map(x, hw), None, i))
-                x = blk.mlp_half(x)
-                out.append(Intermediate(f"layers.{i}.blocks.{j}.mlp", "mlp", tokens_to_map(x, hw), None, i))
-        return out
+        embed = Intermediate("patch_embed", "embed", tokens_to_map(x, hw), None, 0)
+        return [embed] + stage_intermediates(self.layers, x, hw)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Loads a state dict, resizing what depends on the input size: relative position
