@@ -230,20 +230,26 @@ class FocusedLinearAttention(Attention):
         out[:, num_prefix:] += dw.reshape(b, -1, c)
         return out
 
+    @staticmethod
+    def linear_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``q (K^T V / n) / (q . mean_j k_j + 1e-6)`` on ``(B, heads, N, d)`` feature maps and values, at
+        O(N d^2): V gets a column of ones, so that one ``K^T [V, 1] / n`` product gives both the
+        numerator and the normaliser.  Used by the unchunked path and by CSwin's linear stages."""
+        n, d = k.shape[-2], v.shape[-1]
+        v1 = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)
+        kv1 = (k.transpose(-2, -1) @ v1) * (1.0 / n)  # (B, h, d, d + 1)
+        num, den = (q @ kv1).split([d, 1], dim=-1)  # (B, h, N, d), (B, h, N, 1)
+        return num / (den + 1e-6)
+
     def _fast(self, x: torch.Tensor, hw: Optional[Tuple[int, int]], num_prefix: int) -> torch.Tensor:
-        """Linear-cost path, ``(B, N, C)`` before the projection.  V gets a column of ones, so that one
-        ``phi(K)^T [V, 1] / n`` product gives both the numerator ``K^T V / n`` and the normaliser
-        ``mean_j phi(k_j)`` (same math as ``q (K^T V / n) / (q . mean_j k_j + 1e-6)``); the DWC runs on
-        the token map in channels-last layout with its per-head weights tiled over the heads."""
+        """Linear-cost path, ``(B, N, C)`` before the projection: :meth:`linear_attend` on the whole
+        sequence; the DWC runs on the token map in channels-last layout with its per-head weights
+        tiled over the heads."""
         b, n, c = x.shape
         h, d = self.num_heads, self.head_dim
         v, phi = self._phi_qk(x)
         q, k = phi.unflatten(-1, (h, d)).permute(2, 0, 3, 1, 4).unbind(0)  # (B, h, N, d)
-        v1 = torch.cat([v.unflatten(-1, (h, d)), v.new_ones(b, n, h, 1)], dim=-1).transpose(1, 2)
-        kv1 = (k.transpose(-2, -1) @ v1) * (1.0 / n)  # (B, h, d, d + 1)
-        num, den = (q @ kv1).split([d, 1], dim=-1)  # (B, h, N, d), (B, h, N, 1)
-        out = num / (den + 1e-6)
-        out = out.transpose(1, 2).reshape(b, n, c)
+        out = self.linear_attend(q, k, v.unflatten(-1, (h, d)).transpose(1, 2)).transpose(1, 2).reshape(b, n, c)
         grid = self._grid(n - num_prefix, hw)
         vmap = v[:, num_prefix:].unflatten(1, grid).permute(0, 3, 1, 2)  # (B, C, H, W), channels-last strides
         w = self.dwc.weight.repeat(h, 1, 1, 1)

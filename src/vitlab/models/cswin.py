@@ -157,9 +157,7 @@ class CSwinBlock(ResidualHalves, nn.Module):
             attn._record(probs)
             out = probs @ v
         else:
-            n = k.shape[-2]
-            z = 1.0 / (q @ k.mean(dim=-2, keepdim=True).transpose(-2, -1) + 1e-6)
-            out = (q @ ((k.transpose(-2, -1) * n ** -0.5) @ (v * n ** -0.5))) * z
+            out = attn.linear_attend(q, k, v)
         return out + attn._dwc(v, self.resolution, 0)
 
     def cross_attention(self, x: torch.Tensor) -> torch.Tensor:
