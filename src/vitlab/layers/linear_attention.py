@@ -135,9 +135,8 @@ class FocusedLinearAttention(Attention):
         would zero-fill a full-size gradient once per slice)."""
         b, n, c = x.shape
         qk, v = self.qkv(x).split([2 * c, c], dim=-1)
+        self._check_tokens(n)
         if self.pos_enc is not None:
-            if self.pos_enc.shape[1] != n:
-                raise ValueError(f"FocusedLinearAttention was built for {self.pos_enc.shape[1]} tokens, got {n}")
             qk = qk + F.pad(self.pos_enc, (c, 0))  # position encoding on K only
         qk = qk.unflatten(-1, (2, c))
         # f_p((relu(qk) + 1e-6) / softplus(s)), fused and chunked (forward and backward)
@@ -191,8 +190,7 @@ class FocusedLinearAttention(Attention):
         straight into the output.  No autograd, no autocast (callers check)."""
         b, n, c = x.shape
         h, d = self.num_heads, self.head_dim
-        if self.pos_enc is not None and self.pos_enc.shape[1] != n:
-            raise ValueError(f"FocusedLinearAttention was built for {self.pos_enc.shape[1]} tokens, got {n}")
+        self._check_tokens(n)
         w = self.qkv.weight
         bias = self.qkv.bias if self.qkv.bias is not None else w.new_zeros(3 * c)
         (wq, wk, wv), (bq, bk, bv) = w.split(c), bias.split(c)
@@ -222,12 +220,7 @@ class FocusedLinearAttention(Attention):
                 num = torch.bmm(q.transpose(0, 1), kv[i])  # (h, L, d)
                 den = (q * ksum[i]).sum(-1, keepdim=True).add_(1e-6)  # (L, h, 1)
                 torch.div(num.transpose(0, 1), den, out=out[i, s:s + step].view(-1, h, d))
-        grid = self._grid(n - num_prefix, hw)
-        vmap = v[:, num_prefix:].unflatten(1, grid).permute(0, 3, 1, 2)  # (B, C, H, W), channels-last strides
-        wd = self.dwc.weight.repeat(h, 1, 1, 1)
-        bd = self.dwc.bias.repeat(h) if self.dwc.bias is not None else None
-        dw = F.conv2d(vmap, wd, bd, padding=self.dwc.padding, groups=c).permute(0, 2, 3, 1)
-        out[:, num_prefix:] += dw.reshape(b, -1, c)
+        out[:, num_prefix:] += self._dwc_tokens(v, hw, num_prefix)
         return out
 
     @staticmethod
@@ -243,21 +236,31 @@ class FocusedLinearAttention(Attention):
 
     def _fast(self, x: torch.Tensor, hw: Optional[Tuple[int, int]], num_prefix: int) -> torch.Tensor:
         """Linear-cost path, ``(B, N, C)`` before the projection: :meth:`linear_attend` on the whole
-        sequence; the DWC runs on the token map in channels-last layout with its per-head weights
-        tiled over the heads."""
+        sequence plus the DWC term (:meth:`_dwc_tokens`)."""
         b, n, c = x.shape
         h, d = self.num_heads, self.head_dim
         v, phi = self._phi_qk(x)
         q, k = phi.unflatten(-1, (h, d)).permute(2, 0, 3, 1, 4).unbind(0)  # (B, h, N, d)
         out = self.linear_attend(q, k, v.unflatten(-1, (h, d)).transpose(1, 2)).transpose(1, 2).reshape(b, n, c)
-        grid = self._grid(n - num_prefix, hw)
-        vmap = v[:, num_prefix:].unflatten(1, grid).permute(0, 3, 1, 2)  # (B, C, H, W), channels-last strides
-        w = self.dwc.weight.repeat(h, 1, 1, 1)
-        bias = self.dwc.bias.repeat(h) if self.dwc.bias is not None else None
-        dw = F.conv2d(vmap, w, bias, padding=self.dwc.padding, groups=c).permute(0, 2, 3, 1).reshape(b, -1, c)
+        dw = self._dwc_tokens(v, hw, num_prefix)
         if num_prefix:
             dw = F.pad(dw, (0, 0, num_prefix, 0))  # class tokens take no DWC term
         return out + dw
+
+    def _check_tokens(self, n: int) -> None:
+        if self.pos_enc is not None and self.pos_enc.shape[1] != n:
+            raise ValueError(f"FocusedLinearAttention was built for {self.pos_enc.shape[1]} tokens, got {n}")
+
+    def _dwc_tokens(self, v: torch.Tensor, hw: Optional[Tuple[int, int]], num_prefix: int) -> torch.Tensor:
+        """The DWC term of the non-prefix tokens, ``(B, N - num_prefix, C)``, from ``v`` as ``(B, N, C)``
+        tokens: one depthwise conv on the channels-last token map, the per-head weights tiled over
+        the heads (the per-head layout is :meth:`_dwc`)."""
+        b, n, c = v.shape
+        h = self.num_heads
+        vmap = v[:, num_prefix:].unflatten(1, self._grid(n - num_prefix, hw)).permute(0, 3, 1, 2)
+        w = self.dwc.weight.repeat(h, 1, 1, 1)
+        bias = self.dwc.bias.repeat(h) if self.dwc.bias is not None else None
+        return F.conv2d(vmap, w, bias, padding=self.dwc.padding, groups=c).permute(0, 2, 3, 1).reshape(b, -1, c)
 
     @staticmethod
     def _grid(m: int, hw: Optional[Tuple[int, int]]) -> Tuple[int, int]:
