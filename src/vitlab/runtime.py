@@ -6,12 +6,10 @@ pages, and gives the top of its heap back to the system whenever more than the t
 threshold is free there.  A ViT step allocates and frees activations of tens of MiB
 again and again, so the kernel has to fault in and zero the same amount of memory on every
 step: about 10 % of a ViT-S training step on a 2-core machine.  :func:`tune_cpu_allocator`
-raises the mmap threshold to its maximum (32 MiB), turns ``mmap`` off for larger blocks too
-(they then come from the heap as well; glibc can serve no request above 32 MiB from a reused
-mapping) and stops heap trimming, so that freed activation memory is reused instead of returned
-and faulted in again (the same effect as the
-``jemalloc`` / ``tcmalloc`` preload that PyTorch's CPU performance guides recommend, without
-a preload).  Memory the process has freed then stays mapped to it until it exits.
+turns ``mmap`` off (every block then comes from the heap) and stops heap trimming, so that
+freed activation memory is reused instead of returned and faulted in again (the same effect
+as the ``jemalloc`` / ``tcmalloc`` preload that PyTorch's CPU performance guides recommend,
+without a preload).  Memory the process has freed then stays mapped to it until it exits.
 
 ``vitlab train | eval | analyze | bench`` call it first; set ``VITLAB_TUNE_MALLOC=0`` to keep
 the C library's defaults.  It does nothing (and returns ``False``) where the C library is not
@@ -24,19 +22,19 @@ import ctypes.util
 import os
 import platform
 
-__all__ = ["tune_cpu_allocator", "MMAP_THRESHOLD", "TRIM_THRESHOLD"]
+__all__ = ["tune_cpu_allocator", "TRIM_THRESHOLD"]
 
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # glibc <malloc.h>
-MMAP_THRESHOLD = 32 * 1024 * 1024  # the largest value glibc accepts (HEAP_MAX_SIZE / 2 on 64-bit)
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc <malloc.h>
 TRIM_THRESHOLD = (1 << 31) - 1  # mallopt takes an int: 2 GiB - 1, i.e. never trim in practice
 
 _tuned = False
 
 
 def tune_cpu_allocator(force: bool = False) -> bool:
-    """Set glibc's mmap threshold to 32 MiB, its mmap count limit to 0 (no ``mmap`` for any block)
-    and its trim threshold to 2 GiB (see the module docstring).  Returns ``True`` when both settings were taken, ``False`` when skipped
-    (``VITLAB_TUNE_MALLOC=0`` unless ``force``, or not glibc).  Idempotent."""
+    """Set glibc's mmap count limit to 0 (no ``mmap`` for any block; its mmap threshold then no
+    longer matters) and its trim threshold to 2 GiB (see the module docstring).  Returns ``True``
+    when both settings were taken, ``False`` when skipped (``VITLAB_TUNE_MALLOC=0`` unless
+    ``force``, or not glibc).  Idempotent."""
     global _tuned
     if _tuned:
         return True
@@ -50,6 +48,5 @@ def tune_cpu_allocator(force: bool = False) -> bool:
     except (OSError, AttributeError):  # pragma: no cover - glibc always has mallopt
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    _tuned = all([mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD), mallopt(M_MMAP_MAX, 0),
-                  mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)])
+    _tuned = bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
     return _tuned
