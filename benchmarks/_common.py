@@ -124,6 +124,14 @@ def update_results(section: str, title: str, body: str) -> None:
     print(f"updated section '{section}' of {RESULTS}")
 
 
+def publish(args, section: str, title: str, body: str) -> None:
+    """Print ``body`` and, unless ``--no-write``, write it as ``section`` (plus the settings suffix,
+    e.g. ``_cuda_bf16_compile``) of RESULTS.md under ``title``."""
+    print(body)
+    if not args.no_write:
+        update_results(section + suffix(args), title, body)
+
+
 def header(args, command: str, started: str, load_before: str) -> str:
     return (f"Command: `{command}`  \n"
             f"Run: {started}; machine: {machine(args.device)}  \n"

@@ -57,10 +57,8 @@ def main() -> int:
         body += C.table(["model"] + C.RESULT_HEADERS, rows) + "\n\nRatios: " + "; ".join(ratios) + ".\n"
     if missing:
         body += f"\nNot run: {', '.join(missing)} (not registered in vitlab when this ran).\n"
-    print(body)
-    if not args.no_write:
-        C.update_results("hierarchical" + ("_train" if args.train else "") + C.suffix(args),
-                         f"Hierarchical backbones vs timm ({'training' if args.train else 'inference'})", body)
+    C.publish(args, "hierarchical" + ("_train" if args.train else ""),
+              f"Hierarchical backbones vs timm ({'training' if args.train else 'inference'})", body)
     return 0
 
 

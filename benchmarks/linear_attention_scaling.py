@@ -96,11 +96,9 @@ def main() -> int:
             "time quadratic); the math-backend row shows the quadratic memory of explicit attention.  "
             "GFLOPs per forward of the block (FlopCounterMode).\n\n"
             + C.table(heads + ["softmax / linear"], rows) + "\n")
-    print(body)
-    if not args.no_write:
-        C.update_results("linear_scaling" + ("_train" if args.train else "") + C.suffix(args),
-                         "Focused linear attention vs softmax SDPA: scaling in the token count"
-                         + (" (training step)" if args.train else ""), body)
+    C.publish(args, "linear_scaling" + ("_train" if args.train else ""),
+              "Focused linear attention vs softmax SDPA: scaling in the token count"
+              + (" (training step)" if args.train else ""), body)
     return 0
 
 

@@ -49,10 +49,8 @@ def main() -> int:
             f"{'training step' if args.train else 'inference'}; last column: time / softmax time "
             f"(target: at most 1.30x).  torch.mm 2048 rate in the same rounds: {mm / 1e9:.1f} GFLOP/s.\n\n"
             + C.table(["mixer"] + C.RESULT_HEADERS + ["time / softmax", "time / softmax, paired"], rows) + "\n")
-    print(body)
-    if not args.no_write:
-        C.update_results("mixers" + ("_train" if args.train else "") + C.suffix(args),
-                         f"Token mixers on ViT-S/16 ({'training' if args.train else 'inference'})", body)
+    C.publish(args, "mixers" + ("_train" if args.train else ""),
+              f"Token mixers on ViT-S/16 ({'training' if args.train else 'inference'})", body)
     return 0
 
 
