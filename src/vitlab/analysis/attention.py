@@ -23,6 +23,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from vitlab.layers.recording import record_attention
+from vitlab.plotting import pyplot, save_figure
 
 __all__ = ["attention_maps", "token_layout", "mean_attention_distance", "attention_entropy",
            "attention_statistics", "attention_rollout", "plot_attention_overlay", "plot_attention_statistics"]
@@ -221,9 +222,7 @@ def plot_attention_overlay(image: torch.Tensor, maps: Dict[str, torch.Tensor], p
     ``maps`` are the attention maps of that one image (``attention_maps(model, image[None])``);
     ``grids`` the patch grids of ``forward_intermediates``.  ``image`` is one (C, H, W) image (normalised with ``mean``/``std`` if given, which are undone
     for display)."""
-    import matplotlib
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     img = image.detach().double().cpu()
     if mean is not None and std is not None:
@@ -272,18 +271,13 @@ def plot_attention_overlay(image: torch.Tensor, maps: Dict[str, torch.Tensor], p
                 ax.set_title("mean" if name == "rollout" else f"head {hd}", fontsize=7)
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_attention_statistics(results: Dict[str, Dict], path):
     """Mean attention distance (per head, dots; mean, line) and entropy / log N per attention
     module vs normalised depth; one colour per model."""
-    import matplotlib
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
     for i, (label, r) in enumerate(results.items()):
@@ -308,7 +302,4 @@ def plot_attention_statistics(results: Dict[str, Dict], path):
     ax2.set_ylabel("entropy / log N")
     ax2.set_ylim(0, 1.05)
     ax2.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -15,6 +15,8 @@ from typing import Dict, Optional
 
 import torch
 
+from vitlab.plotting import pyplot, save_figure
+
 __all__ = [
     "calibration_metrics",
     "expected_calibration_error",
@@ -159,9 +161,7 @@ def plot_reliability_diagram(probs, labels, path, n_bins: int = 15, title: Optio
     Guo et al., "On Calibration of Modern Neural Networks" (ICML 2017); Park & Kim (2022) §9.
     Returns the path.
     """
-    import matplotlib
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     b = reliability_bins(probs, labels, n_bins)
     ece = expected_calibration_error(probs, labels, n_bins)
@@ -187,7 +187,4 @@ def plot_reliability_diagram(probs, labels, path, n_bins: int = 15, title: Optio
     axh.bar(centres, count / count.sum(), width=width, edgecolor="k", color="tab:gray")
     axh.set_xlabel("confidence")
     axh.set_ylabel("fraction")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

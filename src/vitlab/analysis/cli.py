@@ -21,6 +21,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from vitlab.plotting import pyplot, save_figure
+
 __all__ = ["add_arguments", "run", "INSTRUMENTS", "load_data", "build_model", "analyze", "render_report"]
 
 INSTRUMENTS = ("fourier", "oversmoothing", "attention", "calibration", "lipschitz", "landscape", "hessian",
@@ -705,9 +707,7 @@ def render_report(runs: Dict[str, Dict], out_dir: str, run_dirs: Optional[Dict[s
 
 
 def _plot_density(dens: Dict[str, Dict], path):
-    import matplotlib
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for lab, d in dens.items():
@@ -715,9 +715,7 @@ def _plot_density(dens: Dict[str, Dict], path):
     ax.set_xlabel("eigenvalue")
     ax.set_ylabel("density")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # -- entry ---------------------------------------------------------------------------------------

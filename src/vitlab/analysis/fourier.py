@@ -11,6 +11,8 @@ from typing import Dict, List, Optional
 
 import torch
 
+from vitlab.plotting import pyplot, save_figure
+
 __all__ = ["log_amplitude_diagonal", "relative_log_amplitude", "high_frequency_amplitude",
            "feature_map_variance", "diagonal_frequencies", "plot_fourier", "plot_variance"]
 
@@ -93,9 +95,7 @@ def plot_fourier(results: Dict[str, Dict], path, title: Optional[str] = None):
     """Two panels: Δ(f) curves coloured by depth (first model) and Δ(π) vs normalised depth
     (all models overlaid; attention blocks shaded).  ``results[name]`` is the dict produced by
     :func:`vitlab.analysis.features.feature_statistics`."""
-    import matplotlib
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
     first = next(iter(results.values()))
@@ -118,18 +118,13 @@ def plot_fourier(results: Dict[str, Dict], path, title: Optional[str] = None):
     ax2.legend(fontsize=8)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_variance(results: Dict[str, Dict], path, key: str = "variance", ylabel: str = "feature map variance",
                   log: bool = True):
     """A per-block quantity vs normalised depth, one line per model, attention blocks shaded."""
-    import matplotlib
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for name, r in results.items():
@@ -143,7 +138,4 @@ def plot_variance(results: Dict[str, Dict], path, key: str = "variance", ylabel:
     ax.set_xlabel("normalised depth")
     ax.set_ylabel(ylabel)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

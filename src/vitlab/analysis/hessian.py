@@ -19,6 +19,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from vitlab.plotting import pyplot, save_figure
+
 __all__ = ["hessian_vector_product", "hessian_eigenvalues", "hessian_density", "lanczos",
            "max_eigenvalue_spectrum", "plot_eigenvalue_spectra"]
 
@@ -277,9 +279,7 @@ def max_eigenvalue_spectrum(model: nn.Module, loss_fn: Callable, batches, k: int
 
 def plot_eigenvalue_spectra(spectra: Dict[str, Sequence[float]], path, title: str = "Hessian max eigenvalue spectra"):
     """KDE of each model's eigenvalue list (overlaid)."""
-    import matplotlib
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import numpy as np
 
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
@@ -298,7 +298,4 @@ def plot_eigenvalue_spectra(spectra: Dict[str, Sequence[float]], path, title: st
     ax.set_ylabel("density")
     ax.set_title(title)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

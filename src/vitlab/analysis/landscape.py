@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitlab.plotting import pyplot, save_figure
+
 __all__ = ["filter_normalized_direction", "loss_landscape", "soft_cross_entropy", "plot_landscape",
            "NORMALIZATIONS", "L2_MODES"]
 
@@ -165,9 +167,7 @@ def loss_landscape(model: nn.Module, batches: Sequence, loss_fn: Optional[Callab
 def plot_landscape(results: Dict[str, Dict], path, key: str = "loss", clip: float = 42.0):
     """Contour plots (one panel per model) of ``key`` shifted so its minimum is 0, values above
     ``clip`` masked (Park & Kim 2022 §6), the centre marked."""
-    import matplotlib
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import numpy as np
 
     n = len(results)
@@ -188,7 +188,4 @@ def plot_landscape(results: Dict[str, Dict], path, key: str = "loss", clip: floa
                      fontsize=8)
         ax.set_xlabel("direction 1")
         ax.set_ylabel("direction 2")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

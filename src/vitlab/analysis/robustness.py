@@ -14,6 +14,7 @@ from typing import Dict, Iterable, Optional, Sequence
 import torch
 
 from vitlab.analysis.corruptions import CORRUPTIONS, corrupt
+from vitlab.plotting import pyplot, save_figure
 
 __all__ = ["corruption_accuracy", "corrupt_any_channels", "plot_corruption_table"]
 
@@ -93,9 +94,7 @@ def corruption_accuracy(model: torch.nn.Module, batches: Iterable, corruptions: 
 def plot_corruption_table(results: Dict[str, Dict], path):
     """Grouped bars: mean accuracy over severities per corruption (one bar per model), with
     the clean accuracy and mean corruption accuracy in the legend."""
-    import matplotlib
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import numpy as np
 
     names = list(dict.fromkeys(c for r in results.values() for c in r["per_corruption"]))
@@ -109,7 +108,4 @@ def plot_corruption_table(results: Dict[str, Dict], path):
     ax.set_xticklabels(names, rotation=45, ha="right", fontsize=7)
     ax.set_ylabel("accuracy (%)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

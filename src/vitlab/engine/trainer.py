@@ -28,6 +28,7 @@ from torch import nn
 from vitlab.engine.checkpoint import atomic_save, capture_rng, find_resume_checkpoint, load_checkpoint, restore_rng
 from vitlab.engine.config import TrainConfig
 from vitlab.engine.distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, cleanup, init_distributed
+from vitlab.plotting import pyplot, save_figure
 
 __all__ = ["train", "evaluate", "build_model", "TrainingDiverged", "predict"]
 
@@ -140,9 +141,7 @@ def _write_jsonl(path: str, records: List[Dict[str, Any]]) -> None:
 
 def plot_curves(records: List[Dict[str, Any]], path: str) -> str:
     """Training curves: losses, accuracies and learning rate per epoch."""
-    import matplotlib
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     ep = [r["epoch"] + 1 for r in records]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
@@ -162,10 +161,7 @@ def plot_curves(records: List[Dict[str, Any]], path: str) -> str:
         ax.grid(alpha=0.3)
     axes[0].legend()
     axes[1].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
 def _setup_threads(cfg: TrainConfig) -> None:
