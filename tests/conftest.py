@@ -1,7 +1,10 @@
 from pathlib import Path
+from typing import Dict, Tuple
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -29,3 +32,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def brightness_folder(root: Path, counts: Dict[str, Tuple[int, int]], seed: int, noise: float,
+                      levels: Tuple[int, int] = (60, 190), size: int = 8) -> str:
+    """An ImageFolder ``root/{split}/{dark,light}/{i}.png`` of ``size`` x ``size`` RGB images: Gaussian
+    noise (std ``noise``) around two grey ``levels``, learnable in a few steps.  ``counts`` gives
+    ``(dark, light)`` image counts per split, in writing order (the images depend on it)."""
+    rng = np.random.default_rng(seed)
+    for split, per in counts.items():
+        for ci, c in enumerate(("dark", "light")):
+            d = root / split / c
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(per[ci]):
+                arr = np.clip(levels[ci] + rng.normal(0, noise, (size, size, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(arr).save(d / f"{i}.png")
+    return str(root)

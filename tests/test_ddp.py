@@ -7,24 +7,10 @@ import socket
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 import yaml
-from PIL import Image
-
-
-def make_folder(root, size=8):
-    rng = np.random.default_rng(2)
-    counts = {"train": (8, 8), "val": (6, 7)}  # 13 val images: uneven shards across 2 ranks
-    for split, per in counts.items():
-        for ci, c in enumerate(("dark", "light")):
-            d = root / split / c
-            d.mkdir(parents=True, exist_ok=True)
-            for i in range(per[ci]):
-                arr = np.clip((70 if ci == 0 else 180) + rng.normal(0, 50, (size, size, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(arr).save(d / f"{i}.png")
-    return str(root)
+from conftest import brightness_folder
 
 
 def _free_port():
@@ -41,7 +27,8 @@ def _args(folder, out, batch):
 
 
 def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
-    folder = make_folder(tmp_path / "imgs")
+    folder = brightness_folder(tmp_path / "imgs", {"train": (8, 8), "val": (6, 7)}, seed=2, noise=50,
+                               levels=(70, 180))  # 13 val images: uneven shards across 2 ranks
     env = dict(os.environ, OMP_NUM_THREADS="1")
     single = subprocess.run([sys.executable, *_args(folder, tmp_path / "single", 8)], env=env,
                             capture_output=True, text=True)

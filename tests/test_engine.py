@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import brightness_folder
 from PIL import Image
 
 import vitlab
@@ -15,20 +16,6 @@ from vitlab.engine.config import list_recipes, resolve_config
 from vitlab.engine.optim import build_optimizer, build_scheduler, layer_ids, param_groups
 
 TINY = dict(embed_dim=16, depth=2, num_heads=2, patch_size=4, mlp_ratio=2.0)
-
-
-def make_folder(root, per_class=8, size=8):
-    """Two classes that differ in brightness: learnable in a few steps."""
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for ci, c in enumerate(("dark", "light")):
-            d = root / split / c
-            d.mkdir(parents=True, exist_ok=True)
-            for i in range(per_class):
-                base = 60 if ci == 0 else 190
-                arr = np.clip(base + rng.normal(0, 30, (size, size, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(arr).save(d / f"{i}.png")
-    return str(root)
 
 
 def tiny_cfg(data, out, **kw):
@@ -42,7 +29,7 @@ def tiny_cfg(data, out, **kw):
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    return make_folder(tmp_path_factory.mktemp("imgs"))
+    return brightness_folder(tmp_path_factory.mktemp("imgs"), {"train": (8, 8), "val": (8, 8)}, seed=0, noise=30)
 
 
 def _tiny_model():

@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import brightness_folder
 from PIL import Image
 
 from vitlab.analysis.calibration import calibration_metrics
@@ -21,23 +22,11 @@ def test_ece_15_bins_agrees_with_torchmetrics():
                                                                                    abs=1e-6)
 
 
-def _make_folder(root):
-    rng = np.random.default_rng(3)
-    for split in ("train", "val"):
-        for ci, c in enumerate(("dark", "light")):
-            d = root / split / c
-            d.mkdir(parents=True, exist_ok=True)
-            for i in range(8):
-                arr = np.clip((60 if ci == 0 else 190) + rng.normal(0, 60, (8, 8, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(arr).save(d / f"{i}.png")
-    return str(root)
-
-
 def test_eval_cli_reports_metrics_of_the_checkpoint(tmp_path, capsys):
     from vitlab.cli import main
     from vitlab.engine import TrainConfig, train
 
-    folder = _make_folder(tmp_path / "imgs")
+    folder = brightness_folder(tmp_path / "imgs", {"train": (8, 8), "val": (8, 8)}, seed=3, noise=60)
     cfg = TrainConfig(model="vit_tiny_patch4_32", model_kwargs=dict(embed_dim=16, depth=1, num_heads=2, patch_size=4),
                       data=folder, img_size=8, out=str(tmp_path / "run"), epochs=1, batch_size=4, lr=5e-3,
                       warmup_epochs=0, progress=False, threads=1, workers=0, crop_pct=1.0, ema=True)

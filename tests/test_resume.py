@@ -7,21 +7,8 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import torch
-from PIL import Image
-
-
-def make_folder(root, per_class=16, size=8):
-    rng = np.random.default_rng(1)
-    for split in ("train", "val"):
-        for ci, c in enumerate(("dark", "light")):
-            d = root / split / c
-            d.mkdir(parents=True, exist_ok=True)
-            for i in range(per_class if split == "train" else 6):
-                arr = np.clip((60 if ci == 0 else 190) + rng.normal(0, 40, (size, size, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(arr).save(d / f"{i}.png")
-    return str(root)
+from conftest import brightness_folder
 
 
 def _cmd(folder, out, *extra):
@@ -45,7 +32,7 @@ DETERMINISTIC = ("epoch", "step", "train_loss", "lr", "val_top1", "val_top5", "v
 
 
 def test_sigkill_mid_epoch_then_resume_auto_is_exact(tmp_path):
-    folder = make_folder(tmp_path / "imgs")
+    folder = brightness_folder(tmp_path / "imgs", {"train": (16, 16), "val": (6, 6)}, seed=1, noise=40)
     ref, cut = tmp_path / "ref", tmp_path / "cut"
     proc = subprocess.Popen(_cmd(folder, cut), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     ckpt = cut / "checkpoints" / "last.pt"
