@@ -110,6 +110,11 @@ def paired(a: BenchResult, b: BenchResult) -> str:
     return f"paired per round {statistics.median(r):.2f}x, faster in {wins}/{len(r)} rounds"
 
 
+def paired_growth(a: BenchResult, b: BenchResult) -> float:
+    """Median over rounds of t_a / t_b (how many times longer a's step took than b's, same round)."""
+    return statistics.median(ta / tb for ta, tb in zip(a.times_s, b.times_s))
+
+
 def update_results(section: str, title: str, body: str) -> None:
     """Replace (or append) the block between ``<!-- begin:section -->`` and ``<!-- end:section -->``."""
     begin, end = f"<!-- begin:{section} -->", f"<!-- end:{section} -->"

@@ -3,9 +3,11 @@
     python benchmarks/linear_attention_scaling.py          # N = 196, 784, 3136, 12544; dim 384, 6 heads
 
 One pre-norm block (norm, mixer, MLP; vitlab's ``Block``) on a square token grid of side 14, 28,
-56, 112 (no class token; contiguous ``(B, N, C)`` tokens, as inside a model), batch 1, inference.  Each token count alternates the two mixers step by
-step.  Prints time and peak step memory per N, the growth factor from one N to the next (4x the
-tokens), and the ratio softmax / focused_linear.  Linear attention: "FLatten Transformer: Vision
+56, 112 (no class token; contiguous ``(B, N, C)`` tokens, as inside a model), batch 1, inference.
+Every (mixer, N) pair takes one step per round, in one run, so that a change in machine load
+between N's cancels in the growth.  Prints time and peak step memory per N, the growth factor from
+one N to the next (4x the tokens; ratio of medians and median of the per-round ratios), and the
+ratio softmax / focused_linear.  Linear attention: "FLatten Transformer: Vision
 Transformer using Focused Linear Attention" (Han et al., ICCV 2023).
 """
 from __future__ import annotations
@@ -59,15 +61,21 @@ def main() -> int:
     C.setup(args)
     started, load0 = C.now(), C.loadavg()
     print(f"load average: {load0}")
-    res = {}
+    # One alternating run over every (mixer, N): a round times each model once, so the growth from
+    # one N to the next compares steps taken seconds apart, not in separate runs minutes apart.
+    models, specs = {}, {}
     for side in args.sides:
-        spec = StepSpec(batch_size=args.batch_size, input_size=(side, side, args.dim), train=args.train,
-                        device=args.device, amp=args.amp, compile=args.compile)
         torch.manual_seed(0)
-        models = {m: OneBlock(args.dim, args.heads, m, pool=args.train) for m in MIXERS}
-        if side * side <= args.math_max_n:
-            models[MATH] = OneBlock(args.dim, args.heads, "softmax", math=True, pool=args.train)
-        res[side] = compare(models, spec, runs=args.runs, warmup=args.warmup)
+        for m in MIXERS + ((MATH,) if side * side <= args.math_max_n else ()):
+            key = f"{m} N={side * side}"
+            models[key] = OneBlock(args.dim, args.heads, "softmax" if m == MATH else m, math=m == MATH,
+                                   pool=args.train)
+            specs[key] = StepSpec(batch_size=args.batch_size, input_size=(side, side, args.dim), train=args.train,
+                                  device=args.device, amp=args.amp, compile=args.compile)
+    flat = compare(models, next(iter(specs.values())), runs=args.runs, warmup=args.warmup, specs=specs)
+    res = {side: {m: flat[k] for m in MIXERS + (MATH,) if (k := f"{m} N={side * side}") in flat}
+           for side in args.sides}
+    for side in args.sides:
         print(f"N={side * side}: " + ", ".join(f"{m} {r.median_s * 1e3:.1f} ms, {C.format_bytes(r.peak_mem_bytes)}"
                                                 for m, r in res[side].items()), flush=True)
     rows, prev = [], None
@@ -95,7 +103,11 @@ def main() -> int:
             "`softmax` runs the fused SDPA kernel, which never stores the N x N matrix (its memory is linear, its "
             "time quadratic); the math-backend row shows the quadratic memory of explicit attention.  "
             "GFLOPs per forward of the block (FlopCounterMode).\n\n"
-            + C.table(heads + ["softmax / linear"], rows) + "\n")
+            + C.table(heads + ["softmax / linear"], rows) + "\n\n"
+            + "Growth per round (median over the rounds of this step's time / the previous N's step time in "
+              "the same round): " + "; ".join(
+                f"{m} " + ", ".join(f"x{C.paired_growth(res[b][m], res[a][m]):.2f}"
+                                    for a, b in zip(args.sides, args.sides[1:])) for m in MIXERS) + ".\n")
     C.publish(args, "linear_scaling" + ("_train" if args.train else ""),
               "Focused linear attention vs softmax SDPA: scaling in the token count"
               + (" (training step)" if args.train else ""), body)
