@@ -333,6 +333,8 @@ def test_cosine_attention_learnable_tau_fast_path_equals_explicit():
     m.tau.grad = None
     with vitlab.layers.record_attention(m) as rec:
         slow = m(x)
+    (probs,) = rec.last().values()  # the explicit path ran (and recorded its probabilities)
+    assert probs.shape == (2, 4, 10, 10) and torch.allclose(probs.sum(-1), torch.ones(2, 4, 10))
     slow.sum().backward()
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(g_fast, m.tau.grad, atol=1e-4, rtol=1e-4)

@@ -49,7 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resume", help="'auto' (newest checkpoint in --out) or a checkpoint path")
     g.add_argument("--seed", type=int, help="random seed (default 0)")
     g.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto)")
-    g.add_argument("--amp", choices=["none", "bf16", "fp16"], help="mixed precision (fp16 only on GPU)")
+    g.add_argument("--amp", choices=["none", "bf16", "fp16"], help="mixed precision: autocast to bf16, or to fp16 with a dynamic loss scale (GradScaler)")
     g.add_argument("--channels-last", type=_bool, nargs="?", const=True, help="channels-last memory format")
     g.add_argument("--compile", type=_bool, nargs="?", const=True, help="torch.compile the model")
     g.add_argument("--deterministic", type=_bool, nargs="?", const=True,

@@ -86,7 +86,7 @@ def predict(model: nn.Module, loader, device: torch.device, info: Optional[DistI
     """Softmax probabilities and labels of a whole (possibly rank-sharded) loader, gathered
     from every rank in data-set order."""
     model.eval()
-    probs, labels, idx = [], [], []
+    probs, labels = [], []
     ctx = _autocast(TrainConfig(amp=amp), device)
     for x, y in loader:
         x = x.to(device, non_blocking=True)
@@ -191,8 +191,6 @@ def train(cfg: TrainConfig, log=print) -> Dict[str, Any]:
     device = info.device
     try:
         _setup_threads(cfg)
-        if cfg.amp == "fp16" and device.type != "cuda":
-            raise ValueError("amp fp16 needs a CUDA device (GradScaler); on CPU use --amp bf16 or none")
 
         # -- run directory and resume point --
         run_dir = cfg.out or _default_run_dir(cfg, info)
@@ -228,7 +226,6 @@ def train(cfg: TrainConfig, log=print) -> Dict[str, Any]:
         if steps_per_epoch < 1:
             raise ValueError(f"batch-size {cfg.batch_size} x accum-steps {cfg.accum_steps} exceeds the "
                              f"{len(sampler)} training images per rank")
-        micro_per_epoch = steps_per_epoch * cfg.accum_steps
 
         # -- model, optimiser, schedule --
         torch.manual_seed(cfg.seed)
