@@ -69,6 +69,17 @@ def test_numbers_match_independent_recomputation(checkpoint, run_dir):
     assert res["robustness"]["clean"]["acc"] == pytest.approx(
         float((logits[:8].argmax(-1) == data.eval_y[:8]).double().mean()))
     assert set(res["robustness"]["table"]) == {"gaussian_noise", "contrast"}
+    # noise by frequency: band noise (rms 0.1, width 0.1 pi) added in [0, 1] pixel space, clipped
+    from vitlab.analysis.robustness import band_noise
+    nf = res["robustness"]["noise_frequency"]
+    assert nf["frequencies"] == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9] and nf["skipped_frequencies"] == []
+    for f in (0.1, 0.9):
+        g = torch.Generator().manual_seed(int(round(f * 1000)))  # seed 0, batch 0
+        xn = (data.eval_x[:8] + band_noise(data.eval_x[:8].shape, f, 0.1, 0.1, g)).clamp(0, 1)
+        with torch.no_grad():
+            acc = float((model((xn - cfg["mean"][0]) / cfg["std"][0]).argmax(-1) == data.eval_y[:8]).double().mean())
+        assert nf["table"][str(f)]["acc"] == pytest.approx(acc)
+        assert nf["table"][str(f)]["delta_acc"] == pytest.approx(acc - res["robustness"]["clean"]["acc"])
     # Lipschitz: the estimate is a lower bound, LayerNorm/softmax attention have no finite global bound
     assert res["lipschitz"]["estimate"] > 0 and res["lipschitz"]["upper_bound"] is None
     assert len(res["hessian"]["max_eigenvalue_spectrum"]) == 2
@@ -78,9 +89,10 @@ def test_numbers_match_independent_recomputation(checkpoint, run_dir):
 def test_report_is_self_contained(run_dir):
     html = (run_dir / "report.html").read_text()
     srcs = re.findall(r'<img src="([^"]*)"', html)
-    assert len(srcs) >= 8 and all(s.startswith("data:image/png;base64,") for s in srcs)
+    assert "Robustness to noise by frequency" in html
+    assert len(srcs) >= 9 and all(s.startswith("data:image/png;base64,") for s in srcs)
     for name in ("fourier.png", "landscape.png", "hessian_spectrum.png", "robustness.png", "reliability.png",
-                 "attention_overlay.png"):
+                 "attention_overlay.png", "noise_frequency.png"):
         assert (run_dir / name).stat().st_size > 1000, name
 
 

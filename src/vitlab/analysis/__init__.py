@@ -50,6 +50,8 @@ _EXPORTS = {
     "corrupt": "corruptions",
     "CORRUPTIONS": "corruptions",
     "corruption_accuracy": "robustness",
+    "band_noise": "robustness",
+    "noise_frequency_accuracy": "robustness",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -62,6 +62,19 @@ def _int_at_least(minimum: int) -> Callable[[str], int]:
 _positive_int, _nonneg_int = _int_at_least(1), _int_at_least(0)
 
 
+def _frequencies(text: str) -> List[float]:
+    if text.strip().lower() == "none":
+        return []
+    try:
+        fs = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers in (0, 1] or 'none', got {text!r}")
+    bad = [f for f in fs if not 0 < f <= 1]
+    if bad or not fs:
+        raise argparse.ArgumentTypeError(f"noise frequencies must be in (0, 1] (units of pi), got {text!r}")
+    return fs
+
+
 def _severities(text: str) -> List[int]:
     try:
         vals = [int(t) for t in text.split(",") if t.strip()]
@@ -124,6 +137,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       help="evaluation images; cost: (#corruptions x #severities + 1) forward passes over them")
     size.add_argument("--corruptions", type=_csv("corruption", CORRUPTIONS), default=list(CORRUPTIONS))
     size.add_argument("--severities", type=_severities, default=[1, 2, 3, 4, 5])
+    size.add_argument("--noise-frequencies", type=_frequencies, default=[round(0.1 * i, 1) for i in range(1, 10)],
+                      help="band-noise centres in units of pi, comma-separated (default 0.1,...,0.9); "
+                           "'none' skips the noise-frequency part of the robustness instrument")
+    size.add_argument("--noise-width", type=float, default=0.1, help="band width in units of pi (default 0.1)")
+    size.add_argument("--noise-rms", type=float, default=0.1,
+                      help="root-mean-square of the band noise in [0, 1] pixel units (default 0.1)")
     misc = p.add_argument_group("misc")
     misc.add_argument("--seed", type=int, default=0)
     misc.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -492,8 +511,27 @@ def inst_robustness(model, data: Data, args, out_dir) -> Dict:
     batches = [(x[i:i + args.batch_size], y[i:i + args.batch_size]) for i in range(0, len(x), args.batch_size)]
     print(f"  robustness: {len(args.corruptions)} corruptions x {len(args.severities)} severities x {len(x)} images",
           file=sys.stderr)
-    return corruption_accuracy(model, batches, args.corruptions, args.severities, seed=args.seed,
-                               progress=_progress(args))
+    res = corruption_accuracy(model, batches, args.corruptions, args.severities, seed=args.seed,
+                              progress=_progress(args))
+    if args.noise_frequencies:
+        from vitlab.analysis.robustness import band_mask, noise_frequency_accuracy
+
+        def on_grid(f: float) -> bool:
+            try:
+                return bool(band_mask(x.shape[-2:], f, args.noise_width).any())
+            except ValueError:
+                return False
+        fs = [f for f in args.noise_frequencies if on_grid(f)]
+        skipped = [f for f in args.noise_frequencies if f not in fs]
+        if skipped:
+            print(f"  robustness: no frequency of a {x.shape[-2]}x{x.shape[-1]} image lies in the bands at "
+                  f"{skipped} (width {args.noise_width} pi): skipped", file=sys.stderr)
+        if fs:
+            print(f"  robustness: band noise at {len(fs)} frequencies x {len(x)} images", file=sys.stderr)
+            res["noise_frequency"] = noise_frequency_accuracy(model, batches, fs, args.noise_width, args.noise_rms,
+                                                              seed=args.seed)
+            res["noise_frequency"]["skipped_frequencies"] = skipped
+    return res
 
 
 _RUNNERS = {"features": inst_features, "attention": inst_attention, "calibration": inst_calibration,
@@ -585,7 +623,7 @@ def render_report(runs: Dict[str, Dict], out_dir: str, run_dirs: Optional[Dict[s
     from vitlab.analysis.attention import plot_attention_statistics
     from vitlab.analysis.hessian import plot_eigenvalue_spectra
     from vitlab.analysis.landscape import plot_landscape
-    from vitlab.analysis.robustness import plot_corruption_table
+    from vitlab.analysis.robustness import plot_corruption_table, plot_noise_frequency
 
     os.makedirs(out_dir, exist_ok=True)
     P = lambda name: os.path.join(out_dir, name)  # noqa: E731
@@ -690,6 +728,16 @@ def render_report(runs: Dict[str, Dict], out_dir: str, run_dirs: Optional[Dict[s
                          f"{100 * r['mean_accuracy']:.2f} % ({r['num_images']} images)</h3>")
             frags.append(report.table(["corruption"] + [f"severity {s} (%)" for s in sev] + ["mean (%)"], rows))
         sections.append(("Robustness to common corruptions (Hendrycks & Dietterich 2019)", frags))
+    nf = {lab: r["noise_frequency"] for lab, r in rob.items() if "noise_frequency" in r}
+    if nf:
+        plot_noise_frequency(nf, P("noise_frequency.png"))
+        fs = next(iter(nf.values()))["frequencies"]
+        frags = [report.figure(P("noise_frequency.png"), "Accuracy change under band-limited noise, by frequency "
+                                                          "(Park & Kim 2022, Fig. 3)"),
+                 report.table(["run", "clean (%)"] + [f"{f:.2g} pi" for f in fs],
+                              [[lab, 100 * r["clean"]["acc"]] + [100 * r["table"][str(f)]["delta_acc"] for f in fs]
+                               for lab, r in nf.items()])]
+        sections.append(("Robustness to noise by frequency (accuracy change, % points)", frags))
     cal = {lab: _ok(r, "calibration") for lab, r in runs.items() if _ok(r, "calibration")}
     if cal:
         keys = ["top1", "top5", "nll", "ece", "signed_ece", "brier", "acc90", "unc90", "freq90", "iou", "iou90"]
