@@ -90,9 +90,9 @@ def test_report_is_self_contained(run_dir):
     html = (run_dir / "report.html").read_text()
     srcs = re.findall(r'<img src="([^"]*)"', html)
     assert "Robustness to noise by frequency" in html
-    assert len(srcs) >= 9 and all(s.startswith("data:image/png;base64,") for s in srcs)
+    assert len(srcs) >= 10 and all(s.startswith("data:image/png;base64,") for s in srcs)
     for name in ("fourier.png", "landscape.png", "hessian_spectrum.png", "robustness.png", "reliability.png",
-                 "attention_overlay.png", "noise_frequency.png"):
+                 "attention_overlay.png", "noise_frequency.png", "landscape_3d.png"):
         assert (run_dir / name).stat().st_size > 1000, name
 
 

@@ -2,6 +2,7 @@
 independently perturbed copy, directions are filter-normalised, the l2 terms follow their formulas."""
 import copy
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -94,3 +95,14 @@ def test_soft_cross_entropy_matches_timm_and_torch():
     assert soft_cross_entropy(logits, y).item() == pytest.approx(F.cross_entropy(logits, y).item())
     with pytest.raises(ValueError, match="steps"):
         loss_landscape(_mlp(), [(torch.randn(2, 1, 6, 6), torch.zeros(2, dtype=torch.long))], steps=0)
+
+
+def test_plotted_surface_is_shifted_to_zero_and_masked_above_the_clip():
+    from vitlab.analysis.landscape import landscape_surface
+
+    loss = [[50.0, 10.0, 100.0], [9.0, 8.5, 60.0], [12.0, float("nan"), 95.0]]
+    z = landscape_surface({"loss": loss}, clip=42.0)
+    assert z.min() == 0.0 and z[1, 1] == 0.0 and z[0, 1] == 1.5  # minus the minimum 8.5
+    assert z[0, 0] == 41.5 and not np.ma.is_masked(z[0, 0])
+    assert z.mask[0, 2] and z.mask[1, 2] and z.mask[2, 2]  # 91.5, 51.5, 86.5 > 42
+    assert z.mask[2, 1] and z.count() == 5  # the diverged (NaN) point is left out too

@@ -42,6 +42,7 @@ _EXPORTS = {
     "loss_landscape": "landscape",
     "filter_normalized_direction": "landscape",
     "plot_landscape": "landscape",
+    "landscape_surface": "landscape",
     "hessian_eigenvalues": "hessian",
     "hessian_density": "hessian",
     "max_eigenvalue_spectrum": "hessian",

@@ -691,9 +691,11 @@ def render_report(runs: Dict[str, Dict], out_dir: str, run_dirs: Optional[Dict[s
     land = {lab: _ok(r, "landscape") for lab, r in runs.items() if _ok(r, "landscape")}
     if land:
         plot_landscape(land, P("landscape.png"))
+        plot_landscape(land, P("landscape_3d.png"), surface=True)
         rows = [[lab, r["center"]["nll"], r["center"]["acc"], r["center"]["loss"], r["center"]["l2_norm_sum"],
                  r["weight_decay"], r["l2_mode"], f"{r['steps']}x{r['steps']}", r["num_samples"]] for lab, r in land.items()]
         frags = [report.figure(P("landscape.png"), "Loss (NLL + l2 term) − min on a filter-normalised 2-D slice"),
+                 report.figure(P("landscape_3d.png"), "The same slice as a surface (values above 42 left out)"),
                  report.table(["run", "NLL at centre", "acc at centre", "loss at centre", "Σ‖θ‖₂", "weight decay",
                                "l2", "grid", "images"], rows)]
         for lab, r in land.items():

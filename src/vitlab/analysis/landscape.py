@@ -18,7 +18,7 @@ from torch import nn
 
 from vitlab.plotting import pyplot, save_figure
 
-__all__ = ["filter_normalized_direction", "loss_landscape", "soft_cross_entropy", "plot_landscape",
+__all__ = ["filter_normalized_direction", "loss_landscape", "soft_cross_entropy", "plot_landscape", "landscape_surface",
            "NORMALIZATIONS", "L2_MODES"]
 
 NORMALIZATIONS = ("filter", "dim0", "layer")
@@ -164,26 +164,41 @@ def loss_landscape(model: nn.Module, batches: Sequence, loss_fn: Optional[Callab
             "num_samples": sum(len(y) for _, y in batches)}
 
 
-def plot_landscape(results: Dict[str, Dict], path, key: str = "loss", clip: float = 42.0):
-    """Contour plots (one panel per model) of ``key`` shifted so its minimum is 0, values above
-    ``clip`` masked (Park & Kim 2022 §6), the centre marked."""
+def landscape_surface(r: Dict, key: str = "loss", clip: float = 42.0):
+    """The plotted landscape of Park & Kim 2022 §6: ``r[key]`` shifted so its minimum is 0, values
+    above ``clip`` and non-finite values (diverged points) masked (a numpy masked array, rows =
+    ``r["ys"]``, columns = ``r["xs"]``)."""
+    import numpy as np
+
+    z = np.ma.masked_invalid(np.asarray(r[key], dtype=float))
+    return np.ma.masked_greater(z - z.min(), clip)
+
+
+def plot_landscape(results: Dict[str, Dict], path, key: str = "loss", clip: float = 42.0, surface: bool = False):
+    """One panel per model of :func:`landscape_surface`: filled contours with the centre marked,
+    or with ``surface=True`` a 3-D surface (masked points left out), as in the paper's figures."""
     plt = pyplot()
     import numpy as np
 
     n = len(results)
-    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.6), squeeze=False)
+    kw = {"subplot_kw": {"projection": "3d"}} if surface else {}
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.6 + 0.6 * surface), squeeze=False, **kw)
     for ax, (label, r) in zip(axes[0], results.items()):
-        z = np.asarray(r[key], dtype=float)
-        z = z - np.nanmin(z)
-        z = np.ma.masked_greater(z, clip)
+        z = landscape_surface(r, key, clip)
         xs, ys = np.asarray(r["xs"]), np.asarray(r["ys"])
-        if z.shape[0] >= 2 and z.shape[1] >= 2 and np.ptp(z.compressed() if z.count() else [0]) > 0:
+        varied = z.shape[0] >= 2 and z.shape[1] >= 2 and np.ptp(z.compressed() if z.count() else [0]) > 0
+        if surface:
+            gx, gy = np.meshgrid(xs, ys)
+            ax.plot_surface(gx, gy, z.filled(np.nan), cmap="viridis", linewidth=0, antialiased=True)
+            ax.set_zlabel(f"{key} − min", fontsize=7)
+        elif varied:
             cs = ax.contourf(xs, ys, z, levels=20, cmap="viridis")
             ax.contour(xs, ys, z, levels=10, colors="k", linewidths=0.4)
             fig.colorbar(cs, ax=ax, fraction=0.046)
+            ax.plot([0], [0], "r+", ms=10)
         else:
             ax.imshow(z, extent=(xs.min(), xs.max(), ys.min(), ys.max()), origin="lower")
-        ax.plot([0], [0], "r+", ms=10)
+            ax.plot([0], [0], "r+", ms=10)
         ax.set_title(f"{label}: {key} − min (centre {r['center'][key] if key in r['center'] else float('nan'):.3f})",
                      fontsize=8)
         ax.set_xlabel("direction 1")

@@ -202,9 +202,9 @@ def plot_noise_frequency(results: Dict[str, Dict], path):
         fs = r["frequencies"]
         ax.plot(fs, [100 * r["table"][str(f)]["delta_acc"] for f in fs], marker="o", label=label)
     ax.axhline(0, color="grey", lw=0.8)
-    ax.set_xlabel("noise frequency (x pi)")
+    ax.set_xlabel("noise frequency (× π)")
     ax.set_ylabel("accuracy change (% points)")
     r0 = next(iter(results.values()), {})
-    ax.set_title(f"band noise, width {r0.get('width', 0):.2g} pi, rms {r0.get('rms', 0):.2g}", fontsize=9)
+    ax.set_title(f"band noise, width {r0.get('width', 0):.2g}π, rms {r0.get('rms', 0):.2g}", fontsize=9)
     ax.legend(fontsize=7)
     return save_figure(fig, path)
