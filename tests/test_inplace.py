@@ -180,3 +180,20 @@ def test_residual_wiring_calls_every_part():
             m.register_forward_hook(lambda mod, inp, out, i=i: calls.append(i))
         blk(torch.randn(2, n, 32), *ctx)
         assert sorted(set(calls)) == list(range(len(parts))), (type(blk).__name__, calls)
+
+
+@pytest.mark.parametrize("name, kw", [("vit_tiny_patch4_32", dict(mixer="focused_linear")),
+                                      ("swin_tiny_patch4_window7_224", dict(embed_dim=24, depths=(1, 1, 1, 1),
+                                                                            num_heads=(1, 1, 1, 1))),
+                                      ("pvt_v2_b0", dict(depths=(1, 1, 1, 1)))])
+def test_no_graph_break_under_torch_compile_without_autograd(name, kw):
+    """The eager fast paths (storage checks, chunk loops) are off while dynamo traces: one graph for
+    an inference forward, as for a training one."""
+    import torch._dynamo as dynamo
+
+    m = vitlab.create_model(name, **kw).eval()
+    x = torch.randn(1, *m.default_cfg["input_size"])
+    with torch.no_grad():
+        assert overwritable()  # eager: the fast path is on
+        e = dynamo.explain(m)(x)
+    assert (e.graph_count, e.graph_break_count) == (1, 0), [str(b.reason)[:200] for b in e.break_reasons]

@@ -8,7 +8,8 @@ out-of-place path (the same elementwise ops on the same values).
 
 It is safe only when nobody else can hold the buffer: no autograd graph (``grad`` disabled),
 no forward hook (a hook may keep a module's output) on the modules that produced it, and the
-buffer is not a view of the tensor added to it.
+buffer is not a view of the tensor added to it.  Under ``torch.compile`` the eager fast paths are
+off: inductor fuses and reuses buffers itself, and the storage checks would break the graph.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ def overwritable(*producers: Optional[nn.Module]) -> bool:
     """True when the outputs of ``producers`` may be overwritten: autograd off and no forward hook
     (module or global) on them or their submodules (a submodule's output may be the producer's
     output, e.g. the projection of an attention module).  ``None`` entries are skipped."""
-    if torch.is_grad_enabled():
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():  # compiled graphs: inductor reuses buffers
         return False
     if _module._global_forward_hooks or _module._global_forward_pre_hooks:
         return False
