@@ -1,5 +1,6 @@
 """``--compile``: training through ``torch.compile`` (inductor, CPU C++ code generation) gives the
-eager run's weights, and its checkpoints hold the plain module's keys."""
+eager run's weights, and its checkpoints hold the plain module's keys; compiled inference equals
+the eager fast path."""
 import shutil
 
 import pytest
@@ -25,3 +26,17 @@ def test_compiled_training_matches_eager_and_checkpoints_plain_keys(tmp_path):
         torch.testing.assert_close(cc["model"][k], v, atol=1e-4, rtol=1e-3)  # lr 1e-2: 4 AdamW steps move ~4e-2
     assert (sc["steps"], sc["top1"]) == (se["steps"], se["top1"])
     assert abs(sc["nll"] - se["nll"]) < 1e-4
+
+
+def test_compiled_inference_equals_eager_fast_path():
+    """Under ``inference_mode`` eager runs the in-place / chunked fast paths, the compiled graph
+    the plain ops (inductor fuses instead): the outputs agree."""
+    import vitlab
+
+    torch.manual_seed(0)
+    m = vitlab.create_model("vit_tiny_patch4_32", mixer="focused_linear", depth=2).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        eager = m(x)
+        compiled = torch.compile(m)(x)
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-4)
