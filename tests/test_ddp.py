@@ -43,8 +43,11 @@ def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(tmp
     assert cfg["resolved"]["world_size"] == 2 and cfg["resolved"]["global_batch"] == 8
     a = torch.load(tmp_path / "single" / "checkpoints" / "last.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "ddp" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    # Adam divides each gradient entry by its own scale, so the rounding of the 2-rank all-reduce on
+    # near-zero entries can move a weight by a small fraction of lr (0.01): 1e-4 allows 1 % of one
+    # step; wrong samples or augmentation on a rank move weights by ~lr per step
     for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=2e-5)
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-4)
     sa = json.loads((tmp_path / "single" / "summary.json").read_text())
     sb = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert sb["world_size"] == 2 and sb["steps"] == sa["steps"] == 4

@@ -65,6 +65,33 @@ def test_layer_decay_scales_by_block_depth():
     assert scale["blocks.1.attn.qkv.weight"] == 0.5 and scale["head.bias"] == 1.0
 
 
+def test_adamw_is_fused_and_steps_like_the_unfused_reference():
+    """build_optimizer picks torch's fused AdamW kernel on CPU; ten steps on the same gradients
+    (per-group weight decay and layer-decay lr) give the weights of the for-loop AdamW."""
+    torch.manual_seed(0)
+    m, ref = _tiny_model(), _tiny_model()
+    ref.load_state_dict(m.state_dict())
+    head0 = m.head.weight.detach().clone()
+    opt = build_optimizer(m, "adamw", 3e-3, 0.05, layer_decay=0.7)
+    assert all(g["fused"] for g in opt.param_groups)
+    twin = {id(p): q for p, q in zip(m.parameters(), ref.parameters())}
+    ref_opt = torch.optim.AdamW([{"params": [twin[id(p)] for p in g["params"]], "lr": 3e-3 * g["lr_scale"],
+                                  "weight_decay": g["weight_decay"]} for g in opt.param_groups],
+                                fused=False, foreach=False)
+    for g in opt.param_groups:
+        g["lr"] = 3e-3 * g["lr_scale"]  # what the scheduler sets
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(10):
+        for p in m.parameters():
+            p.grad = torch.randn(p.shape, generator=gen)
+            twin[id(p)].grad = p.grad.clone()
+        opt.step()
+        ref_opt.step()
+    for (n, p), q in zip(m.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=n)
+    assert (m.head.weight - head0).abs().max() > 1e-3  # the steps moved the weights
+
+
 @pytest.mark.parametrize("warmup", [0, 4])
 def test_cosine_schedule_matches_closed_form(warmup):
     m = _tiny_model()

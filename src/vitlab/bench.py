@@ -132,7 +132,8 @@ def _autocast(spec: StepSpec):
 def make_step(model: nn.Module, spec: StepSpec, seed: int = 0) -> Callable[[], None]:
     """Move ``model`` to the device and return a zero-argument function running one step on a
     fixed random batch: inference (``inference_mode``, ``eval()``) or a training step
-    (``train()``, cross-entropy on random labels, backward, ``torch.optim.AdamW`` step)."""
+    (``train()``, cross-entropy on random labels, backward, ``torch.optim.AdamW`` step, fused as in
+    ``vitlab train`` where the device has the kernel; the same for every model compared)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(spec.batch_size, *spec.input_size, generator=g)
     model = model.to(spec.device)
@@ -149,7 +150,10 @@ def make_step(model: nn.Module, spec: StepSpec, seed: int = 0) -> Callable[[], N
         return infer
     num_classes = spec.num_classes or _infer_num_classes(model)
     y = torch.randint(0, num_classes, (spec.batch_size,), generator=g).to(spec.device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-6)  # tiny lr: weights stay sane over many steps
+    from vitlab.engine.optim import fused_ok
+
+    # tiny lr: weights stay sane over many steps; fused kernel where torch has one, as `vitlab train`
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=fused_ok(model) or None)
     loss_fn = nn.CrossEntropyLoss()
 
     def train_step() -> None:
