@@ -70,8 +70,9 @@ def test_band_mask_matches_the_frequencies_counted_by_hand():
                 assert bool(mask[ky, kx]) == inside, (h, w, f, ky, kx)
     with pytest.raises(ValueError, match="no frequency of a 8x8 image"):
         band_mask(8, 0.1, 0.1)  # grid step 0.25 pi
+    assert not band_mask(8, 0.1, 0.1, allow_empty=True).any()
     with pytest.raises(ValueError, match="centre must be in"):
-        band_mask(8, 1.5, 0.1)
+        band_mask(8, 1.5, 0.1, allow_empty=True)  # bad arguments still fail
 
 
 def test_band_noise_has_its_energy_in_the_band_and_the_requested_rms():

@@ -87,6 +87,7 @@ def _severities(text: str) -> List[int]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from vitlab.analysis.corruptions import CORRUPTIONS
+    from vitlab.analysis.robustness import NOISE_FREQUENCIES
 
     p.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     src = p.add_argument_group("what to analyse")
@@ -137,7 +138,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       help="evaluation images; cost: (#corruptions x #severities + 1) forward passes over them")
     size.add_argument("--corruptions", type=_csv("corruption", CORRUPTIONS), default=list(CORRUPTIONS))
     size.add_argument("--severities", type=_severities, default=[1, 2, 3, 4, 5])
-    size.add_argument("--noise-frequencies", type=_frequencies, default=[round(0.1 * i, 1) for i in range(1, 10)],
+    size.add_argument("--noise-frequencies", type=_frequencies, default=list(NOISE_FREQUENCIES),
                       help="band-noise centres in units of pi, comma-separated (default 0.1,...,0.9); "
                            "'none' skips the noise-frequency part of the robustness instrument")
     size.add_argument("--noise-width", type=float, default=0.1, help="band width in units of pi (default 0.1)")
@@ -516,12 +517,7 @@ def inst_robustness(model, data: Data, args, out_dir) -> Dict:
     if args.noise_frequencies:
         from vitlab.analysis.robustness import band_mask, noise_frequency_accuracy
 
-        def on_grid(f: float) -> bool:
-            try:
-                return bool(band_mask(x.shape[-2:], f, args.noise_width).any())
-            except ValueError:
-                return False
-        fs = [f for f in args.noise_frequencies if on_grid(f)]
+        fs = [f for f in args.noise_frequencies if band_mask(x.shape[-2:], f, args.noise_width, allow_empty=True).any()]
         skipped = [f for f in args.noise_frequencies if f not in fs]
         if skipped:
             print(f"  robustness: no frequency of a {x.shape[-2]}x{x.shape[-1]} image lies in the bands at "

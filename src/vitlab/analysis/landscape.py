@@ -191,14 +191,14 @@ def plot_landscape(results: Dict[str, Dict], path, key: str = "loss", clip: floa
             gx, gy = np.meshgrid(xs, ys)
             ax.plot_surface(gx, gy, z.filled(np.nan), cmap="viridis", linewidth=0, antialiased=True)
             ax.set_zlabel(f"{key} − min", fontsize=7)
-        elif varied:
-            cs = ax.contourf(xs, ys, z, levels=20, cmap="viridis")
-            ax.contour(xs, ys, z, levels=10, colors="k", linewidths=0.4)
-            fig.colorbar(cs, ax=ax, fraction=0.046)
-            ax.plot([0], [0], "r+", ms=10)
         else:
-            ax.imshow(z, extent=(xs.min(), xs.max(), ys.min(), ys.max()), origin="lower")
-            ax.plot([0], [0], "r+", ms=10)
+            if varied:
+                cs = ax.contourf(xs, ys, z, levels=20, cmap="viridis")
+                ax.contour(xs, ys, z, levels=10, colors="k", linewidths=0.4)
+                fig.colorbar(cs, ax=ax, fraction=0.046)
+            else:
+                ax.imshow(z, extent=(xs.min(), xs.max(), ys.min(), ys.max()), origin="lower")
+            ax.plot([0], [0], "r+", ms=10)  # the centre
         ax.set_title(f"{label}: {key} − min (centre {r['center'][key] if key in r['center'] else float('nan'):.3f})",
                      fontsize=8)
         ax.set_xlabel("direction 1")

@@ -123,11 +123,12 @@ def plot_corruption_table(results: Dict[str, Dict], path):
 
 
 # -- noise-frequency robustness ------------------------------------------------------------------
-def band_mask(size, center: float, width: float) -> torch.Tensor:
+def band_mask(size, center: float, width: float, allow_empty: bool = False) -> torch.Tensor:
     """Boolean ``(H, W)`` mask of the 2-D DFT frequencies (``torch.fft.fft2`` layout) whose
     radius ``max(|w_y|, |w_x|)`` (angular frequency in units of pi, so the band is a square ring
     and the Fourier-diagonal frequency of :mod:`vitlab.analysis.fourier` lies on it) falls in
-    ``[center - width/2, center + width/2]``."""
+    ``[center - width/2, center + width/2]``.  A band with no frequency of the grid is an error
+    unless ``allow_empty`` (then the mask is all False)."""
     h, w = (size, size) if isinstance(size, int) else size
     if not (0 < center <= 1 and width > 0):
         raise ValueError(f"band centre must be in (0, 1] and width > 0 (units of pi), got {center}, {width}")
@@ -136,7 +137,7 @@ def band_mask(size, center: float, width: float) -> torch.Tensor:
     r = torch.maximum(fy[:, None], fx[None, :])
     eps = 1e-9
     mask = (r >= center - width / 2 - eps) & (r <= center + width / 2 + eps)
-    if not mask.any():
+    if not (allow_empty or mask.any()):
         raise ValueError(f"no frequency of a {h}x{w} image lies in the band {center} +- {width / 2} (units of pi; "
                          f"grid step {2 / min(h, w):.3g}): widen the band")
     return mask

@@ -43,6 +43,11 @@ class _FeatureMap(torch.autograd.Function):
         return x.reshape(-1, *x.shape[-2:]) if x.dim() >= 2 else x.reshape(1, 1, -1)
 
     @staticmethod
+    def _step(rows: torch.Tensor) -> int:
+        """Rows per chunk: about ``_FOCUS_CHUNK_BYTES`` of ``rows``."""
+        return max(1, _FOCUS_CHUNK_BYTES // (rows[0].numel() * rows.element_size()))
+
+    @staticmethod
     def forward(ctx, u: torch.Tensor, inv: torch.Tensor, p: float) -> torch.Tensor:
         c = u.shape[-1]
         if inv.numel() != c:
@@ -52,7 +57,7 @@ class _FeatureMap(torch.autograd.Function):
         rows, w = _FeatureMap._rows(u), inv.reshape(c)
         out = torch.empty(rows.shape, dtype=u.dtype, device=u.device)
         eps_w = 1e-6 * w
-        step = max(1, _FOCUS_CHUNK_BYTES // (rows[0].numel() * u.element_size()))
+        step = _FeatureMap._step(rows)
         for r in range(0, rows.shape[0], step):
             t = torch.addcmul(eps_w, rows[r:r + step].relu(), w)
             tp = t.pow(p)
@@ -67,7 +72,7 @@ class _FeatureMap(torch.autograd.Function):
         rows, grows, w = _FeatureMap._rows(u), _FeatureMap._rows(g), inv.reshape(c)
         gu = torch.empty(rows.shape, dtype=u.dtype, device=u.device)
         gw = torch.zeros(c, dtype=torch.float64 if u.dtype == torch.float64 else torch.float32, device=u.device)
-        step = max(1, _FOCUS_CHUNK_BYTES // (rows[0].numel() * u.element_size()))
+        step = _FeatureMap._step(rows)
         for r in range(0, rows.shape[0], step):
             uc, gc = rows[r:r + step], grows[r:r + step]
             rl = uc.relu().add_(1e-6)

@@ -53,8 +53,9 @@ class Mlp(nn.Module):
         pieces = -(-rows * self.fc1.out_features * x.element_size() // self.chunk_target)
         step = -(-rows // pieces)
         out = x2.new_empty(rows, self.fc2.out_features)
+        act_ = INPLACE_ACTIVATIONS[type(self.act)]  # _chunkable checked that it is safe
         for s in range(0, rows, step):
-            h = activate(self.act, self.fc1(x2[s:s + step]), self.fc1)
+            h = act_(self.act, self.fc1(x2[s:s + step]))
             if self.fc2.bias is None:
                 torch.mm(h, self.fc2.weight.t(), out=out[s:s + step])
             else:
