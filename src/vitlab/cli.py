@@ -20,8 +20,7 @@ COMMANDS = {
 }
 
 
-class UserError(Exception):
-    """An error the user caused (bad path, bad value): printed as one line, no traceback."""
+from vitlab.errors import UserError  # noqa: E402,F401  (re-exported: older code imports it from here)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -31,7 +31,7 @@ DEFAULT_MODEL = "vit_tiny_patch4_28"
 
 
 def _error(msg: str) -> Exception:
-    from vitlab.cli import UserError
+    from vitlab.errors import UserError
     return UserError(msg)
 
 

@@ -18,14 +18,13 @@ __all__ = [
     "DIGITS_MEAN", "DIGITS_STD", "dataset_info",
 ]
 
-DIGITS_MEAN, DIGITS_STD = (0.1307,), (0.3081,)
-CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+from vitlab.constants import CIFAR10_MEAN as CIFAR_MEAN, CIFAR10_STD as CIFAR_STD  # noqa: E402
+from vitlab.constants import IMAGENET_MEAN, IMAGENET_STD, MNIST_MEAN as DIGITS_MEAN, MNIST_STD as DIGITS_STD  # noqa: E402
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
 def _user_error(msg: str) -> Exception:
-    from vitlab.cli import UserError
+    from vitlab.errors import UserError
 
     return UserError(msg)
 

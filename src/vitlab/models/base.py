@@ -18,8 +18,7 @@ from torch import nn
 
 __all__ = ["Intermediate", "VitlabModel", "IMAGENET_MEAN", "IMAGENET_STD"]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from vitlab.constants import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
 
 @dataclass

@@ -30,7 +30,7 @@ from vitlab.registry import register_model
 
 __all__ = ["Bottleneck", "ResNet", "PreActBottleneck", "PreActResNet", "check_cnn_parts"]
 
-CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
+from vitlab.constants import CIFAR100_MEAN, CIFAR100_STD  # noqa: E402
 
 
 def check_cnn_parts(model: str, mixer: Any = None, norm: Any = None, shortcut: Any = None, featscale: Any = None,

@@ -189,8 +189,7 @@ class VisionTransformer(VitlabModel):
 
 # -- registered recipes -------------------------------------------------------------------------
 
-CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
-MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
+from vitlab.constants import CIFAR10_MEAN, CIFAR10_STD, MNIST_MEAN, MNIST_STD  # noqa: E402
 
 
 _SIZES = {
