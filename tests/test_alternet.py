@@ -32,15 +32,19 @@ def test_layout_and_intermediates():
 
 
 def test_window_attention_matches_brute_force():
-    from vitlab.models.alternet import WindowAttention2d
+    from vitlab.layers import MixerSpec, TokenLayout
+    from vitlab.models.alternet import alternet_attention
 
-    a = WindowAttention2d(8, 12, heads=2, head_dim=4, window_size=2).eval()
+    a = alternet_attention(MixerSpec(), 8, 12, heads=2, size=4, head_dim=4, window_size=2).eval()
+    with torch.no_grad():
+        a.relative_position_bias_table.normal_()
     x = torch.randn(1, 8, 4, 4)
-    out = a(x)
-    q, kv = a.to_q(x), a.to_kv(x)
+    out = a(x.flatten(2).transpose(1, 2), TokenLayout((4, 4))).transpose(1, 2).reshape(1, 12, 4, 4)
+    w = lambda lin: lin.weight[:, :, None, None]  # noqa: E731  (a token Linear as a 1x1 conv)
+    q, kv = torch.nn.functional.conv2d(x, w(a.q)), torch.nn.functional.conv2d(x, w(a.kv))
     k, v = kv[:, :8], kv[:, 8:]
     ref = torch.zeros(1, 8, 4, 4)
-    table = a.relative_position_bias_table
+    table = a.relative_position_bias_table.view(3, 3)  # one (2p-1) x (2p-1) table shared by the heads
     for wy in range(2):
         for wx in range(2):
             ys = [(wy * 2 + i, wx * 2 + j) for i in range(2) for j in range(2)]
@@ -49,7 +53,6 @@ def test_window_attention_matches_brute_force():
                 Q = torch.stack([q[0, sl, y, xx] for y, xx in ys])
                 K = torch.stack([k[0, sl, y, xx] for y, xx in ys])
                 V = torch.stack([v[0, sl, y, xx] for y, xx in ys])
-                bias = torch.tensor([[0.0] * 4] * 4)
                 bias = torch.stack([torch.stack([table[yi - yj + 1, xi - xj + 1] for (yj, xj) in
                                                  [(p // 2, p % 2) for p in range(4)]])
                                     for (yi, xi) in [(p // 2, p % 2) for p in range(4)]])
@@ -57,7 +60,8 @@ def test_window_attention_matches_brute_force():
                 o = att @ V
                 for t, (y, xx) in enumerate(ys):
                     ref[0, sl, y, xx] = o[t]
-    torch.testing.assert_close(out, a.to_out(ref), atol=1e-5, rtol=1e-5)
+    ref = torch.nn.functional.conv2d(ref, w(a.proj), a.proj.bias)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
 def test_parts_recording_and_errors():
@@ -72,8 +76,8 @@ def test_parts_recording_and_errors():
     assert maps["layer4.3.attn"].shape == (1, 24, 16, 16)
     torch.testing.assert_close(maps["layer3.5.attn"].sum(-1), torch.ones(4, 12, 16))
     assert m.layer4[3].featscale is not None and torch.all(m.layer1[0].scale.gamma == 1e-5)
-    with pytest.raises(ValueError, match="focused_linear"):
-        vitlab.create_model("alternet50_cifar", mixer="focused_linear")
+    lin = vitlab.create_model("alternet50_cifar", mixer="focused_linear")  # global linear attention, no table
+    assert lin.layer4[3].attn.grouping.name == "global" and not hasattr(lin.layer4[3].attn, "relative_position_index")
     with pytest.raises(ValueError, match="BatchNorm"):
         vitlab.create_model("alternet50_cifar", norm="center")
     with pytest.raises(ValueError, match="window_size=7"):

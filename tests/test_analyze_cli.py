@@ -118,3 +118,56 @@ def test_bad_input_gives_one_line_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["analyze", "--only", "fourier,bogus"])
     assert "bogus" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model,kwargs,size", [
+    ("vit_tiny_patch16_224", "depth=1,embed_dim=16,num_heads=2", 224),
+    ("vit_tiny_patch4_32", "depth=1,embed_dim=16,num_heads=2", 16),
+], ids=["224px", "16px"])
+def test_analyze_agrees_with_eval_on_a_trained_checkpoint(tmp_path, capsys, model, kwargs, size):
+    """A checkpoint written by `vitlab train` on an ImageFolder, with its own mean/std (not the
+    model's default) and an image size other than the files' (12 px): `analyze` must see the
+    images `eval` sees (same resize/crop, same normalisation), so the NLL agrees to 1e-6."""
+    from conftest import brightness_folder
+
+    folder = brightness_folder(tmp_path / "imgs", {"train": (4, 4), "val": (5, 6)}, seed=1, noise=50, size=12)
+    run = tmp_path / "run"
+    assert main(["train", "--model", model, "--model-kwargs", kwargs, "--data", folder, "--img-size", str(size),
+                 "--mean", "0.3,0.4,0.5", "--std", "0.2,0.25,0.3", "--crop-pct", "0.875", "--epochs", "1",
+                 "--max-steps", "1", "--batch-size", "4", "--workers", "0", "--threads", "1", "--no-progress",
+                 "--amp", "none", "--out", str(run)]) == 0
+    ck = run / "checkpoints" / "last.pt"
+    assert main(["eval", "--checkpoint", str(ck), "--out", str(tmp_path / "ev"), "--amp", "none"]) == 0
+    want = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert main(["analyze", "--checkpoint", str(ck), "--only", "calibration", "--num-images", "64",
+                 "--out", str(tmp_path / "an"), "--no-progress", "--threads", "1"]) == 0
+    res = json.loads((tmp_path / "an" / "analysis.json").read_text())
+    got = res["calibration"]
+    assert got["num_images"] == want["images"] == 11
+    assert got["metrics"]["nll"] == pytest.approx(want["nll"], abs=1e-6)
+    assert got["metrics"]["top1"] == pytest.approx(want["top1"], abs=1e-9)
+    assert res["meta"]["normalization"]["mean"] == pytest.approx([0.3, 0.4, 0.5])
+    assert res["meta"]["default_cfg"]["input_size"] == [3, size, size]
+    # a size the checkpoint was not trained at is an error, never a silent rebuild
+    capsys.readouterr()
+    assert main(["analyze", "--checkpoint", str(ck), "--only", "calibration", "--model-args", "img_size=32",
+                 "--out", str(tmp_path / "an2"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "img_size=32" in err[0] and f"img_size={size}" in err[0]
+
+
+def test_checkpoint_of_another_size_is_an_error_not_a_resized_model(tmp_path, capsys):
+    """A bare checkpoint (state dict + config without img_size) whose position table is for 32 px:
+    the model the config names is 28 px, so analyze must refuse, not interpolate the table."""
+    over = dict(OVERRIDES)
+    model = vitlab.create_model("vit_tiny_patch4_28", img_size=32, **over)
+    path = tmp_path / "ck32.pt"
+    torch.save({"model": model.state_dict(), "config": {"model": "vit_tiny_patch4_28", "model_overrides": over,
+                                                        "data": "mnist"}}, path)
+    assert main(["analyze", "--checkpoint", str(path), "--only", "calibration", "--num-images", "8",
+                 "--out", str(tmp_path / "an"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pos_embed" in err[0] and "img_size" in err[0]
+    # with the size it was trained at, it loads
+    assert main(["analyze", "--checkpoint", str(path), "--model-args", "img_size=32", "--only", "calibration",
+                 "--num-images", "8", "--out", str(tmp_path / "an"), "--no-progress"]) == 0

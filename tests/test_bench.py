@@ -14,7 +14,7 @@ import vitlab
 from vitlab import bench
 from vitlab.bench import BenchResult, StepSpec, compare, count_flops, make_step, peak_step_memory, time_steps
 from vitlab.cli import main as cli_main
-from vitlab.layers import attention as attention_mod
+from vitlab.layers import cores as attention_mod
 from vitlab.layers.mixers import create_mixer
 from vitlab.layers.recording import record_attention
 
@@ -212,43 +212,41 @@ def test_softmax_family_uses_sdpa_unless_recording(mixer, monkeypatch):
 @pytest.mark.parametrize("mixer", SOFTMAX_FAMILY + ["focused_linear"])
 def test_fast_path_equals_reference_path(mixer):
     """Output and gradients of the fused path equal those of the explicit (recording) path."""
-    kw = dict(num_tokens=17) if mixer == "focused_linear" else {}
-    m = create_mixer(mixer, 32, 4, **kw)
+    from vitlab.layers import TokenLayout
+
+    layout = TokenLayout((4, 4), 1)
+    # softmax family: with a relative position bias (an additive logit bias; zero rows for the prefix token)
+    family = {} if mixer == "focused_linear" else dict(position=("relative",))
+    m = create_mixer(mixer, 32, 4, layout=layout, family=family)
     with torch.no_grad():  # non-trivial values for the zero-initialised parameters
         for name, p in m.named_parameters():
-            if "omega" in name or "scale_param" in name or "pos_enc" in name:
+            if any(k in name for k in ("omega", "scale_param", "pos_enc", "relative_position_bias_table")):
                 p.normal_(0, 0.3)
     x = torch.randn(3, 17, 32, dtype=torch.float64, requires_grad=True)
     m = m.double()
-    bias = None if mixer == "focused_linear" else torch.randn(1, 4, 17, 17, dtype=torch.float64)
-    fast = m(x, hw=(4, 4), num_prefix=1, bias=bias)
+    fast = m(x, layout)
     (gx_fast,) = torch.autograd.grad(fast.square().sum(), x)
     with record_attention(m):
-        ref = m(x, hw=(4, 4), num_prefix=1, bias=bias)
+        ref = m(x, layout)
     (gx_ref,) = torch.autograd.grad(ref.square().sum(), x)
     torch.testing.assert_close(fast, ref, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(gx_fast, gx_ref, rtol=1e-8, atol=1e-8)
     # and in float32, the tolerance the benchmarks rely on
     m32, x32 = m.float(), x.detach().float()
-    b32 = None if bias is None else bias.float()
     with torch.no_grad():
-        f32 = m32(x32, hw=(4, 4), num_prefix=1, bias=b32)
+        f32 = m32(x32, layout)
         with record_attention(m32):
-            r32 = m32(x32, hw=(4, 4), num_prefix=1, bias=b32)
+            r32 = m32(x32, layout)
     torch.testing.assert_close(f32, r32, rtol=1e-4, atol=1e-5)
 
 
 def test_vit_equals_timm_in_the_benchmarked_configuration():
     """The benchmark compares like with like: same weights give the same logits in vitlab and timm."""
-    timm = pytest.importorskip("timm")
-    from vitlab.interop.timm import load_timm_weights
+    pytest.importorskip("timm")
+    from parity import check_parity
 
-    peer = timm.create_model("vit_small_patch16_224", img_size=32, depth=2, num_classes=10).eval()
-    ours = vitlab.create_model("vit_small_patch16_224", img_size=32, depth=2, num_classes=10).eval()
-    load_timm_weights(ours, peer.state_dict())
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        torch.testing.assert_close(ours(x), peer(x), rtol=1e-5, atol=1e-5)
+    # every parameter randomised (timm's init leaves the biases at zero)
+    check_parity("vit_small_patch16_224", atol=1e-5, img_size=32, depth=2, num_classes=10)
 
 
 def reference_focused_linear(m, x, hw, num_prefix):
@@ -262,7 +260,7 @@ def reference_focused_linear(m, x, hw, num_prefix):
 
     def phi(t):
         t = (F.relu(t) + 1e-6) / div
-        tp = t ** m.focusing_factor
+        tp = t ** m.core.focusing_factor
         return tp * (t.norm(dim=-1, keepdim=True) / tp.norm(dim=-1, keepdim=True))
 
     split = lambda t: t.reshape(b, n, h, d).transpose(1, 2)  # noqa: E731
@@ -277,6 +275,8 @@ def reference_focused_linear(m, x, hw, num_prefix):
 
 @pytest.mark.parametrize("num_prefix, hw, pos", [(0, (4, 4), True), (1, (3, 5), True), (2, (4, 4), False)])
 def test_fused_focused_linear_equals_unfused_reference(num_prefix, hw, pos):
+    from vitlab.layers import TokenLayout
+
     n = hw[0] * hw[1] + num_prefix
     m = create_mixer("focused_linear", 48, 3, num_tokens=n if pos else None).double()
     with torch.no_grad():
@@ -285,7 +285,7 @@ def test_fused_focused_linear_equals_unfused_reference(num_prefix, hw, pos):
         if pos:
             m.pos_enc.normal_(0, 0.5)
     x = torch.randn(2, n, 48, dtype=torch.float64, requires_grad=True)
-    out = m(x, hw=hw, num_prefix=num_prefix)
+    out = m(x, TokenLayout(hw, num_prefix))
     ref = reference_focused_linear(m, x, hw, num_prefix)
     torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-10)
     g = torch.randn_like(out)
@@ -296,13 +296,15 @@ def test_fused_focused_linear_equals_unfused_reference(num_prefix, hw, pos):
     # float32 fused path against the float64 reference
     m32 = m.float()
     with torch.no_grad():
-        torch.testing.assert_close(m32(x.detach().float(), hw=hw, num_prefix=num_prefix), ref.detach().float(),
+        torch.testing.assert_close(m32(x.detach().float(), TokenLayout(hw, num_prefix)), ref.detach().float(),
                                    rtol=1e-4, atol=1e-5)
 
 
 def test_focused_linear_rejects_a_grid_that_does_not_fit():
+    from vitlab.layers import TokenLayout
+
     m = create_mixer("focused_linear", 16, 2)
-    with pytest.raises(ValueError, match="hw"):
-        m(torch.randn(1, 12, 16), hw=(3, 3))
+    with pytest.raises(ValueError, match="grid"):
+        m(torch.randn(1, 12, 16), TokenLayout((3, 3)))
     with pytest.raises(ValueError, match="square"):
         m(torch.randn(1, 12, 16))

@@ -116,3 +116,52 @@ def test_reliability_plot_and_lazy_import(tmp_path):
                           "import sys, vitlab.analysis as a; a.calibration_metrics; "
                           "print('matplotlib' in sys.modules)"], capture_output=True, text=True)
     assert out.stdout.strip() == "False", out.stderr
+
+
+@pytest.mark.parametrize("n_bins", [4, 7, 10, 15])
+def test_confidences_on_every_bin_edge_match_brute_force(n_bins):
+    """Convention (vitlab.engine.metrics): float64 edges linspace(0, 1, n+1), bins (start, end];
+    a confidence equal to an inner edge belongs to the lower bin, 0 to the first, 1 to the last.
+    Every edge is hit by two samples (one right, one wrong) plus one mid-bin sample per bin."""
+    edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64).tolist()
+    mids = [(a + b) / 2 for a, b in zip(edges[:-1], edges[1:])]
+    confs = [e for e in edges for _ in range(2)] + mids
+    labels = [i % 2 for i in range(2 * len(edges))] + [0] * len(mids)
+    probs = torch.tensor([[c, 0.0] for c in confs], dtype=torch.float64)  # top label 0, confidence c
+    m = calibration_metrics(probs, torch.tensor(labels), n_bins=n_bins)
+    b = reliability_bins(probs, torch.tensor(labels), n_bins)
+    # brute force: membership by explicit comparisons with the documented edges
+    count, ece, sece = [0] * n_bins, 0.0, 0.0
+    for j in range(n_bins):
+        lo, hi = edges[j], edges[j + 1]
+        idx = [i for i, c in enumerate(confs) if lo < c <= hi or (j == 0 and c == lo)]
+        count[j] = len(idx)
+        acc = sum(labels[i] == 0 for i in idx) / len(idx)
+        conf = sum(confs[i] for i in idx) / len(idx)
+        ece += len(idx) / len(confs) * abs(acc - conf)
+        sece += len(idx) / len(confs) * (conf - acc)
+    assert b["count"].tolist() == count
+    # first bin: 0 (x2), its upper edge (x2), its mid; last bin: its upper edge 1 (x2) and its mid
+    assert count[0] == 5 and count[-1] == 3 and all(c == 3 for c in count[1:-1])
+    assert m["ece"] == pytest.approx(ece, abs=1e-12)
+    assert m["signed_ece"] == pytest.approx(sece, abs=1e-12)
+    assert expected_calibration_error(probs, torch.tensor(labels), n_bins) == pytest.approx(ece, abs=1e-12)
+
+
+def test_engine_uses_engine_metrics_and_never_imports_analysis():
+    """engine must not import vitlab.analysis (analysis may import engine); the metrics moved to
+    vitlab.engine.metrics and are re-exported unchanged from vitlab.analysis.calibration."""
+    import ast
+    from pathlib import Path
+
+    import vitlab.analysis.calibration as ac
+    import vitlab.engine.metrics as em
+
+    for name in ("calibration_metrics", "expected_calibration_error", "reliability_bins", "plot_reliability_diagram"):
+        assert getattr(ac, name) is getattr(em, name)
+    engine = Path(em.__file__).parent
+    for path in sorted(engine.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            mods = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not any(m.startswith("vitlab.analysis") for m in mods), f"{path.name} imports {mods}"

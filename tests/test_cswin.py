@@ -15,7 +15,21 @@ import torch.nn.functional as F
 import vitlab
 from vitlab.layers import CenterNorm, CosineAttention, FocusedLinearAttention, record_attention
 from vitlab.models.cli import count_macs, count_params
-from vitlab.models.cswin import CSwinBlock, CSwinTransformer
+from vitlab.layers import Mlp, MixerSpec, MultiHeadAttention, TokenLayout
+from vitlab.models.block import Block
+from vitlab.models.cswin import CSwinTransformer, cswin_attention
+
+
+def CSwinBlock(dim, hw, num_heads, split_size=7, lepe_div_heads=False, mixer="softmax", modifiers=()):
+    """One CSwin block as the family builds it: the one Block with stripe attention plus LePE."""
+    spec = MixerSpec(mixer, None, tuple(modifiers))
+    att = cswin_attention(spec, split_size, False, lepe_div_heads)
+    return Block(dim, spec.build(dim, num_heads, TokenLayout(hw), **att), Mlp(dim, 4 * dim))
+
+
+def stripes_of(blk):
+    g = blk.attn.grouping
+    return g.stripes if hasattr(g, "stripes") else [tuple(blk.attn.layout.hw)]
 
 CSWIN_T = "cswin_tiny_224"
 # 64x64 input -> maps 16, 8, 4, 2; stripes 1, 2, 2 and a single branch in the last stage
@@ -74,26 +88,26 @@ def test_small_param_count_closed_form():
 
 
 # -- the attention itself, against a brute-force reference ------------------------------------------
-def reference_cross_attention(blk: CSwinBlock, x: torch.Tensor) -> torch.Tensor:
+def reference_cross_attention(blk, x: torch.Tensor) -> torch.Tensor:
     """Global softmax attention masked to each token's stripe; LePE convolved on each stripe crop."""
     b, n, c = x.shape
-    h, w = blk.resolution
-    nb, nh = len(blk.stripes), blk.num_heads
+    h, w = blk.attn.layout.hw
+    nb, nh = len(stripes_of(blk)), blk.attn.num_heads
     d = c // nh
     q, k, v = F.linear(x, blk.attn.qkv.weight, blk.attn.qkv.bias).split(c, dim=-1)
     rows, cols = torch.arange(n) // w, torch.arange(n) % w
     outs = []
-    for i, (sh, sw) in enumerate(blk.stripes):
+    for i, (sh, sw) in enumerate(stripes_of(blk)):
         same = (rows[:, None] // sh == rows[None] // sh) & (cols[:, None] // sw == cols[None] // sw)
         ch = slice(i * c // nb, (i + 1) * c // nb)
         heads = lambda t: t.reshape(b, n, nh // nb, d).transpose(1, 2)  # noqa: E731
         qb, kb, vb = heads(q[..., ch]), heads(k[..., ch]), heads(v[..., ch])
-        if isinstance(blk.attn, CosineAttention):  # LipsFormer: tau * cos(q, k)
+        if blk.attn.core.name == "cosine":  # LipsFormer: tau * cos(q, k)
             logits = float(blk.attn.tau) * F.normalize(qb, dim=-1) @ F.normalize(kb, dim=-1).transpose(-2, -1)
         else:
             logits = (qb @ kb.transpose(-2, -1)) * d ** -0.5
         p = logits.masked_fill(~same, float("-inf")).softmax(-1)
-        if blk.attn.attn_scale is not None:  # AttnScale inside each stripe: p + w_h (p - 1/|stripe|)
+        if getattr(blk.attn, "attn_scale", None) is not None:  # AttnScale inside each stripe: p + w_h (p - 1/|stripe|)
             w_h = blk.attn.attn_scale.omega[i * nh // nb:(i + 1) * nh // nb].view(1, -1, 1, 1)
             p = p + w_h * (p - same.float() / same.sum(-1, keepdim=True))
         o = p @ vb
@@ -101,9 +115,9 @@ def reference_cross_attention(blk: CSwinBlock, x: torch.Tensor) -> torch.Tensor:
         lepe = torch.zeros_like(vmap)
         for r0 in range(0, h, sh):
             for c0 in range(0, w, sw):
-                lepe[..., r0:r0 + sh, c0:c0 + sw] = blk.lepe[i](vmap[..., r0:r0 + sh, c0:c0 + sw])
+                lepe[..., r0:r0 + sh, c0:c0 + sw] = blk.attn.lepe[i](vmap[..., r0:r0 + sh, c0:c0 + sw])
         o = o + heads(lepe.flatten(2).transpose(1, 2))
-        if blk.lepe_div_heads:
+        if blk.attn.positions[0].div_heads:
             o = o / math.sqrt(nh // nb)
         outs.append(o.transpose(1, 2).reshape(b, n, c // nb))
     return F.linear(torch.cat(outs, -1), blk.attn.proj.weight, blk.attn.proj.bias)
@@ -111,25 +125,26 @@ def reference_cross_attention(blk: CSwinBlock, x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("split,div,mixer,hw", [(2, False, "softmax", (8, 8)), (1, False, "softmax", (8, 8)),
                                                 (4, True, "cosine", (8, 8)), (8, False, "softmax", (8, 8)),
-                                                (2, False, "attnscale", (8, 8)), (2, False, "softmax", (8, 4))])
+                                                (2, False, "attnscale", (8, 8)), (2, False, "softmax", (8, 4)),
+                                                (2, False, "attnscale", (8, 4))])
 def test_cross_shaped_attention_matches_masked_global_attention(split, div, mixer, hw):
     blk = CSwinBlock(16, hw, num_heads=4, split_size=split, lepe_div_heads=div, mixer=mixer).eval()
     with torch.no_grad():
-        for conv in blk.lepe:
+        for conv in blk.attn.lepe:
             conv.bias.normal_()  # so a border/padding mistake in LePE shows
         if mixer == "attnscale":
             blk.attn.attn_scale.omega.copy_(torch.tensor([0.5, -0.3, 0.8, 0.2]))
     x = torch.randn(2, hw[0] * hw[1], 16)
     with torch.no_grad():
-        got = blk.cross_attention(x)
+        got = blk.attn(x, blk.attn.layout)
         with record_attention(blk) as rec:
-            recorded = blk.cross_attention(x)
+            recorded = blk.attn(x, blk.attn.layout)
     ref = reference_cross_attention(blk, x)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(recorded, ref, atol=1e-5, rtol=1e-5)
     maps = [tuple(m.shape) for m in rec.maps["attn"]]
     if split >= 8:  # the stripe covers the map: one branch, all heads
-        assert blk.stripes == [(8, 8)] and maps == [(2, 4, 64, 64)]
+        assert stripes_of(blk) == [(8, 8)] and maps == [(2, 4, 64, 64)]
     elif hw[0] == hw[1]:  # one call: heads 0-1 in vertical (8 x split) stripes, 2-3 in horizontal ones
         s = 8 * split
         assert maps == [(2 * 8 // split, 4, s, s)]
@@ -144,11 +159,13 @@ def test_focused_linear_stage_is_global_linear_attention_plus_lepe():
         blk.attn.pos_enc.normal_()
     x = torch.randn(2, 64, 16)
     with torch.no_grad():
-        got = blk.cross_attention(x)
+        got = blk.attn(x, blk.attn.layout)
         v = F.linear(x, blk.attn.qkv.weight, blk.attn.qkv.bias)[..., 32:]
-        lepe = blk.lepe[0](v.transpose(1, 2).reshape(2, 16, 8, 8)).flatten(2).transpose(1, 2)
-        ref = blk.attn(x, hw=(8, 8)) + lepe @ blk.attn.proj.weight.T  # the mixer's own forward + LePE
-    assert blk.stripes == [(8, 8)]
+        lepe = blk.attn.lepe[0](v.transpose(1, 2).reshape(2, 16, 8, 8)).flatten(2).transpose(1, 2)
+        plain = MultiHeadAttention(16, 2, core="focused_linear", layout=TokenLayout((8, 8)))
+        plain.load_state_dict({k: v for k, v in blk.attn.state_dict().items() if "lepe" not in k})
+        ref = plain(x) + lepe @ blk.attn.proj.weight.T  # global focused linear attention + LePE
+    assert stripes_of(blk) == [(8, 8)]
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
@@ -186,7 +203,7 @@ def test_recording_is_per_stripe_and_does_not_change_the_output():
         for m in ms:
             torch.testing.assert_close(m.sum(-1), torch.ones_like(m.sum(-1)))
             if not name.startswith("layers.3"):  # never a whole-map matrix in two-branch stages
-                res = model.layers[int(name.split(".")[1])].blocks[0].resolution
+                res = model.layers[int(name.split(".")[1])].blocks[0].attn.layout.hw
                 assert m.shape[-1] < res[0] * res[1]
 
 
@@ -203,13 +220,13 @@ def test_part_overrides_forward_backward(over):
     model = vitlab.create_model(CSWIN_T, **SMALL, **over)
     blk = model.layers[0].blocks[0]
     if over.get("mixer") == "focused_linear" or over.get("attn_type") == "LLSS":
-        assert isinstance(blk.attn, FocusedLinearAttention) and blk.stripes == [(16, 16)]
+        assert blk.attn.core.name == "focused_linear" and stripes_of(blk) == [(16, 16)]
     if over.get("mixer") == "cosine":
-        assert isinstance(blk.attn, CosineAttention)
+        assert blk.attn.core.name == "cosine"
     if over.get("norm") == "center":
         assert isinstance(blk.norm1, CenterNorm) and isinstance(model.layers[1].downsample.norm, CenterNorm)
     if over.get("init") == "spectral":
-        assert torch.linalg.matrix_norm(blk.lepe[0].weight.flatten(1), ord=2).item() == pytest.approx(1, abs=1e-4)
+        assert torch.linalg.matrix_norm(blk.attn.lepe[0].weight.flatten(1), ord=2).item() == pytest.approx(1, abs=1e-4)
     x = torch.randn(2, 3, 64, 64)
     y = model(x)
     y.square().mean().backward()
@@ -222,10 +239,10 @@ def test_bad_combinations_raise_clear_errors():
         vitlab.create_model(CSWIN_T, **{**SMALL, "num_heads": (2, 2, 3, 4), "embed_dim": 12})
     with pytest.raises(ValueError, match="stripes of width 3"):
         vitlab.create_model(CSWIN_T, **{**SMALL, "split_size": (1, 2, 3, 2)})
-    with pytest.raises(ValueError, match="mixer='focused_linear'"):
+    with pytest.raises(ValueError, match="mixer='focused_linear' has linear cost"):
         vitlab.create_model(CSWIN_T, **SMALL, mixer="focused_linear", attn_type="LLSS")
-    with pytest.raises(ValueError, match="needs a square map"):
-        CSwinBlock(16, (8, 4), num_heads=4, split_size=2, mixer="attnscale")
+    with pytest.raises(ValueError, match="talking_heads mixes heads, but stripes"):
+        CSwinBlock(16, (8, 4), num_heads=4, split_size=2, modifiers=("talking_heads",))
     with pytest.raises(ValueError, match="stem_kernel"):
         vitlab.create_model(CSWIN_T, **SMALL, stem_kernel=5)
     with pytest.raises(ValueError, match="norm_layout"):
@@ -239,7 +256,7 @@ def test_bad_combinations_raise_clear_errors():
 def test_other_input_size_and_checkpoint_transfer():
     with torch.device("meta"):
         m384 = vitlab.create_model(CSWIN_T, img_size=384)
-    stripes = [b.stripes for s in m384.layers for b in s.blocks]
+    stripes = [stripes_of(b) for s in m384.layers for b in s.blocks]
     assert stripes[3] == [(24, 12), (12, 24)] and stripes[-1] == [(12, 12)]  # CSWin@384: stripes 12
     assert m384.default_cfg["input_size"] == (3, 384, 384)
     # LePE and the convs do not depend on the size: a 64 checkpoint loads as is into a 96 model
@@ -268,7 +285,7 @@ def test_lipsformer_cswin_recipe_follows_spec():
     assert isinstance(model.norm, torch.nn.Identity)  # no final norm
     for b in blocks:
         assert isinstance(b.norm1, torch.nn.Identity) and isinstance(b.norm2, CenterNorm)
-        assert isinstance(b.attn, CosineAttention) and float(b.attn.tau) == 12.0 and b.lepe_div_heads
+        assert b.attn.core.name == "cosine" and float(b.attn.tau) == 12.0 and b.attn.positions[0].div_heads
         for g in (b.ls1.gamma, b.ls2.gamma, b.conv_units[0].alpha.gamma, b.conv_units[1].alpha.gamma):
             assert torch.allclose(g, torch.full_like(g, 0.2))
     # one CenterNorm at the end of the block: with every alpha 0 the block is CN(x)
@@ -277,7 +294,7 @@ def test_lipsformer_cswin_recipe_follows_spec():
         for g in (b.ls1.gamma, b.ls2.gamma, b.conv_units[0].alpha.gamma, b.conv_units[1].alpha.gamma):
             g.zero_()
         x = torch.randn(2, 256, 16)
-        torch.testing.assert_close(b(x), b.norm2(x))
+        torch.testing.assert_close(b(x, b.attn.layout), b.norm2(x))
 
 
 def test_flatten_cswin_recipe_layout():
@@ -288,9 +305,9 @@ def test_flatten_cswin_recipe_layout():
     assert depths == [2, 4, 18, 1]
     for i, s in enumerate(model.layers):
         for b in s.blocks:
-            assert isinstance(b.attn, FocusedLinearAttention) == (i < 2)
+            assert (b.attn.core.name == "focused_linear") == (i < 2)
             side = 56 // 2 ** i
-            assert b.stripes == ([(side, side)] if i in (0, 1, 3) else [(14, 7), (7, 14)])
+            assert stripes_of(b) == ([(side, side)] if i in (0, 1, 3) else [(14, 7), (7, 14)])
     assert "cswin_tiny_224" in vitlab.list_models("*cswin*")
     assert {"lipsformer_cswin_tiny", "flatten_cswin_tiny"} <= set(vitlab.list_models("*cswin*"))
 

@@ -241,3 +241,24 @@ def test_repeated_augmentation_sampler_repeats_with_distinct_draws():
     repeated = torch.randperm(n, generator=g).repeat_interleave(3).tolist()
     for r in range(world):
         assert [i for _, _, i in ranks[r]] == repeated[r::world][: n // world]
+
+
+def test_augmentation_of_a_sample_changes_with_the_epoch_and_not_with_workers(tmp_path):
+    """The seed of a sample's augmentation is (seed, epoch, key): the same epoch replays exactly
+    (also with a worker process); the next epoch draws new crops for (almost) every sample."""
+    from conftest import brightness_folder
+
+    from vitlab.data import StreamingImageFolder
+
+    tr = StreamingImageFolder(brightness_folder(tmp_path, {"train": (8, 8)}, seed=0, noise=40, size=16) + "/train")
+    tf = build_train_transform(12, 3, [0.5] * 3, [0.5] * 3, crop="rrc", hflip=0.5)
+
+    def epoch_batches(epoch, workers):
+        loader = build_train_loader(tr, tf, batch_size=16, seed=3, workers=workers)
+        loader.sampler.set_position(epoch, 0)
+        return {k: x for (_, k, _), x in zip(list(loader.sampler), next(iter(loader))[0])}
+
+    e0, e0_again, e0_worker, e1 = (epoch_batches(0, 0), epoch_batches(0, 0), epoch_batches(0, 1),
+                                   epoch_batches(1, 0))
+    assert all(torch.equal(e0[k], e0_again[k]) and torch.equal(e0[k], e0_worker[k]) for k in e0)
+    assert sum(torch.equal(e0[k], e1[k]) for k in e0) <= 2

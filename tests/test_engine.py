@@ -21,7 +21,7 @@ TINY = dict(embed_dim=16, depth=2, num_heads=2, patch_size=4, mlp_ratio=2.0)
 def tiny_cfg(data, out, **kw):
     cfg = TrainConfig(model="vit_tiny_patch4_32", model_kwargs=dict(TINY), data=data, img_size=8, out=str(out),
                       epochs=2, batch_size=4, lr=1e-2, warmup_epochs=0, progress=False, crop="none", hflip=0.0, crop_pct=1.0,
-                      threads=1, workers=0)
+                      threads=1, workers=0, amp="none")
     for k, v in kw.items():
         setattr(cfg, k, v)
     return cfg
@@ -97,7 +97,7 @@ def test_cosine_schedule_matches_closed_form(warmup):
     m = _tiny_model()
     lr, lo, wlr, total = 1e-3, 1e-5, 1e-6, 20
     opt = build_optimizer(m, "sgd", lr, 0.0)
-    sched = build_scheduler(opt, total, warmup, lo, wlr)
+    sched = build_scheduler(opt, TrainConfig(epochs=total // 4, warmup_epochs=warmup / 4, min_lr=lo, warmup_lr=wlr), 4)
     for t in range(total):
         sched.step_update(t)
         got = opt.param_groups[0]["lr"]
@@ -191,7 +191,7 @@ def test_grad_accumulation_equals_the_big_batch(folder, tmp_path):
 
 
 def test_nonfinite_loss_stops_with_step_and_keeps_last_good_checkpoint(folder, tmp_path, monkeypatch):
-    import vitlab.engine.trainer as tr
+    import vitlab.engine.build as tr
 
     real = tr.build_model
 

@@ -29,10 +29,10 @@ def test_eval_cli_reports_metrics_of_the_checkpoint(tmp_path, capsys):
     folder = brightness_folder(tmp_path / "imgs", {"train": (8, 8), "val": (8, 8)}, seed=3, noise=60)
     cfg = TrainConfig(model="vit_tiny_patch4_32", model_kwargs=dict(embed_dim=16, depth=1, num_heads=2, patch_size=4),
                       data=folder, img_size=8, out=str(tmp_path / "run"), epochs=1, batch_size=4, lr=5e-3,
-                      warmup_epochs=0, progress=False, threads=1, workers=0, crop_pct=1.0, ema=True)
+                      warmup_epochs=0, progress=False, threads=1, workers=0, crop_pct=1.0, ema=True, amp="none")
     train(cfg)
     ck = tmp_path / "run" / "checkpoints" / "last.pt"
-    assert main(["eval", "--checkpoint", str(ck), "--data", folder, "--out", str(tmp_path / "ev")]) == 0
+    assert main(["eval", "--checkpoint", str(ck), "--data", folder, "--out", str(tmp_path / "ev"), "--amp", "none"]) == 0
     out = capsys.readouterr().out
     m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert (tmp_path / "ev" / "reliability.png").stat().st_size > 1000
@@ -70,7 +70,8 @@ def test_eval_cli_reports_metrics_of_the_checkpoint(tmp_path, capsys):
             ece += sel.double().mean() * ((pred[sel] == y[sel]).double().mean() - conf[sel].mean()).abs()
     assert m["ece"] == pytest.approx(float(ece), abs=1e-6)
     # the EMA weights are evaluated on request and differ from the raw ones
-    assert main(["eval", "--checkpoint", str(ck), "--data", folder, "--out", str(tmp_path / "ev2"), "--ema"]) == 0
+    assert main(["eval", "--checkpoint", str(ck), "--data", folder, "--out", str(tmp_path / "ev2"), "--ema",
+                 "--amp", "none"]) == 0
     m2 = json.loads((tmp_path / "ev2" / "metrics.json").read_text())
     assert m2["ema"] is True and m2["nll"] != m["nll"]
 

@@ -109,7 +109,7 @@ def test_mlp_hook_on_fc1_sees_pre_activation():
 # -- chunked no-autograd paths: same results, bounded temporaries -----------------------------------
 @pytest.mark.parametrize("num_prefix,pos", [(0, False), (1, True)])
 def test_focused_linear_chunked_equals_fast_path(num_prefix, pos, monkeypatch):
-    from vitlab.layers import FocusedLinearAttention
+    from vitlab.layers import FocusedLinearAttention, TokenLayout
 
     torch.manual_seed(0)
     hw = (7, 9)
@@ -119,17 +119,17 @@ def test_focused_linear_chunked_equals_fast_path(num_prefix, pos, monkeypatch):
         m.scale_param.normal_(std=0.5)
         if pos:
             m.pos_enc.normal_(std=0.5)
-    m.chunk_tokens = 10  # 7 chunks per image, the last one partial
+    m.core.chunk_tokens = 10  # 7 chunks per image, the last one partial
     x = torch.randn(2, n, 48)
-    ref = m(x, hw=hw, num_prefix=num_prefix).detach()  # autograd on: the unchunked path
+    ref = m(x, TokenLayout(hw, num_prefix)).detach()  # autograd on: the unchunked path
     calls = []
-    monkeypatch.setattr(type(m), "_fast", lambda *a: calls.append(1) or pytest.fail("unchunked path taken"))
+    monkeypatch.setattr(type(m.core), "_fast", lambda *a: calls.append(1) or pytest.fail("unchunked path taken"))
     with torch.inference_mode():
-        out = m(x, hw=hw, num_prefix=num_prefix)
+        out = m(x, TokenLayout(hw, num_prefix))
     assert not calls and (out - ref).abs().max() < 1e-5 * ref.abs().max()
     monkeypatch.undo()
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: unchunked
-        assert m(x, hw=hw, num_prefix=num_prefix).dtype == torch.bfloat16
+        assert m(x, TokenLayout(hw, num_prefix)).dtype == torch.bfloat16
 
 
 def test_mlp_chunked_equals_reference_and_is_taken_only_when_safe(monkeypatch):
@@ -166,13 +166,16 @@ def test_mlp_chunked_equals_reference_and_is_taken_only_when_safe(monkeypatch):
 
 
 def test_residual_wiring_calls_every_part():
-    """ResidualHalves reads the block's parts: FeatScale, conv units, shortcuts, norms, mixer, MLP
-    (a class attribute shadowing a submodule slot once silently dropped FeatScale and conv units)."""
-    from vitlab.models.swin import SwinBlock
-    from vitlab.models.vit import Block
+    """The Block reads its parts: FeatScale, conv units, shortcuts, norms, mixer, MLP (a class
+    attribute shadowing a submodule slot once silently dropped FeatScale and conv units)."""
+    from vitlab.layers import Mlp, MultiHeadAttention, TokenLayout
+    from vitlab.models.block import Block
 
-    blocks = [(Block(32, 2, featscale=True, conv_units=True, shortcut="weighted"), ((4, 4), 1), 17),
-              (SwinBlock(32, (4, 4), 2, window_size=2, featscale=True, conv_units=True, post_norm=True), (), 16)]
+    vit_layout, win_layout = TokenLayout((4, 4), 1), TokenLayout((4, 4))
+    blocks = [(Block(32, MultiHeadAttention(32, 2, layout=vit_layout), Mlp(32, 64), featscale=True, conv_units=True,
+                     branch_scale="weighted"), (vit_layout,), 17),
+              (Block(32, MultiHeadAttention(32, 2, grouping="window", window_size=2, shift=True, layout=win_layout),
+                     Mlp(32, 64), featscale=True, conv_units=True, wiring="post"), (win_layout,), 16)]
     for blk, ctx, n in blocks:
         calls = []
         parts = [blk.featscale, *blk.conv_units, blk.norm1, blk.norm2, blk.attn, blk.mlp, blk.ls1, blk.ls2]

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import vitlab
+from vitlab.layers import TokenLayout
 from vitlab.layers import (AttnScale, CenterNorm, CosineAttention, FeatScale, FocusedLinearAttention, ChannelScale,
                            create_mixer, create_norm, create_shortcut, focusing_function, record_attention,
                            spectral_init_, sincos_2d)
@@ -100,8 +101,9 @@ def test_cosine_attention_matches_einsum():
 
 def test_cosine_logits_bounded_by_tau():
     m = CosineAttention(16, num_heads=2, tau=10.0)
-    q, k, _ = m._qkv(torch.randn(3, 20, 16) * 100)
-    lg = m._logits(q, k)
+    x = torch.randn(3, 20, 16) * 100
+    q, k, _ = m.core.prepare(m, *m.projection(m, x, x))
+    lg = m.core.logits(m, q, k)
     assert lg.abs().max() <= 10.0 + 1e-4
 
 
@@ -194,22 +196,22 @@ def test_focused_linear_matches_explicit_matrix(num_prefix):
     x = torch.randn(2, n, 32, dtype=torch.float64)
     m = m.double()
     a_ref, out_ref = explicit_flatten(m, x, hw, num_prefix)
-    out = m(x, hw=hw, num_prefix=num_prefix)
+    out = m(x, layout=TokenLayout(hw, num_prefix))
     assert (out - out_ref).abs().max() < 1e-5
     with record_attention(m) as rec:
-        out_rec = m(x, hw=hw, num_prefix=num_prefix)
+        out_rec = m(x, layout=TokenLayout(hw, num_prefix))
     assert (rec.last()[""] - a_ref).abs().max() < 1e-5
     assert (out_rec - out_ref).abs().max() < 1e-5
     # float32 fast path against the float64 reference
     m32 = m.float()
-    assert (m32(x.float(), hw=hw, num_prefix=num_prefix) - out_ref.float()).abs().max() < 1e-4
+    assert (m32(x.float(), layout=TokenLayout(hw, num_prefix)) - out_ref.float()).abs().max() < 1e-4
 
 
 def test_focused_linear_rank():
     m = FocusedLinearAttention(64, num_heads=4, num_tokens=196).eval()  # head dim 16
     x = torch.randn(1, 196, 64)
     with record_attention(m) as rec:
-        m(x, hw=(14, 14))
+        m(x, TokenLayout((14, 14)))
     a = rec.last()[""][0, 0].double()
     assert torch.linalg.matrix_rank(a, rtol=1e-5) <= 16  # phi(Q) phi(K)^T has rank <= head dim
     # with the DWC the operator V -> A V + DWC(V) on one channel becomes full rank
@@ -231,10 +233,14 @@ def test_focused_linear_zero_inits():
     assert F.softplus(m.scale_param).flatten()[0].item() == pytest.approx(0.693147, abs=1e-6)
 
 
-def test_focused_linear_rejects_bias():
-    m = FocusedLinearAttention(16, num_heads=2)
-    with pytest.raises(ValueError, match="bias"):
-        m(torch.randn(1, 4, 16), hw=(2, 2), bias=torch.zeros(1, 1, 4, 4))
+def test_focused_linear_refuses_logit_bias_and_shift_mask():
+    from vitlab.layers import MultiHeadAttention
+
+    with pytest.raises(ValueError, match="core 'focused_linear' cannot be combined with position bias 'relative'"):
+        MultiHeadAttention(16, 2, core="focused_linear", position="relative", layout=TokenLayout((2, 2)))
+    with pytest.raises(ValueError, match="focused_linear.*shifted-window mask"):
+        MultiHeadAttention(16, 2, core="focused_linear", grouping="window", window_size=2, shift=True,
+                           layout=TokenLayout((4, 4)))
 
 
 def test_softmax_uses_sdpa_fast_path_only_when_not_recording(monkeypatch):

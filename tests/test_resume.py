@@ -1,30 +1,47 @@
 """Exact resume: a run SIGKILLed in the middle of an epoch and resumed with ``--resume auto``
-ends with bit-identical weights (model and EMA) and metrics to an uninterrupted run."""
+ends with bit-identical weights (model and EMA) and metrics to an uninterrupted run.
+
+The kill is deterministic: the training process kills itself with SIGKILL right after writing the
+checkpoint of optimizer step 5 (no polling, no timing)."""
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
 
 import torch
 from conftest import brightness_folder
 
 
-def _cmd(folder, out, *extra):
+# runs `vitlab` with atomic_save wrapped: after the checkpoint of (epoch 0, step KILL_AT) is on disk,
+# the process SIGKILLs itself, as a machine losing power would stop it
+KILLER = """
+import os, signal, sys
+import vitlab.engine.state as state
+real = state.atomic_save
+def save(obj, path):
+    real(obj, path)
+    if (obj["epoch"], obj["step"]) == (0, int(os.environ["KILL_AT"])):
+        os.kill(os.getpid(), signal.SIGKILL)
+state.atomic_save = save
+from vitlab.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _cmd(folder, out, *extra, kill=False):
     # every RNG consumer is on: per-sample RandAugment / random erasing (seeded transforms),
     # Mixup/CutMix (numpy RNG), drop path (torch RNG), EMA, warmup + cosine schedule
-    return [sys.executable, "-m", "vitlab", "train", "--data", folder, "--out", str(out),
+    return [sys.executable, *(["-c", KILLER] if kill else ["-m", "vitlab"]), "train", "--data", folder, "--out", str(out),
             "--model", "vit_tiny_patch4_32", "--model-kwargs", "embed_dim=16,depth=2,num_heads=2,patch_size=4",
             "--img-size", "8", "--epochs", "2", "--batch-size", "2", "--lr", "0.005", "--warmup-epochs", "0.5",
             "--crop", "rrc", "--randaug", "rand-m9-mstd0.5-inc1", "--reprob", "0.25", "--mixup", "0.8",
             "--cutmix", "1.0", "--drop-path", "0.1", "--ema", "--ema-decay", "0.9", "--threads", "1", "--workers", "0",
-            "--no-progress", "--ckpt-every-steps", "5", *extra]
+            "--no-progress", "--ckpt-every-steps", "5", "--amp", "none", *extra]
 
 
 def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
-    return env
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0", KILL_AT="10")
 
 
 DETERMINISTIC = ("epoch", "step", "train_loss", "lr", "val_top1", "val_top5", "val_nll", "val_ece",
@@ -34,18 +51,11 @@ DETERMINISTIC = ("epoch", "step", "train_loss", "lr", "val_top1", "val_top5", "v
 def test_sigkill_mid_epoch_then_resume_auto_is_exact(tmp_path):
     folder = brightness_folder(tmp_path / "imgs", {"train": (16, 16), "val": (6, 6)}, seed=1, noise=40)
     ref, cut = tmp_path / "ref", tmp_path / "cut"
-    proc = subprocess.Popen(_cmd(folder, cut), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     ckpt = cut / "checkpoints" / "last.pt"
-    deadline = time.time() + 120
-    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    assert proc.poll() is None, f"training ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
+    killed = subprocess.run(_cmd(folder, cut, kill=True), env=_env(), capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     state = torch.load(ckpt, weights_only=True)
-    assert state["epoch"] == 0 and 0 < state["step"] < 16, (state["epoch"], state["step"])  # mid-epoch
+    assert (state["epoch"], state["step"]) == (0, 10)  # mid-epoch (16 steps), after two step checkpoints
 
     r = subprocess.run(_cmd(folder, cut, "--resume", "auto"), env=_env(), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]

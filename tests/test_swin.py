@@ -19,6 +19,7 @@ from vitlab.layers import CenterNorm, CosineAttention, FocusedLinearAttention, r
 from vitlab.layers.window import resize_relative_position_table
 from vitlab.models.cli import count_macs, count_params
 from vitlab.models.swin import SwinTransformer
+from parity import check_parity, randomize_
 
 SWIN_T = "swin_tiny_patch4_window7_224"
 # a small Swin: 64x64 input -> maps 16, 8, 4, 2; window 4 (stage 3 and 4 windows shrink to the map)
@@ -49,6 +50,11 @@ def test_param_count_equals_timm(name):
         ref = timm.create_model(name, pretrained=False)
     assert count_params(ours) == count_params(ref)
     assert set(to_timm_state_dict(ours)) == set(ref.state_dict())
+
+
+def group_grid(blk):
+    """The grid each attention group covers (a window, or the whole map)."""
+    return tuple(blk.attn.grouping.key_grid(blk.attn.layout)[0])
 
 
 def test_macs_equal_timm_swin_tiny():
@@ -82,16 +88,8 @@ def test_params_and_macs_within_one_percent_of_spec(key):
 
 # -- timm parity -------------------------------------------------------------------------------
 def test_timm_parity_both_directions():
-    x = torch.randn(1, 3, 224, 224)
-    ref = timm.create_model(SWIN_T, pretrained=False).eval()
-    ours = load_timm_weights(vitlab.create_model(SWIN_T), ref.state_dict()).eval()
-    with torch.no_grad():
-        assert (ours(x) - ref(x)).abs().max().item() < 1e-4
-        # the other way: fresh vitlab weights into timm
-        fresh = vitlab.create_model(SWIN_T).eval()
-        ref.load_state_dict(to_timm_state_dict(fresh))
-        assert (fresh(x) - ref(x)).abs().max().item() < 1e-4
-        assert (fresh(x) - ours(x)).abs().max().item() > 1e-3  # different weights, different logits
+    # every parameter randomised (biases, norms, relative-position tables), logits and stage maps
+    check_parity(SWIN_T)
 
 
 def _small_timm(**kw):
@@ -100,7 +98,7 @@ def _small_timm(**kw):
 
 def test_official_checkpoint_layout_loads():
     """The official Swin repo saves patch merging at the end of stage i and the head as ``head``."""
-    ref = _small_timm()
+    ref = randomize_(_small_timm())
     official = {}
     for k, v in ref.state_dict().items():
         if ".downsample." in k:
@@ -119,11 +117,7 @@ def test_official_checkpoint_layout_loads():
 def test_384_model_loads_224_checkpoint_as_timm_filter_does():
     from timm.models.swin_transformer import checkpoint_filter_fn
 
-    src = timm.create_model(SWIN_T, pretrained=False)
-    with torch.no_grad():  # tables of unit scale, so a wrong interpolation shows in the logits
-        for k, p in src.named_parameters():
-            if k.endswith("relative_position_bias_table"):
-                p.normal_()
+    src = randomize_(timm.create_model(SWIN_T, pretrained=False))  # tables too: a bad resize shows
     sd = src.state_dict()
     ref = timm.create_model(SWIN_T, pretrained=False, img_size=384, window_size=12).eval()
     filtered = checkpoint_filter_fn(sd, ref)
@@ -138,11 +132,11 @@ def test_384_model_loads_224_checkpoint_as_timm_filter_does():
     for i, (a, b) in enumerate(zip(ours.layers, ref.layers)):
         for bo, bt in zip(a.blocks, b.blocks):
             if bt.attn_mask is None:
-                assert bo.attn_mask is None
+                assert bo.attn.attn_mask is None
             else:
-                torch.testing.assert_close(bo.attn_mask, bt.attn_mask.squeeze(1) if bt.attn_mask.ndim == 4
+                torch.testing.assert_close(bo.attn.attn_mask, bt.attn_mask.squeeze(1) if bt.attn_mask.ndim == 4
                                            else bt.attn_mask)
-    assert ours.layers[3].blocks[1].shift_size == (0, 0)  # 12x12 map == window: no shift
+    assert ours.layers[3].blocks[1].attn.grouping.shift_size == (0, 0)  # 12x12 map == window: no shift
     x = torch.randn(1, 3, 384, 384)
     with torch.no_grad():
         assert (ours(x) - ref(x)).abs().max().item() < 1e-4
@@ -171,12 +165,7 @@ def test_bicubic_table_resize_is_plain_bicubic():
 
 
 def test_window_not_dividing_the_map_pads_like_timm():
-    ref = _small_timm(img_size=80, window_size=3)  # maps 20, 10, 5, 2(.5): padded windows
-    ours = load_timm_weights(vitlab.create_model(SWIN_T, **{**SMALL, "img_size": 80, "window_size": 3}),
-                             ref.state_dict()).eval()
-    x = torch.randn(2, 3, 80, 80)
-    with torch.no_grad():
-        assert torch.allclose(ours(x), ref(x), atol=1e-5)
+    check_parity(SWIN_T, atol=1e-5, **{**SMALL, "img_size": 80, "window_size": 3})  # maps 20, 10, 5, 2(.5)
 
 
 # -- contract: intermediates, recording ---------------------------------------------------------
@@ -218,7 +207,7 @@ def test_recorded_attention_is_per_window_and_masked():
     # shifted block: no attention across regions of the rolled map (mask -100)
     blk = model.layers[0].blocks[1]
     p = maps["layers.0.blocks.1.attn"].view(2, 16, 2, 16, 16)
-    cross = blk.attn_mask.view(1, 16, 1, 16, 16).expand_as(p) < -1
+    cross = blk.attn.attn_mask.view(1, 16, 1, 16, 16).expand_as(p) < -1
     assert cross.any() and p[cross].max() < 1e-30
 
 
@@ -235,9 +224,9 @@ def test_part_overrides_forward_backward(over):
     model = vitlab.create_model(SWIN_T, **SMALL, **over)
     blk = model.layers[0].blocks[0]
     if over.get("mixer") == "focused_linear" or over.get("attn_type") == "LLSS":
-        assert isinstance(blk.attn, FocusedLinearAttention) and blk.window_size == (16, 16)
+        assert blk.attn.core.name == "focused_linear" and group_grid(blk) == (16, 16)
     if over.get("mixer") == "cosine":
-        assert isinstance(model.layers[3].blocks[0].attn, CosineAttention)
+        assert model.layers[3].blocks[0].attn.core.name == "cosine"
     if over.get("norm") == "center":
         assert isinstance(blk.norm1, CenterNorm) and isinstance(model.layers[1].downsample.norm, CenterNorm)
     if over.get("init") == "spectral":
@@ -255,7 +244,7 @@ def test_part_overrides_forward_backward(over):
 
 
 def test_bad_combinations_raise_clear_errors():
-    with pytest.raises(ValueError, match="focused_linear.*relative position bias"):
+    with pytest.raises(ValueError, match="focused_linear.*linear cost"):
         vitlab.create_model(SWIN_T, **SMALL, mixer="focused_linear", attn_type="LLSS")
     with pytest.raises(ValueError, match="attn_type"):
         vitlab.create_model(SWIN_T, **SMALL, attn_type="LLS")
@@ -278,9 +267,9 @@ def test_bad_combinations_raise_clear_errors():
 def test_lipsformer_swin_recipe_follows_spec():
     model = vitlab.create_model("lipsformer_swin_tiny", **SMALL)
     blocks = [b for s in model.layers for b in s.blocks]
-    assert all(b.shift_size == (0, 0) and b.attn_mask is None for b in blocks)  # never shifts
+    assert all(b.attn.grouping.shift_size == (0, 0) and b.attn.attn_mask is None for b in blocks)  # never shifts
     assert all(b.post_norm and b.conv_units is not None for b in blocks)
-    assert isinstance(model.norm, CenterNorm) and isinstance(blocks[0].attn, CosineAttention)
+    assert isinstance(model.norm, CenterNorm) and blocks[0].attn.core.name == "cosine"
     assert float(blocks[0].attn.tau) == 10.0
     total = sum(SMALL["depths"])
     for b in blocks:  # every branch starts at alpha = 1/L
@@ -292,7 +281,7 @@ def test_lipsformer_swin_recipe_follows_spec():
         for g in (b.ls1.gamma, b.ls2.gamma, b.conv_units[0].alpha.gamma, b.conv_units[1].alpha.gamma):
             g.zero_()
         x = torch.randn(2, 256, 16)
-        torch.testing.assert_close(b(x), b.norm2(b.norm1(x)))
+        torch.testing.assert_close(b(x, b.attn.layout), b.norm2(b.norm1(x)))
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # timm's table interpolation helper
@@ -301,10 +290,10 @@ def test_flatten_swin_layout_and_384_pos_enc_resize():
     for i, stage in enumerate(model.layers):
         for j, b in enumerate(stage.blocks):
             linear = i < 2
-            assert isinstance(b.attn, FocusedLinearAttention) == linear
+            assert (b.attn.core.name == "focused_linear") == linear
             assert hasattr(b.attn, "relative_position_bias_table") != linear
-            assert b.window_size == ((16 // 2 ** i,) * 2 if linear else (min(4, 16 // 2 ** i),) * 2)
-    assert model.layers[1].blocks[1].shift_size == (0, 0) and model.layers[2].blocks[1].shift_size == (0, 0)
+            assert group_grid(b) == ((16 // 2 ** i,) * 2 if linear else (min(4, 16 // 2 ** i),) * 2)
+    assert model.layers[1].blocks[1].attn.grouping.shift_size == (0, 0) and model.layers[2].blocks[1].attn.grouping.shift_size == (0, 0)
     with torch.no_grad():
         for k, p in model.named_parameters():
             if k.endswith("pos_enc"):
@@ -319,7 +308,7 @@ def test_flatten_swin_layout_and_384_pos_enc_resize():
     # the 384 recipe uses window 12 in the softmax stages (FLatten-Swin-B@384)
     with torch.device("meta"):
         m384 = vitlab.create_model("flatten_swin_base", img_size=384)
-    assert m384.layers[2].blocks[0].window_size == (12, 12) and m384.layers[0].blocks[0].window_size == (96, 96)
+    assert group_grid(m384.layers[2].blocks[0]) == (12, 12) and group_grid(m384.layers[0].blocks[0]) == (96, 96)
     assert m384.default_cfg["input_size"] == (3, 384, 384) and m384.default_cfg["crop_pct"] == 1.0
 
 

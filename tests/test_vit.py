@@ -13,6 +13,7 @@ from vitlab.layers.mixers import MIXERS
 from vitlab.layers.norm import NORMS
 from vitlab.layers.shortcut import SHORTCUTS
 from vitlab.layers.recording import record_attention
+from parity import check_parity, randomize_
 
 # every ViT/DeiT name vitlab registers that timm also has
 TIMM_SHARED = [
@@ -39,23 +40,10 @@ def _timm_pair(name, **kw):
 @pytest.mark.parametrize("name", TIMM_SHARED)
 def test_timm_parity_both_directions(name):
     kw = {}
-    if name == "vit_large_patch16_224":
-        kw = dict(depth=4)  # same widths and keys as ViT-L; 4 of its 24 identical blocks keep CI fast
-    tm, vm = _timm_pair(name, **kw)
-    assert sum(p.numel() for p in vm.parameters()) == sum(p.numel() for p in tm.parameters())
-    load_timm_weights(vm, tm.state_dict())
-    size = vm.default_cfg["input_size"][-1]
-    x = torch.randn(1, 3, size, size)
-    with torch.no_grad():
-        want = tm(x)
-        got = vm(x)
-    assert (got - want).abs().max().item() < 1e-4
-    # and back: vitlab weights -> timm state dict -> a fresh timm model gives vitlab's logits
-    torch.manual_seed(1)
-    tm2 = timm.create_model(name, pretrained=False, **kw).eval()
-    tm2.load_state_dict(to_timm_state_dict(vm), strict=True)
-    with torch.no_grad():
-        assert (tm2(x) - got).abs().max().item() < 1e-4
+    if "large" in name or "base" in name:
+        kw = dict(depth=2)  # same widths and keys; 2 of the 12/24 identical blocks keep CI fast
+    # every parameter randomised (biases, norms, tokens), logits and block maps, both directions
+    check_parity(name, **kw)
 
 
 def test_param_counts_match_timm_for_full_size_models():
@@ -87,7 +75,7 @@ def test_384_model_loads_224_weights_like_timm():
     from timm.models.vision_transformer import checkpoint_filter_fn
     torch.manual_seed(0)
     small = dict(depth=2)
-    t224 = timm.create_model("vit_tiny_patch16_224", **small)
+    t224 = randomize_(timm.create_model("vit_tiny_patch16_224", **small))
     t384 = timm.create_model("vit_tiny_patch16_224", img_size=384, **small).eval()
     t384.load_state_dict(checkpoint_filter_fn(t224.state_dict(), t384))
     v384 = vitlab.create_model("vit_tiny_patch16_224", img_size=384, **small).eval()
@@ -177,7 +165,8 @@ def test_every_part_combination_trains(mixer, norm, shortcut, featscale):
         assert p.grad is not None, n
         assert torch.isfinite(p.grad).all(), n
     # gradient reaches the first block's mixer (the part is really in the path)
-    assert any(p.grad.abs().sum() > 0 for n, p in m.named_parameters() if n.startswith("blocks.0.attn"))
+    mixer_grads = [p.grad.abs().sum() > 0 for n, p in m.named_parameters() if n.startswith("blocks.0.attn")]
+    assert any(mixer_grads) or not list(m.blocks[0].attn.parameters())  # pooling has no parameters
 
 
 @pytest.mark.parametrize("init", ["trunc_normal", "xavier", "spectral"])
@@ -241,7 +230,7 @@ def test_paper_recipe_param_counts(name, params):
 def test_lipsformer_recipe_uses_its_parts():
     from vitlab.layers import CenterNorm, CosineAttention
     m = vitlab.create_model("lipsformer_vit_small", depth=2)
-    assert isinstance(m.blocks[0].norm1, CenterNorm) and isinstance(m.blocks[0].attn, CosineAttention)
+    assert isinstance(m.blocks[0].norm1, CenterNorm) and m.blocks[0].attn.core.name == "cosine"
     assert m.blocks[0].ls1.gamma.detach().allclose(torch.full((384,), 1 / 2))  # weighted shortcut 1/depth
     w = m.blocks[0].attn.qkv.weight.detach()
     assert abs(torch.linalg.matrix_norm(w, ord=2).item() - 1.0) < 1e-4  # spectral init

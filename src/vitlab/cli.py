@@ -1,4 +1,4 @@
-"""``vitlab`` command line: ``vitlab train | eval | analyze | bench | models``.
+"""``vitlab`` command line: ``vitlab train | eval | predict | export | analyze | bench | models``.
 
 Each sub-command lives in its own module, which exposes ``add_arguments(parser)`` and
 ``run(args) -> int``; modules are imported lazily so ``vitlab --help`` is fast.
@@ -14,6 +14,8 @@ from typing import List, Optional
 COMMANDS = {
     "train": ("vitlab.engine.train_cli", "train a model (default: the bundled data set)"),
     "eval": ("vitlab.engine.eval_cli", "evaluate a checkpoint: accuracy, NLL, calibration"),
+    "predict": ("vitlab.engine.predict_cli", "top-k classes of image files or folders (CSV or JSON)"),
+    "export": ("vitlab.engine.export_cli", "export a checkpoint to ONNX (checked with onnxruntime) or torch.export"),
     "analyze": ("vitlab.analysis.cli", "analyse a model: spectra, oversmoothing, Hessian, ..."),
     "bench": ("vitlab.bench", "measure speed, memory and FLOPs of a model"),
     "models": ("vitlab.models.cli", "list registered models (with --table: params and FLOPs)"),
@@ -21,6 +23,16 @@ COMMANDS = {
 
 
 from vitlab.errors import UserError  # noqa: E402,F401  (re-exported: older code imports it from here)
+
+
+def one_line(exc: BaseException) -> str:
+    """The message of ``exc`` on one line; an error re-raised from a DataLoader worker carries the
+    worker's whole traceback, of which only its last line (the original message) is kept."""
+    msg = str(exc).strip()
+    if "Traceback (most recent call last)" in msg:
+        last = msg.splitlines()[-1]
+        msg = last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].replace(".", "").isidentifier() else last
+    return " ".join(msg.split("\n")).strip()
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -54,7 +66,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (UserError, ValueError, FileNotFoundError, NotADirectoryError) as exc:
         if getattr(args, "traceback", False):
             raise
-        print(f"vitlab {args.command}: error: {exc}", file=sys.stderr)
+        print(f"vitlab {args.command}: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import inspect
 from typing import Any, Callable, Dict, Iterable, List, Optional
 
-__all__ = ["Registry", "register_model", "create_model", "list_models", "is_model", "model_entrypoint"]
+__all__ = ["Registry", "check_kwargs", "accepted_keys", "register_model", "create_model", "list_models", "is_model", "model_entrypoint"]
 
 
 def _closest(name: str, choices: Iterable[str], n: int = 5) -> List[str]:
@@ -18,6 +19,26 @@ def _closest(name: str, choices: Iterable[str], n: int = 5) -> List[str]:
     if not close:  # fall back to substring matches so e.g. "swin" still helps
         close = [c for c in choices if name.lower() in c.lower()][:n]
     return close
+
+
+def accepted_keys(fn: Callable[..., Any]) -> Optional[List[str]]:
+    """The keyword arguments ``fn`` accepts, or ``None`` when it takes ``**kwargs``."""
+    target = fn.__init__ if inspect.isclass(fn) else fn
+    params = list(inspect.signature(target).parameters.values())
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"]
+
+
+def check_kwargs(what: str, kwargs: Dict[str, Any], valid: Iterable[str]) -> None:
+    """Raise ``ValueError`` naming every key of ``kwargs`` not in ``valid`` and listing the valid keys."""
+    valid = list(valid)
+    unknown = [k for k in kwargs if k not in valid]
+    if unknown:
+        hints = [f"{k!r} (did you mean {', '.join(map(repr, c))}?)" if (c := difflib.get_close_matches(k, valid, 2))
+                 else repr(k) for k in unknown]
+        raise ValueError(f"unknown keyword argument{'s' if len(unknown) > 1 else ''} {', '.join(hints)} for "
+                         f"{what}; valid keys: {', '.join(sorted(valid))}")
 
 
 class Registry:
@@ -51,6 +72,15 @@ class Registry:
                 f"unknown {self.kind} '{name}'{hint} (all {len(self._entries)} names: "
                 f"{', '.join(sorted(self._entries)) if len(self._entries) <= 20 else 'see list_models()'})"
             ) from None
+
+    def build(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        """``get(name)(*args, **kwargs)``, refusing keyword arguments the factory does not take
+        (a ``ValueError`` that lists the valid keys) instead of a ``TypeError`` or silence."""
+        fn = self.get(name)
+        valid = accepted_keys(fn)
+        if valid is not None:
+            check_kwargs(f"{self.kind} '{name}'", kwargs, valid)
+        return fn(*args, **kwargs)
 
     def names(self, pattern: str = "*") -> List[str]:
         return sorted(n for n in self._entries if fnmatch.fnmatchcase(n, pattern))
@@ -111,6 +141,10 @@ def create_model(name: str, pretrained: bool = False, checkpoint_path: Optional[
             "with vitlab.interop.load_timm_weights"
         )
     fn = model_entrypoint(name)
+    model_cls = getattr(fn, "model_cls", None)
+    valid = accepted_keys(model_cls) if model_cls is not None else accepted_keys(fn)
+    if valid is not None:
+        check_kwargs(f"model '{name}'", kwargs, [k for k in valid if k not in ("architecture", "default_cfg")])
     model = fn(**kwargs)
     if checkpoint_path is not None:
         from vitlab.interop.checkpoint import load_weights

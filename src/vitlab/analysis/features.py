@@ -35,6 +35,45 @@ def iterate_images(images, batch_size: int = 64, max_images: Optional[int] = Non
         yield b.to(device)
 
 
+def _accumulate(acc: Dict[str, list], inter, b: int, include_prefix: bool) -> None:
+    """Add one batch's per-intermediate sums (Fourier log amplitude, variance, token measures)."""
+    for i, e in enumerate(inter):
+        f = e.feature
+        c, h, w = f.shape[1:]
+        if min(h, w) >= 2:
+            acc["logamp"][i] = acc["logamp"][i] + fourier.log_amplitude_diagonal(f, reduce="sum")
+            acc["logamp_n"][i] += b * c
+            acc["var"][i] += fourier.feature_map_variance(f) * b
+        t = e.all_tokens if include_prefix else e.tokens
+        acc["hc_dc"][i] += oversmoothing.hc_dc_ratio(t) * b
+        acc["dc_share"][i] += oversmoothing.dc_energy_share(t) * b
+        acc["cos"][i] += oversmoothing.patch_uniformity(t) * b if t.shape[1] > 1 else float("nan")
+
+
+def _summarise(acc: Dict[str, list], names, kinds, shapes, n_images: int) -> Dict:
+    count = len(names)
+    curves, high = [], []
+    for i in range(count):
+        if acc["logamp_n"][i]:
+            a = acc["logamp"][i] / acc["logamp_n"][i]
+            d = (a - a[0]).tolist()
+            curves.append(d)
+            high.append(d[-1])
+        else:
+            curves.append(None)
+            high.append(None)
+    return {
+        "names": names, "kinds": kinds, "shapes": shapes,
+        "depth": [i / max(count - 1, 1) for i in range(count)],
+        "fourier_curve": curves, "high_freq": high,
+        "variance": [acc["var"][i] / n_images if acc["logamp_n"][i] else None for i in range(count)],
+        "hc_dc": [v / n_images for v in acc["hc_dc"]],
+        "dc_share": [v / n_images for v in acc["dc_share"]],
+        "cos_sim": [v / n_images for v in acc["cos"]],
+        "num_images": n_images,
+    }
+
+
 @torch.no_grad()
 def feature_statistics(model: torch.nn.Module, images, batch_size: int = 64, max_images: Optional[int] = 256,
                        include_prefix: bool = False, device="cpu") -> Dict:
@@ -58,47 +97,15 @@ def feature_statistics(model: torch.nn.Module, images, batch_size: int = 64, max
     try:
         for x in iterate_images(images, batch_size, max_images, device):
             inter = model.forward_intermediates(x)
-            b = x.shape[0]
             if not names:
                 names = [e.name for e in inter]
                 kinds = [e.kind for e in inter]
                 shapes = [tuple(e.feature.shape[1:]) for e in inter]
-                for k in ("logamp", "logamp_n", "var", "hc_dc", "dc_share", "cos"):
-                    acc[k] = [0.0] * len(inter)
-            for i, e in enumerate(inter):
-                f = e.feature
-                c, h, w = f.shape[1:]
-                if min(h, w) >= 2:
-                    acc["logamp"][i] = acc["logamp"][i] + fourier.log_amplitude_diagonal(f, reduce="sum")
-                    acc["logamp_n"][i] += b * c
-                    acc["var"][i] += fourier.feature_map_variance(f) * b
-                t = e.all_tokens if include_prefix else e.tokens
-                acc["hc_dc"][i] += oversmoothing.hc_dc_ratio(t) * b
-                acc["dc_share"][i] += oversmoothing.dc_energy_share(t) * b
-                acc["cos"][i] += oversmoothing.patch_uniformity(t) * b if t.shape[1] > 1 else float("nan")
-            n_images += b
+                acc = {k: [0.0] * len(inter) for k in ("logamp", "logamp_n", "var", "hc_dc", "dc_share", "cos")}
+            _accumulate(acc, inter, x.shape[0], include_prefix)
+            n_images += x.shape[0]
     finally:
         model.train(was_training)
     if n_images == 0:
         raise ValueError("no images to analyse (empty image set)")
-    count = len(names)
-    curves, high = [], []
-    for i in range(count):
-        if acc["logamp_n"][i]:
-            a = acc["logamp"][i] / acc["logamp_n"][i]
-            d = (a - a[0]).tolist()
-            curves.append(d)
-            high.append(d[-1])
-        else:
-            curves.append(None)
-            high.append(None)
-    return {
-        "names": names, "kinds": kinds, "shapes": shapes,
-        "depth": [i / max(count - 1, 1) for i in range(count)],
-        "fourier_curve": curves, "high_freq": high,
-        "variance": [acc["var"][i] / n_images if acc["logamp_n"][i] else None for i in range(count)],
-        "hc_dc": [v / n_images for v in acc["hc_dc"]],
-        "dc_share": [v / n_images for v in acc["dc_share"]],
-        "cos_sim": [v / n_images for v in acc["cos"]],
-        "num_images": n_images,
-    }
+    return _summarise(acc, names, kinds, shapes, n_images)

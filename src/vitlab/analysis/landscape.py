@@ -81,58 +81,40 @@ def _l2_terms(model: nn.Module):
     return sum(float(p.norm()) for p in params), sum(float(p.pow(2).sum()) for p in params)
 
 
-@torch.no_grad()
-def loss_landscape(model: nn.Module, batches: Sequence, loss_fn: Optional[Callable] = None, steps: int = 11,
-                   span: float = 1.0, weight_decay: float = 0.0, l2: str = "norm", norm: str = "filter",
-                   directions: Optional[Sequence[Dict[str, torch.Tensor]]] = None, seed: int = 0,
-                   progress: bool = False) -> Dict:
-    """Evaluate the loss on a ``steps`` x ``steps`` grid x, y ∈ [−span, span] around θ₀.
+def _evaluate(model, batches, loss_fn, weight_decay: float, l2: str):
+    """(mean loss over batches, accuracy, l2 term) at the model's current weights."""
+    tot, correct, n = 0.0, 0, 0
+    for x, y in batches:
+        out = model(x)
+        tot += float(loss_fn(out, y))
+        hard = y.argmax(-1) if (y.dim() == out.dim() and y.is_floating_point()) else y
+        correct += int((out.argmax(-1) == hard).sum())
+        n += len(y)
+    l2n, l2sq = _l2_terms(model)
+    term = weight_decay * l2n if l2 == "norm" else 0.5 * weight_decay * l2sq
+    return tot / len(batches), correct / n, term
 
-    ``batches``: a fixed list of ``(inputs, targets)`` (targets hard (N,) or soft (N, K); build the
-    augmented batches once so every grid point sees the same data).  ``loss_fn(logits, targets)``
-    defaults to :func:`soft_cross_entropy` (the NLL).  Returns ``xs``, ``ys``, ``nll``, ``acc`` and
-    ``loss`` (= NLL + l2 term) as ``[iy][ix]`` grids, the l2 term per point (``l2``: ``"norm"``
-    → weight_decay·Σ‖θ‖₂, ``"squared"`` → weight_decay/2·Σ‖θ‖²), ``center`` (the values at θ₀,
-    computed once more at the end as a check that the weights were restored) and the cost.
-    Cost: steps² × (one forward pass per batch).  θ₀ is restored afterwards.
-    """
+
+def _check_landscape_args(steps, span, l2, batches, directions, state):
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     if not (isinstance(span, (int, float)) and span > 0):
         raise ValueError(f"span must be a positive number, got {span!r}")
     if l2 not in L2_MODES:
         raise ValueError(f"l2 must be one of {', '.join(L2_MODES)}, got {l2!r}")
-    batches = list(batches)
     if not batches:
         raise ValueError("batches is empty; pass a list of (inputs, targets)")
-    loss_fn = loss_fn or soft_cross_entropy
-    if directions is None:
-        gen = torch.Generator().manual_seed(seed)
-        directions = [filter_normalized_direction(model, norm, generator=gen) for _ in range(2)]
-    if len(directions) != 2:
+    if directions is not None and len(directions) != 2:
         raise ValueError(f"need exactly two directions, got {len(directions)}")
-    state = {name: t for name, t, _ in _direction_tensors(model)}
-    theta0 = {k: v.detach().clone() for k, v in state.items()}
-    for d in directions:
+    for d in directions or []:
         missing = set(state) - set(d)
         if missing:
             raise ValueError(f"direction lacks state entries: {sorted(missing)[:5]}")
-    coords = torch.linspace(-span, span, steps, dtype=torch.float64).tolist() if steps > 1 else [0.0]
-    was = model.training
-    model.eval()
 
-    def evaluate():
-        tot, correct, n = 0.0, 0, 0
-        for x, y in batches:
-            out = model(x)
-            tot += float(loss_fn(out, y))
-            hard = y.argmax(-1) if (y.dim() == out.dim() and y.is_floating_point()) else y
-            correct += int((out.argmax(-1) == hard).sum())
-            n += len(y)
-        l2n, l2sq = _l2_terms(model)
-        term = weight_decay * l2n if l2 == "norm" else 0.5 * weight_decay * l2sq
-        return tot / len(batches), correct / n, term
 
+def _walk_grid(model, state, theta0, directions, coords, evaluate, progress: bool):
+    """The ``[iy][ix]`` grids of nll, acc, l2 term and loss; restores θ₀ whatever happens."""
+    steps = len(coords)
     grid = {k: [[0.0] * steps for _ in range(steps)] for k in ("nll", "acc", "l2_term", "loss")}
     pairs = [(iy, ix) for iy in range(steps) for ix in range(steps)]
     it = pairs
@@ -150,9 +132,38 @@ def loss_landscape(model: nn.Module, batches: Sequence, loss_fn: Optional[Callab
     finally:
         for k, t in state.items():
             t.copy_(theta0[k])
-        model.train(was)
+    return grid
+
+
+@torch.no_grad()
+def loss_landscape(model: nn.Module, batches: Sequence, loss_fn: Optional[Callable] = None, steps: int = 11,
+                   span: float = 1.0, weight_decay: float = 0.0, l2: str = "norm", norm: str = "filter",
+                   directions: Optional[Sequence[Dict[str, torch.Tensor]]] = None, seed: int = 0,
+                   progress: bool = False) -> Dict:
+    """Evaluate the loss on a ``steps`` x ``steps`` grid x, y ∈ [−span, span] around θ₀.
+
+    ``batches``: a fixed list of ``(inputs, targets)`` (targets hard (N,) or soft (N, K); build the
+    augmented batches once so every grid point sees the same data).  ``loss_fn(logits, targets)``
+    defaults to :func:`soft_cross_entropy` (the NLL).  Returns ``xs``, ``ys``, ``nll``, ``acc`` and
+    ``loss`` (= NLL + l2 term) as ``[iy][ix]`` grids, the l2 term per point (``l2``: ``"norm"``
+    → weight_decay·Σ‖θ‖₂, ``"squared"`` → weight_decay/2·Σ‖θ‖²), ``center`` (the values at θ₀,
+    computed once more at the end as a check that the weights were restored) and the cost.
+    Cost: steps² × (one forward pass per batch).  θ₀ is restored afterwards.
+    """
+    batches = list(batches)
+    state = {name: t for name, t, _ in _direction_tensors(model)}
+    _check_landscape_args(steps, span, l2, batches, directions, state)
+    loss_fn = loss_fn or soft_cross_entropy
+    if directions is None:
+        gen = torch.Generator().manual_seed(seed)
+        directions = [filter_normalized_direction(model, norm, generator=gen) for _ in range(2)]
+    theta0 = {k: v.detach().clone() for k, v in state.items()}
+    coords = torch.linspace(-span, span, steps, dtype=torch.float64).tolist() if steps > 1 else [0.0]
+    evaluate = lambda: _evaluate(model, batches, loss_fn, weight_decay, l2)  # noqa: E731
+    was = model.training
     model.eval()
     try:
+        grid = _walk_grid(model, state, theta0, directions, coords, evaluate, progress)
         c_nll, c_acc, c_term = evaluate()
     finally:
         model.train(was)

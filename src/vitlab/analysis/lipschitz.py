@@ -118,12 +118,8 @@ class _Bounder:
             return 1.0 + self.part(m.alpha, name) * inner
         if isinstance(m, L.PatchEmbed):
             return self.part(m.proj, name) * self.part(m.norm, name)
-        if isinstance(m, L.FocusedLinearAttention):
-            return self._unbounded(name, "focused linear attention (ReLU-feature kernel) is not globally Lipschitz")
-        if isinstance(m, L.CosineAttention):
-            return self._cosine(m, name)
-        if isinstance(m, L.Attention):
-            return self._unbounded(name, "dot-product attention has no finite global Lipschitz constant")
+        if isinstance(m, L.MultiHeadAttention):
+            return self._attention(m, name)
         if isinstance(m, (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm)):
             return self._unbounded(name, f"{type(m).__name__} divides by the standard deviation (no global constant)")
         if isinstance(m, nn.Sequential):
@@ -137,10 +133,20 @@ class _Bounder:
         self.factors.append({"name": name, "bound": math.inf, "note": why})
         return math.inf
 
+    def _attention(self, m, name) -> float:
+        core = m.core.name
+        if core == "focused_linear":
+            return self._unbounded(name, "focused linear attention (ReLU-feature kernel) is not globally Lipschitz")
+        if core == "cosine":
+            return self._cosine(m, name)
+        if core == "softmax":
+            return self._unbounded(name, "dot-product attention has no finite global Lipschitz constant")
+        return self._unbounded(name, f"no Lipschitz rule for attention core {core!r}")
+
     def _cosine(self, m, name) -> float:
         """SCSA with V normalised and ε in the norms (spec §9, derived):
         L_h = (1/√ε)[2√2·τ(‖W_Q^h‖ + √N‖W_K^h‖) + √N‖W_V^h‖]; all heads √(Σ L_h²)·‖W_O‖."""
-        if not (m.normalize_v and m.eps > 0):
+        if not (m.core.normalize_v and m.core.eps > 0):
             return self._unbounded(name, "cosine attention without normalize_v and eps > 0 is only Lipschitz "
                                          "on bounded inputs (see lipsformer.md §9)")
         shp = self.shapes.get(m)
@@ -151,16 +157,17 @@ class _Bounder:
         d = m.head_dim
         wq, wk, wv = m.qkv.weight.detach().double().split(c, dim=0)
         tau = float(m.tau)
+        eps = m.core.eps
         total = 0.0
-        omega = (m.attn_scale.omega.detach().double() if m.attn_scale is not None
+        omega = (m.attn_scale.omega.detach().double() if getattr(m, "attn_scale", None) is not None
                  else torch.zeros(m.num_heads, dtype=torch.float64))
         for h in range(m.num_heads):
             sl = slice(h * d, (h + 1) * d)
             nq, nk, nv = (float(torch.linalg.matrix_norm(w[sl], ord=2)) for w in (wq, wk, wv))
-            lh = (2 * math.sqrt(2) * tau * (nq + math.sqrt(n) * nk) + math.sqrt(n) * nv) / math.sqrt(m.eps)
+            lh = (2 * math.sqrt(2) * tau * (nq + math.sqrt(n) * nk) + math.sqrt(n) * nv) / math.sqrt(eps)
             om = float(omega[h])
             # AttnScale: Â V = (1+ω) A V − ω·mean_j v_j; the mean is a projection (norm 1)
-            lh = abs(1 + om) * lh + abs(om) * nv / math.sqrt(m.eps)
+            lh = abs(1 + om) * lh + abs(om) * nv / math.sqrt(eps)
             total += lh ** 2
         return math.sqrt(total) * self.part(m.proj, name)
 

@@ -14,13 +14,14 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 __all__ = [
-    "BundledDigits", "StreamingImageFolder", "BrokenImageError", "build_dataset_pair",
+    "BundledDigits", "StreamingImageFolder", "BrokenImageError", "build_dataset_pair", "build_eval_dataset",
     "DIGITS_MEAN", "DIGITS_STD", "dataset_info",
 ]
 
 from vitlab.constants import CIFAR10_MEAN as CIFAR_MEAN, CIFAR10_STD as CIFAR_STD  # noqa: E402
 from vitlab.constants import IMAGENET_MEAN, IMAGENET_STD, MNIST_MEAN as DIGITS_MEAN, MNIST_STD as DIGITS_STD  # noqa: E402
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+from vitlab.data.folder_info import IMG_EXTENSIONS, find_split, folder_stats  # noqa: E402
+from vitlab.errors import UserError  # noqa: E402
 
 
 def _user_error(msg: str) -> Exception:
@@ -29,8 +30,18 @@ def _user_error(msg: str) -> Exception:
     return UserError(msg)
 
 
-class BrokenImageError(ValueError):
-    """An image file that cannot be decoded (the message names the file)."""
+class BrokenImageError(UserError, ValueError):
+    """An image file that cannot be decoded (the message names the file).
+
+    Raised inside a DataLoader worker, torch re-raises it in the main process with the worker's
+    whole traceback as its message; the constructor keeps the one line that names the file."""
+
+    def __init__(self, msg: str = ""):
+        if "Traceback" in msg:
+            last = [ln for ln in msg.strip().splitlines() if "BrokenImageError:" in ln]
+            if last:
+                msg = last[-1].split("BrokenImageError:", 1)[1].strip()
+        super().__init__(msg)
 
 
 @functools.lru_cache(maxsize=2)
@@ -209,12 +220,45 @@ def _cifar(name: str, root: str, download: bool) -> Tuple[Dataset, Dataset]:
 
 
 def dataset_info(data: str) -> dict:
-    """Default image size, channels and mean/std for a ``--data`` value."""
+    """Natural image size, channels and mean/std for a ``--data`` value; for a folder they are
+    read from a sample of its images (grey images get ImageNet's channel-averaged mean/std)."""
     if data in ("digits", "bundled", "mnist_bundled"):
         return dict(img_size=28, in_chans=1, mean=DIGITS_MEAN, std=DIGITS_STD, kind="digits")
     if data in ("cifar10", "cifar100"):
         return dict(img_size=32, in_chans=3, mean=CIFAR_MEAN, std=CIFAR_STD, kind=data)
+    if os.path.isdir(data):
+        st = folder_stats(os.path.abspath(data))
+        grey = st["in_chans"] == 1
+        mean = (sum(IMAGENET_MEAN) / 3,) if grey else IMAGENET_MEAN
+        std = (sum(IMAGENET_STD) / 3,) if grey else IMAGENET_STD
+        return dict(img_size=st["img_size"], in_chans=st["in_chans"], mean=mean, std=std, kind="folder",
+                    num_images=st["num_images"], num_classes=st["num_classes"])
     return dict(img_size=224, in_chans=3, mean=IMAGENET_MEAN, std=IMAGENET_STD, kind="folder")
+
+
+def _check_folder(data: str) -> None:
+    if not os.path.exists(data):
+        raise _user_error(f"--data {data!r} is neither 'digits', 'cifar10', 'cifar100' nor an existing folder")
+    if not os.path.isdir(data):
+        raise _user_error(f"--data {data!r} is a file; expected a folder with train/ and val/ class folders")
+
+
+def build_eval_dataset(data: str, data_dir: Optional[str] = None, classes: Optional[List[str]] = None,
+                       skip_broken: bool = False) -> Tuple[Dataset, List[str]]:
+    """The evaluation split alone: ``val/`` (or validation/, valid/, test/) of a folder, or the
+    folder itself when it holds the class folders directly; ``classes`` (the checkpoint's) must match."""
+    kind = dataset_info(data)["kind"]
+    if kind != "folder":
+        _, va, cls = build_dataset_pair(data, data_dir, False, skip_broken)
+        return va, cls
+    _check_folder(data)
+    split = find_split(data, "val")
+    if split is None:
+        if find_split(data, "train") is not None:
+            raise _user_error(f"{data} has train/ but no val/ or test/ folder to evaluate on")
+        split = data
+    va = StreamingImageFolder(split, classes=classes, skip_broken=skip_broken)
+    return va, va.classes
 
 
 def build_dataset_pair(data: str, data_dir: Optional[str] = None, download: bool = False,
@@ -227,14 +271,13 @@ def build_dataset_pair(data: str, data_dir: Optional[str] = None, download: bool
     if kind in ("cifar10", "cifar100"):
         tr, va = _cifar(kind, data_dir or default_data_dir(), download)
         return tr, va, list(tr.classes)
-    if not os.path.exists(data):
-        raise _user_error(f"--data {data!r} is neither 'digits', 'cifar10', 'cifar100' nor an existing folder")
-    if not os.path.isdir(data):
-        raise _user_error(f"--data {data!r} is a file; expected a folder with train/ and val/ class folders")
+    _check_folder(data)
+    dirs = {}
     for split in ("train", "val"):
-        if not os.path.isdir(os.path.join(data, split)):
+        dirs[split] = find_split(data, split)
+        if dirs[split] is None:
             raise _user_error(f"{data} has no {split}/ folder (expected {data}/train/<class>/... and "
-                              f"{data}/val/<class>/...)")
-    tr = StreamingImageFolder(os.path.join(data, "train"), skip_broken=skip_broken)
-    va = StreamingImageFolder(os.path.join(data, "val"), classes=tr.classes, skip_broken=skip_broken)
+                              f"{data}/val/<class>/... (or test/))")
+    tr = StreamingImageFolder(dirs["train"], skip_broken=skip_broken)
+    va = StreamingImageFolder(dirs["val"], classes=tr.classes, skip_broken=skip_broken)
     return tr, va, tr.classes

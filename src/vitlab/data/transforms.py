@@ -19,7 +19,7 @@ from torchvision.transforms import v2
 
 __all__ = ["build_train_transform", "build_eval_transform", "ToMode"]
 
-CROPS = ("rrc", "pad", "none")
+CROPS = ("rrc", "pad", "affine", "none")
 
 
 class ToMode:
@@ -44,8 +44,10 @@ def _to_tensor(mean: Sequence[float], std: Sequence[float]):
 def build_train_transform(img_size: int, in_chans: int, mean: Sequence[float], std: Sequence[float],
                           crop: str = "rrc", scale_min: float = 0.08, padding: int = 4, hflip: float = 0.5,
                           randaug: Optional[str] = None, reprob: float = 0.0, interpolation: str = "bicubic",
-                          color_jitter: float = 0.0):
-    """The training pipeline (PIL image in, normalised float tensor out)."""
+                          color_jitter: float = 0.0, degrees: float = 15.0, scale_jitter: float = 0.1):
+    """The training pipeline (PIL image in, normalised float tensor out).  ``crop="affine"``: a
+    random rotation (+-``degrees``), shift (+-``padding`` pixels) and zoom (1 +- ``scale_jitter``),
+    the classic augmentation for digits and other centred small images."""
     if crop not in CROPS:
         raise ValueError(f"crop must be one of {', '.join(CROPS)}, got {crop!r}")
     if not 0.0 <= hflip <= 1.0:
@@ -62,6 +64,10 @@ def build_train_transform(img_size: int, in_chans: int, mean: Sequence[float], s
         t += [v2.Resize(img_size, interpolation=interp, antialias=True), v2.CenterCrop(img_size)]
         if crop == "pad" and padding > 0:
             t.append(v2.RandomCrop(img_size, padding=padding))
+        elif crop == "affine":
+            shift = padding / img_size
+            t.append(v2.RandomAffine(degrees=degrees, translate=(shift, shift),
+                                     scale=(1 - scale_jitter, 1 + scale_jitter), interpolation=v2.InterpolationMode.BILINEAR))
     if hflip > 0:
         t.append(v2.RandomHorizontalFlip(hflip))
     if randaug:

@@ -36,14 +36,15 @@ def atomic_save(obj: Any, path: str) -> str:
 
 
 def load_checkpoint(path: str) -> Dict[str, Any]:
+    """A vitlab training checkpoint, read without unpickling code (``weights_only=True``)."""
+    from vitlab.errors import UserError
+    from vitlab.interop.checkpoint import safe_torch_load
+
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"cannot read checkpoint {path}: {exc}") from None
+    obj = safe_torch_load(path)
     if not isinstance(obj, dict) or "model" not in obj:
-        raise ValueError(f"{path} is not a vitlab checkpoint (no 'model' entry)")
+        raise UserError(f"{path} is not a vitlab checkpoint (no 'model' entry)")
     return obj
 
 
@@ -73,5 +74,5 @@ def restore_rng(state: Dict[str, Any]) -> None:
 def find_resume_checkpoint(run_dir: str) -> Optional[str]:
     """The newest checkpoint in ``run_dir/checkpoints`` (``last.pt`` is rewritten at every save)."""
     cands = [p for p in glob.glob(os.path.join(run_dir, "checkpoints", "*.pt")) if not os.path.basename(p).startswith(".")]
-    cands = [p for p in cands if os.path.basename(p) != "best.pt"]
+    cands = [p for p in cands if not os.path.basename(p).startswith("best")]
     return max(cands, key=os.path.getmtime) if cands else None

@@ -23,6 +23,7 @@ class TrainConfig:
     img_size: Optional[int] = None  # None: the data set's natural size (28 digits, 32 CIFAR, 224 folders)
     drop_path: float = 0.0
     drop: float = 0.0  # dropout in MLP / projections (model drop_rate)
+    pretrained: Optional[str] = None  # weights to fine-tune from (vitlab/timm file or model directory)
     # data
     data: str = "digits"
     data_dir: Optional[str] = None
@@ -31,7 +32,9 @@ class TrainConfig:
     skip_broken: bool = False
     mean: Optional[List[float]] = None
     std: Optional[List[float]] = None
-    crop: Optional[str] = None  # rrc | pad | none (None: rrc for folders, pad for CIFAR/digits)
+    crop: Optional[str] = None  # rrc | pad | affine | none (None: pad up to 64 px, rrc above)
+    affine_degrees: float = 15.0  # crop=affine: rotation range (+-degrees)
+    affine_scale: float = 0.1  # crop=affine: zoom range 1 +- this
     scale_min: float = 0.08
     padding: Optional[int] = None
     hflip: Optional[float] = None  # None: 0.5, but 0 for digits
@@ -50,7 +53,12 @@ class TrainConfig:
     epochs: int = 20
     batch_size: int = 32
     accum_steps: int = 1
-    opt: str = "adamw"
+    opt: str = "adamw"  # any name of timm's optimizer factory
+    sched: str = "cosine"  # cosine | tanh | step | multistep | poly | constant | wsd | plateau (timm's factory)
+    decay_epochs: Optional[float] = None  # step: decay interval; wsd: decay length (timm's default if None)
+    decay_milestones: List[float] = field(default_factory=lambda: [30.0, 60.0, 90.0])  # multistep
+    decay_rate: float = 0.1  # step / multistep / plateau factor; poly power
+    patience_epochs: int = 10  # plateau
     lr: Optional[float] = 2e-3
     blr: Optional[float] = None  # base lr per 512 images: lr = blr * global_batch / 512 (DeiT)
     min_lr: float = 1e-5
@@ -67,7 +75,7 @@ class TrainConfig:
     ema: bool = False
     ema_decay: float = 0.9998
     # systems
-    amp: str = "none"  # none | bf16 | fp16
+    amp: str = "auto"  # auto (bf16 on a CPU with native bf16, else none) | none | bf16 | fp16
     channels_last: bool = False
     compile: bool = False
     device: str = "auto"
@@ -80,6 +88,10 @@ class TrainConfig:
     ckpt_every_steps: int = 0
     keep_epoch_ckpts: bool = False
     eval_every: int = 1
+    eval_metric: str = "top1"  # best checkpoint by top1 | top5 (higher) or nll | ece (lower)
+    checkpoint_hist: int = 1  # keep the N best checkpoints (best.pt + best-epochK.pt)
+    log_interval: int = 50  # steps between steps.jsonl records and plain progress lines (0: off)
+    tensorboard: bool = False
     progress: bool = True
     max_steps: Optional[int] = None  # stop after this many optimizer steps (debugging / tests)
 
@@ -131,10 +143,33 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
         if self.smoothing >= 1:
             raise ValueError(f"smoothing must be in [0, 1), got {self.smoothing!r}")
-        if self.amp not in ("none", "bf16", "fp16"):
-            raise ValueError(f"amp must be none, bf16 or fp16, got {self.amp!r}")
-        if self.opt not in ("adamw", "sgd", "adam", "lamb"):
-            raise ValueError(f"opt must be adamw, sgd, adam or lamb, got {self.opt!r}")
+        if self.amp not in ("auto", "none", "bf16", "fp16"):
+            raise ValueError(f"amp must be auto, none, bf16 or fp16, got {self.amp!r}")
+        from vitlab.engine.optim import SCHEDULES, optimizer_names
+
+        if self.opt not in optimizer_names():
+            import difflib
+
+            close = difflib.get_close_matches(self.opt, optimizer_names(), n=3)
+            raise ValueError(f"opt {self.opt!r} is not one of timm's optimizers" +
+                             (f"; did you mean {', '.join(close)}?" if close else " (see timm.optim.list_optimizers())"))
+        if self.sched not in SCHEDULES:
+            raise ValueError(f"sched must be one of {', '.join(SCHEDULES)}, got {self.sched!r}")
+        if self.eval_metric not in ("top1", "top5", "nll", "ece"):
+            raise ValueError(f"eval-metric must be top1, top5, nll or ece, got {self.eval_metric!r}")
+        positive("checkpoint_hist")
+        positive("log_interval", allow_zero=True)
+        positive("eval_every", allow_zero=True)
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max-steps must be >= 1, got {self.max_steps!r}")
+        if self.clip_grad is not None and self.clip_grad <= 0:
+            raise ValueError(f"clip-grad must be > 0 (leave it out to switch clipping off), got {self.clip_grad!r}")
+        if not isinstance(self.model_kwargs, dict):
+            raise ValueError(f"model-kwargs must be a mapping such as depth=6,embed_dim=192, got {self.model_kwargs!r}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        if self.pretrained is not None and not os.path.exists(self.pretrained):
+            raise ValueError(f"--pretrained {self.pretrained}: no such file or model directory")
         if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
             raise ValueError(f"layer-decay must be in (0, 1], got {self.layer_decay!r}")
         if self.warmup_epochs > self.epochs:

@@ -18,7 +18,8 @@ __all__ = ["add_arguments", "run", "evaluate_checkpoint"]
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="a vitlab checkpoint (runs/.../checkpoints/last.pt)")
     p.add_argument("--data", help="data set (default: the one the checkpoint was trained on): 'digits', "
-                                  "'cifar10', 'cifar100' or an ImageFolder root with train/ and val/")
+                                  "'cifar10', 'cifar100', an ImageFolder root with val/ (or test/), or a folder "
+                                  "of class folders")
     p.add_argument("--data-dir", help="cache folder for cifar10/cifar100")
     p.add_argument("--out", help="output folder (default: <run dir>/eval)")
     p.add_argument("--ema", action="store_true", help="evaluate the EMA weights stored in the checkpoint")
@@ -26,19 +27,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=0, help="data loader worker processes")
     p.add_argument("--bins", type=int, default=15, help="ECE bins (default 15)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"],
+                   help="autocast (default auto: bf16 on a CPU with native bf16, else float32)")
     p.add_argument("--skip-broken", action="store_true", help="skip unreadable images with a warning")
     p.add_argument("--traceback", action="store_true", help="show full tracebacks for errors")
 
 
 def evaluate_checkpoint(checkpoint: str, data=None, data_dir=None, out=None, ema=False, batch_size=256, workers=0,
-                        bins=15, device="auto", skip_broken=False):
+                        bins=15, device="auto", skip_broken=False, amp="none"):
     """Evaluate ``checkpoint``; returns ``(metrics, out_dir)``."""
     import torch
 
-    from vitlab.analysis.calibration import calibration_metrics, plot_reliability_diagram
-    from vitlab.data import build_dataset_pair, build_eval_loader, build_eval_transform
+    from vitlab.engine.metrics import calibration_metrics, plot_reliability_diagram
+    from vitlab.data import build_eval_dataset, build_eval_loader, build_eval_transform
     from vitlab.engine.checkpoint import load_checkpoint
     from vitlab.engine.config import TrainConfig
+    from vitlab.engine.amp import resolve_amp
     from vitlab.engine.trainer import build_model, predict
 
     if bins < 1:
@@ -49,13 +53,14 @@ def evaluate_checkpoint(checkpoint: str, data=None, data_dir=None, out=None, ema
     cfg = TrainConfig.from_dict(ckpt["config"], source=f"checkpoint {checkpoint}")
     data = data or cfg.data
     data_dir = data_dir or cfg.data_dir
-    _, val_set, classes = build_dataset_pair(data, data_dir, False, skip_broken)
     n_cls = int(ckpt["num_classes"])
+    stored = list(ckpt.get("classes") or [])
+    val_set, classes = build_eval_dataset(data, data_dir, stored if len(stored) == n_cls else None, skip_broken)
     if len(classes) != n_cls:
         raise ValueError(f"--data {data} has {len(classes)} classes but the checkpoint's model has {n_cls}")
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
-    model = build_model(cfg, n_cls, int(ckpt["img_size"]), int(ckpt["in_chans"]))
+    model = build_model(cfg, n_cls, int(ckpt["img_size"]), int(ckpt["in_chans"]), ckpt.get("model_kwargs"))
     state = ckpt["ema"] if ema else ckpt["model"]
     if state is None:
         raise ValueError(f"{checkpoint} holds no EMA weights (train with --ema)")
@@ -65,9 +70,11 @@ def evaluate_checkpoint(checkpoint: str, data=None, data_dir=None, out=None, ema
     tf = build_eval_transform(int(ckpt["img_size"]), int(ckpt["in_chans"]), d["mean"], d["std"], d["crop_pct"],
                               cfg.interpolation)
     loader = build_eval_loader(val_set, tf, batch_size, workers=workers, pin_memory=dev.type == "cuda")
-    probs, labels = predict(model, loader, dev)
+    amp = resolve_amp(amp, dev, model)
+    probs, labels = predict(model, loader, dev, amp=amp)
     metrics = calibration_metrics(probs, labels, n_bins=bins)
-    metrics.update(checkpoint=os.path.abspath(checkpoint), data=data, images=len(labels), ema=bool(ema), bins=bins)
+    metrics.update(checkpoint=os.path.abspath(checkpoint), data=data, images=len(labels), ema=bool(ema), bins=bins,
+                   amp=amp)
     out = out or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(checkpoint))), "eval")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "metrics.json"), "w") as f:
@@ -83,8 +90,8 @@ def _pct(v):
 
 def run(args: argparse.Namespace) -> int:
     m, out = evaluate_checkpoint(args.checkpoint, args.data, args.data_dir, args.out, args.ema, args.batch_size,
-                                 args.workers, args.bins, args.device, args.skip_broken)
-    print(f"{m['images']} images of {m['data']}{' (EMA weights)' if m['ema'] else ''}")
+                                 args.workers, args.bins, args.device, args.skip_broken, args.amp)
+    print(f"{m['images']} images of {m['data']}{' (EMA weights)' if m['ema'] else ''}, amp {m['amp']}")
     print(f"top-1 {m['top1']:.2f}%  top-5 {m['top5']:.2f}%  NLL {m['nll']:.4f}  ECE({m['bins']} bins) "
           f"{_pct(m['ece'])}  Brier {m['brier']:.4f}")
     print(f"Acc-90 {_pct(m['acc90'])}  Unc-90 {_pct(m['unc90'])}  Freq-90 {_pct(m['freq90'])}  "

@@ -5,8 +5,9 @@
 * optional layer-wise lr decay ("BEiT: BERT Pre-Training of Image Transformers", Bao et al.,
   ICLR 2022): block ``i`` of ``L`` gets ``lr * decay ** (L + 1 - layer_id)``;
 * the optimiser itself from timm's ``create_optimizer_v2`` (AdamW, SGD, ...);
-* cosine decay with linear warmup ("SGDR", Loshchilov & Hutter, ICLR 2017) from timm's
-  ``CosineLRScheduler``, stepped per optimizer update; a warmup of zero is allowed.
+* the schedule from timm's ``create_scheduler_v2``: cosine decay with linear warmup by default
+  ("SGDR", Loshchilov & Hutter, ICLR 2017), or tanh, step, multistep, poly, constant, wsd,
+  plateau; stepped per optimizer update; a warmup of zero is allowed.
 """
 from __future__ import annotations
 
@@ -16,14 +17,29 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import nn
 
-__all__ = ["param_groups", "build_optimizer", "build_scheduler", "layer_ids"]
+__all__ = ["param_groups", "build_optimizer", "build_scheduler", "layer_ids", "SCHEDULES", "optimizer_names"]
+
+
+def optimizer_names():
+    """Every optimizer name timm's ``create_optimizer_v2`` takes (adamw, sgd, lamb, lion, ...)."""
+    from timm.optim import list_optimizers
+
+    return list_optimizers()
 
 _BLOCK = re.compile(r"^(.*?\bblocks\.\d+)\.")
 
 
 def layer_ids(model: nn.Module) -> Dict[str, int]:
     """Parameter name -> layer id: 0 before the first block (embeddings, tokens), ``1..L`` for
-    the blocks in module order (works for isotropic and hierarchical models), ``L + 1`` after."""
+    the blocks in module order (works for isotropic and hierarchical models), ``L + 1`` after.
+    A model with timm's ``group_matcher(coarse=False)`` is grouped by it (timm's
+    ``param_groups_layer_decay`` rule); otherwise by the ``blocks.<i>`` names."""
+    if hasattr(model, "group_matcher"):
+        from timm.models._manipulate import group_parameters
+
+        groups = group_parameters(model, model.group_matcher(coarse=False), reverse=False)
+        order = {g: i for i, g in enumerate(sorted(groups))}
+        return {n: order[g] for g, names in groups.items() for n in names}
     names = [n for n, _ in model.named_parameters()]
     blocks: List[str] = []
     for n in names:
@@ -81,10 +97,8 @@ def build_optimizer(model: nn.Module, opt: str, lr: float, weight_decay: float, 
     from timm.optim import create_optimizer_v2
 
     groups = param_groups(model, weight_decay, layer_decay, weight_decay_1d)
-    kwargs: Dict[str, Any] = {}
-    if opt == "sgd":
-        kwargs["momentum"] = momentum
-    elif opt in ("adamw", "adam", "lamb"):
+    kwargs: Dict[str, Any] = {"momentum": momentum}  # timm passes it only to optimizers that take it
+    if ("adam" in opt and "adan" not in opt) or "lamb" in opt:
         kwargs["betas"] = tuple(betas)
         kwargs["eps"] = eps
     if opt in ("adamw", "adam") and fused_ok(model):
@@ -95,12 +109,29 @@ def build_optimizer(model: nn.Module, opt: str, lr: float, weight_decay: float, 
     return optimizer
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, total_updates: int, warmup_updates: int, min_lr: float,
-                    warmup_lr: float):
-    from timm.scheduler import CosineLRScheduler
+SCHEDULES = ("cosine", "tanh", "step", "multistep", "poly", "constant", "wsd", "plateau")
 
-    sched = CosineLRScheduler(optimizer, t_initial=max(1, total_updates), lr_min=min_lr,
-                              warmup_t=warmup_updates, warmup_lr_init=warmup_lr, warmup_prefix=False,
-                              t_in_epochs=False)
-    sched.step_update(0)
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg, steps_per_epoch: int):
+    """timm's ``create_scheduler_v2`` stepped per optimizer update (``plateau``: per epoch, on the
+    validation metric).  Epoch settings (warmup, decay interval, milestones) are converted to
+    whole updates; cooldown epochs run at ``min_lr`` after the schedule."""
+    from timm.scheduler import create_scheduler_v2
+
+    if cfg.sched not in SCHEDULES:
+        from vitlab.errors import UserError
+
+        raise UserError(f"--sched must be one of {', '.join(SCHEDULES)}, got {cfg.sched!r}")
+    spe = 1 if cfg.sched == "plateau" else steps_per_epoch
+    per_update = cfg.sched != "plateau"
+    kw = dict(sched=cfg.sched, num_epochs=max(1, cfg.epochs * spe), min_lr=cfg.min_lr, warmup_lr=cfg.warmup_lr,
+              warmup_epochs=int(round(cfg.warmup_epochs * spe)), decay_rate=cfg.decay_rate,
+              decay_milestones=[int(round(m * spe)) for m in cfg.decay_milestones],
+              patience_epochs=cfg.patience_epochs, step_on_epochs=not per_update,
+              updates_per_epoch=1 if per_update else 0, plateau_mode="min" if cfg.eval_metric == "nll" else "max")
+    if cfg.decay_epochs is not None:
+        kw["decay_epochs"] = cfg.decay_epochs if 0 < cfg.decay_epochs < 1 else cfg.decay_epochs * spe
+    sched, _ = create_scheduler_v2(optimizer, **kw)
+    if per_update:
+        sched.step_update(0)
     return sched

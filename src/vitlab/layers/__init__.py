@@ -1,6 +1,7 @@
 """vitlab parts: small modules with one job each, chosen by name.
 
-* mixers (:data:`MIXERS`): ``softmax``, ``cosine``, ``focused_linear``, ``attnscale``
+* mixers (:data:`MIXERS`): ``softmax``, ``cosine``, ``focused_linear``, ``attnscale``, ``pooling``
+* attention parts: projections, groupings, cores, modifiers, position biases (:mod:`vitlab.layers.attn_parts`)
 * norms (:data:`NORMS`): ``layernorm``, ``center``, ``rms``
 * shortcuts (:data:`SHORTCUTS`): ``plain``, ``weighted``, ``layerscale``
 * initialisers (:data:`INITS`): ``trunc_normal``, ``xavier``, ``spectral``
@@ -13,8 +14,14 @@ from vitlab.layers.attention import Attention, AttnScale, CosineAttention
 from vitlab.layers.conv_unit import DWConvUnit
 from vitlab.layers.featscale import FeatScale
 from vitlab.layers.init import INITS, init_weights, spectral_init_, spectral_norm_of
-from vitlab.layers.linear_attention import FocusedLinearAttention, focusing_function
-from vitlab.layers.mixers import MIXERS, create_mixer
+from vitlab.layers.attention import FocusedLinearAttention
+from vitlab.layers.attn_parts import CORES, GROUPINGS, MODIFIERS, POSITION_BIASES, PROJECTIONS, AttentionPart
+from vitlab.layers.layout import TokenLayout
+from vitlab.layers.linear_attention import focusing_function
+from vitlab.layers.mha import MultiHeadAttention
+from vitlab.layers.mixers import MIXERS, MixerSpec, Pooling, create_mixer
+from vitlab.layers import cores as _cores, grouping as _grouping, modifiers as _modifiers  # noqa: F401 (register)
+from vitlab.layers import position_bias as _position, projection as _projection  # noqa: F401 (register)
 from vitlab.layers.mlp import Mlp
 from vitlab.layers.norm import NORMS, CenterNorm, create_norm
 from vitlab.layers.patch_embed import EMBEDS, ConvStem, PatchEmbed, to_2tuple
@@ -27,5 +34,6 @@ __all__ = [
     "create_mixer", "CenterNorm", "NORMS", "create_norm", "SHORTCUTS", "ChannelScale", "create_shortcut",
     "FeatScale", "Mlp", "DropPath", "DWConvUnit", "INITS", "init_weights", "spectral_init_", "spectral_norm_of",
     "EMBEDS", "PatchEmbed", "ConvStem", "to_2tuple", "POS_EMBEDS", "sincos_2d", "resample_pos_embed",
-    "record_attention", "RecordsAttention", "AttentionRecorder",
+    "record_attention", "RecordsAttention", "AttentionRecorder", "MultiHeadAttention", "TokenLayout", "MixerSpec",
+    "Pooling", "AttentionPart", "CORES", "GROUPINGS", "MODIFIERS", "POSITION_BIASES", "PROJECTIONS",
 ]

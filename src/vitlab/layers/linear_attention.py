@@ -1,4 +1,4 @@
-"""Focused linear attention (``focused_linear``): linear cost in the number of tokens."""
+"""Focused linear attention (the ``focused_linear`` core): linear cost in the number of tokens."""
 from __future__ import annotations
 
 import math
@@ -8,10 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitlab.layers.attention import Attention
+from vitlab.layers.attn_parts import CORES
+from vitlab.layers.cores import Core
 from vitlab.layers.inplace import chunkable
 
-__all__ = ["FocusedLinearAttention", "focusing_function", "focused_feature_map"]
+__all__ = ["FocusedLinearCore", "focusing_function", "focused_feature_map", "linear_attend"]
 
 
 def focusing_function(x: torch.Tensor, p: float = 3.0) -> torch.Tensor:
@@ -97,109 +98,141 @@ def focused_feature_map(u: torch.Tensor, inv: torch.Tensor, p: float = 3.0) -> t
     return _FeatureMap.apply(u, inv, float(p))
 
 
-class FocusedLinearAttention(Attention):
+def linear_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``q (K^T V / n) / (q . mean_j k_j + 1e-6)`` on ``(B, heads, N, d)`` feature maps and values, at
+    O(N d^2): V gets a column of ones, so that one ``K^T [V, 1] / n`` product gives both the numerator
+    and the normaliser."""
+    n, d = k.shape[-2], v.shape[-1]
+    v1 = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)
+    kv1 = (k.transpose(-2, -1) @ v1) * (1.0 / n)  # (B, h, d, d + 1)
+    num, den = (q @ kv1).split([d, 1], dim=-1)  # (B, h, N, d), (B, h, N, 1)
+    return num / (den + 1e-6)
+
+
+def _grid(m: int, grid: Optional[Tuple[int, ...]]) -> Tuple[int, ...]:
+    if grid is None:
+        side = math.isqrt(m)
+        if side * side != m:
+            raise ValueError(f"cannot infer a square token grid from {m} tokens; pass a layout")
+        return side, side
+    if math.prod(grid) != m:
+        raise ValueError(f"grid {tuple(grid)} holds {math.prod(grid)} tokens, but {m} non-prefix tokens were given")
+    return tuple(grid)
+
+
+@CORES.register("focused_linear")
+class FocusedLinearCore(Core):
     """Focused linear attention with depthwise-conv rank restoration.
 
-    From "FLatten Transformer: Vision Transformer using Focused Linear Attention" (Han et al.,
-    ICCV 2023).  Order of operations follows the released code (spec ``flatten.md`` section 3):
-    a zero-initialised learnable position encoding on K, ``ReLU + 1e-6``, division by
-    ``softplus(scale)`` (learnable per channel, init 0), the focusing function over the full
-    channel axis, then per head ``out_i = q_i (K^T V / n) / (q_i . mean_j k_j + 1e-6)``, plus a
-    depthwise ``kernel_size`` conv on V (weights shared by all heads) over the token map.
+    From "FLatten Transformer: Vision Transformer using Focused Linear Attention" (Han et al., ICCV
+    2023).  Order of operations follows the released code (spec ``flatten.md`` section 3): a
+    zero-initialised learnable position encoding on K (``pos_enc``, sized by the host's layout), ``ReLU
+    + 1e-6``, division by ``softplus(scale_param)`` (learnable per channel, init 0), the focusing
+    function over the full channel axis, then per head ``out_i = q_i (K^T V / n) / (q_i . mean_j k_j +
+    1e-6)``, plus a depthwise ``kernel_size`` conv on V (``dwc``, weights shared by all heads) over the
+    token map.  Cost O(N d^2) per head; the explicit path hands out the implied row-normalised N x N
+    matrix ``phi(Q) phi(K)^T`` (the DWC term is a separate local operator).
 
-    Cost is O(N d^2) per head.  When recording, the implied row-normalised N x N matrix
-    ``phi(Q) phi(K)^T`` is handed out (the DWC term is a separate local operator).
-
-    Tokens: ``num_prefix`` leading tokens (class tokens) take part in attention but not in the
-    DWC, which runs on the ``hw`` grid of the remaining tokens.  ``num_tokens`` sizes the
-    position encoding on K; without it, no position encoding is used.
-
-    Without autograd and above ``chunk_tokens`` tokens, the forward pass walks the tokens in
-    chunks of that size (:meth:`_chunked`): every per-token temporary (q, k, their feature maps)
-    lives in the cache for one chunk instead of streaming whole ``N x C`` tensors through memory
-    a dozen times, so the time stays linear in N once the tensors outgrow the cache.
+    Prefix tokens take part in attention but not in the DWC.  Without autograd and above
+    ``chunk_tokens`` tokens, the plain global configuration walks the tokens in chunks
+    (:meth:`_chunked`): every per-token temporary lives in the cache for one chunk, so the time stays
+    linear in N once the tensors outgrow the cache.
     """
 
+    forms_matrix = False
+    takes_bias = False
+    linear_cost = True
     chunk_tokens: int = 1024  # tokens per chunk of the no-autograd path (0: never chunk)
 
-    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, attn_drop: float = 0.0,
-                 proj_drop: float = 0.0, focusing_factor: float = 3.0, kernel_size: int = 5,
-                 num_tokens: Optional[int] = None, **_unused):
-        super().__init__(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop)
+    def __init__(self, focusing_factor: float = 3.0, kernel_size: int = 5, pos_enc: bool = True):
         if kernel_size % 2 != 1:
             raise ValueError(f"kernel_size must be odd, got {kernel_size}")
-        self.focusing_factor = focusing_factor
-        self.dwc = nn.Conv2d(self.head_dim, self.head_dim, kernel_size, padding=kernel_size // 2, groups=self.head_dim)
-        self.scale_param = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos_enc = nn.Parameter(torch.zeros(1, num_tokens, dim)) if num_tokens else None
+        self.focusing_factor, self.kernel_size, self.pos_enc = focusing_factor, kernel_size, pos_enc
 
-    def _phi_qk(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def setup(self, host) -> None:
+        d, k = host.head_dim, self.kernel_size
+        host.dwc = nn.Conv2d(d, d, k, padding=k // 2, groups=d)
+        host.scale_param = nn.Parameter(torch.zeros(1, 1, host.inner))
+        n = host.num_tokens if self.pos_enc else None  # a token count without a layout (standalone use)
+        if self.pos_enc and host.layout is not None:
+            grid, prefix = host.grouping.key_grid(host.layout)
+            n = math.prod(grid) + prefix
+        host.pos_enc = nn.Parameter(torch.zeros(1, n, host.inner)) if n else None
+
+    # -- the general path ------------------------------------------------------------------------
+    def _inv(self, host) -> torch.Tensor:
+        return 1.0 / F.softplus(host.scale_param)
+
+    def prepare(self, host, q, k, v):
+        b, h, n, d = q.shape
+        qt, kt = (t.transpose(1, 2).reshape(b, t.shape[2], h * d) for t in (q, k))
+        if host.pos_enc is not None:
+            self._check_tokens(host, kt.shape[1])
+            kt = kt + host.pos_enc
+        if qt.shape[1] == kt.shape[1]:
+            phi = focused_feature_map(torch.stack([qt, kt], dim=2), self._inv(host), self.focusing_factor)
+            qt, kt = phi.unbind(2)
+        else:
+            qt, kt = (focused_feature_map(t, self._inv(host), self.focusing_factor) for t in (qt, kt))
+        q, k = (t.reshape(b, t.shape[1], h, d).transpose(1, 2) for t in (qt, kt))
+        return q, k, v
+
+    def logits(self, host, q, k):
+        return q @ k.transpose(-2, -1)
+
+    def normalize(self, host, logits):
+        """The released code's normaliser: rows divided by their sum plus ``n * 1e-6``."""
+        return logits / (logits.sum(dim=-1, keepdim=True) + logits.shape[-1] * 1e-6)
+
+    def fused(self, host, q, k, v, bias, dropout_p):
+        return linear_attend(q, k, v)
+
+    def value_term(self, host, branch):
+        v, p = branch.v, branch.num_prefix
+        b, h, n, d = v.shape
+        grid = _grid(n - p, branch.grid)
+        fm = v[:, :, p:].reshape(b * h, grid[0], grid[1], d).permute(0, 3, 1, 2)
+        out = host.dwc(fm).permute(0, 2, 3, 1).reshape(b, h, n - p, d)
+        return F.pad(out, (0, 0, p, 0)) if p else out
+
+    # -- the plain global configuration: fused and chunked token paths --------------------------------
+    def fast_forward(self, host, x, layout):
+        if not host.plain_global or host.recording:
+            return None
+        grid = layout.grid if layout is not None else None
+        p = layout.num_prefix if layout is not None else 0
+        if 0 < self.chunk_tokens < x.shape[1] and chunkable(x, host.qkv):
+            out = self._chunked(host, x, grid, p)
+        else:
+            out = self._fast(host, x, grid, p)
+        return host.proj_drop(host.proj(out))
+
+    def _phi_qk(self, host, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(v (B, N, C), phi([q, k]) (B, N, 2, C))``: the kernel feature map of q and k,
         computed for both in one pass of each elementwise op (fewer kernel launches).  The
         projection is split with ``split`` (its backward concatenates the gradients; slicing
         would zero-fill a full-size gradient once per slice)."""
         b, n, c = x.shape
-        qk, v = self.qkv(x).split([2 * c, c], dim=-1)
-        self._check_tokens(n)
-        if self.pos_enc is not None:
-            qk = qk + F.pad(self.pos_enc, (c, 0))  # position encoding on K only
+        qk, v = host.qkv(x).split([2 * c, c], dim=-1)
+        self._check_tokens(host, n)
+        if host.pos_enc is not None:
+            qk = qk + F.pad(host.pos_enc, (c, 0))  # position encoding on K only
         qk = qk.unflatten(-1, (2, c))
         # f_p((relu(qk) + 1e-6) / softplus(s)), fused and chunked (forward and backward)
-        return v, focused_feature_map(qk, 1.0 / F.softplus(self.scale_param), self.focusing_factor)
+        return v, focused_feature_map(qk, 1.0 / F.softplus(host.scale_param), self.focusing_factor)
 
-    def _features(self, x: torch.Tensor, num_prefix: int = 0):
-        """``phi(q), phi(k), v`` split into heads, each ``(B, heads, N, head_dim)``."""
-        b, n, c = x.shape
-        v, phi = self._phi_qk(x)
-        q, k = phi.unflatten(-1, (self.num_heads, self.head_dim)).permute(2, 0, 3, 1, 4).unbind(0)
-        v = v.reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
-        return q, k, v
-
-    def _dwc(self, v: torch.Tensor, hw: Optional[Tuple[int, int]], num_prefix: int) -> torch.Tensor:
-        b, h, n, d = v.shape
-        vp = v[:, :, num_prefix:]
-        hw = self._grid(n - num_prefix, hw)
-        fm = vp.reshape(b * h, hw[0], hw[1], d).permute(0, 3, 1, 2)
-        out = self.dwc(fm).permute(0, 2, 3, 1).reshape(b, h, hw[0] * hw[1], d)
-        if num_prefix:
-            out = torch.cat([out.new_zeros(b, h, num_prefix, d), out], dim=2)
-        return out
-
-    def implied_attention(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """The N x N matrix the forward pass applies to V: ``phi(Q) phi(K)^T`` with each row
-        divided by its sum plus ``n * 1e-6`` (the released code's normaliser, so rows sum to
-        just under 1)."""
-        a = q @ k.transpose(-2, -1)
-        return a / (a.sum(dim=-1, keepdim=True) + k.shape[-2] * 1e-6)
-
-    def forward(self, x: torch.Tensor, hw: Optional[Tuple[int, int]] = None, num_prefix: int = 0,
-                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if bias is not None:
-            raise ValueError("focused_linear attention cannot take an additive attention bias/mask "
-                             "(it never forms the N x N matrix)")
-        b, n, c = x.shape
-        if self.recording:  # the reference path: the implied N x N matrix, recorded, applied to V
-            q, k, v = self._features(x, num_prefix)
-            probs = self.implied_attention(q, k)
-            self._record(probs)
-            out = probs @ v + self._dwc(v, hw, num_prefix)
-            return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, c)))
-        if 0 < self.chunk_tokens < n and chunkable(x, self.qkv):
-            return self.proj_drop(self.proj(self._chunked(x, hw, num_prefix)))
-        return self.proj_drop(self.proj(self._fast(x, hw, num_prefix)))
-
-    def _chunked(self, x: torch.Tensor, hw: Optional[Tuple[int, int]], num_prefix: int) -> torch.Tensor:
+    def _chunked(self, host, x: torch.Tensor, grid, num_prefix: int) -> torch.Tensor:
         """Same result as :meth:`_fast` (``(B, N, C)`` before the projection), in two passes over
         token chunks per image: (1) project k and v, accumulate ``phi(K)^T V`` and ``sum_j phi(k_j)``,
         keep v for the DWC; (2) project q and write ``phi(q) (K^T V / n) / (phi(q) . mean_j k_j + 1e-6)``
         straight into the output.  No autograd, no autocast (callers check)."""
         b, n, c = x.shape
-        h, d = self.num_heads, self.head_dim
-        self._check_tokens(n)
-        w = self.qkv.weight
-        bias = self.qkv.bias if self.qkv.bias is not None else w.new_zeros(3 * c)
+        h, d = host.num_heads, host.head_dim
+        self._check_tokens(host, n)
+        w = host.qkv.weight
+        bias = host.qkv.bias if host.qkv.bias is not None else w.new_zeros(3 * c)
         (wq, wk, wv), (bq, bk, bv) = w.split(c), bias.split(c)
-        inv = (1.0 / F.softplus(self.scale_param)).reshape(c)
+        inv = (1.0 / F.softplus(host.scale_param)).reshape(c)
         p = self.focusing_factor
         step = self.chunk_tokens
         x = x.contiguous()
@@ -210,8 +243,8 @@ class FocusedLinearAttention(Attention):
             for s in range(0, n, step):
                 xs = x[i, s:s + step]
                 k = torch.addmm(bk, xs, wk.t())
-                if self.pos_enc is not None:
-                    k += self.pos_enc[0, s:s + step]
+                if host.pos_enc is not None:
+                    k += host.pos_enc[0, s:s + step]
                 k = focused_feature_map(k, inv, p).view(-1, h, d)
                 vs = torch.addmm(bv, xs, wv.t(), out=v[i, s:s + step]).view(-1, h, d)
                 kv[i].baddbmm_(k.permute(1, 2, 0), vs.transpose(0, 1))  # (h, d, L) @ (h, L, d)
@@ -225,55 +258,34 @@ class FocusedLinearAttention(Attention):
                 num = torch.bmm(q.transpose(0, 1), kv[i])  # (h, L, d)
                 den = (q * ksum[i]).sum(-1, keepdim=True).add_(1e-6)  # (L, h, 1)
                 torch.div(num.transpose(0, 1), den, out=out[i, s:s + step].view(-1, h, d))
-        out[:, num_prefix:] += self._dwc_tokens(v, hw, num_prefix)
+        out[:, num_prefix:] += self._dwc_tokens(host, v, grid, num_prefix)
         return out
 
-    @staticmethod
-    def linear_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """``q (K^T V / n) / (q . mean_j k_j + 1e-6)`` on ``(B, heads, N, d)`` feature maps and values, at
-        O(N d^2): V gets a column of ones, so that one ``K^T [V, 1] / n`` product gives both the
-        numerator and the normaliser.  Used by the unchunked path and by CSwin's linear stages."""
-        n, d = k.shape[-2], v.shape[-1]
-        v1 = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)
-        kv1 = (k.transpose(-2, -1) @ v1) * (1.0 / n)  # (B, h, d, d + 1)
-        num, den = (q @ kv1).split([d, 1], dim=-1)  # (B, h, N, d), (B, h, N, 1)
-        return num / (den + 1e-6)
-
-    def _fast(self, x: torch.Tensor, hw: Optional[Tuple[int, int]], num_prefix: int) -> torch.Tensor:
+    def _fast(self, host, x: torch.Tensor, grid, num_prefix: int) -> torch.Tensor:
         """Linear-cost path, ``(B, N, C)`` before the projection: :meth:`linear_attend` on the whole
         sequence plus the DWC term (:meth:`_dwc_tokens`)."""
         b, n, c = x.shape
-        h, d = self.num_heads, self.head_dim
-        v, phi = self._phi_qk(x)
+        h, d = host.num_heads, host.head_dim
+        v, phi = self._phi_qk(host, x)
         q, k = phi.unflatten(-1, (h, d)).permute(2, 0, 3, 1, 4).unbind(0)  # (B, h, N, d)
-        out = self.linear_attend(q, k, v.unflatten(-1, (h, d)).transpose(1, 2)).transpose(1, 2).reshape(b, n, c)
-        dw = self._dwc_tokens(v, hw, num_prefix)
+        out = linear_attend(q, k, v.unflatten(-1, (h, d)).transpose(1, 2)).transpose(1, 2).reshape(b, n, c)
+        dw = self._dwc_tokens(host, v, grid, num_prefix)
         if num_prefix:
             dw = F.pad(dw, (0, 0, num_prefix, 0))  # class tokens take no DWC term
         return out + dw
 
-    def _check_tokens(self, n: int) -> None:
-        if self.pos_enc is not None and self.pos_enc.shape[1] != n:
-            raise ValueError(f"FocusedLinearAttention was built for {self.pos_enc.shape[1]} tokens, got {n}")
+    def _check_tokens(self, host, n: int) -> None:
+        if host.pos_enc is not None and host.pos_enc.shape[1] != n:
+            raise ValueError(f"FocusedLinearAttention was built for {host.pos_enc.shape[1]} tokens, got {n}")
 
-    def _dwc_tokens(self, v: torch.Tensor, hw: Optional[Tuple[int, int]], num_prefix: int) -> torch.Tensor:
+    def _dwc_tokens(self, host, v: torch.Tensor, grid, num_prefix: int) -> torch.Tensor:
         """The DWC term of the non-prefix tokens, ``(B, N - num_prefix, C)``, from ``v`` as ``(B, N, C)``
         tokens: one depthwise conv on the channels-last token map, the per-head weights tiled over
-        the heads (the per-head layout is :meth:`_dwc`)."""
+        the heads (the per-head layout is :meth:`value_term`)."""
         b, n, c = v.shape
-        h = self.num_heads
-        vmap = v[:, num_prefix:].unflatten(1, self._grid(n - num_prefix, hw)).permute(0, 3, 1, 2)
-        w = self.dwc.weight.repeat(h, 1, 1, 1)
-        bias = self.dwc.bias.repeat(h) if self.dwc.bias is not None else None
-        return F.conv2d(vmap, w, bias, padding=self.dwc.padding, groups=c).permute(0, 2, 3, 1).reshape(b, -1, c)
+        h = host.num_heads
+        vmap = v[:, num_prefix:].unflatten(1, _grid(n - num_prefix, grid)).permute(0, 3, 1, 2)
+        w = host.dwc.weight.repeat(h, 1, 1, 1)
+        bias = host.dwc.bias.repeat(h) if host.dwc.bias is not None else None
+        return F.conv2d(vmap, w, bias, padding=host.dwc.padding, groups=c).permute(0, 2, 3, 1).reshape(b, -1, c)
 
-    @staticmethod
-    def _grid(m: int, hw: Optional[Tuple[int, int]]) -> Tuple[int, int]:
-        if hw is None:
-            side = math.isqrt(m)
-            if side * side != m:
-                raise ValueError(f"cannot infer a square token grid from {m} tokens; pass hw=(H, W)")
-            return side, side
-        if hw[0] * hw[1] != m:
-            raise ValueError(f"hw={tuple(hw)} holds {hw[0] * hw[1]} tokens, but {m} non-prefix tokens were given")
-        return tuple(hw)

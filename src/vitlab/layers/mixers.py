@@ -1,37 +1,163 @@
-"""Token-mixer registry: ``softmax``, ``cosine``, ``focused_linear``, ``attnscale``.
+"""Token mixers by name: attention shorthands and non-attention mixers.
 
-Every mixer takes ``(x (B, N, C), hw=(H, W), num_prefix=P, bias=None)`` and returns
-``(B, N, C)``; backbones build them with :func:`create_mixer`.
+* ``softmax``, ``cosine``, ``focused_linear``, ``attnscale``: :class:`MultiHeadAttention` with that
+  core (``attnscale``: softmax + the AttnScale modifier);
+* ``pooling``: PoolFormer's average-pool token mixer ("MetaFormer Is Actually What You Need for
+  Vision", Yu et al., CVPR 2022).
+
+Every mixer is called as ``mixer(x (B, N, C), layout) -> (B, N, C)``.  Backbones describe the
+attention they want (grouping, projection, position parts) and :class:`MixerSpec` builds the user's
+choice of mixer/core/modifiers into it; a non-attention mixer mixes over the whole map and takes
+none of the attention-only parts.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
 
+import torch
 from torch import nn
 
-from vitlab.layers.attention import Attention, CosineAttention
-from vitlab.layers.linear_attention import FocusedLinearAttention
-from vitlab.registry import Registry
+from vitlab.layers.attn_parts import CORES, GROUPINGS, MODIFIERS, POSITION_BIASES, PROJECTIONS, takers
+from vitlab.layers.layout import TokenLayout, as_layout
+from vitlab.layers.mha import MultiHeadAttention
+from vitlab.registry import Registry, accepted_keys, check_kwargs
 
-__all__ = ["MIXERS", "create_mixer"]
+__all__ = ["MIXERS", "Pooling", "MixerSpec", "create_mixer", "attention_shorthand", "check_stage_kwargs"]
 
 MIXERS = Registry("mixer")
-MIXERS.register("softmax")(Attention)
-MIXERS.register("cosine")(CosineAttention)
-MIXERS.register("focused_linear")(FocusedLinearAttention)
 
 
-@MIXERS.register("attnscale")
-def _attnscale(dim: int, num_heads: int = 8, **kwargs: Any) -> nn.Module:
-    """Softmax attention with AttnScale (Wang et al., ICLR 2022)."""
-    kwargs["attn_scale"] = True
-    return Attention(dim, num_heads, **kwargs)
+def attention_shorthand(core: str, modifiers: Sequence[str] = ()):
+    """A mixer factory that is :class:`MultiHeadAttention` with ``core`` and ``modifiers``."""
+
+    def factory(dim: int, num_heads: int = 8, **kwargs: Any) -> MultiHeadAttention:
+        kwargs.setdefault("core", core)
+        kwargs["modifiers"] = tuple(kwargs.get("modifiers", ())) + tuple(modifiers)
+        return MultiHeadAttention(dim, num_heads, **kwargs)
+
+    factory.attention = True
+    factory.core_name, factory.modifier_names = core, tuple(modifiers)
+    factory.__doc__ = f"Multi-head attention with the {core!r} core{' and ' + ', '.join(modifiers) if modifiers else ''}."
+    return factory
 
 
-def create_mixer(name: str, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0,
-                 proj_drop: float = 0.0, num_tokens: Optional[int] = None, **mixer_kwargs: Any) -> nn.Module:
-    """Build a token mixer by name.  ``mixer_kwargs`` are mixer-specific (``qk_norm``, ``tau``,
-    ``focusing_factor``, ``kernel_size``, ``attn_scale``, ...); a mixer ignores what it does
-    not use, but an unknown name raises with the closest valid names."""
-    return MIXERS.get(name)(dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop,
-                            proj_drop=proj_drop, num_tokens=num_tokens, **mixer_kwargs)
+MIXERS.register("softmax")(attention_shorthand("softmax"))
+MIXERS.register("cosine")(attention_shorthand("cosine"))
+MIXERS.register("focused_linear")(attention_shorthand("focused_linear"))
+MIXERS.register("attnscale")(attention_shorthand("softmax", ("attnscale",)))
+
+
+@MIXERS.register("pooling")
+class Pooling(nn.Module):
+    """``AvgPool(x) - x`` on the token map (3x3, stride 1, ``count_include_pad=False``): PoolFormer's
+    token mixer (Yu et al., CVPR 2022).  Prefix tokens pass through unchanged (output 0 for them, so the
+    residual keeps them)."""
+
+    attention = False
+
+    def __init__(self, dim: int, pool_size: int = 3):
+        super().__init__()
+        if pool_size % 2 != 1:
+            raise ValueError(f"pool_size must be odd, got {pool_size}")
+        self.pool = nn.AvgPool2d(pool_size, stride=1, padding=pool_size // 2, count_include_pad=False)
+
+    def forward(self, x: torch.Tensor, layout: Optional[TokenLayout] = None) -> torch.Tensor:
+        layout = layout or as_layout(x.shape[1])
+        fm = layout.to_map(x)
+        y = layout.from_map(self.pool(fm) - fm)
+        p = layout.num_prefix
+        return torch.cat([x.new_zeros(x.shape[0], p, x.shape[2]), y], dim=1) if p else y
+
+
+def is_attention(name: str) -> bool:
+    return bool(getattr(MIXERS.get(name), "attention", False))
+
+
+@dataclass
+class MixerSpec:
+    """The user's token-mixer choice, the same on every family: ``mixer`` (a :data:`MIXERS` name),
+    ``core`` (a :data:`~vitlab.layers.attn_parts.CORES` name overriding the mixer's), ``modifiers``
+    (added after the family's own) and ``kwargs`` (``mixer_kwargs``: part options such as ``tau``)."""
+
+    mixer: str = "softmax"
+    core: Optional[str] = None
+    modifiers: Sequence[str] = ()
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        MIXERS.get(self.mixer)
+        if self.core is not None:
+            CORES.get(self.core)
+        for m in self.modifiers:
+            MODIFIERS.get(m)
+        if (self.core or self.modifiers) and not self.attention:
+            raise ValueError(f"mixer '{self.mixer}' is not attention: core={self.core!r} / modifiers="
+                             f"{tuple(self.modifiers)} do not apply; use an attention mixer (softmax, ...)")
+
+    @property
+    def attention(self) -> bool:
+        return is_attention(self.mixer)
+
+    @property
+    def core_part(self):
+        """The core class this spec resolves to (for capability questions), or ``None``."""
+        if not self.attention:
+            return None
+        return CORES.get(self.core or MIXERS.get(self.mixer).core_name)
+
+    @property
+    def linear_cost(self) -> bool:
+        core = self.core_part
+        return bool(core is not None and core.linear_cost)
+
+    def part_keys(self, modifiers: Sequence = (), **attention: Any) -> List[str]:
+        """The keyword arguments the parts of this mixer (in a family asking ``attention``) accept."""
+        fn = MIXERS.get(self.mixer)
+        if not self.attention:
+            return [k for k in accepted_keys(fn) or [] if k != "dim"]
+        return (takers(PROJECTIONS, [attention.get("projection", "linear")])
+                + takers(GROUPINGS, [attention.get("grouping", "global")])
+                + takers(CORES, [self.core or fn.core_name])
+                + takers(MODIFIERS, [*modifiers, *self.modifiers, *getattr(fn, "modifier_names", ())])
+                + takers(POSITION_BIASES, list(attention.get("position", ()))))
+
+    def build(self, dim: int, num_heads: int, layout: Optional[TokenLayout] = None, *, modifiers: Sequence = (),
+              lenient: bool = False, **attention: Any) -> nn.Module:
+        """The mixer; ``attention`` (grouping, projection, position, qkv_bias, drops, ...) and the
+        family's ``modifiers`` apply to attention mixers only.  ``lenient``: hand the mixer only the
+        keyword arguments its parts take (a family whose stages differ checks the union itself)."""
+        kwargs = self.kwargs
+        if lenient:
+            keys = set(self.part_keys(modifiers, **attention))
+            kwargs = {k: v for k, v in kwargs.items() if k in keys}
+        return create_mixer(self.mixer, dim, num_heads, layout=layout, core=self.core,
+                            modifiers=tuple(modifiers) + tuple(self.modifiers), family=attention, **kwargs)
+
+
+def check_stage_kwargs(kwargs: Dict[str, Any], stages: Sequence[tuple]) -> None:
+    """Every key of ``kwargs`` must be taken by the parts of at least one stage; ``stages`` holds
+    ``(spec, modifiers, attention)`` per stage (as for :meth:`MixerSpec.build`)."""
+    valid = set()
+    for spec, modifiers, attention in stages:
+        valid.update(spec.part_keys(modifiers, **attention))
+    check_kwargs("mixer_kwargs", kwargs, valid)
+
+
+def create_mixer(name: str, dim: int, num_heads: int = 8, layout: Optional[TokenLayout] = None,
+                 core: Optional[str] = None, modifiers: Sequence = (), family: Optional[Dict[str, Any]] = None,
+                 num_tokens: Optional[int] = None, **mixer_kwargs: Any) -> nn.Module:
+    """Build a token mixer by name.  ``mixer_kwargs`` are the user's part options (checked: an unknown
+    key raises ``ValueError`` listing the valid ones); ``family`` holds what the backbone asks of an
+    attention mixer (grouping, projection, position, qkv_bias, attn_drop, proj_drop, ...)."""
+    fn = MIXERS.get(name)
+    if not getattr(fn, "attention", False):
+        valid = accepted_keys(fn) or []
+        check_kwargs(f"mixer '{name}'", mixer_kwargs, [k for k in valid if k != "dim"])
+        return fn(dim, **mixer_kwargs)
+    kw = dict(family or {})
+    if num_tokens is not None and layout is None:
+        kw["num_tokens"] = num_tokens
+    if core is not None:
+        kw["core"] = core
+    return fn(dim, num_heads, layout=layout, modifiers=tuple(modifiers), **kw, **mixer_kwargs)

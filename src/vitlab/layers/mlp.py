@@ -35,7 +35,8 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden_features, out_features, bias=bias)
         self.drop2 = nn.Dropout(drop)
 
-    def forward(self, x):
+    def forward(self, x, layout=None):
+        """``(B, N, C)`` tokens; ``layout`` is accepted (and not needed) as by every channel mixer."""
         hidden_bytes = x.numel() // max(x.shape[-1], 1) * self.fc1.out_features * x.element_size()
         if 0 < self.chunk_bytes < hidden_bytes and self._chunkable(x):
             return self._chunked(x)

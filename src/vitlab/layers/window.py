@@ -14,9 +14,8 @@ import torch
 from torch import nn
 
 __all__ = [
-    "window_partition", "window_reverse", "relative_position_index", "add_relative_position_bias",
-    "relative_position_bias", "resize_relative_position_table", "REL_POS_RESIZE_METHODS", "shift_window_mask",
-    "window_bias", "stripe_partition", "stripe_reverse",
+    "window_partition", "window_reverse", "relative_position_index", "resize_relative_position_table",
+    "REL_POS_RESIZE_METHODS", "shift_window_mask", "stripe_partition", "stripe_reverse",
 ]
 
 
@@ -57,25 +56,6 @@ def relative_position_index(wh: int, ww: int, device=None) -> torch.Tensor:
                                         indexing="ij")).flatten(1)  # 2, N
     rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)  # N, N, 2
     return (rel[..., 0] + wh - 1) * (2 * ww - 1) + (rel[..., 1] + ww - 1)
-
-
-def add_relative_position_bias(module: nn.Module, window: Tuple[int, int], num_heads: int) -> None:
-    """Register Swin's ``relative_position_bias_table`` (a parameter, trunc-normal 0.02) and its
-    non-persistent ``relative_position_index`` on ``module`` (the block's mixer), so that the
-    state-dict key is ``...attn.relative_position_bias_table`` exactly as in the official code/timm."""
-    wh, ww = window
-    table = torch.empty((2 * wh - 1) * (2 * ww - 1), num_heads)
-    nn.init.trunc_normal_(table, std=0.02)
-    module.register_parameter("relative_position_bias_table", nn.Parameter(table))
-    module.register_buffer("relative_position_index", relative_position_index(wh, ww), persistent=False)
-    module.rel_pos_window = (wh, ww)
-
-
-def relative_position_bias(module: nn.Module) -> torch.Tensor:
-    """The ``(1, heads, N, N)`` additive bias gathered from the table registered on ``module``."""
-    table, index = module.relative_position_bias_table, module.relative_position_index
-    n = index.shape[0]
-    return table[index.reshape(-1)].view(n, n, -1).permute(2, 0, 1).unsqueeze(0)
 
 
 REL_POS_RESIZE_METHODS = ("timm", "bicubic")
@@ -122,16 +102,3 @@ def shift_window_mask(hw: Tuple[int, int], window: Tuple[int, int], shift: Tuple
     win = window_partition(img, window).squeeze(-1)  # nW, N
     diff = win.unsqueeze(1) - win.unsqueeze(2)
     return torch.zeros_like(diff).masked_fill(diff != 0, -100.0)
-
-
-def window_bias(rel_bias: Optional[torch.Tensor], mask: Optional[torch.Tensor], batch: int,
-                num_heads: int) -> Optional[torch.Tensor]:
-    """Combine a ``(1, heads, N, N)`` relative bias and a ``(nW, N, N)`` shift mask into one
-    bias broadcastable to the windowed batch ``(B * nW, heads, N, N)``."""
-    if mask is None:
-        return rel_bias
-    nw, n, _ = mask.shape
-    m = mask.view(1, nw, 1, n, n)
-    if rel_bias is not None:
-        m = m + rel_bias.view(1, 1, -1, n, n)
-    return m.expand(batch, nw, m.shape[2] if rel_bias is not None else num_heads, n, n).reshape(batch * nw, -1, n, n)

@@ -144,4 +144,5 @@ def register_recipe(model_cls, name: str, defaults: Dict[str, Any], doc: str, **
 
     factory.__name__ = factory.__qualname__ = name
     factory.__doc__ = doc
+    factory.model_cls = model_cls
     register_model(factory)

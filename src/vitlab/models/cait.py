@@ -28,148 +28,18 @@ State-dict keys follow timm's ``Cait`` except that LayerScale vectors are ``ls1.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from vitlab.layers import (DropPath, Mlp, PatchEmbed, create_norm, create_shortcut,
-                           init_weights)
-from vitlab.layers.attention import Attention, CosineAttention
+from vitlab.layers import Mlp, MixerSpec, PatchEmbed, TokenLayout, create_norm, init_weights
 from vitlab.layers.pos_embed import resample_pos_embed
-from vitlab.layers.recording import RecordsAttention
 from vitlab.models.base import Intermediate, VitlabModel, make_default_cfg, tokens_to_map
-from vitlab.models.vit import Block
+from vitlab.models.block import Block
 from vitlab.registry import register_model
 
-__all__ = ["TalkingHeadAttention", "TalkingHeadCosineAttention", "ClassAttention", "ClassAttentionBlock", "Cait",
-           "TALKING_HEAD_MIXERS"]
-
-
-class _TalkingHeads:
-    """Mixin over an explicit-probability mixer: ``proj_l`` mixes heads' logits, ``proj_w`` their
-    probabilities ("Talking-Heads Attention", Shazeer et al., 2020; used by CaiT, Touvron et al.,
-    ICCV 2021).  Parameter names match timm's ``TalkingHeadAttn``."""
-
-    def _init_talking_heads(self, num_heads: int) -> None:
-        self.proj_l = nn.Linear(num_heads, num_heads)
-        self.proj_w = nn.Linear(num_heads, num_heads)
-
-    @staticmethod
-    def _mix_heads(t: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
-        return proj(t.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-
-    def _attend(self, q, k, v, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        logits = self._logits(q, k)
-        if bias is not None:
-            logits = logits + bias
-        probs = self._mix_heads(self._mix_heads(logits, self.proj_l).softmax(dim=-1), self.proj_w)
-        if self.attn_scale is not None:  # AttnScale goes after the post-softmax head mixing
-            probs = self.attn_scale(probs)
-        self._record(probs)
-        return self.attn_drop(probs) @ v
-
-
-class TalkingHeadAttention(_TalkingHeads, Attention):
-    """Softmax attention with talking heads (CaiT's ``TalkingHeadAttn``), optional AttnScale."""
-
-    def __init__(self, dim: int, num_heads: int = 8, **kwargs: Any):
-        super().__init__(dim, num_heads, **kwargs)
-        self._init_talking_heads(num_heads)
-
-
-class TalkingHeadCosineAttention(_TalkingHeads, CosineAttention):
-    """Scaled cosine attention ("LipsFormer", Qi et al., ICLR 2023) with talking heads."""
-
-    def __init__(self, dim: int, num_heads: int = 8, **kwargs: Any):
-        super().__init__(dim, num_heads, **kwargs)
-        self._init_talking_heads(num_heads)
-
-
-# mixer name -> (talking-heads class, extra kwargs)
-TALKING_HEAD_MIXERS: Dict[str, Tuple[type, Dict[str, Any]]] = {
-    "softmax": (TalkingHeadAttention, {}),
-    "attnscale": (TalkingHeadAttention, {"attn_scale": True}),
-    "cosine": (TalkingHeadCosineAttention, {}),
-}
-
-
-def create_talking_heads_mixer(mixer: str, dim: int, num_heads: int, **kwargs: Any) -> nn.Module:
-    if mixer not in TALKING_HEAD_MIXERS:
-        why = (" (it never forms the N x N attention matrix that talking heads mix)"
-               if mixer == "focused_linear" else "")
-        raise ValueError(f"mixer {mixer!r} cannot be combined with talking-heads attention{why}; talking heads "
-                         f"work with {', '.join(TALKING_HEAD_MIXERS)}. Pass talking_heads=False to use "
-                         f"{mixer!r} as a plain mixer in CaiT's self-attention blocks")
-    cls, extra = TALKING_HEAD_MIXERS[mixer]
-    return cls(dim, num_heads, **{**kwargs, **extra})
-
-
-class ClassAttention(RecordsAttention, nn.Module):
-    """Class attention (CaiT, Touvron et al., ICCV 2021): the class token (first token) is the
-    only query; keys and values come from all tokens.  ``mixer`` is ``softmax`` or ``cosine``
-    (scaled cosine logits with temperature ``tau``, LipsFormer).  Names match timm's ``ClassAttn``."""
-
-    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, attn_drop: float = 0.0,
-                 proj_drop: float = 0.0, mixer: str = "softmax", tau: float = 10.0, **_unused: Any):
-        super().__init__()
-        if mixer not in ("softmax", "cosine"):
-            raise ValueError(f"class attention supports ca_mixer 'softmax' or 'cosine', got {mixer!r}")
-        if dim % num_heads:
-            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
-        self.num_heads, self.head_dim = num_heads, dim // num_heads
-        self.cosine = mixer == "cosine"
-        self.scale = float(tau) if self.cosine else self.head_dim ** -0.5
-        self.q = nn.Linear(dim, dim, bias=qkv_bias)
-        self.k = nn.Linear(dim, dim, bias=qkv_bias)
-        self.v = nn.Linear(dim, dim, bias=qkv_bias)
-        self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, c = x.shape
-        split = lambda t: t.reshape(b, -1, self.num_heads, self.head_dim).transpose(1, 2)  # noqa: E731
-        q, k, v = split(self.q(x[:, :1])), split(self.k(x)), split(self.v(x))
-        if self.cosine:
-            q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-        if self.recording:
-            probs = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-            self._record(probs)
-            out = self.attn_drop(probs) @ v
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0,
-                                                 scale=self.scale)
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, 1, c)))
-
-
-class ClassAttentionBlock(nn.Module):
-    """``cls <- cls + ls1(CA(norm1([cls, x])))``, ``cls <- cls + ls2(MLP(norm2(cls)))`` (CaiT)."""
-
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 mixer: str = "softmax", norm: str = "layernorm", shortcut: str = "layerscale",
-                 shortcut_init: Optional[float] = None, drop: float = 0.0, attn_drop: float = 0.0,
-                 drop_path: float = 0.0, norm_eps: float = 1e-6, total_depth: int = 1,
-                 mixer_kwargs: Optional[Dict[str, Any]] = None):
-        super().__init__()
-        self.norm1 = create_norm(norm, dim, eps=norm_eps)
-        self.attn = ClassAttention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop,
-                                   mixer=mixer, **(mixer_kwargs or {}))
-        self.ls1 = create_shortcut(shortcut, dim, shortcut_init, depth=total_depth)
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = create_norm(norm, dim, eps=norm_eps)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
-        self.ls2 = create_shortcut(shortcut, dim, shortcut_init, depth=total_depth)
-
-    def attn_half(self, x: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
-        return cls + self.drop_path(self.ls1(self.attn(self.norm1(torch.cat([cls, x], dim=1)))))
-
-    def mlp_half(self, cls: torch.Tensor) -> torch.Tensor:
-        return cls + self.drop_path(self.ls2(self.mlp(self.norm2(cls))))
-
-    def forward(self, x: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
-        return self.mlp_half(self.attn_half(x, cls))
+__all__ = ["Cait"]
 
 
 class Cait(VitlabModel):
@@ -189,7 +59,8 @@ class Cait(VitlabModel):
                  shortcut_init: Optional[float] = None, layerscale_init: float = 1e-5, featscale: bool = False, init: str = "trunc_normal",
                  depth_token_only: int = 2, mlp_ratio_token_only: float = 4.0, drop_rate: float = 0.0,
                  attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0, norm_eps: float = 1e-6,
-                 mixer_kwargs: Optional[Dict[str, Any]] = None, architecture: str = "cait",
+                 mixer_kwargs: Optional[Dict[str, Any]] = None, core: Optional[str] = None,
+                 modifiers: Sequence[str] = (), branch_scale: Optional[str] = None, architecture: str = "cait",
                  default_cfg: Optional[Dict[str, Any]] = None):
         super().__init__()
         if depth < 1 or depth_token_only < 1 or embed_dim < 1 or num_heads < 1:
@@ -211,23 +82,25 @@ class Cait(VitlabModel):
         self.pos_embed = nn.Parameter(torch.zeros(1, n, embed_dim))  # patches only: no class row
         self.pos_drop = nn.Dropout(drop_rate)
         total = depth + depth_token_only
-        common = dict(norm=norm, shortcut=shortcut, shortcut_init=shortcut_init, drop=drop_rate,
-                      attn_drop=attn_drop_rate, norm_eps=norm_eps, total_depth=total)
-        blocks = []
-        for _ in range(depth):
-            blk = Block(embed_dim, num_heads, mlp_ratio, qkv_bias, mixer="softmax" if talking_heads else mixer,
-                        featscale=featscale, drop_path=drop_path_rate, num_tokens=n, mixer_kwargs=mixer_kwargs,
-                        **common)
-            if talking_heads:
-                blk.attn = create_talking_heads_mixer(mixer, embed_dim, num_heads, qkv_bias=qkv_bias,
-                                                      attn_drop=attn_drop_rate, proj_drop=drop_rate,
-                                                      **(mixer_kwargs or {}))
-            blocks.append(blk)
-        self.blocks = nn.Sequential(*blocks)
-        ca_kwargs = {k: v for k, v in (mixer_kwargs or {}).items() if k == "tau"} if ca_mixer == "cosine" else {}
+        common = dict(norm=norm, norm_eps=norm_eps, branch_scale=branch_scale or shortcut,
+                      branch_scale_init=shortcut_init, total_depth=total)
+        attention = dict(qkv_bias=qkv_bias, attn_drop=attn_drop_rate, proj_drop=drop_rate)
+        spec = MixerSpec(mixer, core, tuple(modifiers), dict(mixer_kwargs or {}))
+        self.layout = TokenLayout(self.grid_size, 0)
+        th = ("talking_heads",) if talking_heads and spec.attention else ()
+        self.blocks = nn.Sequential(*[
+            Block(embed_dim, spec.build(embed_dim, num_heads, self.layout, modifiers=th, **attention),
+                  Mlp(embed_dim, int(embed_dim * mlp_ratio), drop=drop_rate), featscale=featscale,
+                  drop_path=drop_path_rate, **common)
+            for _ in range(depth)])
+        # class attention: the class token asks, all tokens answer (LipsFormer's cosine when mixer='cosine')
+        ca_kwargs = {k: v for k, v in spec.kwargs.items() if k == "tau"} if ca_mixer == "cosine" else {}
+        ca = MixerSpec(ca_mixer, None, (), ca_kwargs)
+        self.ca_layout = TokenLayout(self.grid_size, 1)
         self.blocks_token_only = nn.ModuleList([
-            ClassAttentionBlock(embed_dim, num_heads, mlp_ratio_token_only, qkv_bias, mixer=ca_mixer,
-                                mixer_kwargs=ca_kwargs, **common)
+            Block(embed_dim, ca.build(embed_dim, num_heads, self.ca_layout, projection="separate",
+                                      grouping="class_query", **attention),
+                  Mlp(embed_dim, int(embed_dim * mlp_ratio_token_only), drop=drop_rate), wiring="prefix", **common)
             for _ in range(depth_token_only)])
         self.norm = create_norm(norm, embed_dim, eps=norm_eps)
         self.head_drop = nn.Dropout(drop_rate)
@@ -253,11 +126,11 @@ class Cait(VitlabModel):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self._embed(x)
         for blk in self.blocks:
-            x = blk(x, self.grid_size, 0)
-        cls = self._cls(x.shape[0])
+            x = blk(x, self.layout)
+        x = torch.cat([self._cls(x.shape[0]), x], dim=1)
         for blk in self.blocks_token_only:
-            cls = blk(x, cls)
-        return self.norm(torch.cat([cls, x], dim=1))
+            x = blk(x, self.ca_layout)
+        return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.head_drop(x[:, 0])
@@ -270,17 +143,17 @@ class Cait(VitlabModel):
         x = self._embed(x)
         out = [Intermediate("patch_embed", "embed", tokens_to_map(x, self.grid_size))]
         for i, blk in enumerate(self.blocks):
-            x = blk.attn_half(x, self.grid_size, 0)
+            x = blk.attn_half(x, self.layout)
             out.append(Intermediate(f"blocks.{i}.attn", "attn", tokens_to_map(x, self.grid_size)))
-            x = blk.mlp_half(x)
+            x = blk.mlp_half(x, self.layout)
             out.append(Intermediate(f"blocks.{i}.mlp", "mlp", tokens_to_map(x, self.grid_size)))
         fmap = tokens_to_map(x, self.grid_size)
-        cls = self._cls(x.shape[0])
+        x = torch.cat([self._cls(x.shape[0]), x], dim=1)
         for i, blk in enumerate(self.blocks_token_only):
-            cls = blk.attn_half(x, cls)
-            out.append(Intermediate(f"blocks_token_only.{i}.attn", "attn", fmap, cls, stage=1))
-            cls = blk.mlp_half(cls)
-            out.append(Intermediate(f"blocks_token_only.{i}.mlp", "mlp", fmap, cls, stage=1))
+            x = blk.attn_half(x, self.ca_layout)
+            out.append(Intermediate(f"blocks_token_only.{i}.attn", "attn", fmap, x[:, :1], stage=1))
+            x = blk.mlp_half(x, self.ca_layout)
+            out.append(Intermediate(f"blocks_token_only.{i}.mlp", "mlp", fmap, x[:, :1], stage=1))
         return out
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
@@ -315,6 +188,7 @@ def _register(name: str, size: str, img: int, extra: Optional[Dict[str, Any]] = 
                                crop_pct=1.0)
         return Cait(architecture=name, default_cfg=cfg, **kw)
 
+    factory.model_cls = Cait
     factory.__name__ = factory.__qualname__ = name
     factory.__doc__ = f"{name}: CaiT-{size.upper()} at {img}x{img} (Touvron et al., ICCV 2021){doc}."
     register_model(factory)
@@ -332,4 +206,3 @@ for _size in ("xxs24", "xxs36", "s24"):
     _register(f"featscale_cait_{_size}_224", _size, 224, dict(featscale=True),
               " + FeatScale (Wang et al., ICLR 2022)")
 
-import vitlab.interop.timm_cait  # noqa: E402,F401  (registers the timm converter)

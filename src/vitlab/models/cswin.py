@@ -14,7 +14,7 @@ ICLR 2023) is ``norm_layout="end"`` (one norm at the end of each block), ``conv_
 ``lepe_div_heads=True``, a 4x4 stem, 2x2 merges and no final norm.
 
 State-dict layout: ``patch_embed.{proj,norm}``, ``layers.{i}.downsample.{proj,norm}``,
-``layers.{i}.blocks.{j}.{norm1, attn.qkv, attn.proj, lepe.{b}, norm2, mlp.fc1, mlp.fc2}``,
+``layers.{i}.blocks.{j}.{norm1, attn.qkv, attn.proj, attn.lepe.{b}, norm2, mlp.fc1, mlp.fc2}``,
 ``norm``, ``head`` (the official code's ``stage1_conv_embed`` / ``stage{i}`` / ``merge{i}`` /
 ``attns.{b}.get_v`` hold the same tensors).
 
@@ -27,22 +27,20 @@ records two tensors (vertical, then horizontal).  Single-branch blocks record
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from vitlab.layers import (DWConvUnit, DropPath, FeatScale, FocusedLinearAttention, Mlp, create_mixer, create_norm,
-                           create_shortcut, init_weights)
-from vitlab.layers.mixers import MIXERS
-from vitlab.layers.residual import ResidualHalves
-from vitlab.layers.window import stripe_partition, stripe_reverse
+from vitlab.layers import Mlp, MixerSpec, TokenLayout, create_norm, init_weights
+from vitlab.layers.mixers import check_stage_kwargs
 from vitlab.models.base import Intermediate, VitlabModel, make_default_cfg, tokens_to_map
-from vitlab.models.swin import LINEAR_MIXER, SwinStage, _per_stage, resize_size_dependent, stage_intermediates
+from vitlab.models.block import Block
+from vitlab.models.swin import (SwinStage, _per_stage, linear_spec, resize_size_dependent, stage_attn_types,
+                                stage_intermediates)
 from vitlab.registry import register_model
 
-__all__ = ["CSwinTransformer", "CSwinBlock", "ConvEmbed", "cswin_from_official", "cswin_to_official"]
+__all__ = ["CSwinTransformer", "cswin_attention", "ConvEmbed", "cswin_from_official", "cswin_to_official"]
 
 NORM_LAYOUTS = ("pre", "post", "end")
 
@@ -70,134 +68,17 @@ class ConvEmbed(nn.Module):
         return self.norm(x.flatten(2).transpose(1, 2)), out_hw
 
 
-def _to_stripes(t: torch.Tensor, hw: Tuple[int, int], stripe: Tuple[int, int]) -> torch.Tensor:
-    """``(B, h, N, d)`` split heads -> ``(B * nS, h, S, d)`` stripes (channels head-major)."""
-    b, nh, n, d = t.shape
-    x = t.transpose(1, 2).reshape(b, hw[0], hw[1], nh * d)
-    return stripe_partition(x, stripe).reshape(-1, stripe[0] * stripe[1], nh, d).transpose(1, 2)
-
-
-def _from_stripes(t: torch.Tensor, hw: Tuple[int, int], stripe: Tuple[int, int]) -> torch.Tensor:
-    """Inverse of :func:`_to_stripes`, to ``(B, N, h * d)`` tokens."""
-    bs, nh, s, d = t.shape
-    x = stripe_reverse(t.transpose(1, 2).reshape(bs, s, nh * d), stripe, hw[0], hw[1])
-    return x.reshape(x.shape[0], hw[0] * hw[1], nh * d)
-
-
-class CSwinBlock(ResidualHalves, nn.Module):
-    """One CSwin block on ``(B, H*W, C)`` tokens of a fixed ``resolution``.
-
-    ``norm_layout``: ``"pre"`` (CSwin: ``x + attn(norm1(x))``, ``x + mlp(norm2(x))``),
-    ``"post"`` (norm after each residual add) or ``"end"`` (LipsFormer-CSwin: no norm before the
-    branches, one norm ``norm2`` at the end of the block).
-    """
-
-    def __init__(self, dim: int, resolution: Tuple[int, int], num_heads: int, split_size: int = 7,
-                 single_branch: bool = False, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 mixer: str = "softmax", norm: str = "layernorm", norm_eps: float = 1e-5, shortcut: str = "plain",
-                 shortcut_init: Optional[float] = None, featscale: bool = False, drop: float = 0.0,
-                 attn_drop: float = 0.0, drop_path: float = 0.0, total_depth: int = 1, norm_layout: str = "pre",
-                 conv_units: bool = False, lepe_div_heads: bool = False,
-                 mixer_kwargs: Optional[Dict[str, Any]] = None):
-        super().__init__()
-        if norm_layout not in NORM_LAYOUTS:
-            raise ValueError(f"norm_layout must be one of {NORM_LAYOUTS}, got {norm_layout!r}")
-        h, w = self.resolution = tuple(resolution)
-        self.num_heads, self.norm_layout, self.lepe_div_heads = num_heads, norm_layout, lepe_div_heads
-        self.linear = mixer == LINEAR_MIXER
-        if self.linear or single_branch or (split_size >= h and split_size >= w):
-            self.stripes = [(h, w)]
-        else:
-            if num_heads % 2:
-                raise ValueError(f"cross-shaped attention splits the heads in two halves; num_heads={num_heads} "
-                                 f"is odd (dim {dim}, map {h}x{w})")
-            sw = min(split_size, h, w)
-            if h % sw or w % sw:
-                raise ValueError(f"a {h}x{w} map cannot be cut into stripes of width {sw}; choose split_size "
-                                 f"dividing {h} and {w} (e.g. 12 for a 24x24 map at 384 input)")
-            self.stripes = [(h, sw), (sw, w)]  # vertical stripes, then horizontal
-        nb = len(self.stripes)
-        alpha = 1.0 / total_depth if shortcut_init is None else shortcut_init
-        self.conv_units = nn.ModuleList([
-            DWConvUnit(dim, pointwise=True, alpha=alpha, drop_path=drop_path),
-            DWConvUnit(dim, pointwise=False, alpha=alpha, drop_path=drop_path),
-        ]) if conv_units else None
-        self.norm1 = create_norm(norm, dim, eps=norm_eps) if norm_layout != "end" else nn.Identity()
-        self.attn = create_mixer(mixer, dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop,
-                                 num_tokens=h * w, **(mixer_kwargs or {}))
-        if not hasattr(self.attn, "_attend") and not self.linear:
-            raise ValueError(f"mixer {mixer!r} has no per-window attention core; CSwin needs a softmax-family "
-                             "mixer or focused_linear")
-        if getattr(self.attn, "attn_scale", None) is not None and len(self.stripes) == 2 and h != w:
-            raise ValueError(f"mixer {mixer!r} (one AttnScale weight per head) needs a square map in a "
-                             f"cross-shaped block, got {h}x{w}: the two stripe branches cannot share one call")
-        self.lepe = nn.ModuleList([nn.Conv2d(dim // nb, dim // nb, 3, padding=1, groups=dim // nb) for _ in range(nb)])
-        self.featscale = FeatScale(dim) if featscale else None
-        self.ls1 = create_shortcut(shortcut, dim, shortcut_init, depth=total_depth)
-        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = create_norm(norm, dim, eps=norm_eps)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
-        self.ls2 = create_shortcut(shortcut, dim, shortcut_init, depth=total_depth)
-        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-
-    def extra_repr(self) -> str:
-        return f"resolution={self.resolution}, stripes={self.stripes}, linear={self.linear}"
-
-    def _lepe(self, conv: nn.Conv2d, v: torch.Tensor, stripe: Tuple[int, int]) -> torch.Tensor:
-        """LePE: depthwise 3x3 conv of V on each stripe (zero-padded at the stripe border)."""
-        bs, nh, s, d = v.shape
-        fm = v.transpose(2, 3).reshape(bs, nh * d, stripe[0], stripe[1])
-        return conv(fm).reshape(bs, nh, d, s).transpose(2, 3)
-
-    def _linear_core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Focused linear attention on the whole map (same math as FocusedLinearAttention.forward)."""
-        attn: FocusedLinearAttention = self.attn  # type: ignore[assignment]
-        if attn.recording:
-            probs = attn.implied_attention(q, k)
-            attn._record(probs)
-            out = probs @ v
-        else:
-            out = attn.linear_attend(q, k, v)
-        return out + attn._dwc(v, self.resolution, 0)
-
-    def cross_attention(self, x: torch.Tensor) -> torch.Tensor:
-        """Cross-shaped window attention of ``(B, H*W, C)`` tokens (output projected).
-
-        On a square map the vertical and horizontal stripes have the same shape, so both
-        branches run as one attention call over all heads (heads ``[0, h/2)`` in vertical
-        stripes, ``[h/2, h)`` in horizontal ones); per-head parts (AttnScale) see every head."""
-        q, k, v = self.attn._features(x) if self.linear else self.attn._qkv(x)
-        hb = self.num_heads // len(self.stripes)
-        parts = [[_to_stripes(t[:, i * hb:(i + 1) * hb], self.resolution, stripe) for t in (q, k, v)]
-                 for i, stripe in enumerate(self.stripes)]
-        if self.linear:
-            outs = [self._linear_core(*parts[0])]
-        elif all(p[0].shape == parts[0][0].shape for p in parts):
-            qs, ks, vs = (torch.cat([p[j] for p in parts], dim=1) for j in range(3))
-            outs = list(self.attn._attend(qs, ks, vs, None).split(hb, dim=1))
-        else:  # non-square map: one call per branch
-            outs = [self.attn._attend(*p, None) for p in parts]
-        merged = []
-        for o, p, stripe, conv in zip(outs, parts, self.stripes, self.lepe):
-            o = o + self._lepe(conv, p[2], stripe)
-            if self.lepe_div_heads:
-                o = o / math.sqrt(hb)
-            merged.append(_from_stripes(o, self.resolution, stripe))
-        y = torch.cat(merged, dim=-1) if len(merged) > 1 else merged[0]
-        return self.attn.proj_drop(self.attn.proj(y))
-
-    @property
-    def post_norm(self) -> bool:
-        """Branches read un-normalised tokens ("post" and "end"; "end" has ``norm1 = Identity``)."""
-        return self.norm_layout != "pre"
-
-    def _mix(self, x: torch.Tensor) -> torch.Tensor:
-        return self.cross_attention(x)
-
-    def _unit_args(self) -> Tuple[Tuple[int, int]]:
-        return (self.resolution,)
-
-    # attn_half(x), mlp_half(x), forward(x): vitlab.layers.residual
+def cswin_attention(spec: MixerSpec, split_size: int, single: bool, lepe_div_heads: bool,
+                    **attention: Any) -> Dict[str, Any]:
+    """What CSwin asks of a stage's attention: cross-shaped stripes plus LePE (Dong et al., 2022); one
+    branch over the whole map (plus LePE) for a linear-cost core (FLatten, Han et al., ICCV 2023);
+    nothing for a non-attention mixer."""
+    if not spec.attention:
+        return {}
+    lepe = ("lepe", dict(div_heads=lepe_div_heads))
+    if spec.linear_cost:
+        return dict(attention, position=(lepe,))
+    return dict(attention, grouping=("stripes", dict(split_size=split_size, single=single)), position=(lepe,))
 
 
 class CSwinTransformer(VitlabModel):
@@ -220,7 +101,8 @@ class CSwinTransformer(VitlabModel):
                  conv_units: bool = False, lepe_div_heads: bool = False, stem_kernel: int = 7,
                  merge_kernel: int = 3, final_norm: bool = True, drop_rate: float = 0.0,
                  attn_drop_rate: float = 0.0, drop_path_rate: float = 0.1,
-                 mixer_kwargs: Optional[Dict[str, Any]] = None, architecture: str = "cswin",
+                 mixer_kwargs: Optional[Dict[str, Any]] = None, core: Optional[str] = None,
+                 modifiers: Sequence[str] = (), branch_scale: Optional[str] = None, architecture: str = "cswin",
                  default_cfg: Optional[Dict[str, Any]] = None):
         super().__init__()
         depths, num_heads = tuple(depths), tuple(num_heads)
@@ -234,15 +116,10 @@ class CSwinTransformer(VitlabModel):
         if stem_kernel not in (4, 7) or merge_kernel not in (2, 3):
             raise ValueError(f"stem_kernel must be 7 (CSwin) or 4 (LipsFormer) and merge_kernel 3 or 2, "
                              f"got {stem_kernel}, {merge_kernel}")
-        MIXERS.get(mixer)
-        if attn_type is None:
-            attn_type = ("L" if mixer == LINEAR_MIXER else "S") * n_stages
-        if not isinstance(attn_type, str) or len(attn_type) != n_stages or set(attn_type) - {"L", "S"}:
-            raise ValueError(f"attn_type must be a string of {n_stages} letters 'L' (focused linear, global) or "
-                             f"'S' (cross-shaped windows), one per stage, got {attn_type!r}")
-        if mixer == LINEAR_MIXER and "S" in attn_type:
-            raise ValueError(f"attn_type {attn_type!r} asks for stripe stages ('S') but mixer='focused_linear'; "
-                             "pass a softmax-family mixer for the 'S' stages")
+        if norm_layout not in NORM_LAYOUTS:
+            raise ValueError(f"norm_layout must be one of {NORM_LAYOUTS}, got {norm_layout!r}")
+        spec = MixerSpec(mixer, core, tuple(modifiers), dict(mixer_kwargs or {}))
+        attn_type = stage_attn_types(spec, attn_type, n_stages, "stripe")
         splits = _per_stage(split_size, n_stages, "split_size")
         if isinstance(img_size, (tuple, list)):
             if img_size[0] != img_size[1]:
@@ -258,7 +135,10 @@ class CSwinTransformer(VitlabModel):
             raise ValueError(f"img_size {img_size} is too small for a stride-4 stem")
         total = sum(depths)
         dpr = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
-        stages, k = [], 0
+        block_kw = dict(norm=norm, norm_eps=norm_eps, wiring=norm_layout, branch_scale=branch_scale or shortcut,
+                        branch_scale_init=shortcut_init, total_depth=total, featscale=featscale, conv_units=conv_units)
+        attention = dict(qkv_bias=qkv_bias, attn_drop=attn_drop_rate, proj_drop=drop_rate)
+        stages, k, asked = [], 0, []
         for i in range(n_stages):
             down = None
             if i > 0:
@@ -266,16 +146,15 @@ class CSwinTransformer(VitlabModel):
                 hw = down.out_size(hw)
                 if min(hw) < 1:
                     raise ValueError(f"img_size {img_size} is too small for {n_stages} stages")
-            stage_mixer = LINEAR_MIXER if attn_type[i] == "L" else mixer
-            blocks = [CSwinBlock(dims[i], hw, num_heads[i], split_size=splits[i], single_branch=i == n_stages - 1,
-                                 mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, mixer=stage_mixer, norm=norm,
-                                 norm_eps=norm_eps, shortcut=shortcut, shortcut_init=shortcut_init,
-                                 featscale=featscale, drop=drop_rate, attn_drop=attn_drop_rate,
-                                 drop_path=dpr[k + j], total_depth=total, norm_layout=norm_layout,
-                                 conv_units=conv_units, lepe_div_heads=lepe_div_heads, mixer_kwargs=mixer_kwargs)
+            st_spec = spec if attn_type[i] == "S" or spec.linear_cost else linear_spec(spec)
+            att = cswin_attention(st_spec, splits[i], i == n_stages - 1, lepe_div_heads, **attention)
+            asked.append((st_spec, (), att))
+            blocks = [Block(dims[i], st_spec.build(dims[i], num_heads[i], TokenLayout(hw), lenient=True, **att),
+                            Mlp(dims[i], int(dims[i] * mlp_ratio), drop=drop_rate), drop_path=dpr[k + j], **block_kw)
                       for j in range(depths[i])]
             k += depths[i]
             stages.append(SwinStage(down, blocks))
+        check_stage_kwargs(spec.kwargs, asked)
         self.layers = nn.ModuleList(stages)
         self.final_resolution = hw
         self.norm = create_norm(norm, self.num_features, eps=norm_eps) if final_norm else nn.Identity()
@@ -327,7 +206,7 @@ _OFFICIAL_TO_VITLAB = [
     (r"^merge(\d+)\.conv\.", lambda m: f"layers.{m.group(1)}.downsample.proj."),
     (r"^merge(\d+)\.norm\.", lambda m: f"layers.{m.group(1)}.downsample.norm."),
     (r"^stage(\d+)\.(\d+)\.attns\.(\d+)\.get_v\.",
-     lambda m: f"layers.{int(m.group(1)) - 1}.blocks.{m.group(2)}.lepe.{m.group(3)}."),
+     lambda m: f"layers.{int(m.group(1)) - 1}.blocks.{m.group(2)}.attn.lepe.{m.group(3)}."),
     (r"^stage(\d+)\.(\d+)\.(qkv|proj)\.",
      lambda m: f"layers.{int(m.group(1)) - 1}.blocks.{m.group(2)}.attn.{m.group(3)}."),
     (r"^stage(\d+)\.(\d+)\.", lambda m: f"layers.{int(m.group(1)) - 1}.blocks.{m.group(2)}."),
@@ -337,7 +216,7 @@ _VITLAB_TO_OFFICIAL = [
     (r"^patch_embed\.norm\.", "stage1_conv_embed.2."),
     (r"^layers\.(\d+)\.downsample\.proj\.", lambda m: f"merge{m.group(1)}.conv."),
     (r"^layers\.(\d+)\.downsample\.norm\.", lambda m: f"merge{m.group(1)}.norm."),
-    (r"^layers\.(\d+)\.blocks\.(\d+)\.lepe\.(\d+)\.",
+    (r"^layers\.(\d+)\.blocks\.(\d+)\.attn\.lepe\.(\d+)\.",
      lambda m: f"stage{int(m.group(1)) + 1}.{m.group(2)}.attns.{m.group(3)}.get_v."),
     (r"^layers\.(\d+)\.blocks\.(\d+)\.attn\.(qkv|proj)\.",
      lambda m: f"stage{int(m.group(1)) + 1}.{m.group(2)}.{m.group(3)}."),
@@ -388,6 +267,7 @@ def _register_cswin(name: str, defaults: Dict[str, Any], doc: str) -> None:
                                        crop_pct=1.0 if img >= 384 else 0.9)
         return CSwinTransformer(architecture=name, default_cfg=default_cfg, **kw)
 
+    factory.model_cls = CSwinTransformer
     factory.__name__ = factory.__qualname__ = name
     factory.__doc__ = f"{name}: {doc} ({defaults})."
     register_model(factory)

@@ -20,8 +20,7 @@ from typing import Any, Dict, Tuple, Union
 import torch
 from torch import nn
 
-from vitlab.layers import init_weights, sincos_2d
-from vitlab.layers.linear_attention import FocusedLinearAttention
+from vitlab.layers import init_weights
 from vitlab.models.base import make_default_cfg
 from vitlab.models.vit import _SIZES, VisionTransformer
 from vitlab.registry import register_model
@@ -39,21 +38,9 @@ class DistilledVisionTransformer(VisionTransformer):
         if not kwargs.get("class_token", True):
             raise ValueError("a distilled DeiT needs class_token=True (head reads the class token)")
         kwargs.setdefault("architecture", "deit_distilled")
-        super().__init__(*args, **kwargs)
-        self.num_prefix_tokens = 2
+        super().__init__(*args, extra_tokens=1, **kwargs)  # the distillation token is the second prefix token
         dim = self.embed_dim
-        num_tokens = self.patch_embed.num_patches + 2
         self.dist_token = nn.Parameter(torch.zeros(1, 1, dim))
-        if self.pos_embed_type == "learned":
-            self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, dim))
-            nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        elif self.pos_embed_type == "sincos":
-            table = torch.cat([torch.zeros(2, dim), sincos_2d(self.grid_size, dim)])
-            self.register_buffer("pos_embed", table[None], persistent=False)
-        # mixers that size a table by the token count (focused_linear's key position code)
-        for m in self.modules():
-            if isinstance(m, FocusedLinearAttention) and m.pos_enc is not None:
-                m.pos_enc = nn.Parameter(torch.zeros(1, num_tokens, dim))
         nn.init.trunc_normal_(self.dist_token, std=0.02)
         self.head_dist = nn.Linear(dim, self.num_classes) if self.num_classes > 0 else nn.Identity()
         init_weights(self.head_dist, self.init_name)
@@ -96,6 +83,7 @@ def _register(name: str, size: str, img: int = 224, **cfg: Any) -> None:
                                        kw.get("in_chans", 3), **cfg)
         return DistilledVisionTransformer(architecture=name, default_cfg=default_cfg, **kw)
 
+    factory.model_cls = VisionTransformer  # the keyword arguments it takes
     factory.__name__ = factory.__qualname__ = name
     factory.__doc__ = f"{name}: distilled DeiT-{size[0].upper()}/16 at {img}x{img} (Touvron et al., ICML 2021)."
     register_model(factory)
@@ -105,4 +93,3 @@ for _size in ("tiny", "small", "base"):
     _register(f"deit_{_size}_distilled_patch16_224", _size)
 _register("deit_base_distilled_patch16_384", "base", 384, crop_pct=1.0)
 
-import vitlab.interop.timm_deit  # noqa: E402,F401  (registers the timm converter)

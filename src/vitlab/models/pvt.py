@@ -7,9 +7,8 @@ runs transformer blocks whose attention reduces the keys/values spatially (**SRA
 ``sr_ratio x sr_ratio`` conv + LayerNorm on the key/value map).  The class token joins in the
 last stage; the classifier reads it after the final norm.
 
-This module also holds the parts shared with PVTv2 (:mod:`vitlab.models.pvt_v2`): the SRA mixers
-(:func:`create_pvt_mixer`), the convolutional FFN (:class:`MlpWithDepthwiseConv`) and
-:class:`PvtBlock`.
+This module also holds what PVTv2 (:mod:`vitlab.models.pvt_v2`) shares: the SRA attention
+(:func:`pvt_attention`), the convolutional FFN (:class:`MlpWithDepthwiseConv`) and :func:`pvt_block`.
 
 Parts: ``mixer`` (``softmax`` | ``attnscale`` | ``cosine``: SRA with that attention core;
 ``focused_linear``: FLatten's focused linear attention over *all* tokens -- as in "FLatten
@@ -28,116 +27,27 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from vitlab.layers import (DropPath, FeatScale, Mlp, PatchEmbed, create_mixer, create_norm, create_shortcut,
-                           init_weights)
-from vitlab.layers.attention import Attention, CosineAttention
+from vitlab.layers import Mlp, MixerSpec, PatchEmbed, TokenLayout, create_norm, init_weights
 from vitlab.layers.inplace import activate
-from vitlab.layers.residual import ResidualHalves
 from vitlab.layers.pos_embed import resample_pos_embed
+from vitlab.models.block import Block
 from vitlab.models.base import Intermediate, VitlabModel, make_default_cfg, register_recipe, tokens_to_map
 
-__all__ = ["SRAttention", "SRCosineAttention", "create_pvt_mixer", "MlpWithDepthwiseConv", "PvtBlock",
-           "PvtStage", "PyramidVisionTransformer", "PVT_MIXERS"]
+__all__ = ["pvt_attention", "pvt_block", "MlpWithDepthwiseConv", "PvtStage", "PyramidVisionTransformer"]
 
 
-class _SpatialReduction:
-    """Spatial-reduction attention (SRA) of PVT (Wang et al., ICCV 2021) and its linear variant
-    (``linear_sr``: adaptive average pool to 7x7 + 1x1 conv + norm + GELU) of "PVT v2: Improved
-    Baselines with Pyramid Vision Transformer" (Wang et al., CVMJ 2022).  Mixed into a softmax-
-    family mixer of :mod:`vitlab.layers.attention`, whose attention core (``_attend``: SDPA fast
-    path, AttnScale, recording) it reuses; queries come from all tokens, keys/values from the
-    reduced map.  Parameter names (``q``, ``kv``, ``sr``, ``norm``) match timm's PVTv2."""
-
-    def _init_sr(self, dim: int, qkv_bias: bool, sr_ratio: int, linear_sr: bool, norm: str) -> None:
-        if sr_ratio < 1:
-            raise ValueError(f"sr_ratio must be >= 1, got {sr_ratio}")
-        del self.qkv  # SRA projects queries and keys/values from different token sets
-        self.q = nn.Linear(dim, dim, bias=qkv_bias)
-        self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
-        self.sr_ratio, self.linear_sr = sr_ratio, linear_sr
-        self.pool = self.sr = self.norm = self.act = None
-        if linear_sr:
-            self.pool = nn.AdaptiveAvgPool2d(7)
-            self.sr = nn.Conv2d(dim, dim, kernel_size=1)
-            self.norm = create_norm(norm, dim, eps=1e-5)
-            self.act = nn.GELU()
-        elif sr_ratio > 1:
-            self.sr = nn.Conv2d(dim, dim, kernel_size=sr_ratio, stride=sr_ratio)
-            self.norm = create_norm(norm, dim, eps=1e-5)
-
-    def _reduce(self, x: torch.Tensor, hw: Optional[Tuple[int, int]], num_prefix: int) -> torch.Tensor:
-        if self.sr is None:
-            return x
-        if hw is None:
-            raise ValueError("spatial-reduction attention needs hw=(H, W) of the token map")
-        prefix, t = x[:, :num_prefix], x[:, num_prefix:]
-        b, n, c = t.shape
-        fm = t.transpose(1, 2).reshape(b, c, hw[0], hw[1])
-        if self.pool is not None:
-            fm = self.pool(fm)
-        t = self.norm(self.sr(fm).flatten(2).transpose(1, 2))
-        if self.act is not None:
-            t = self.act(t)
-        return torch.cat([prefix, t], dim=1) if num_prefix else t
-
-    def _post_qkv(self, q, k, v):
-        return q, k, v
-
-    def forward(self, x: torch.Tensor, hw: Optional[Tuple[int, int]] = None, num_prefix: int = 0,
-                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        b, n, c = x.shape
-        q = self.q(x).reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
-        kv_in = self._reduce(x, hw, num_prefix)
-        k, v = self.kv(kv_in).reshape(b, kv_in.shape[1], 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4
-                                                                                                  ).unbind(0)
-        q, k, v = self._post_qkv(q, k, v)
-        out = self._attend(q, k, v, bias)
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, c)))
-
-
-class SRAttention(_SpatialReduction, Attention):
-    """Softmax SRA (optionally with AttnScale, "Anti-Oversmoothing in Deep Vision Transformers",
-    Wang et al., ICLR 2022); see :class:`_SpatialReduction`."""
-
-    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, sr_ratio: int = 1,
-                 linear_sr: bool = False, norm: str = "layernorm", **kwargs: Any):
-        super().__init__(dim, num_heads, qkv_bias=qkv_bias, **kwargs)
-        self._init_sr(dim, qkv_bias, sr_ratio, linear_sr, norm)
-
-
-class SRCosineAttention(_SpatialReduction, CosineAttention):
-    """SRA with LipsFormer's scaled cosine attention ("LipsFormer", Qi et al., ICLR 2023)."""
-
-    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, sr_ratio: int = 1,
-                 linear_sr: bool = False, norm: str = "layernorm", **kwargs: Any):
-        super().__init__(dim, num_heads, qkv_bias=qkv_bias, **kwargs)
-        self._init_sr(dim, qkv_bias, sr_ratio, linear_sr, norm)
-
-    def _post_qkv(self, q, k, v):
-        return self._normalize(q), self._normalize(k), (self._normalize(v) if self.normalize_v else v)
-
-
-# mixer name -> (class, extra kwargs); focused_linear is built by create_mixer without reduction
-PVT_MIXERS: Dict[str, Tuple[type, Dict[str, Any]]] = {
-    "softmax": (SRAttention, {}),
-    "attnscale": (SRAttention, {"attn_scale": True}),
-    "cosine": (SRCosineAttention, {}),
-}
-
-
-def create_pvt_mixer(mixer: str, dim: int, num_heads: int, sr_ratio: int = 1, linear_sr: bool = False,
-                     norm: str = "layernorm", num_tokens: Optional[int] = None, **kwargs: Any) -> nn.Module:
-    """The token mixer of a PVT block: SRA with the named attention core, or (``focused_linear``)
-    FLatten's focused linear attention over all tokens, which needs no key reduction
-    ("FLatten Transformer", Han et al., ICCV 2023)."""
-    if mixer == "focused_linear":
-        return create_mixer(mixer, dim, num_heads, num_tokens=num_tokens, **kwargs)
-    if mixer not in PVT_MIXERS:
-        create_mixer(mixer, dim, num_heads)  # unknown name: raises with the closest valid names
-        raise ValueError(f"mixer {mixer!r} cannot be used in PVT's spatial-reduction attention; "
-                         f"valid: {', '.join([*PVT_MIXERS, 'focused_linear'])}")
-    cls, extra = PVT_MIXERS[mixer]
-    return cls(dim, num_heads, sr_ratio=sr_ratio, linear_sr=linear_sr, norm=norm, **{**kwargs, **extra})
+def pvt_attention(spec: MixerSpec, sr_ratio: int, linear_sr: bool, norm: str, **attention: Any) -> Dict[str, Any]:
+    """What PVT asks of a block's attention: queries from every token, keys and values from the
+    spatially reduced map (SRA, Wang et al., ICCV 2021; PVTv2's linear SRA), projections ``q`` and
+    ``kv`` as timm's.  A linear-cost core attends over all tokens without reduction, as in "FLatten
+    Transformer" (Han et al., ICCV 2023; spec ``flatten.md`` section 5).  A non-attention mixer takes
+    none of it."""
+    if not spec.attention:
+        return {}
+    if spec.linear_cost:
+        return dict(attention)
+    return dict(attention, projection="q_kv",
+                grouping=("spatial_reduction", dict(sr_ratio=sr_ratio, linear=linear_sr, norm=norm)))
 
 
 class MlpWithDepthwiseConv(nn.Module):
@@ -154,7 +64,10 @@ class MlpWithDepthwiseConv(nn.Module):
         self.fc2 = nn.Linear(hidden_features, in_features)
         self.drop = nn.Dropout(drop)
 
-    def forward(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        if layout.num_prefix:
+            raise ValueError("the convolutional FFN of PVTv2 cannot take prefix (class) tokens")
+        hw = layout.hw
         x = self.fc1(x)
         b, n, c = x.shape
         x = self.dwconv(activate(self.relu, x.transpose(1, 2).reshape(b, c, hw[0], hw[1]), self.fc1))
@@ -162,43 +75,20 @@ class MlpWithDepthwiseConv(nn.Module):
         return self.drop(self.fc2(self.drop(activate(self.act, x.flatten(2).transpose(1, 2), self.dwconv))))
 
 
-class PvtBlock(ResidualHalves, nn.Module):
-    """``x + DropPath(ls1(FeatScale(mixer(norm1(x)))))`` then ``x + DropPath(ls2(mlp(norm2(x))))``,
-    with PVT's SRA mixer (Wang et al., ICCV 2021) and, for PVTv2, the convolutional FFN."""
-
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, sr_ratio: int = 1,
-                 linear_sr: bool = False, qkv_bias: bool = True, mixer: str = "softmax", norm: str = "layernorm",
-                 shortcut: str = "plain", shortcut_init: Optional[float] = None, featscale: bool = False,
-                 drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0, norm_eps: float = 1e-6,
-                 total_depth: int = 1, num_tokens: Optional[int] = None, dwconv_mlp: bool = False,
-                 mixer_kwargs: Optional[Dict[str, Any]] = None):
-        super().__init__()
-        self.norm1 = create_norm(norm, dim, eps=norm_eps)
-        self.attn = create_pvt_mixer(mixer, dim, num_heads, sr_ratio=sr_ratio, linear_sr=linear_sr, norm=norm,
-                                     num_tokens=num_tokens, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop,
-                                     **(mixer_kwargs or {}))
-        self.featscale = FeatScale(dim) if featscale else None
-        self.ls1 = create_shortcut(shortcut, dim, shortcut_init, depth=total_depth)
-        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = create_norm(norm, dim, eps=norm_eps)
-        hidden = int(dim * mlp_ratio)
-        self.dwconv_mlp = dwconv_mlp
-        self.mlp = (MlpWithDepthwiseConv(dim, hidden, drop=drop, extra_relu=linear_sr) if dwconv_mlp
-                    else Mlp(dim, hidden, drop=drop))
-        self.ls2 = create_shortcut(shortcut, dim, shortcut_init, depth=total_depth)
-        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-
-    def _mix(self, x: torch.Tensor, hw: Tuple[int, int], num_prefix: int = 0) -> torch.Tensor:
-        return self.attn(x, hw=hw, num_prefix=num_prefix)
-
-    def _mlp(self, x: torch.Tensor, hw: Tuple[int, int], num_prefix: int = 0) -> torch.Tensor:
-        if not self.dwconv_mlp:
-            return self.mlp(x)
-        if num_prefix:
-            raise ValueError("the convolutional FFN of PVTv2 cannot take prefix (class) tokens")
-        return self.mlp(x, hw)
-
-    # attn_half(x, hw, num_prefix), mlp_half(x, hw, num_prefix), forward: vitlab.layers.residual
+def pvt_block(dim: int, num_heads: int, layout: TokenLayout, spec: MixerSpec, mlp_ratio: float = 4.0,
+              sr_ratio: int = 1, linear_sr: bool = False, qkv_bias: bool = True, norm: str = "layernorm",
+              shortcut: str = "plain", shortcut_init: Optional[float] = None, featscale: bool = False,
+              drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0, norm_eps: float = 1e-6,
+              total_depth: int = 1, dwconv_mlp: bool = False) -> Block:
+    """A PVT block (Wang et al., ICCV 2021): the one :class:`Block` with SRA and, for PVTv2, the
+    convolutional FFN."""
+    att = pvt_attention(spec, sr_ratio, linear_sr, norm, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop)
+    hidden = int(dim * mlp_ratio)
+    mlp = (MlpWithDepthwiseConv(dim, hidden, drop=drop, extra_relu=linear_sr) if dwconv_mlp
+           else Mlp(dim, hidden, drop=drop))
+    return Block(dim, spec.build(dim, num_heads, layout, **att), mlp, norm=norm, norm_eps=norm_eps,
+                 branch_scale=shortcut, branch_scale_init=shortcut_init, total_depth=total_depth,
+                 featscale=featscale, drop_path=drop_path)
 
 
 def _as_tuple(v: Any, n: int, what: str) -> Tuple[Any, ...]:
@@ -221,7 +111,8 @@ class PvtStage(nn.Module):
         self.num_prefix = num_prefix
         n = self.patch_embed.num_patches + num_prefix
         self.pos_embed = nn.Parameter(torch.zeros(1, n, dim)) if use_pos_embed else None
-        self.blocks = nn.ModuleList([PvtBlock(dim, num_tokens=n, drop_path=drop_paths[j], **block_kwargs)
+        self.layout = TokenLayout(self.grid_size, num_prefix)
+        self.blocks = nn.ModuleList([pvt_block(dim, layout=self.layout, drop_path=drop_paths[j], **block_kwargs)
                                      for j in range(depth)])
 
 
@@ -241,6 +132,7 @@ class PyramidVisionTransformer(VitlabModel):
                  featscale: bool = False, init: str = "trunc_normal", global_pool: str = "token",
                  final_norm: Optional[bool] = None, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
                  drop_path_rate: float = 0.0, norm_eps: float = 1e-6, mixer_kwargs: Optional[Dict[str, Any]] = None,
+                 core: Optional[str] = None, modifiers: Sequence[str] = (), branch_scale: Optional[str] = None,
                  architecture: str = "pvt", default_cfg: Optional[Dict[str, Any]] = None):
         super().__init__()
         if global_pool not in ("token", "avg"):
@@ -261,14 +153,15 @@ class PyramidVisionTransformer(VitlabModel):
         self.num_classes, self.in_chans = num_classes, in_chans
         self.num_features = self.embed_dim = embed_dims[-1]
         self.global_pool = global_pool
+        spec = MixerSpec(mixer, core, tuple(modifiers), dict(mixer_kwargs or {}))
         self.num_prefix_tokens = 1 if global_pool == "token" else 0
         dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         stages, size, c_in, cur = [], (img, img), in_chans, 0
         for i in range(ns):
             bk = dict(num_heads=num_heads[i], mlp_ratio=mlp_ratios[i], sr_ratio=sr_ratios[i], qkv_bias=qkv_bias,
-                      mixer=mixer, norm=norm, shortcut=shortcut, shortcut_init=shortcut_init, featscale=featscale,
-                      drop=drop_rate, attn_drop=attn_drop_rate, norm_eps=norm_eps, total_depth=sum(depths),
-                      mixer_kwargs=mixer_kwargs)
+                      spec=spec, norm=norm, shortcut=branch_scale or shortcut, shortcut_init=shortcut_init,
+                      featscale=featscale, drop=drop_rate, attn_drop=attn_drop_rate, norm_eps=norm_eps,
+                      total_depth=sum(depths))
             prefix = self.num_prefix_tokens if i == ns - 1 else 0
             stage = PvtStage(size, patch_size if i == 0 else 2, c_in, embed_dims[i], depths[i], prefix, norm, bk,
                              dpr[cur:cur + depths[i]])
@@ -310,7 +203,7 @@ class PyramidVisionTransformer(VitlabModel):
                 x = self._to_map(x, i - 1)
             x = self._stage_input(i, x)
             for blk in s.blocks:
-                x = blk(x, s.grid_size, s.num_prefix)
+                x = blk(x, s.layout)
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -334,9 +227,9 @@ class PyramidVisionTransformer(VitlabModel):
             x = self._stage_input(i, x)
             entry(f"stages.{i}.patch_embed", "embed" if i == 0 else "downsample", x, i)
             for j, blk in enumerate(s.blocks):
-                x = blk.attn_half(x, s.grid_size, s.num_prefix)
+                x = blk.attn_half(x, s.layout)
                 entry(f"stages.{i}.blocks.{j}.attn", "attn", x, i)
-                x = blk.mlp_half(x, s.grid_size, s.num_prefix)
+                x = blk.mlp_half(x, s.layout)
                 entry(f"stages.{i}.blocks.{j}.mlp", "mlp", x, i)
         if not isinstance(self.norm, nn.Identity):
             entry("norm", "norm", self.norm(x), len(self.stages) - 1)

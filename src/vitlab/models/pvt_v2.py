@@ -27,7 +27,8 @@ from torch import nn
 
 from vitlab.layers import create_norm, init_weights
 from vitlab.models.base import Intermediate, VitlabModel, make_default_cfg, register_recipe
-from vitlab.models.pvt import PvtBlock, _as_tuple
+from vitlab.layers import MixerSpec, TokenLayout
+from vitlab.models.pvt import _as_tuple, pvt_block
 
 __all__ = ["OverlapPatchEmbed", "PvtV2Stage", "PyramidVisionTransformerV2"]
 
@@ -61,9 +62,8 @@ class PvtV2Stage(nn.Module):
         super().__init__()
         self.downsample = OverlapPatchEmbed(3, 2, dim, dim_out, norm) if downsample else None
         self.grid_size = self.downsample.out_size(grid) if downsample else grid
-        n = self.grid_size[0] * self.grid_size[1]
-        self.blocks = nn.ModuleList([PvtBlock(dim_out, num_tokens=n, drop_path=drop_paths[j], dwconv_mlp=True,
-                                              **block_kwargs) for j in range(depth)])
+        self.blocks = nn.ModuleList([pvt_block(dim_out, layout=TokenLayout(self.grid_size), drop_path=drop_paths[j],
+                                               dwconv_mlp=True, **block_kwargs) for j in range(depth)])
         self.norm = create_norm(norm, dim_out, eps=norm_eps)
 
 
@@ -81,7 +81,8 @@ class PyramidVisionTransformerV2(VitlabModel):
                  mixer: str = "softmax", norm: str = "layernorm", shortcut: str = "plain",
                  shortcut_init: Optional[float] = None, featscale: bool = False, init: str = "trunc_normal",
                  drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
-                 norm_eps: float = 1e-6, mixer_kwargs: Optional[Dict[str, Any]] = None,
+                 norm_eps: float = 1e-6, mixer_kwargs: Optional[Dict[str, Any]] = None, core: Optional[str] = None,
+                 modifiers: Sequence[str] = (), branch_scale: Optional[str] = None,
                  architecture: str = "pvt_v2", default_cfg: Optional[Dict[str, Any]] = None):
         super().__init__()
         depths = tuple(depths)
@@ -99,12 +100,13 @@ class PyramidVisionTransformerV2(VitlabModel):
         self.patch_embed = OverlapPatchEmbed(7, 4, in_chans, embed_dims[0], norm)
         grid = self.patch_embed.out_size((img, img))
         dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        spec = MixerSpec(mixer, core, tuple(modifiers), dict(mixer_kwargs or {}))
         stages, cur, prev = [], 0, embed_dims[0]
         for i in range(ns):
             bk = dict(num_heads=num_heads[i], mlp_ratio=mlp_ratios[i], sr_ratio=sr_ratios[i], linear_sr=linear,
-                      qkv_bias=qkv_bias, mixer=mixer, norm=norm, shortcut=shortcut, shortcut_init=shortcut_init,
-                      featscale=featscale, drop=drop_rate, attn_drop=attn_drop_rate, norm_eps=norm_eps,
-                      total_depth=sum(depths), mixer_kwargs=mixer_kwargs)
+                      qkv_bias=qkv_bias, spec=spec, norm=norm, shortcut=branch_scale or shortcut,
+                      shortcut_init=shortcut_init, featscale=featscale, drop=drop_rate, attn_drop=attn_drop_rate,
+                      norm_eps=norm_eps, total_depth=sum(depths))
             stage = PvtV2Stage(prev, embed_dims[i], depths[i], i > 0, grid, norm, norm_eps, bk,
                                dpr[cur:cur + depths[i]])
             stages.append(stage)
@@ -147,12 +149,13 @@ class PyramidVisionTransformerV2(VitlabModel):
         x = x.reshape(b, h * w, c)
         as_map = lambda t: t.transpose(1, 2).reshape(b, -1, h, w)  # noqa: E731
         for j, blk in enumerate(stage.blocks):
+            layout = TokenLayout(hw)
             if out is None:
-                x = blk(x, hw)
+                x = blk(x, layout)
                 continue
-            x = blk.attn_half(x, hw)
+            x = blk.attn_half(x, layout)
             out.append(Intermediate(f"stages.{idx}.blocks.{j}.attn", "attn", as_map(x), stage=idx))
-            x = blk.mlp_half(x, hw)
+            x = blk.mlp_half(x, layout)
             out.append(Intermediate(f"stages.{idx}.blocks.{j}.mlp", "mlp", as_map(x), stage=idx))
         x = as_map(stage.norm(x))
         if out is not None:
@@ -207,4 +210,3 @@ for _size in ("b0", "b1", "b2", "b3", "b4"):
               dict(_V2_SIZES[_size], mixer="focused_linear", mixer_kwargs=dict(focusing_factor=3.0, kernel_size=5)),
               f"FLatten-PVTv2-{_size.upper()} (Han et al., ICCV 2023): focused linear attention in all stages.")
 
-import vitlab.interop.timm_pvt_v2  # noqa: E402,F401  (registers the timm converter)

@@ -337,4 +337,3 @@ _register("preact_resnet50_cifar", PreActResNet, dict(layers=(3, 4, 6, 3), stem=
           "Pre-activation ResNet-50 with the CIFAR stem for 32x32 CIFAR-100 (Park & Kim, ICLR 2022).",
           mean=CIFAR100_MEAN, std=CIFAR100_STD, crop_pct=1.0)
 
-import vitlab.interop.timm_resnet  # noqa: E402,F401  (registers the timm converter)

@@ -28,20 +28,37 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitlab.layers import (DWConvUnit, DropPath, FeatScale, Mlp, PatchEmbed, create_mixer, create_norm,
-                           create_shortcut, init_weights)
-from vitlab.layers.mixers import MIXERS
+from vitlab.layers import Mlp, MixerSpec, PatchEmbed, TokenLayout, create_norm, init_weights
+from vitlab.layers.mixers import check_stage_kwargs
 from vitlab.layers.pos_embed import resample_pos_embed
-from vitlab.layers.residual import ResidualHalves
-from vitlab.layers.window import (REL_POS_RESIZE_METHODS, add_relative_position_bias, relative_position_bias,
-                                  resize_relative_position_table, shift_window_mask, window_bias,
-                                  window_partition, window_reverse)
+from vitlab.layers.window import REL_POS_RESIZE_METHODS, resize_relative_position_table
+from vitlab.models.block import Block
 from vitlab.models.base import Intermediate, VitlabModel, make_default_cfg, tokens_to_map
 from vitlab.registry import register_model
 
-__all__ = ["SwinTransformer", "SwinBlock", "SwinStage", "PatchMerging", "resize_size_dependent", "stage_intermediates"]
+__all__ = ["SwinTransformer", "swin_attention", "SwinStage", "PatchMerging", "resize_size_dependent",
+           "stage_intermediates", "stage_attn_types", "linear_spec"]
 
-LINEAR_MIXER = "focused_linear"
+
+def linear_spec(spec: MixerSpec) -> MixerSpec:
+    """The mixer of an ``L`` stage: FLatten's focused linear attention, with the user's options."""
+    return MixerSpec("focused_linear", None, tuple(spec.modifiers), dict(spec.kwargs))
+
+
+def stage_attn_types(spec: MixerSpec, attn_type: Optional[str], n_stages: int, what: str) -> str:
+    """One letter per stage: ``L`` (a linear-cost core over the whole map) or ``S`` (``spec`` in the
+    family's local groups); default all ``L`` for a linear-cost ``spec``, else all ``S``."""
+    if attn_type is None:
+        attn_type = ("L" if spec.linear_cost else "S") * n_stages
+    if not isinstance(attn_type, str) or len(attn_type) != n_stages or set(attn_type) - {"L", "S"}:
+        raise ValueError(f"attn_type must be a string of {n_stages} letters 'L' (focused linear, global) or "
+                         f"'S' (the {what} mixer), one per stage, got {attn_type!r}")
+    if spec.linear_cost and "S" in attn_type:
+        core = f" (core={spec.core!r})" if spec.core else ""
+        raise ValueError(f"attn_type {attn_type!r} asks for {what} stages ('S'), but mixer={spec.mixer!r}{core} "
+                         "has linear cost and attends over the whole map; use "
+                         "mixer='softmax' (or 'cosine', 'attnscale') for the 'S' stages")
+    return attn_type
 
 
 def _per_stage(value, n: int, what: str) -> Tuple:
@@ -103,99 +120,17 @@ class PatchMerging(nn.Module):
         return self.reduction(self.norm(x)), (h2, w2)
 
 
-class SwinBlock(ResidualHalves, nn.Module):
-    """One Swin block on ``(B, H*W, C)`` tokens of a fixed ``resolution``.
-
-    Pre-norm (default): ``x + DropPath(ls1(FeatScale(WMSA(norm1(x)))))``, then the MLP half.
-    ``post_norm``: ``norm1(x + DropPath(ls1(WMSA(x))))`` (LipsFormer).  ``conv_units`` runs
-    LipsFormer's two depthwise-conv residual units first.  The window shrinks to the map (and
-    the shift is dropped) when the map is not larger than the window, as in the official code;
-    maps that are not multiples of the window are zero-padded (as timm does).  A
-    ``focused_linear`` mixer attends over the whole map (one window, no bias, no shift).
-    """
-
-    def __init__(self, dim: int, resolution: Tuple[int, int], num_heads: int, window_size: int = 7,
-                 shift: bool = False, mlp_ratio: float = 4.0, qkv_bias: bool = True, mixer: str = "softmax",
-                 norm: str = "layernorm", norm_eps: float = 1e-5, shortcut: str = "plain",
-                 shortcut_init: Optional[float] = None, featscale: bool = False, drop: float = 0.0,
-                 attn_drop: float = 0.0, drop_path: float = 0.0, total_depth: int = 1, post_norm: bool = False,
-                 conv_units: bool = False, rel_pos_bias: bool = True,
-                 mixer_kwargs: Optional[Dict[str, Any]] = None):
-        super().__init__()
-        self.dim, self.num_heads, self.resolution = dim, num_heads, tuple(resolution)
-        self.post_norm = post_norm
-        self.global_window = mixer == LINEAR_MIXER
-        h, w = self.resolution
-        if self.global_window:
-            self.window_size, self.shift_size = (h, w), (0, 0)
-        else:
-            ws = tuple(r if r <= window_size else window_size for r in (h, w))
-            half = window_size // 2 if shift else 0
-            self.window_size = ws
-            self.shift_size = tuple(0 if r <= k else half for r, k in zip((h, w), ws))
-        alpha = 1.0 / total_depth if shortcut_init is None else shortcut_init
-        self.conv_units = nn.ModuleList([
-            DWConvUnit(dim, pointwise=True, alpha=alpha, drop_path=drop_path),
-            DWConvUnit(dim, pointwise=False, alpha=alpha, drop_path=drop_path),
-        ]) if conv_units else None
-        self.norm1 = create_norm(norm, dim, eps=norm_eps)
-        n_win = self.window_size[0] * self.window_size[1]
-        self.attn = create_mixer(mixer, dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop,
-                                 num_tokens=n_win, **(mixer_kwargs or {}))
-        self.rel_pos_bias = rel_pos_bias and not self.global_window
-        if self.rel_pos_bias:
-            add_relative_position_bias(self.attn, self.window_size, num_heads)
-        self.featscale = FeatScale(dim) if featscale else None
-        self.ls1 = create_shortcut(shortcut, dim, shortcut_init, depth=total_depth)
-        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = create_norm(norm, dim, eps=norm_eps)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
-        self.ls2 = create_shortcut(shortcut, dim, shortcut_init, depth=total_depth)
-        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        if any(self.shift_size):
-            hp = -(-h // self.window_size[0]) * self.window_size[0]
-            wp = -(-w // self.window_size[1]) * self.window_size[1]
-            mask = shift_window_mask((hp, wp), self.window_size, self.shift_size)
-        else:
-            mask = None
-        self.register_buffer("attn_mask", mask, persistent=False)
-
-    def extra_repr(self) -> str:
-        return (f"resolution={self.resolution}, window_size={self.window_size}, shift_size={self.shift_size}, "
-                f"global_window={self.global_window}")
-
-    def window_attention(self, x: torch.Tensor) -> torch.Tensor:
-        """The (shifted) window attention of ``(B, H*W, C)`` tokens, merged back to the map."""
-        b, n, c = x.shape
-        h, w = self.resolution
-        if self.global_window:
-            return self.attn(x, hw=self.resolution)
-        x = x.view(b, h, w, c)
-        sh, sw = self.shift_size
-        if sh or sw:
-            x = torch.roll(x, shifts=(-sh, -sw), dims=(1, 2))
-        wh, ww = self.window_size
-        ph, pw = (-h) % wh, (-w) % ww
-        if ph or pw:
-            x = F.pad(x, (0, 0, 0, pw, 0, ph))
-        windows = window_partition(x, self.window_size)
-        rel = relative_position_bias(self.attn) if self.rel_pos_bias else None
-        mask = self.attn_mask.to(windows.dtype) if self.attn_mask is not None else None
-        bias = window_bias(rel.to(windows.dtype) if rel is not None else None, mask, b, self.num_heads)
-        y = self.attn(windows, hw=self.window_size, bias=bias)
-        y = window_reverse(y, self.window_size, h + ph, w + pw)[:, :h, :w]
-        if sh or sw:
-            y = torch.roll(y, shifts=(sh, sw), dims=(1, 2))
-        return y.reshape(b, n, c)
-
-    def _mix(self, x: torch.Tensor) -> torch.Tensor:
-        return self.window_attention(x)
-
-    def _unit_args(self) -> Tuple[Tuple[int, int]]:
-        return (self.resolution,)
-
-    # attn_half(x), mlp_half(x), forward(x): vitlab.layers.residual (the FeatScale mean runs over all
-    # tokens of the stage map, not per window)
+def swin_attention(spec: MixerSpec, dim: int, hw: Tuple[int, int], num_heads: int, window_size: int, shift: bool,
+                   rel_pos_bias: bool = True, **attention: Any) -> Dict[str, Any]:
+    """What Swin asks of a stage's attention: shifted windows with a relative position table (Liu et
+    al., 2021); one global window for a linear-cost core (FLatten, Han et al., ICCV 2023); nothing
+    for a non-attention mixer, which mixes over the whole map."""
+    if not spec.attention:
+        return {}
+    if spec.linear_cost:
+        return dict(attention)
+    return dict(attention, grouping=("window", dict(window_size=window_size, shift=shift)),
+                position=("relative",) if rel_pos_bias else ())
 
 
 class SwinStage(nn.Module):
@@ -209,7 +144,10 @@ class SwinStage(nn.Module):
     def forward(self, x: torch.Tensor, hw: Tuple[int, int]) -> Tuple[torch.Tensor, Tuple[int, int]]:
         if not isinstance(self.downsample, nn.Identity):
             x, hw = self.downsample(x, hw)
-        return self.blocks(x), hw
+        layout = TokenLayout(hw)
+        for blk in self.blocks:
+            x = blk(x, layout)
+        return x, hw
 
 
 def stage_intermediates(layers: nn.ModuleList, x: torch.Tensor, hw: Tuple[int, int]) -> List[Intermediate]:
@@ -221,9 +159,9 @@ def stage_intermediates(layers: nn.ModuleList, x: torch.Tensor, hw: Tuple[int, i
             x, hw = stage.downsample(x, hw)
             out.append(Intermediate(f"layers.{i}.downsample", "downsample", tokens_to_map(x, hw), None, i))
         for j, blk in enumerate(stage.blocks):
-            x = blk.attn_half(x)
+            x = blk.attn_half(x, TokenLayout(hw))
             out.append(Intermediate(f"layers.{i}.blocks.{j}.attn", "attn", tokens_to_map(x, hw), None, i))
-            x = blk.mlp_half(x)
+            x = blk.mlp_half(x, TokenLayout(hw))
             out.append(Intermediate(f"layers.{i}.blocks.{j}.mlp", "mlp", tokens_to_map(x, hw), None, i))
     return out
 
@@ -252,6 +190,7 @@ class SwinTransformer(VitlabModel):
                  conv_units: bool = False, rel_pos_bias: bool = True, drop_rate: float = 0.0,
                  attn_drop_rate: float = 0.0, drop_path_rate: float = 0.1,
                  mixer_kwargs: Optional[Dict[str, Any]] = None, rel_pos_resize: str = "timm",
+                 core: Optional[str] = None, modifiers: Sequence[str] = (), branch_scale: Optional[str] = None,
                  architecture: str = "swin", default_cfg: Optional[Dict[str, Any]] = None):
         super().__init__()
         depths, num_heads = tuple(depths), tuple(num_heads)
@@ -265,16 +204,8 @@ class SwinTransformer(VitlabModel):
             raise ValueError(f"depths and embed_dim must be positive, got depths={depths}, embed_dim={embed_dim}")
         if not 0.0 <= drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
-        MIXERS.get(mixer)  # unknown names fail here, with the closest valid ones
-        if attn_type is None:
-            attn_type = ("L" if mixer == LINEAR_MIXER else "S") * n_stages
-        if not isinstance(attn_type, str) or len(attn_type) != n_stages or set(attn_type) - {"L", "S"}:
-            raise ValueError(f"attn_type must be a string of {n_stages} letters 'L' (focused linear, global) or "
-                             f"'S' (the window mixer), one per stage, got {attn_type!r}")
-        if mixer == LINEAR_MIXER and "S" in attn_type:
-            raise ValueError(f"attn_type {attn_type!r} asks for window stages ('S'), but mixer='focused_linear' "
-                             "cannot take Swin's relative position bias / shift mask; use mixer='softmax' "
-                             "(or 'cosine', 'attnscale') for the 'S' stages")
+        spec = MixerSpec(mixer, core, tuple(modifiers), dict(mixer_kwargs or {}))
+        attn_type = stage_attn_types(spec, attn_type, n_stages, "window")
         windows = _per_stage(window_size, n_stages, "window_size")
         self.num_classes, self.in_chans = num_classes, in_chans
         self.depths, self.attn_type = depths, attn_type
@@ -286,22 +217,28 @@ class SwinTransformer(VitlabModel):
         self.grid_size = self.patch_embed.grid_size
         total = sum(depths)
         dpr = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]  # linear rule (no tensor: meta-safe)
-        stages, hw, k = [], self.grid_size, 0
+        block_kw = dict(norm=norm, norm_eps=norm_eps, wiring="post" if post_norm else "pre",
+                        branch_scale=branch_scale or shortcut, branch_scale_init=shortcut_init, total_depth=total,
+                        featscale=featscale, conv_units=conv_units)
+        attention = dict(qkv_bias=qkv_bias, attn_drop=attn_drop_rate, proj_drop=drop_rate)
+        stages, hw, k, asked = [], self.grid_size, 0, []
         for i in range(n_stages):
             down = None
             if i > 0:
                 down = PatchMerging(dims[i - 1], dims[i], norm=norm, norm_eps=norm_eps)
                 hw = ((hw[0] + 1) // 2, (hw[1] + 1) // 2)
-            stage_mixer = LINEAR_MIXER if attn_type[i] == "L" else mixer
-            blocks = [SwinBlock(dims[i], hw, num_heads[i], window_size=windows[i], shift=shift and j % 2 == 1,
-                                mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, mixer=stage_mixer, norm=norm,
-                                norm_eps=norm_eps, shortcut=shortcut, shortcut_init=shortcut_init,
-                                featscale=featscale, drop=drop_rate, attn_drop=attn_drop_rate, drop_path=dpr[k + j],
-                                total_depth=total, post_norm=post_norm, conv_units=conv_units,
-                                rel_pos_bias=rel_pos_bias, mixer_kwargs=mixer_kwargs)
-                      for j in range(depths[i])]
+            st_spec = spec if attn_type[i] == "S" or spec.linear_cost else linear_spec(spec)
+            blocks = []
+            for j in range(depths[i]):
+                att = swin_attention(st_spec, dims[i], hw, num_heads[i], windows[i], shift and j % 2 == 1,
+                                     rel_pos_bias, **attention)
+                asked.append((st_spec, (), att))
+                mixer_j = st_spec.build(dims[i], num_heads[i], TokenLayout(hw), lenient=True, **att)
+                blocks.append(Block(dims[i], mixer_j, Mlp(dims[i], int(dims[i] * mlp_ratio), drop=drop_rate),
+                                    drop_path=dpr[k + j], **block_kw))
             k += depths[i]
             stages.append(SwinStage(down, blocks))
+        check_stage_kwargs(spec.kwargs, asked)
         self.layers = nn.ModuleList(stages)
         self.final_resolution = hw
         self.norm = create_norm(norm, self.num_features, eps=norm_eps)
@@ -375,6 +312,7 @@ def _register_swin(name: str, size: str, extra: Optional[Dict[str, Any]] = None,
                                        **{"crop_pct": 0.9, **extra_cfg})
         return SwinTransformer(architecture=name, default_cfg=default_cfg, **kw)
 
+    factory.model_cls = SwinTransformer
     factory.__name__ = factory.__qualname__ = name
     factory.__doc__ = f"{name}: {doc or 'Swin'}-{size[0].upper()} ({defaults})."
     register_model(factory)
@@ -391,4 +329,3 @@ _register_swin("swin_base_patch4_window12_384", "base", dict(window_size=12), im
 _register_swin("attnscale_swin_small", "small", dict(mixer="attnscale"), doc="AttnScale (Wang et al., ICLR 2022) Swin")
 _register_swin("featscale_swin_small", "small", dict(featscale=True), doc="FeatScale (Wang et al., ICLR 2022) Swin")
 
-from vitlab.interop import timm_swin  # noqa: E402,F401  (registers the timm converter)

@@ -13,54 +13,17 @@ State-dict keys follow timm's ``VisionTransformer`` (``patch_embed.proj``, ``cls
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from vitlab.layers import (DWConvUnit, DropPath, EMBEDS, FeatScale, Mlp, create_mixer, create_norm,
-                           create_shortcut, init_weights, sincos_2d)
-from vitlab.layers.residual import ResidualHalves
+from vitlab.layers import EMBEDS, Mlp, MixerSpec, TokenLayout, create_norm, init_weights, sincos_2d
 from vitlab.layers.pos_embed import POS_EMBEDS, resample_pos_embed
+from vitlab.models.block import Block
 from vitlab.models.base import Intermediate, VitlabModel, make_default_cfg, register_recipe, tokens_to_map
 
-__all__ = ["Block", "VisionTransformer"]
-
-
-class Block(ResidualHalves, nn.Module):
-    """One transformer block: ``x + DropPath(ls1(FeatScale(mixer(norm1(x)))))`` then the MLP
-    half.  ``post_norm=True`` moves the norms after each residual add (LipsFormer's wiring);
-    ``conv_units=True`` runs LipsFormer's two depthwise-conv residual units first."""
-
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 mixer: str = "softmax", norm: str = "layernorm", shortcut: str = "plain",
-                 shortcut_init: Optional[float] = None, featscale: bool = False, drop: float = 0.0,
-                 attn_drop: float = 0.0, drop_path: float = 0.0, norm_eps: float = 1e-6, total_depth: int = 1,
-                 num_tokens: Optional[int] = None, post_norm: bool = False, conv_units: bool = False,
-                 mixer_kwargs: Optional[Dict[str, Any]] = None):
-        super().__init__()
-        self.post_norm = post_norm
-        self.conv_units = nn.ModuleList([
-            DWConvUnit(dim, pointwise=True, alpha=1.0 / total_depth if shortcut_init is None else shortcut_init,
-                       drop_path=drop_path),
-            DWConvUnit(dim, pointwise=False, alpha=1.0 / total_depth if shortcut_init is None else shortcut_init,
-                       drop_path=drop_path),
-        ]) if conv_units else None
-        self.norm1 = create_norm(norm, dim, eps=norm_eps)
-        self.attn = create_mixer(mixer, dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop,
-                                 num_tokens=num_tokens, **(mixer_kwargs or {}))
-        self.featscale = FeatScale(dim) if featscale else None
-        self.ls1 = create_shortcut(shortcut, dim, shortcut_init, depth=total_depth)
-        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = create_norm(norm, dim, eps=norm_eps)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
-        self.ls2 = create_shortcut(shortcut, dim, shortcut_init, depth=total_depth)
-        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-
-    def _mix(self, x: torch.Tensor, hw: Tuple[int, int], num_prefix: int = 0) -> torch.Tensor:
-        return self.attn(x, hw=hw, num_prefix=num_prefix)
-
-    # attn_half(x, hw, num_prefix), mlp_half(x), forward(x, hw, num_prefix): vitlab.layers.residual
+__all__ = ["Block", "VisionTransformer"]  # Block re-exported from vitlab.models.block
 
 
 class VisionTransformer(VitlabModel):
@@ -82,7 +45,8 @@ class VisionTransformer(VitlabModel):
                  class_token: bool = True, fc_norm: Optional[bool] = None, drop_rate: float = 0.0,
                  attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0, norm_eps: float = 1e-6,
                  post_norm: bool = False, conv_units: bool = False, mixer_kwargs: Optional[Dict[str, Any]] = None,
-                 architecture: str = "vit", default_cfg: Optional[Dict[str, Any]] = None):
+                 core: Optional[str] = None, modifiers: Sequence[str] = (), branch_scale: Optional[str] = None,
+                 extra_tokens: int = 0, architecture: str = "vit", default_cfg: Optional[Dict[str, Any]] = None):
         super().__init__()
         if global_pool not in ("token", "avg"):
             raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
@@ -98,7 +62,8 @@ class VisionTransformer(VitlabModel):
         self.in_chans = in_chans
         self.num_features = self.embed_dim = embed_dim
         self.global_pool = global_pool
-        self.num_prefix_tokens = 1 if class_token else 0
+        self.num_prefix_tokens = (1 if class_token else 0) + extra_tokens
+        spec = MixerSpec(mixer, core, tuple(modifiers), dict(mixer_kwargs or {}))
         self.patch_embed = EMBEDS.get(embed)(img_size, patch_size, in_chans, embed_dim)
         self.grid_size = self.patch_embed.grid_size
         num_tokens = self.patch_embed.num_patches + self.num_prefix_tokens
@@ -112,12 +77,15 @@ class VisionTransformer(VitlabModel):
         else:
             self.pos_embed = None
         self.pos_drop = nn.Dropout(drop_rate)
+        self.layout = TokenLayout(self.grid_size, self.num_prefix_tokens)
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # plain floats: works on 'meta'
         self.blocks = nn.Sequential(*[
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, mixer=mixer, norm=norm, shortcut=shortcut,
-                  shortcut_init=shortcut_init, featscale=featscale, drop=drop_rate, attn_drop=attn_drop_rate,
-                  drop_path=dpr[i], norm_eps=norm_eps, total_depth=depth, num_tokens=num_tokens,
-                  post_norm=post_norm, conv_units=conv_units, mixer_kwargs=mixer_kwargs)
+            Block(embed_dim, spec.build(embed_dim, num_heads, self.layout, qkv_bias=qkv_bias, attn_drop=attn_drop_rate,
+                                        proj_drop=drop_rate),
+                  Mlp(embed_dim, int(embed_dim * mlp_ratio), drop=drop_rate), norm=norm, norm_eps=norm_eps,
+                  wiring="post" if post_norm else "pre", branch_scale=branch_scale or shortcut,
+                  branch_scale_init=shortcut_init, total_depth=depth, featscale=featscale, conv_units=conv_units,
+                  drop_path=dpr[i])
             for i in range(depth)])
         use_fc_norm = global_pool == "avg" if fc_norm is None else fc_norm
         self.norm = create_norm(norm, embed_dim, eps=norm_eps) if not use_fc_norm else nn.Identity()
@@ -150,7 +118,7 @@ class VisionTransformer(VitlabModel):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self._embed(x)
         for blk in self.blocks:
-            x = blk(x, self.grid_size, self.num_prefix_tokens)
+            x = blk(x, self.layout)
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -167,9 +135,9 @@ class VisionTransformer(VitlabModel):
         x = self._embed(x)
         out = [self._entry("patch_embed", "embed", x)]
         for i, blk in enumerate(self.blocks):
-            x = blk.attn_half(x, self.grid_size, self.num_prefix_tokens)
+            x = blk.attn_half(x, self.layout)
             out.append(self._entry(f"blocks.{i}.attn", "attn", x))
-            x = blk.mlp_half(x)
+            x = blk.mlp_half(x, self.layout)
             out.append(self._entry(f"blocks.{i}.mlp", "mlp", x))
         return out
 

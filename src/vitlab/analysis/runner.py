@@ -1,0 +1,113 @@
+"""``analyze``: load the data and the model once, run the selected instruments, write
+``analysis.json``.  An instrument that fails records its error and the others still run."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from vitlab.analysis import instruments
+from vitlab.analysis.data import Data, fit_images, load_data
+from vitlab.analysis.instruments.common import num_classes, progress
+from vitlab.analysis.loading import build_model, checkpoint_geometry, read_checkpoint
+from vitlab.errors import UserError
+
+__all__ = ["analyze"]
+
+
+def _checkpoint_data(args):
+    """(data set named by the checkpoint's config or None, its geometry or None)."""
+    if not args.checkpoint:
+        return None, None
+    ckpt = read_checkpoint(args.checkpoint)
+    cfg = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+    return (cfg.get("data") if isinstance(cfg.get("data"), str) else None), checkpoint_geometry(ckpt)
+
+
+def _set_normalization(model, data: Data, info: Dict[str, Any], geo: Optional[Dict[str, Any]]) -> None:
+    """A trained checkpoint's own mean/std (what ``vitlab eval`` uses), else the model's default."""
+    norm = geo if geo else model.default_cfg
+    data.mean, data.std = norm.get("mean"), norm.get("std")
+    if geo and tuple(model.default_cfg["input_size"]) != (geo["in_chans"], geo["img_size"], geo["img_size"]):
+        raise UserError(f"model {info['model']} takes input {tuple(model.default_cfg['input_size'])} but the "
+                        f"checkpoint was trained at {(geo['in_chans'], geo['img_size'], geo['img_size'])}")
+    info["normalization"] = {"mean": list(data.mean or []), "std": list(data.std or []),
+                             "source": "checkpoint" if geo else "model default_cfg"}
+
+
+def _weight_decay(info: Dict[str, Any]) -> float:
+    cc = info.get("checkpoint_config", {})
+    wd = cc.get("weight_decay")
+    if wd is None and isinstance(cc.get("optimizer"), dict):
+        wd = cc["optimizer"].get("weight_decay")
+    return float(wd) if isinstance(wd, (int, float)) else 0.0
+
+
+def _fit(model, data: Data) -> List[str]:
+    """Images to the model's input (channels, size) for a model without a checkpoint geometry."""
+    cfg = model.default_cfg
+    notes = list(data.notes)
+    for attr in ("train_x", "eval_x"):
+        fitted, note = fit_images(getattr(data, attr), cfg["input_size"])
+        setattr(data, attr, fitted)
+        if note and attr == "eval_x":
+            notes.append(f"images adapted to the model input {tuple(cfg['input_size'])}: {note}")
+    return notes
+
+
+def _prepare(args):
+    """(data, model, info, data spec, notes) for ``args``."""
+    ckpt_data, geo = _checkpoint_data(args)
+    spec = args.data or ckpt_data or "mnist"
+    n_train = max(args.landscape_images + args.hessian_batches * args.hessian_batch_size, 1)
+    n_eval = max(args.num_images, args.robustness_images, args.attention_images, args.lipschitz_images)
+    data = load_data(spec, n_train, n_eval, args.seed, geometry=geo)
+    model, info = build_model(args, data.num_classes)
+    _set_normalization(model, data, info, geo)
+    if args.weight_decay is None:
+        args.weight_decay = _weight_decay(info)
+    notes = _fit(model, data)
+    if data.num_classes > num_classes(model, data):
+        raise ValueError(f"data has {data.num_classes} classes but the model has {num_classes(model, data)} outputs")
+    return data, model, info, spec, notes
+
+
+def _run_jobs(jobs: List[str], model, data: Data, args, out_dir: str, result: Dict[str, Any], label: str) -> None:
+    runners = instruments.by_key()
+    it = jobs
+    if progress(args):
+        from tqdm.auto import tqdm
+        it = tqdm(jobs, desc=f"analyze {label}")
+    for job in it:
+        t0 = time.perf_counter()
+        try:
+            result[job] = runners[job].run(model, data, args, out_dir)
+        except (ValueError, RuntimeError) as exc:
+            if args.traceback:
+                raise
+            print(f"vitlab analyze: {job} failed: {exc}", file=sys.stderr)
+            result[job] = {"error": f"{type(exc).__name__}: {exc}"}
+        result["timings"][job] = time.perf_counter() - t0
+
+
+def analyze(args, out_dir: str, label: Optional[str] = None) -> Dict:
+    """Run the selected instruments; write PNGs and ``analysis.json`` into ``out_dir``."""
+    os.makedirs(out_dir, exist_ok=True)
+    jobs = instruments.selected_keys(args.only, args.skip)
+    if not jobs:
+        raise UserError("no instrument selected (check --only / --skip)")
+    data, model, info, spec, notes = _prepare(args)
+    if not label:
+        label = os.path.splitext(os.path.basename(args.checkpoint))[0] if args.checkpoint else info["model"]
+    result: Dict[str, Any] = {"label": label, "meta": {**info, "data": spec, "data_notes": notes, "seed": args.seed,
+                                                       "weight_decay": args.weight_decay, "l2": args.l2,
+                                                       "torch": torch.__version__,
+                                                       "threads": torch.get_num_threads()},
+                              "timings": {}}
+    _run_jobs(jobs, model, data, args, out_dir, result, label)
+    from vitlab.analysis.report import write_json
+    write_json(result, os.path.join(out_dir, "analysis.json"))
+    return result

@@ -1,0 +1,91 @@
+"""Attention cores: q, k, v -> output (DESIGN.md, "core"): ``softmax`` and ``cosine`` here,
+``focused_linear`` in :mod:`vitlab.layers.linear_attention`.
+
+A core offers both paths of :class:`vitlab.layers.mha.MultiHeadAttention`: :meth:`fused` (no N x N
+matrix, e.g. SDPA) and the explicit one (:meth:`logits`, :meth:`normalize`, then ``probs @ v``).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitlab.layers.attn_parts import CORES, AttentionPart
+
+__all__ = ["Core", "SoftmaxCore", "CosineCore"]
+
+
+class Core(AttentionPart):
+    """Softmax attention ``softmax(q k^T * scale + bias) v`` ("Attention Is All You Need", Vaswani et
+    al., 2017), fused through ``scaled_dot_product_attention``.  Subclasses change the scale, prepare
+    q/k/v (:meth:`prepare`) or replace the kernel."""
+
+    kind = "core"
+    forms_matrix = True
+    takes_bias = True
+    linear_cost = False
+
+    def scale(self, host) -> float:
+        return host.head_dim ** -0.5
+
+    def prepare(self, host, q, k, v) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Split-head ``q, k, v`` as the kernel needs them (default: unchanged)."""
+        return q, k, v
+
+    def logits(self, host, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        return (q * self.scale(host)) @ k.transpose(-2, -1)
+
+    def normalize(self, host, logits: torch.Tensor) -> torch.Tensor:
+        return logits.softmax(dim=-1)
+
+    def fused(self, host, q, k, v, bias: Optional[torch.Tensor], dropout_p: float) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=self.scale(host))
+
+    def value_term(self, host, branch) -> Optional[torch.Tensor]:
+        """A term added to the branch output, ``(B', h, Nq, d)`` (e.g. FLatten's depthwise conv)."""
+        return None
+
+    def fast_forward(self, host, x: torch.Tensor, layout) -> Optional[torch.Tensor]:
+        """A whole-module shortcut for plain configurations (``None``: use the general path)."""
+        return None
+
+
+@CORES.register("softmax")
+class SoftmaxCore(Core):
+    """Scaled dot-product softmax attention, scale ``head_dim ** -0.5`` (ViT)."""
+
+
+@CORES.register("cosine")
+class CosineCore(Core):
+    """Scaled cosine attention: logits ``tau * cos(q_i, k_j)`` ("LipsFormer: Introducing Lipschitz
+    Continuity to Vision Transformers", Qi et al., ICLR 2023).  ``tau`` is 10 (Swin code) or 12 (CSwin
+    code), fixed unless ``learn_tau``.  ``eps`` puts the paper's epsilon inside the norms
+    (``q / sqrt(|q|^2 + eps)``, globally Lipschitz); ``eps=0`` is the released code's ``F.normalize``.
+    ``normalize_v`` also normalises V (paper form).  The host holds ``tau``."""
+
+    def __init__(self, tau: float = 10.0, learn_tau: bool = False, normalize_v: bool = False, eps: float = 0.0):
+        if eps < 0:
+            raise ValueError(f"eps must be >= 0, got {eps}")
+        self.tau, self.learn_tau, self.normalize_v, self.eps = float(tau), learn_tau, normalize_v, eps
+
+    def setup(self, host) -> None:
+        if self.learn_tau:
+            host.tau = nn.Parameter(torch.tensor(self.tau))
+        else:
+            host.register_buffer("tau", torch.tensor(self.tau), persistent=False)
+
+    def _normalize(self, t: torch.Tensor) -> torch.Tensor:
+        if self.eps > 0:
+            return t * torch.rsqrt(t.pow(2).sum(-1, keepdim=True) + self.eps)
+        return F.normalize(t, dim=-1)
+
+    def prepare(self, host, q, k, v):
+        q, k = self._normalize(q), self._normalize(k)
+        if self.learn_tau:  # SDPA's scale is a float: fold a learnable tau into q to keep its gradient
+            q = q * host.tau
+        return q, k, (self._normalize(v) if self.normalize_v else v)
+
+    def scale(self, host) -> float:
+        return 1.0 if self.learn_tau else self.tau  # a python float: no device sync, works on 'meta'

@@ -1,0 +1,152 @@
+"""Multi-head attention composed of parts: projection + grouping + core + modifiers + position.
+
+This module holds the package's only fused-vs-explicit branch: the core's fused kernel (SDPA for
+the softmax family, the O(N) product for linear attention) unless attention is being recorded or a
+modifier needs the matrix, in which case the probabilities are formed explicitly.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from vitlab.layers.attn_parts import (CORES, GROUPINGS, MODIFIERS, POSITION_BIASES, PROJECTIONS, PartSpec,
+                                      build_part, check_compatible, takers)
+from vitlab.layers.grouping import Branch
+from vitlab.layers.layout import TokenLayout
+from vitlab.layers.recording import RecordsAttention
+from vitlab.registry import check_kwargs
+
+__all__ = ["MultiHeadAttention"]
+
+
+def _as_specs(specs) -> tuple:
+    if specs is None:
+        return ()
+    if isinstance(specs, (str, dict)) or (isinstance(specs, tuple) and len(specs) == 2 and isinstance(specs[1], dict)):
+        return (specs,)
+    return tuple(specs)
+
+
+class MultiHeadAttention(RecordsAttention, nn.Module):
+    """Attention built from named parts (:mod:`vitlab.layers.attn_parts`); the output projection is
+    ``proj`` (timm's name).  ``layout`` (a :class:`TokenLayout`) is the token layout the module is built
+    for: parts that size tables by it (windows, relative tables, FLatten's key position code) need it.
+
+    ``part_kwargs`` are loose keyword arguments (``tau=``, ``window_size=``, ``qk_norm=``, ...), each
+    handed to every chosen part whose constructor takes it; a key no part takes raises ``ValueError``.
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, *, projection: PartSpec = "linear",
+                 grouping: PartSpec = "global", core: PartSpec = "softmax", modifiers: Sequence[PartSpec] = (),
+                 position: Sequence[PartSpec] = (), head_dim: Optional[int] = None, out_dim: Optional[int] = None,
+                 attn_drop: float = 0.0, proj_drop: float = 0.0, proj_bias: bool = True,
+                 layout: Optional[TokenLayout] = None, num_tokens: Optional[int] = None, **part_kwargs: Any):
+        super().__init__()
+        if head_dim is None and dim % num_heads:
+            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        self.dim, self.num_heads = dim, num_heads
+        self.head_dim = head_dim or dim // num_heads
+        self.inner, self.out_dim = self.num_heads * self.head_dim, out_dim or dim
+        self.layout, self.num_tokens = layout, num_tokens if layout is None else layout.num_tokens
+        modifiers, position = _as_specs(modifiers), _as_specs(position)
+        valid = (takers(PROJECTIONS, [projection]) + takers(GROUPINGS, [grouping]) + takers(CORES, [core])
+                 + takers(MODIFIERS, modifiers) + takers(POSITION_BIASES, position))
+        check_kwargs("attention parts " + ", ".join(str(s if isinstance(s, str) else getattr(s, "name", s[0]))
+                                                    for s in (projection, grouping, core, *modifiers, *position)),
+                     part_kwargs, valid)
+        self.grouping = build_part(GROUPINGS, grouping, part_kwargs)
+        self.projection = build_part(PROJECTIONS, projection, part_kwargs)
+        self.core = build_part(CORES, core, part_kwargs)
+        self.modifiers = [build_part(MODIFIERS, m, part_kwargs) for m in modifiers]
+        self.positions = [build_part(POSITION_BIASES, p, part_kwargs) for p in position]
+        self.grouping.setup(self)
+        check_compatible(self.core, self.grouping, self.modifiers, self.positions,
+                         layout.num_prefix if layout is not None else 0)
+        for part in (self.projection, self.core, *self.modifiers, *self.positions):
+            part.setup(self)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(self.inner, self.out_dim, bias=proj_bias)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self._needs_matrix = any(m.needs_matrix for m in self.modifiers)
+        self.plain_global = (self.grouping.name == "global" and self.projection.name == "linear"
+                             and not getattr(self.projection, "qk_norm", False) and not self.modifiers
+                             and not self.positions and self.inner == self.dim == self.out_dim)
+
+    def extra_repr(self) -> str:
+        parts = [self.projection, self.grouping, self.core, *self.modifiers, *self.positions]
+        return f"dim={self.dim}, heads={self.num_heads}, head_dim={self.head_dim}, parts=[{', '.join(map(repr, parts))}]"
+
+    # -- forward -----------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, layout: Optional[TokenLayout] = None) -> torch.Tensor:
+        """``(B, N, dim)`` tokens laid out as ``layout`` -> ``(B, Nq, out_dim)`` (``Nq = N`` unless the
+        grouping asks with the prefix tokens only)."""
+        layout = layout or self.layout
+        y = self.core.fast_forward(self, x, layout)
+        if y is not None:
+            return y
+        xq, xkv, state = self.grouping.inputs(self, x, layout)
+        q, k, v = self.core.prepare(self, *self.projection(self, xq, xkv))
+        branches = self.grouping.branches(self, q, k, v, layout, state)
+        outs = self._attend_branches(branches, self.grouping.mask(self, x.shape[0]))
+        y = self.proj_drop(self.proj(self.grouping.merge(self, outs, layout, state)))
+        return self.grouping.outputs(self, y, state)
+
+    def _attend_branches(self, branches: List[Branch], mask: Optional[torch.Tensor]) -> List[torch.Tensor]:
+        first = branches[0]
+        same = all(b.q.shape == first.q.shape and b.k.shape == first.k.shape for b in branches)
+        if len(branches) > 1 and same and not any(p.logit_bias for p in self.positions):
+            # groups of one shape (CSwin's stripes on a square map): one call over all heads
+            merged = Branch(*(torch.cat([getattr(b, t) for b in branches], dim=1) for t in "qkv"),
+                            slice(0, self.num_heads), None, first.num_prefix)
+            outs = list(self._attend(merged, mask).split(first.q.shape[1], dim=1))
+        else:
+            outs = [self._attend(b, mask) for b in branches]
+        return [self._finish(b, o) for b, o in zip(branches, outs)]
+
+    def _bias(self, branch: Branch, mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        bias = mask
+        for p in self.positions:
+            b = p.bias(self, branch)
+            if b is not None:
+                bias = b if bias is None else bias + b
+        return None if bias is None else bias.to(branch.q.dtype)
+
+    def _attend(self, br: Branch, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """The only fused-vs-explicit branch of vitlab's attention."""
+        bias = self._bias(br, mask)
+        if not (self.recording or self._needs_matrix):
+            out = self.core.fused(self, br.q, br.k, br.v, bias, self.attn_drop.p if self.training else 0.0)
+            for m in self.modifiers:
+                out = m.on_output(self, out, br.v, br.heads)
+            return out
+        logits = self.core.logits(self, br.q, br.k)
+        if bias is not None:
+            logits = logits + bias
+        for m in self.modifiers:
+            logits = m.on_logits(self, logits, br.heads)
+        probs = self.core.normalize(self, logits)
+        for m in self.modifiers:
+            probs = m.on_probs(self, probs, br.heads)
+        self._record(probs)
+        return self.attn_drop(probs) @ br.v
+
+    def _finish(self, br: Branch, out: torch.Tensor) -> torch.Tensor:
+        for part in (self.core, *self.positions):
+            t = part.value_term(self, br)
+            if t is not None:
+                out = out + t
+        for p in self.positions:
+            out = p.finish(self, out, br)
+        return out
+
+    @property
+    def scale(self) -> float:
+        """The float the fused kernel multiplies ``q . k`` by (the core's)."""
+        return self.core.scale(self)
+
+    @property
+    def part_names(self) -> Dict[str, Any]:
+        return dict(projection=self.projection.name, grouping=self.grouping.name, core=self.core.name,
+                    modifiers=tuple(m.name for m in self.modifiers), position=tuple(p.name for p in self.positions))

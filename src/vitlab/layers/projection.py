@@ -1,0 +1,92 @@
+"""Projection parts: where queries, keys and values come from (DESIGN.md, "projection")."""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitlab.layers.attn_parts import PROJECTIONS, AttentionPart
+
+__all__ = ["LinearProjection", "QKVProjection", "SeparateProjection", "split_heads"]
+
+Tensors = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """``(B, N, heads * d)`` -> ``(B, heads, N, d)``."""
+    b, n, c = t.shape
+    return t.reshape(b, n, heads, c // heads).transpose(1, 2)
+
+
+class _Projection(AttentionPart):
+    kind = "projection"
+
+    def __call__(self, host, xq: torch.Tensor, xkv: torch.Tensor) -> Tensors:
+        """``q (B, H, Nq, d)``, ``k, v (B, H, Nk, d)`` from query tokens ``xq`` and key/value tokens
+        ``xkv`` (the same tensor unless the grouping reduces or selects tokens)."""
+        raise NotImplementedError
+
+
+@PROJECTIONS.register("linear")
+class LinearProjection(_Projection):
+    """One ``qkv`` Linear (ViT, Dosovitskiy et al., ICLR 2021; timm's ``Attention``), optional
+    per-head qk LayerNorm ("Scaling Vision Transformers to 22 Billion Parameters", Dehghani et al.,
+    2023) as ``q_norm`` / ``k_norm``."""
+
+    def __init__(self, qkv_bias: bool = True, qk_norm: bool = False):
+        self.qkv_bias, self.qk_norm = qkv_bias, qk_norm
+
+    def setup(self, host) -> None:
+        host.qkv = nn.Linear(host.dim, 3 * host.inner, bias=self.qkv_bias)
+        host.q_norm = nn.LayerNorm(host.head_dim) if self.qk_norm else nn.Identity()
+        host.k_norm = nn.LayerNorm(host.head_dim) if self.qk_norm else nn.Identity()
+
+    def __call__(self, host, xq, xkv):
+        h, d = host.num_heads, host.head_dim
+        if xq is xkv:
+            b, n, _ = xq.shape
+            q, k, v = host.qkv(xq).reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+        else:  # queries and keys from different tokens: the same weights, split
+            w, bias = host.qkv.weight, host.qkv.bias
+            wq, wkv = w.split([host.inner, 2 * host.inner])
+            bq, bkv = bias.split([host.inner, 2 * host.inner]) if bias is not None else (None, None)
+            q = split_heads(F.linear(xq, wq, bq), h)
+            k, v = (split_heads(t, h) for t in F.linear(xkv, wkv, bkv).chunk(2, dim=-1))
+        return host.q_norm(q), host.k_norm(k), v
+
+
+@PROJECTIONS.register("q_kv")
+class QKVProjection(_Projection):
+    """A ``q`` Linear for the queries and a ``kv`` Linear for keys and values (PVT, Wang et al.,
+    ICCV 2021; names as timm's ``pvt_v2``)."""
+
+    def __init__(self, qkv_bias: bool = True):
+        self.qkv_bias = qkv_bias
+
+    def setup(self, host) -> None:
+        host.q = nn.Linear(host.dim, host.inner, bias=self.qkv_bias)
+        host.kv = nn.Linear(host.dim, 2 * host.inner, bias=self.qkv_bias)
+
+    def __call__(self, host, xq, xkv):
+        b, nk, _ = xkv.shape
+        k, v = host.kv(xkv).reshape(b, nk, 2, host.num_heads, host.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        return split_heads(host.q(xq), host.num_heads), k, v
+
+
+@PROJECTIONS.register("separate")
+class SeparateProjection(_Projection):
+    """Three Linears ``q``, ``k``, ``v`` (CaiT's class attention, Touvron et al., ICCV 2021; names as
+    timm's ``ClassAttn``)."""
+
+    def __init__(self, qkv_bias: bool = True):
+        self.qkv_bias = qkv_bias
+
+    def setup(self, host) -> None:
+        for name in ("q", "k", "v"):
+            setattr(host, name, nn.Linear(host.dim, host.inner, bias=self.qkv_bias))
+
+    def __call__(self, host, xq, xkv):
+        h = host.num_heads
+        return split_heads(host.q(xq), h), split_heads(host.k(xkv), h), split_heads(host.v(xkv), h)

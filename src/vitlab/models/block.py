@@ -1,0 +1,90 @@
+"""The one transformer ``Block`` of vitlab, configured by its parts.
+
+Pre-norm (ViT, Swin, PVT): ``x + DropPath(ls1(FeatScale(mixer(norm1(x)))))`` then
+``x + DropPath(ls2(mlp(norm2(x))))``.  ``wiring="post"`` (LipsFormer): ``norm1(x + DropPath(ls1(
+mixer(x))))`` then ``norm2(x + DropPath(ls2(mlp(x))))``; ``"end"`` (LipsFormer-CSwin): no norm before
+the branches and one norm at the end of the block (``norm2``); ``"prefix"`` (CaiT's class attention):
+only the prefix (class) tokens are updated, by a mixer whose queries are the prefix tokens.  Optional
+``conv_units`` (LipsFormer's depthwise-conv residual units) run before the attention half.  Without
+autograd the sums are written into the branch outputs (:mod:`vitlab.layers.inplace`).
+
+The mixer and the channel mixer are built by the caller (any :data:`~vitlab.layers.MIXERS` mixer,
+any channel mixer taking ``(x, layout)``); every other part is named here.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from vitlab.layers import DWConvUnit, DropPath, FeatScale, create_norm, create_shortcut
+from vitlab.layers.inplace import residual_add
+from vitlab.layers.layout import TokenLayout
+
+__all__ = ["Block", "WIRINGS"]
+
+WIRINGS = ("pre", "post", "end", "prefix")
+
+
+class Block(nn.Module):
+    """One block: ``attn_half(x, layout)`` then ``mlp_half(x, layout)``; see the module docstring.
+
+    Args: ``dim``; ``mixer`` and ``mlp`` (modules); ``norm`` / ``norm_eps``; ``wiring``;
+    ``branch_scale`` (``plain`` | ``weighted`` | ``layerscale``) with ``branch_scale_init`` and
+    ``total_depth`` (the weighted shortcut's default 1/L); ``featscale``; ``conv_units`` (their
+    ``alpha`` is ``branch_scale_init`` or ``1/total_depth``); ``drop_path``.  Attribute names
+    (``norm1, attn, ls1, norm2, mlp, ls2``) are timm's.
+    """
+
+    def __init__(self, dim: int, mixer: nn.Module, mlp: nn.Module, norm: str = "layernorm", norm_eps: float = 1e-6,
+                 wiring: str = "pre", branch_scale: str = "plain", branch_scale_init: Optional[float] = None,
+                 total_depth: int = 1, featscale: bool = False, conv_units: bool = False, drop_path: float = 0.0):
+        super().__init__()
+        if wiring not in WIRINGS:
+            raise ValueError(f"wiring must be one of {WIRINGS}, got {wiring!r}")
+        self.wiring = wiring
+        alpha = 1.0 / total_depth if branch_scale_init is None else branch_scale_init
+        self.conv_units = nn.ModuleList([DWConvUnit(dim, pointwise=True, alpha=alpha, drop_path=drop_path),
+                                         DWConvUnit(dim, pointwise=False, alpha=alpha, drop_path=drop_path)
+                                         ]) if conv_units else None
+        self.norm1 = create_norm(norm, dim, eps=norm_eps) if wiring != "end" else nn.Identity()
+        self.attn = mixer
+        self.featscale = FeatScale(dim) if featscale else None
+        self.ls1 = create_shortcut(branch_scale, dim, branch_scale_init, depth=total_depth)
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = create_norm(norm, dim, eps=norm_eps)
+        self.mlp = mlp
+        self.ls2 = create_shortcut(branch_scale, dim, branch_scale_init, depth=total_depth)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    @property
+    def post_norm(self) -> bool:
+        """Branches read un-normalised tokens (``post`` and ``end`` wiring)."""
+        return self.wiring in ("post", "end")
+
+    def attn_half(self, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        for unit in self.conv_units if self.conv_units is not None else ():
+            x = unit(x, layout.hw, layout.num_prefix)
+        if self.wiring == "prefix":
+            p = layout.num_prefix
+            cls = x[:, :p] + self.drop_path1(self.ls1(self.attn(self.norm1(x), layout)))
+            return torch.cat([cls, x[:, p:]], dim=1)
+        y = self.attn(x if self.post_norm else self.norm1(x), layout)
+        if self.featscale is not None:
+            y = self.featscale(y)
+        x = residual_add(x, self.drop_path1(self.ls1(y)), self.attn, self.featscale, self.ls1, self.drop_path1)
+        return self.norm1(x) if self.post_norm else x
+
+    def mlp_half(self, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        if self.wiring == "prefix":
+            p = layout.num_prefix
+            cls = x[:, :p]
+            cls = cls + self.drop_path2(self.ls2(self.mlp(self.norm2(cls))))
+            return torch.cat([cls, x[:, p:]], dim=1)
+        y = self.drop_path2(self.ls2(self.mlp(x if self.post_norm else self.norm2(x), layout)))
+        x = residual_add(x, y, self.mlp, self.ls2, self.drop_path2)
+        return self.norm2(x) if self.post_norm else x
+
+    def forward(self, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        return self.mlp_half(self.attn_half(x, layout), layout)
