@@ -132,10 +132,10 @@ def compare(ref: nn.Module, ours: nn.Module, x: torch.Tensor, intermediates: boo
     else:
         rep.notes.append(f"forward_features shapes differ: timm {tuple(fw.shape)}, vitlab {tuple(fg.shape)}")
     inter = _timm_intermediates(ref, x)
-    if inter is None or not hasattr(ours, "forward_intermediates"):
+    if inter is None or not hasattr(ours, "forward_halves"):
         rep.notes.append("intermediates not compared (a model lacks forward_intermediates)")
         return rep
-    have = [e.feature for e in ours.forward_intermediates(x)]
+    have = [e.feature for e in ours.forward_halves(x)]
     rep.intermediates += _match_in_order(inter, have)
     return rep
 

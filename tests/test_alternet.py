@@ -25,7 +25,7 @@ def test_layout_and_intermediates():
     assert msa_layout(6, 3) == ("conv", "attn") * 3
     assert msa_layout(4, 1) == ("conv", "conv", "conv", "attn")
     m = vitlab.create_model("alternet50_cifar", num_classes=10).eval()
-    kinds = [i.kind for i in m.forward_intermediates(torch.randn(1, 3, 32, 32))]
+    kinds = [i.kind for i in m.forward_halves(torch.randn(1, 3, 32, 32))]
     # paper layout c1..c4: CCC | CCCM | CCCCCM | CMCM, then the classifier input
     expected = ["conv"] * 3 + ["conv"] * 3 + ["attn"] + ["conv"] * 5 + ["attn"] + ["conv", "attn"] * 2
     assert kinds == ["embed"] + expected + ["norm"]

@@ -100,7 +100,7 @@ def test_feature_statistics_on_vit_matches_direct_computation():
     x = torch.rand(7, 3, 32, 32)
     stats = feature_statistics(model, x, batch_size=3)  # 3 batches: accumulation must be exact
     with torch.no_grad():
-        inter = model.forward_intermediates(x)
+        inter = model.forward_halves(x)
     assert stats["names"] == [e.name for e in inter]
     assert stats["kinds"] == ["embed", "attn", "mlp", "attn", "mlp"]
     assert stats["depth"] == [0, 0.25, 0.5, 0.75, 1.0]

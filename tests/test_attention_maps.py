@@ -65,7 +65,7 @@ def test_recorded_softmax_equals_manual_attention():
     maps = attention_maps(model, x)
     assert list(maps) == ["blocks.0.attn", "blocks.1.attn"]
     blk = model.blocks[0]
-    tokens = model.forward_intermediates(x)[0].all_tokens  # embedding + class token (the contract)
+    tokens = model.forward_halves(x)[0].all_tokens  # embedding + class token (the contract)
     q, k, _ = blk.attn.qkv(blk.norm1(tokens)).reshape(2, 17, 3, 2, 16).permute(2, 0, 3, 1, 4)
     ref = ((q @ k.transpose(-2, -1)) / math.sqrt(16)).softmax(-1)
     assert maps["blocks.0.attn"].shape == (2, 2, 17, 17)

@@ -50,7 +50,7 @@ def test_cait_parts_and_errors():
 def test_cait_intermediates_and_recording():
     m = vitlab.create_model("cait_s24_224", img_size=32, depth=2, num_classes=5, shortcut_init=0.5).eval()
     x = torch.randn(2, 3, 32, 32)
-    inter = m.forward_intermediates(x)
+    inter = m.forward_halves(x)
     assert [i.kind for i in inter] == ["embed"] + ["attn", "mlp"] * 4
     assert inter[1].feature.shape == (2, 384, 2, 2) and inter[1].prefix is None
     last = inter[-1]

@@ -174,7 +174,7 @@ def test_forward_intermediates_per_block_maps():
     model = vitlab.create_model(CSWIN_T, **SMALL).eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        inter = model.forward_intermediates(x)
+        inter = model.forward_halves(x)
         feats = model.forward_features(x)
         logits = model(x)
     assert len(inter) == 1 + 3 + 2 * sum(SMALL["depths"])

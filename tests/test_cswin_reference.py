@@ -66,7 +66,7 @@ def reference_attention_half(sd, prefix, x, heads, split):
 
 def _block_pairs(model, x):
     """(block prefix, stage, input map, attention-half output map) for every block."""
-    inter = model.forward_intermediates(x)
+    inter = model.forward_halves(x)
     for prev, cur in zip(inter, inter[1:]):
         if cur.kind == "attn":
             prefix = cur.name[: -len("attn")]

@@ -32,7 +32,7 @@ def test_two_heads_and_intermediates():
     m.set_distilled_training(True)
     out = m(x)
     assert isinstance(out, tuple) and out[0].shape == out[1].shape == (2, 7)
-    inter = m.eval().forward_intermediates(x)
+    inter = m.eval().forward_halves(x)
     assert inter[-1].prefix.shape == (2, 2, 192) and inter[-1].feature.shape == (2, 192, 2, 2)
     with pytest.raises(ValueError, match="global_pool"):
         vitlab.create_model("deit_tiny_distilled_patch16_224", global_pool="avg")

@@ -78,6 +78,9 @@ def test_softmax_attention_matches_timm_attention():
     from timm.models.vision_transformer import Attention as TimmAttention
 
     ours, theirs = Attention(48, num_heads=6, qk_norm=True).eval(), TimmAttention(48, num_heads=6, qkv_bias=True, qk_norm=True, norm_layer=nn.LayerNorm).eval()
+    with torch.no_grad():  # every parameter random (timm's init leaves biases at zero and norms at one)
+        for p in ours.parameters():
+            p.normal_(0.5 if p.ndim == 1 else 0.0, 0.2)
     theirs.load_state_dict(ours.state_dict())
     x = torch.randn(2, 7, 48)
     assert torch.allclose(ours(x), theirs(x), atol=1e-5)

@@ -77,7 +77,7 @@ def test_sra_matches_brute_force():
 def test_pvt_tiny_intermediates_and_recording():
     m = vitlab.create_model("pvt_tiny", img_size=64, num_classes=10).eval()
     x = torch.randn(1, 3, 64, 64)
-    inter = m.forward_intermediates(x)
+    inter = m.forward_halves(x)
     # embed + 2 blocks x 2 halves per stage (4 stages, each entry counted) + final norm
     assert len(inter) == 4 * (1 + 4) + 1
     shapes = {i.name: tuple(i.feature.shape) for i in inter}

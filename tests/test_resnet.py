@@ -30,7 +30,7 @@ def test_resnet50_timm_parity_both_directions():
 def test_resnet_intermediates_and_part_errors():
     m = vitlab.create_model("resnet50", num_classes=3).eval()
     x = torch.randn(1, 3, 64, 64)
-    inter = m.forward_intermediates(x)
+    inter = m.forward_halves(x)
     assert [i.kind for i in inter[:2]] == ["embed", "downsample"]
     assert [i.kind for i in inter[2:]] == ["conv"] * 16
     assert inter[2].feature.shape == (1, 256, 16, 16) and inter[-1].feature.shape == (1, 2048, 2, 2)

@@ -173,7 +173,7 @@ def test_forward_intermediates_per_block_maps():
     model = vitlab.create_model(SWIN_T, **SMALL).eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        inter = model.forward_intermediates(x)
+        inter = model.forward_halves(x)
         feats = model.forward_features(x)
     names = [i.name for i in inter]
     assert names[:4] == ["patch_embed", "layers.0.blocks.0.attn", "layers.0.blocks.0.mlp", "layers.0.blocks.1.attn"]

@@ -123,7 +123,7 @@ def test_forward_intermediates_contract():
     m = vitlab.create_model("vit_tiny_patch4_32", **TINY).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        inter = m.forward_intermediates(x)
+        inter = m.forward_halves(x)
         feats = m.forward_features(x)
     assert len(inter) == 2 * TINY["depth"] + 1
     assert [i.kind for i in inter] == ["embed"] + ["attn", "mlp"] * TINY["depth"]

@@ -343,7 +343,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import vitlab
+    from vitlab.models.factory import create_model, list_models  # noqa: F401
 
     if args.threads is not None:
         if args.threads < 1:
@@ -355,7 +355,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--runs must be >= 1 and --warmup >= 0, got {args.runs} and {args.warmup}")
     StepSpec(batch_size=args.batch_size, device=args.device, amp=args.amp)  # bad values fail before building
     overrides = {} if args.img_size is None else {"img_size": args.img_size}
-    model = vitlab.create_model(args.model, **overrides)
+    model = create_model(args.model, **overrides)
     c, h, w = model.default_cfg["input_size"]
     spec = StepSpec(batch_size=args.batch_size, input_size=(c, h, w), train=args.train, device=args.device,
                     amp=args.amp, compile=args.compile, channels_last=args.channels_last)

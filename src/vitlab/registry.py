@@ -1,4 +1,4 @@
-"""Name registries: models (``create_model`` / ``list_models``) and parts (mixers, norms, ...).
+"""The generic name registry (used for parts and, in :mod:`vitlab.models.factory`, for models).
 
 Names follow timm's conventions so that timm users feel at home.  Every lookup of an
 unknown name raises a ``ValueError`` that lists the closest valid names.
@@ -10,7 +10,7 @@ import fnmatch
 import inspect
 from typing import Any, Callable, Dict, Iterable, List, Optional
 
-__all__ = ["Registry", "check_kwargs", "accepted_keys", "register_model", "create_model", "list_models", "is_model", "model_entrypoint"]
+__all__ = ["Registry", "check_kwargs", "accepted_keys"]
 
 
 def _closest(name: str, choices: Iterable[str], n: int = 5) -> List[str]:
@@ -21,13 +21,28 @@ def _closest(name: str, choices: Iterable[str], n: int = 5) -> List[str]:
     return close
 
 
-def accepted_keys(fn: Callable[..., Any]) -> Optional[List[str]]:
-    """The keyword arguments ``fn`` accepts, or ``None`` when it takes ``**kwargs``."""
-    target = fn.__init__ if inspect.isclass(fn) else fn
-    params = list(inspect.signature(target).parameters.values())
-    if any(p.kind is p.VAR_KEYWORD for p in params):
-        return None
+def _named(params) -> List[str]:
     return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"]
+
+
+def accepted_keys(fn: Callable[..., Any]) -> Optional[List[str]]:
+    """The keyword arguments ``fn`` accepts, or ``None`` when it takes any ``**kwargs``.  For a class
+    whose ``__init__`` passes ``**kwargs`` on to its base class, the bases' named arguments are
+    followed up the MRO (``torch.nn.Module`` and ``object`` end the walk)."""
+    if not inspect.isclass(fn):
+        params = list(inspect.signature(fn).parameters.values())
+        return None if any(p.kind is p.VAR_KEYWORD for p in params) else _named(params)
+    keys: List[str] = []
+    for cls in fn.__mro__:
+        if cls.__module__.startswith("torch.nn") or cls is object:
+            return keys
+        if "__init__" not in vars(cls):
+            continue
+        params = list(inspect.signature(cls.__init__).parameters.values())
+        keys += [k for k in _named(params) if k not in keys]
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            return keys
+    return None
 
 
 def check_kwargs(what: str, kwargs: Dict[str, Any], valid: Iterable[str]) -> None:
@@ -73,6 +88,11 @@ class Registry:
                 f"{', '.join(sorted(self._entries)) if len(self._entries) <= 20 else 'see list_models()'})"
             ) from None
 
+    def remove(self, name: str) -> None:
+        """Unregister ``name`` (e.g. a part registered for one experiment or test)."""
+        self.get(name)
+        del self._entries[name]
+
     def build(self, name: str, *args: Any, **kwargs: Any) -> Any:
         """``get(name)(*args, **kwargs)``, refusing keyword arguments the factory does not take
         (a ``ValueError`` that lists the valid keys) instead of a ``TypeError`` or silence."""
@@ -93,61 +113,3 @@ class Registry:
 
     def __len__(self) -> int:
         return len(self._entries)
-
-
-MODELS = Registry("model")
-
-
-def register_model(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Decorator: register a model factory under its function name (as timm does)."""
-    return MODELS.register()(fn)
-
-
-def _ensure_models_loaded() -> None:
-    import vitlab.models  # noqa: F401  (importing registers every family)
-
-
-def list_models(pattern: str = "*") -> List[str]:
-    """Sorted names of the registered models matching a shell-style ``pattern``."""
-    _ensure_models_loaded()
-    return MODELS.names(pattern)
-
-
-def is_model(name: str) -> bool:
-    _ensure_models_loaded()
-    return name in MODELS
-
-
-def model_entrypoint(name: str) -> Callable[..., Any]:
-    _ensure_models_loaded()
-    return MODELS.get(name)
-
-
-def create_model(name: str, pretrained: bool = False, checkpoint_path: Optional[str] = None, **kwargs: Any):
-    """Build a registered model by name.
-
-    ``kwargs`` override the recipe: ``num_classes``, ``img_size``, ``in_chans``, and the
-    part names ``mixer=``, ``norm=``, ``shortcut=``, ``featscale=``, ``init=``, plus any
-    backbone argument (``depth=``, ``drop_path_rate=``, ...).
-
-    ``pretrained=True`` is not supported (vitlab never downloads at run time); load
-    weights from a local file with ``checkpoint_path=`` (a vitlab checkpoint, a
-    safetensors file or a plain state dict) instead.
-    """
-    if pretrained:
-        raise ValueError(
-            "pretrained=True would download weights, which vitlab never does at run time; "
-            "pass checkpoint_path='/path/to/weights.(pth|safetensors)' or load a timm state dict "
-            "with vitlab.interop.load_timm_weights"
-        )
-    fn = model_entrypoint(name)
-    model_cls = getattr(fn, "model_cls", None)
-    valid = accepted_keys(model_cls) if model_cls is not None else accepted_keys(fn)
-    if valid is not None:
-        check_kwargs(f"model '{name}'", kwargs, [k for k in valid if k not in ("architecture", "default_cfg")])
-    model = fn(**kwargs)
-    if checkpoint_path is not None:
-        from vitlab.interop.checkpoint import load_weights
-
-        load_weights(model, checkpoint_path)
-    return model

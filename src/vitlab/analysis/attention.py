@@ -116,11 +116,11 @@ def _pixels_per_token(probs, batch, lay, grids, img_hw) -> Optional[float]:
 
 
 def _grids_of(model, images) -> Tuple[List[Tuple[int, int]], Tuple[int, int]]:
-    """Patch grids of every stage (from ``forward_intermediates``) and the input size."""
+    """Patch grids of every stage (from ``forward_halves``) and the input size."""
     grids: List[Tuple[int, int]] = []
-    if hasattr(model, "forward_intermediates"):
+    if hasattr(model, "forward_halves"):
         with torch.no_grad():
-            for e in model.forward_intermediates(images[:1]):
+            for e in model.forward_halves(images[:1]):
                 hw = tuple(e.feature.shape[-2:])
                 if hw not in grids:
                     grids.append(hw)
@@ -211,6 +211,14 @@ def _query_map(probs: torch.Tensor, num_prefix: int, grid: Tuple[int, int]) -> t
     return rows.reshape(p.shape[0], *grid)
 
 
+def _displayable(image: torch.Tensor, mean=None, std=None) -> torch.Tensor:
+    """``image`` (C, H, W) with its normalisation undone, clamped to [0, 1] for display."""
+    img = image.detach().double().cpu()
+    if mean is not None and std is not None:
+        img = img * torch.tensor(std, dtype=img.dtype)[:, None, None] + torch.tensor(mean, dtype=img.dtype)[:, None, None]
+    return img.clamp(0, 1)
+
+
 def plot_attention_overlay(image: torch.Tensor, maps: Dict[str, torch.Tensor], path, grids=(),
                            blocks: Optional[Sequence[str]] = None, max_heads: int = 6, mean=None, std=None,
                            title: Optional[str] = None):
@@ -220,14 +228,11 @@ def plot_attention_overlay(image: torch.Tensor, maps: Dict[str, torch.Tensor], p
     attention) over the patches, bilinearly upsampled and drawn over the input image.
 
     ``maps`` are the attention maps of that one image (``attention_maps(model, image[None])``);
-    ``grids`` the patch grids of ``forward_intermediates``.  ``image`` is one (C, H, W) image (normalised with ``mean``/``std`` if given, which are undone
+    ``grids`` the patch grids of ``forward_halves``.  ``image`` is one (C, H, W) image (normalised with ``mean``/``std`` if given, which are undone
     for display)."""
     plt = pyplot()
 
-    img = image.detach().double().cpu()
-    if mean is not None and std is not None:
-        img = img * torch.tensor(std, dtype=img.dtype)[:, None, None] + torch.tensor(mean, dtype=img.dtype)[:, None, None]
-    img = img.clamp(0, 1)
+    img = _displayable(image, mean, std)
     shown = img.permute(1, 2, 0).numpy() if img.shape[0] == 3 else img[0].numpy()
     # full-grid attention of this one image (window attention has B' = windows > 1 and is skipped)
     usable = {k: v for k, v in maps.items() if v.shape[0] == 1 and v.shape[-1] == v.shape[-2]

@@ -65,8 +65,8 @@ def _compare_item(args, item: str, runs: Dict, dirs: Dict) -> None:
         sub.checkpoint, sub.model = item, None
         lab = os.path.splitext(os.path.basename(item))[0]
     else:
-        import vitlab
-        if not item.startswith("timm:") and item not in vitlab.list_models():
+        from vitlab.models.factory import create_model, list_models  # noqa: F401
+        if not item.startswith("timm:") and item not in list_models():
             raise UserError(f"--compare item {item!r} is not an analyze folder (no analysis.json), a checkpoint "
                             f"file or a registered model name")
         sub.checkpoint, sub.model = None, item

@@ -1,5 +1,5 @@
 """One pass over evaluation images that gathers every per-block feature statistic
-(Fourier, variance, oversmoothing) through ``model.forward_intermediates``.
+(Fourier, variance, oversmoothing) through ``model.forward_halves``.
 
 Park & Kim, "How Do Vision Transformers Work?" (ICLR 2022) §3.2-§5 and Wang et al.,
 "Anti-Oversmoothing in Deep Vision Transformers via the Fourier Domain Analysis" (ICLR 2022) §7.
@@ -77,7 +77,7 @@ def _summarise(acc: Dict[str, list], names, kinds, shapes, n_images: int) -> Dic
 @torch.no_grad()
 def feature_statistics(model: torch.nn.Module, images, batch_size: int = 64, max_images: Optional[int] = 256,
                        include_prefix: bool = False, device="cpu") -> Dict:
-    """Per-block statistics of ``model.forward_intermediates`` on ``images``.
+    """Per-block statistics of ``model.forward_halves`` on ``images``.
 
     Returns a dict of equal-length lists (one entry per intermediate, in order):
     ``names``, ``kinds``, ``depth`` (index / (count − 1)), ``fourier_curve`` (Δ(f) list, or
@@ -87,8 +87,8 @@ def feature_statistics(model: torch.nn.Module, images, batch_size: int = 64, max
     Token measures use patch tokens only unless ``include_prefix``.
     Cost: one forward pass per batch with all intermediates kept for that batch.
     """
-    if not hasattr(model, "forward_intermediates"):
-        raise ValueError(f"{type(model).__name__} does not implement forward_intermediates (the model contract)")
+    if not hasattr(model, "forward_halves"):
+        raise ValueError(f"{type(model).__name__} does not implement forward_halves (the model contract)")
     was_training = model.training
     model.eval()
     acc: Dict[str, list] = {}
@@ -96,7 +96,7 @@ def feature_statistics(model: torch.nn.Module, images, batch_size: int = 64, max
     n_images = 0
     try:
         for x in iterate_images(images, batch_size, max_images, device):
-            inter = model.forward_intermediates(x)
+            inter = model.forward_halves(x)
             if not names:
                 names = [e.name for e in inter]
                 kinds = [e.kind for e in inter]

@@ -9,9 +9,10 @@ zero padding on a grid large enough not to wrap.  Dot-product attention and Laye
 finite global constant (Kim, Papamakarios & Mnih, "The Lipschitz Constant of Self-Attention",
 ICML 2021), so a model containing them is reported as unbounded (``math.inf``).
 
-The bound dispatches on the public part classes of ``vitlab.layers`` and on the public
-submodules of ``vitlab.models.vit.Block``/``VisionTransformer``; any part it does not know is
-reported as unbounded with its name, never silently skipped.
+The bound dispatches on the public part classes of ``vitlab.layers`` (for attention: on its
+core, grouping, modifiers and position parts), on the one ``Block`` and on the public stages of
+ViT, Swin and CSwin; any part it does not know is reported as unbounded with its name, never
+silently skipped.
 """
 from __future__ import annotations
 
@@ -69,7 +70,7 @@ class _Bounder:
             return
         hooks = []
         for m in self.model.modules():
-            if isinstance(m, nn.Conv2d) or hasattr(m, "qkv"):
+            if isinstance(m, nn.Conv2d) or hasattr(m, "qkv") or hasattr(m, "final_resolution"):
                 hooks.append(m.register_forward_hook(
                     lambda mod, inp, out: self.shapes.__setitem__(mod, tuple(inp[0].shape))))
         was = self.model.training
@@ -143,25 +144,39 @@ class _Bounder:
             return self._unbounded(name, "dot-product attention has no finite global Lipschitz constant")
         return self._unbounded(name, f"no Lipschitz rule for attention core {core!r}")
 
+    def _tokens_per_head(self, m) -> Optional[List[int]]:
+        """Keys each head attends over (the group size), from the grouping and the recorded input."""
+        g = m.grouping.name
+        if g == "window":
+            return [math.prod(m.grouping.window)] * m.num_heads
+        if g == "stripes":
+            hb = m.num_heads // len(m.grouping.stripes)
+            return [math.prod(s) for s in m.grouping.stripes for _ in range(hb)]
+        shp = self.shapes.get(m)
+        return [shp[1]] * m.num_heads if g == "global" and shp is not None else None
+
     def _cosine(self, m, name) -> float:
-        """SCSA with V normalised and ε in the norms (spec §9, derived):
-        L_h = (1/√ε)[2√2·τ(‖W_Q^h‖ + √N‖W_K^h‖) + √N‖W_V^h‖]; all heads √(Σ L_h²)·‖W_O‖."""
+        """SCSA with V normalised and ε in the norms (spec §9, derived), per head over the ``N_h`` keys
+        of its group (windows and stripes are block-diagonal; additive biases and masks leave the
+        softmax Jacobian bound unchanged):
+        L_h = (1/√ε)[2√2·τ(‖W_Q^h‖ + √N_h‖W_K^h‖) + √N_h‖W_V^h‖]; all heads √(Σ L_h²); a LePE term adds
+        max_b ‖conv_b‖·‖W_V‖/√ε; the output projection multiplies by ‖W_O‖."""
         if not (m.core.normalize_v and m.core.eps > 0):
             return self._unbounded(name, "cosine attention without normalize_v and eps > 0 is only Lipschitz "
                                          "on bounded inputs (see lipsformer.md §9)")
-        shp = self.shapes.get(m)
-        if shp is None:
+        other = [p.name for p in (m.projection, *m.modifiers, *m.positions)
+                 if p.name not in ("linear", "attnscale", "relative", "lepe")]
+        if other or m.grouping.name not in ("global", "window", "stripes"):
+            return self._unbounded(name, f"no Lipschitz rule for attention part(s) {other or [m.grouping.name]}")
+        ns = self._tokens_per_head(m)
+        if ns is None:
             return self._unbounded(name, "number of tokens unknown (model has no default_cfg input_size)")
-        n = shp[1]
-        c = m.qkv.weight.shape[1]
-        d = m.head_dim
-        wq, wk, wv = m.qkv.weight.detach().double().split(c, dim=0)
-        tau = float(m.tau)
-        eps = m.core.eps
-        total = 0.0
+        wq, wk, wv = m.qkv.weight.detach().double().split(m.inner, dim=0)
+        tau, eps, d = float(m.tau), m.core.eps, m.head_dim
         omega = (m.attn_scale.omega.detach().double() if getattr(m, "attn_scale", None) is not None
                  else torch.zeros(m.num_heads, dtype=torch.float64))
-        for h in range(m.num_heads):
+        total = 0.0
+        for h, n in enumerate(ns):
             sl = slice(h * d, (h + 1) * d)
             nq, nk, nv = (float(torch.linalg.matrix_norm(w[sl], ord=2)) for w in (wq, wk, wv))
             lh = (2 * math.sqrt(2) * tau * (nq + math.sqrt(n) * nk) + math.sqrt(n) * nv) / math.sqrt(eps)
@@ -169,7 +184,14 @@ class _Bounder:
             # AttnScale: Â V = (1+ω) A V − ω·mean_j v_j; the mean is a projection (norm 1)
             lh = abs(1 + om) * lh + abs(om) * nv / math.sqrt(eps)
             total += lh ** 2
-        return math.sqrt(total) * self.part(m.proj, name)
+        total = math.sqrt(total)
+        for p in m.positions:
+            if p.name == "lepe":
+                conv = max(self.part(c, name + ".lepe") for c in m.lepe)
+                total += conv * float(torch.linalg.matrix_norm(wv, ord=2)) / math.sqrt(eps)
+                if p.div_heads:  # (attention + LePE) / sqrt(heads per branch)
+                    total /= math.sqrt(m.num_heads // len(getattr(m.grouping, "stripes", [None])))
+        return total * self.part(m.proj, name)
 
     def block(self, blk, name) -> float:
         lip_attn = self.part(blk.norm1 if not blk.post_norm else None, name + ".norm1")
@@ -190,25 +212,48 @@ class _Bounder:
         self.factors.append({"name": name + " (MLP half)", "bound": half2})
         return half1 * half2
 
+    def _add(self, logs, name, value) -> None:
+        self.factors.append({"name": name, "bound": value})
+        logs.append(value)
+
+    def _vit(self, m) -> List[float]:
+        logs: List[float] = []
+        self._add(logs, "patch_embed", self.part(m.patch_embed, "patch_embed"))  # + tokens, + position: Lip 1
+        for i, blk in enumerate(m.blocks):
+            logs.append(self.block(blk, f"blocks.{i}"))
+        self._add(logs, "norm", self.part(m.norm, "norm"))
+        self._add(logs, "pool", 1 / math.sqrt(m.patch_embed.num_patches) if m.global_pool == "avg" else 1.0)
+        self._add(logs, "fc_norm", self.part(m.fc_norm, "fc_norm"))
+        return logs
+
+    def _embed(self, e, name) -> float:
+        """A patch embedding / merge: (conv or Linear after a 2x2 regrouping, a permutation) then its norm."""
+        proj = getattr(e, "proj", None) or getattr(e, "reduction", None)
+        return self.part(proj, name) * self.part(getattr(e, "norm", None), name + ".norm")
+
+    def _staged(self, m) -> List[float]:
+        """Swin / CSwin: stem, stages (downsample, blocks), final norm, mean pool over the last map."""
+        logs: List[float] = []
+        self._add(logs, "patch_embed", self._embed(m.patch_embed, "patch_embed"))
+        for i, stage in enumerate(m.layers):
+            if not isinstance(stage.downsample, nn.Identity):
+                self._add(logs, f"layers.{i}.downsample", self._embed(stage.downsample, f"layers.{i}.downsample"))
+            for j, blk in enumerate(stage.blocks):
+                logs.append(self.block(blk, f"layers.{i}.blocks.{j}"))
+        self._add(logs, "norm", self.part(m.norm, "norm"))
+        self._add(logs, "pool", 1 / math.sqrt(math.prod(m.final_resolution)))
+        return logs
+
     def model_bound(self) -> float:
-        from vitlab.models.vit import Block, VisionTransformer
+        from vitlab.models.block import Block
+        from vitlab.models.cswin import CSwinTransformer
+        from vitlab.models.swin import SwinTransformer
+        from vitlab.models.vit import VisionTransformer
+
         m = self.model
-        if isinstance(m, VisionTransformer):
-            logs = []
-
-            def add(name, value):
-                if name is not None:
-                    self.factors.append({"name": name, "bound": value})
-                logs.append(value)
-
-            add("patch_embed", self.part(m.patch_embed, "patch_embed"))  # + class token, + position: Lip 1
-            for i, blk in enumerate(m.blocks):
-                logs.append(self.block(blk, f"blocks.{i}"))
-            add("norm", self.part(m.norm, "norm"))
-            n = m.patch_embed.num_patches
-            add("pool", 1 / math.sqrt(n) if m.global_pool == "avg" else 1.0)
-            add("fc_norm", self.part(m.fc_norm, "fc_norm"))
-            add("head", self.part(m.head, "head"))
+        if isinstance(m, (VisionTransformer, SwinTransformer, CSwinTransformer)):
+            logs = self._vit(m) if isinstance(m, VisionTransformer) else self._staged(m)
+            self._add(logs, "head", self.part(m.head, "head"))
             return _log_product(logs)
         if isinstance(m, Block):
             return self.block(m, "block")

@@ -101,9 +101,9 @@ def _geometry_overrides(geo: Dict[str, Any], user: Dict[str, Any]) -> Dict[str, 
 
 
 def _create(name: str, overrides: Dict[str, Any]) -> torch.nn.Module:
-    import vitlab
+    from vitlab.models.factory import create_model, list_models  # noqa: F401
     try:
-        return vitlab.create_model(name, **overrides)
+        return create_model(name, **overrides)
     except (TypeError, ValueError) as exc:
         if isinstance(exc, UserError):
             raise

@@ -44,7 +44,7 @@ def _to_tensor(mean: Sequence[float], std: Sequence[float]):
 def build_train_transform(img_size: int, in_chans: int, mean: Sequence[float], std: Sequence[float],
                           crop: str = "rrc", scale_min: float = 0.08, padding: int = 4, hflip: float = 0.5,
                           randaug: Optional[str] = None, reprob: float = 0.0, interpolation: str = "bicubic",
-                          color_jitter: float = 0.0, degrees: float = 15.0, scale_jitter: float = 0.1):
+                          color_jitter: float = 0.0, degrees: float = 10.0, scale_jitter: float = 0.1):
     """The training pipeline (PIL image in, normalised float tensor out).  ``crop="affine"``: a
     random rotation (+-``degrees``), shift (+-``padding`` pixels) and zoom (1 +- ``scale_jitter``),
     the classic augmentation for digits and other centred small images."""

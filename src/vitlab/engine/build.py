@@ -23,12 +23,12 @@ def _auto_patch(img_size: int) -> int:
 
 def model_default_cfg(cfg: TrainConfig) -> Dict[str, Any]:
     """The chosen model's ``default_cfg`` (built on the meta device: no memory, no init cost)."""
-    import vitlab
+    from vitlab.models.factory import create_model, list_models  # noqa: F401
 
     kw = _model_kwargs(cfg, {})
     try:
         with torch.device("meta"):
-            return dict(vitlab.create_model(cfg.model, **kw).default_cfg)
+            return dict(create_model(cfg.model, **kw).default_cfg)
     except Exception:  # a bad name or argument is reported when the real model is built
         return {}
 
@@ -85,7 +85,7 @@ def data_settings(cfg: TrainConfig) -> Dict[str, Any]:
         kind=kind, img_size=size, in_chans=info["in_chans"],
         mean=_per_channel(cfg.mean or (mcfg["mean"] if use_model_norm else info["mean"]), info["in_chans"]),
         std=_per_channel(cfg.std or (mcfg["std"] if use_model_norm else info["std"]), info["in_chans"]),
-        crop=cfg.crop or ("pad" if small else "rrc"),
+        crop=cfg.crop or ("affine" if kind == "digits" else "pad" if small else "rrc"),
         padding=cfg.padding if cfg.padding is not None else (2 if kind == "digits" else max(1, size // 8)),
         hflip=cfg.hflip if cfg.hflip is not None else (0.0 if info["in_chans"] == 1 else 0.5),
         crop_pct=cfg.crop_pct or (1.0 if small else float(mcfg.get("crop_pct", 0.875))),
@@ -97,7 +97,7 @@ def _check_kwarg_types(name: str, kwargs: Dict[str, Any]) -> None:
     """A model argument whose default is a bool / int / float must get one of that kind."""
     import inspect
 
-    from vitlab.registry import model_entrypoint
+    from vitlab.models.factory import model_entrypoint
 
     try:
         fn = model_entrypoint(name)
@@ -125,14 +125,14 @@ def _check_kwarg_types(name: str, kwargs: Dict[str, Any]) -> None:
 def build_model(cfg: TrainConfig, num_classes: int, img_size: int, in_chans: int,
                 model_kwargs: Optional[Dict[str, Any]] = None) -> nn.Module:
     """``create_model`` with the config's overrides; a bad model argument is a one-line error."""
-    import vitlab
+    from vitlab.models.factory import create_model, list_models  # noqa: F401
 
     base = cfg.model_kwargs if model_kwargs is None else model_kwargs
     kw = _model_kwargs(TrainConfig(model=cfg.model, model_kwargs=dict(base or {}), drop_path=cfg.drop_path,
                                    drop=cfg.drop), dict(num_classes=num_classes, img_size=img_size, in_chans=in_chans))
     _check_kwarg_types(cfg.model, base or {})
     try:
-        return vitlab.create_model(cfg.model, **kw)
+        return create_model(cfg.model, **kw)
     except TypeError as exc:
         raise UserError(f"--model-kwargs {cfg.model_kwargs} do not fit model {cfg.model}: {exc}") from None
     except ValueError as exc:

@@ -32,8 +32,8 @@ class TrainConfig:
     skip_broken: bool = False
     mean: Optional[List[float]] = None
     std: Optional[List[float]] = None
-    crop: Optional[str] = None  # rrc | pad | affine | none (None: pad up to 64 px, rrc above)
-    affine_degrees: float = 15.0  # crop=affine: rotation range (+-degrees)
+    crop: Optional[str] = None  # rrc | pad | affine | none (None: affine for digits, pad up to 64 px, rrc above)
+    affine_degrees: float = 10.0  # crop=affine: rotation range (+-degrees)
     affine_scale: float = 0.1  # crop=affine: zoom range 1 +- this
     scale_min: float = 0.08
     padding: Optional[int] = None

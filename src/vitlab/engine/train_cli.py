@@ -135,7 +135,7 @@ def _data_arguments(g) -> None:
     g.add_argument("--interpolation", choices=["bilinear", "bicubic", "nearest"], help="resize interpolation")
     g.add_argument("--crop", choices=["rrc", "pad", "affine", "none"],
                    help="random resized crop, pad+random crop, random affine (rotation, shift by --padding, zoom), or none")
-    g.add_argument("--affine-degrees", type=float, help="crop=affine: rotation range in degrees (default 15)")
+    g.add_argument("--affine-degrees", type=float, help="crop=affine: rotation range in degrees (default 10)")
     g.add_argument("--affine-scale", type=float, help="crop=affine: zoom range 1 +- this (default 0.1)")
     g.add_argument("--scale-min", type=float, help="random resized crop minimum area (default 0.08)")
     g.add_argument("--padding", type=int, help="padding of the pad crop (default size/8; 2 for digits)")

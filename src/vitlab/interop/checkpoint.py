@@ -225,14 +225,14 @@ def load_pretrained(model: nn.Module, path: str, ema: bool = False) -> Pretraine
 def create_pretrained(name: Optional[str], path: str, ema: bool = False, **kwargs: Any):
     """``create_model(name, **kwargs)`` with weights from ``path`` adapted by :func:`load_pretrained`.
     ``name`` (and model arguments) may come from a model directory's ``config.json``."""
-    import vitlab
+    from vitlab.models.factory import create_model, list_models  # noqa: F401
 
     cfg = read_model_config(path)
     name = name or cfg.get("architecture")
     if not name:
         raise UserError(f"no model name given and {path} has no config.json naming its architecture")
     kw = {**(cfg.get("model_args") or {}), **kwargs}
-    model = vitlab.create_model(name, **kw)
+    model = create_model(name, **kw)
     return model, load_pretrained(model, path, ema=ema)
 
 

@@ -63,8 +63,9 @@ class _Grouping(AttentionPart):
         o = outs[0]
         return o.transpose(1, 2).reshape(o.shape[0], o.shape[2], -1)
 
-    def mask(self, host, batch: int) -> Optional[torch.Tensor]:
-        return None
+    def with_mask(self, host, bias: Optional[torch.Tensor], rows: int) -> Optional[torch.Tensor]:
+        """The logit bias of a call over ``rows`` groups, with this grouping's mask added (default: none)."""
+        return bias
 
 
 @GROUPINGS.register("global")
@@ -126,12 +127,17 @@ class WindowGrouping(_Grouping):
             y = torch.roll(y, shifts=self.shift_size, dims=(1, 2))
         return y.reshape(b, h * w, -1)
 
-    def mask(self, host, batch):
+    def with_mask(self, host, bias, rows):
+        """The shift mask ``(nW, n, n)`` plus ``bias`` ``(1, h, n, n)``, formed once and expanded to the
+        ``rows = B * nW`` windows of the call (one materialisation, as the official code)."""
         m = host.attn_mask
         if m is None:
-            return None
+            return bias
         nw, n, _ = m.shape
-        return m.view(1, nw, 1, n, n).expand(batch, nw, 1, n, n).reshape(batch * nw, 1, n, n)
+        m = m.view(1, nw, 1, n, n).to(bias.dtype if bias is not None else m.dtype)
+        if bias is not None:
+            m = m + bias.view(1, 1, -1, n, n)
+        return m.expand(rows // nw, -1, -1, -1, -1).reshape(rows, -1, n, n)
 
 
 def _to_stripes(t: torch.Tensor, hw: Tuple[int, int], stripe: Tuple[int, int]) -> torch.Tensor:
@@ -155,6 +161,8 @@ class StripeGrouping(_Grouping):
     that one stripe covers (or ``single=True``, CSwin's last stage) is one branch over the map."""
 
     takes_prefix = False
+    same_shape = "if the map is square (set per map)"
+    same_geometry = "if one branch covers the map (set per map)"
 
     def __init__(self, split_size: int = 7, single: bool = False):
         if split_size < 1:

@@ -89,33 +89,35 @@ class MultiHeadAttention(RecordsAttention, nn.Module):
         xq, xkv, state = self.grouping.inputs(self, x, layout)
         q, k, v = self.core.prepare(self, *self.projection(self, xq, xkv))
         branches = self.grouping.branches(self, q, k, v, layout, state)
-        outs = self._attend_branches(branches, self.grouping.mask(self, x.shape[0]))
+        outs = self._attend_branches(branches)
         y = self.proj_drop(self.proj(self.grouping.merge(self, outs, layout, state)))
         return self.grouping.outputs(self, y, state)
 
-    def _attend_branches(self, branches: List[Branch], mask: Optional[torch.Tensor]) -> List[torch.Tensor]:
+    def _attend_branches(self, branches: List[Branch]) -> List[torch.Tensor]:
         first = branches[0]
         same = all(b.q.shape == first.q.shape and b.k.shape == first.k.shape for b in branches)
         if len(branches) > 1 and same and not any(p.logit_bias for p in self.positions):
             # groups of one shape (CSwin's stripes on a square map): one call over all heads
             merged = Branch(*(torch.cat([getattr(b, t) for b in branches], dim=1) for t in "qkv"),
-                            slice(0, self.num_heads), None, first.num_prefix)
-            outs = list(self._attend(merged, mask).split(first.q.shape[1], dim=1))
+                            slice(0, self.num_heads), None, first.num_prefix)  # no one grid: stripes of two shapes
+            outs = list(self._attend(merged).split(first.q.shape[1], dim=1))
         else:
-            outs = [self._attend(b, mask) for b in branches]
+            outs = [self._attend(b) for b in branches]
         return [self._finish(b, o) for b, o in zip(branches, outs)]
 
-    def _bias(self, branch: Branch, mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        bias = mask
+    def _bias(self, branch: Branch) -> Optional[torch.Tensor]:
+        """Position biases plus the grouping's mask, in the dtype of the call."""
+        bias = None
         for p in self.positions:
             b = p.bias(self, branch)
             if b is not None:
                 bias = b if bias is None else bias + b
+        bias = self.grouping.with_mask(self, bias, branch.q.shape[0])
         return None if bias is None else bias.to(branch.q.dtype)
 
-    def _attend(self, br: Branch, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def _attend(self, br: Branch) -> torch.Tensor:
         """The only fused-vs-explicit branch of vitlab's attention."""
-        bias = self._bias(br, mask)
+        bias = self._bias(br)
         if not (self.recording or self._needs_matrix):
             out = self.core.fused(self, br.q, br.k, br.v, bias, self.attn_drop.p if self.training else 0.0)
             for m in self.modifiers:
@@ -129,7 +131,7 @@ class MultiHeadAttention(RecordsAttention, nn.Module):
         probs = self.core.normalize(self, logits)
         for m in self.modifiers:
             probs = m.on_probs(self, probs, br.heads)
-        self._record(probs)
+        self._record(probs, TokenLayout(br.grid, br.num_prefix) if br.grid is not None else None)
         return self.attn_drop(probs) @ br.v
 
     def _finish(self, br: Branch, out: torch.Tensor) -> torch.Tensor:

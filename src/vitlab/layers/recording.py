@@ -23,32 +23,38 @@ class RecordsAttention:
     ``(B, heads, N_query, N_key)`` when ``self.recording`` is true.
     """
 
-    _attn_sink: Optional[Callable[[torch.Tensor], None]] = None
+    _attn_sink: Optional[Callable[..., None]] = None
 
     @property
     def recording(self) -> bool:
         return self._attn_sink is not None
 
-    def _record(self, probs: torch.Tensor) -> None:
+    def _record(self, probs: torch.Tensor, layout=None) -> None:
+        """Hand ``probs`` to the recorder with the :class:`~vitlab.layers.TokenLayout` of the keys of
+        each group (``None`` when the groups have no one grid)."""
         if self._attn_sink is not None:
-            self._attn_sink(probs)
+            self._attn_sink(probs, layout)
 
 
 class AttentionRecorder:
     """Holds the recorded maps: ``maps[name]`` is a list (one per forward call) of
-    ``(B, heads, N_query, N_key)`` tensors; ``names`` keeps module order."""
+    ``(B, heads, N_query, N_key)`` tensors, ``layouts[name]`` the token layout of each map's keys
+    (grid and prefix tokens of one attention group, e.g. a window); ``names`` keeps module order."""
 
     def __init__(self, detach: bool = True, to_cpu: bool = False):
         self.detach = detach
         self.to_cpu = to_cpu
         self.maps: Dict[str, List[torch.Tensor]] = {}
+        self.layouts: Dict[str, List[object]] = {}
         self.names: List[str] = []
 
-    def sink_for(self, name: str) -> Callable[[torch.Tensor], None]:
+    def sink_for(self, name: str) -> Callable[..., None]:
         self.names.append(name)
         self.maps[name] = []
+        self.layouts[name] = []
 
-        def sink(p: torch.Tensor) -> None:
+        def sink(p: torch.Tensor, layout=None) -> None:
+            self.layouts[name].append(layout)
             if self.detach:
                 p = p.detach()
             if self.to_cpu:
@@ -61,8 +67,12 @@ class AttentionRecorder:
         """The latest map of every module that recorded one, in module order."""
         return {n: self.maps[n][-1] for n in self.names if self.maps[n]}
 
+    def last_layouts(self) -> Dict[str, object]:
+        """The layout of each map of :meth:`last`."""
+        return {n: self.layouts[n][-1] for n in self.names if self.layouts[n]}
+
     def clear(self) -> None:
-        for v in self.maps.values():
+        for v in (*self.maps.values(), *self.layouts.values()):
             v.clear()
 
 

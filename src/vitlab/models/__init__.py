@@ -1,14 +1,15 @@
-"""vitlab backbones; importing this package registers every model family."""
+"""vitlab backbones.  The families register their recipes when :func:`vitlab.models.factory.load_families`
+imports them (on the first ``create_model`` / ``list_models``), so ``import vitlab`` stays light."""
 import importlib
-import importlib.util
 
-from vitlab.models.base import Intermediate, VitlabModel
-from vitlab.models.vit import Block, VisionTransformer
+__all__ = ["Intermediate", "VitlabModel", "Block", "VisionTransformer", "create_model", "list_models"]
 
-# one module per family; each registers its recipes (and timm converters) on import
-_FAMILIES = ("vit", "deit", "cait", "swin", "cswin", "pvt", "pvt_v2", "resnet", "alternet")
-for _name in _FAMILIES:
-    if importlib.util.find_spec(f"vitlab.models.{_name}") is not None:
-        importlib.import_module(f"vitlab.models.{_name}")
+_LAZY = {"Intermediate": "vitlab.models.base", "VitlabModel": "vitlab.models.base", "Block": "vitlab.models.block",
+         "VisionTransformer": "vitlab.models.vit", "create_model": "vitlab.models.factory",
+         "list_models": "vitlab.models.factory"}
 
-__all__ = ["Intermediate", "VitlabModel", "Block", "VisionTransformer"]
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'vitlab.models' has no attribute {name!r}")

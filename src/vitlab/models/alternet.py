@@ -30,7 +30,7 @@ from torch import nn
 from vitlab.layers import DropPath, FeatScale, MixerSpec, TokenLayout, create_shortcut
 from vitlab.models.resnet import CIFAR100_MEAN, CIFAR100_STD, PreActBottleneck, PreActResNet, check_cnn_parts
 from vitlab.models.base import make_default_cfg
-from vitlab.registry import register_model
+from vitlab.models.factory import register_model
 
 __all__ = ["alternet_attention", "MSABlock", "AlterNet", "msa_layout"]
 
@@ -121,8 +121,8 @@ class AlterNet(PreActResNet):
                  heads: Sequence[int] = (3, 6, 12, 24), head_dim: int = 64, window_size: int = 7,
                  mixer: str = "softmax", shortcut: str = "plain", shortcut_init: Optional[float] = None,
                  featscale: bool = False, mixer_kwargs: Optional[Dict[str, Any]] = None,
-                 core: Optional[str] = None, modifiers: Sequence[str] = (), architecture: str = "alternet",
-                 **kwargs: Any):
+                 core: Optional[str] = None, modifiers: Sequence[str] = (), branch_scale: Optional[str] = None,
+                 architecture: str = "alternet", **kwargs: Any):
         if len(tuple(msa_counts)) != 4 or len(tuple(heads)) != 4:
             raise ValueError(f"msa_counts and heads need 4 values (one per stage), got {tuple(msa_counts)} and "
                              f"{tuple(heads)}")
@@ -130,7 +130,7 @@ class AlterNet(PreActResNet):
         self._msa_cfg = dict(heads=tuple(heads), head_dim=head_dim, window_size=window_size,
                              shortcut_init=shortcut_init,
                              spec=MixerSpec(mixer, core, tuple(modifiers), dict(mixer_kwargs or {})))
-        super().__init__(layers=layers, mixer=mixer, shortcut=shortcut, featscale=featscale,
+        super().__init__(layers=layers, mixer=mixer, shortcut=branch_scale or shortcut, featscale=featscale,
                          architecture=architecture, **kwargs)
 
     def _check_parts(self, architecture, mixer, norm, shortcut, featscale) -> None:

@@ -28,7 +28,7 @@ State-dict keys follow timm's ``Cait`` except that LayerScale vectors are ``ls1.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -37,7 +37,7 @@ from vitlab.layers import Mlp, MixerSpec, PatchEmbed, TokenLayout, create_norm, 
 from vitlab.layers.pos_embed import resample_pos_embed
 from vitlab.models.base import Intermediate, VitlabModel, make_default_cfg, tokens_to_map
 from vitlab.models.block import Block
-from vitlab.registry import register_model
+from vitlab.models.factory import register_model
 
 __all__ = ["Cait"]
 
@@ -123,20 +123,52 @@ class Cait(VitlabModel):
         # trips torch's module tracker (FlopCounterMode); the copy is only B x 1 x C
         return self.cls_token.repeat(b, 1, 1)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._embed(x)
-        for blk in self.blocks:
-            x = blk(x, self.layout)
+    _global_pools = ("token",)
+
+    def _feature_stem(self, x: torch.Tensor) -> Tuple[torch.Tensor, TokenLayout]:
+        return self._embed(x), self.layout
+
+    def _feature_units(self) -> Sequence[nn.Module]:
+        return self.blocks
+
+    def _feature_unit(self, i: int, unit: nn.Module, x: torch.Tensor, layout: TokenLayout):
+        return self._block(unit, x, layout), layout
+
+    def _feature_end(self, x: torch.Tensor, layout: TokenLayout, complete: bool) -> torch.Tensor:
+        """The class token joins after the self-attention blocks; the class-attention blocks update it."""
         x = torch.cat([self._cls(x.shape[0]), x], dim=1)
         for blk in self.blocks_token_only:
-            x = blk(x, self.ca_layout)
+            x = self._block(blk, x, self.ca_layout)
         return self.norm(x)
+
+    def _feature_info(self) -> List[Dict[str, Any]]:
+        r = self.patch_embed.img_size[0] // self.grid_size[0]
+        return [dict(num_chs=self.embed_dim, reduction=r, module=f"blocks.{i}") for i in range(len(self.blocks))]
+
+    def _truncate_units(self, n: int) -> None:
+        self.blocks = self.blocks[:n]
+
+    def group_matcher(self, coarse: bool = False):
+        """timm's grouping: the stem, one group per self-attention block, the class-attention blocks
+        overlapping the last self-attention blocks, the final norm with the last block."""
+        n_sa, n_ca = len(self.blocks), len(self.blocks_token_only)
+
+        def matcher(name: str):
+            if name.startswith(("cls_token", "pos_embed", "patch_embed")):
+                return 0
+            if name.startswith("blocks."):
+                return int(name.split(".")[1]) + 1
+            if name.startswith("blocks_token_only."):
+                return int(name.split(".")[1]) + n_sa - n_ca + 1
+            return n_sa if name.startswith("norm.") else float("inf")
+
+        return matcher
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.head_drop(x[:, 0])
         return x if pre_logits else self.head(x)
 
-    def forward_intermediates(self, x: torch.Tensor) -> List[Intermediate]:
+    def forward_halves(self, x: torch.Tensor) -> List[Intermediate]:
         """Embedding, then every self-attention block's attention and MLP halves (stage 0, no
         class token), then every class-attention block's halves (stage 1): their patch map is
         unchanged and the updated class token is the ``prefix``."""

@@ -46,24 +46,24 @@ def count_macs(model: nn.Module, img_size: Optional[int] = None, in_chans: Optio
 def _build_and_count(name: str, macs: bool):
     """Build on the meta device (no memory, no init cost) and count there; models whose code
     needs real values (e.g. data-dependent shapes) are built for real instead."""
-    import vitlab
+    from vitlab.models.factory import create_model, list_models  # noqa: F401
 
     try:
         with torch.device("meta"):
-            m = vitlab.create_model(name)
+            m = create_model(name)
             g = count_macs(m) if macs else None
     except (NotImplementedError, RuntimeError):
-        m = vitlab.create_model(name)
+        m = create_model(name)
         g = count_macs(m) if macs else None
     return m, ("-" if g is None else f"{g / 1e9:.2f}")
 
 
 def model_table(pattern: str = "*", macs: bool = True) -> str:
     """A markdown table of registered models: params (M), GMACs at the default input size."""
-    import vitlab
+    from vitlab.models.factory import create_model, list_models  # noqa: F401
 
     rows = ["| model | input | params (M) | GMACs |", "|---|---|---:|---:|"]
-    for name in vitlab.list_models(pattern):
+    for name in list_models(pattern):
         m, g = _build_and_count(name, macs)
         c, h, w = m.default_cfg["input_size"]
         rows.append(f"| {name} | {c}x{h}x{w} | {count_params(m) / 1e6:.2f} | {g} |")
@@ -74,15 +74,20 @@ def model_table(pattern: str = "*", macs: bool = True) -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'swin*' (default: all)")
     p.add_argument("--table", action="store_true", help="print a markdown table with parameters and GMACs")
+    p.add_argument("--parts", action="store_true", help="print the markdown table of parts x families (docs/parts.md)")
 
 
 def run(args: argparse.Namespace) -> int:
-    import vitlab
+    from vitlab.models.factory import create_model, list_models  # noqa: F401
 
-    if args.table:
+    if args.parts:
+        from vitlab.models.parts_table import parts_markdown
+
+        print(parts_markdown(), end="")
+    elif args.table:
         print(model_table(args.pattern))
     else:
-        names = vitlab.list_models(args.pattern)
+        names = list_models(args.pattern)
         if not names:
             raise ValueError(f"no registered model matches {args.pattern!r}; try 'vitlab models' for all names")
         print("\n".join(names))

@@ -32,13 +32,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from vitlab.layers import Mlp, MixerSpec, TokenLayout, create_norm, init_weights
-from vitlab.layers.mixers import check_stage_kwargs
+from vitlab.layers import MixerSpec, TokenLayout, create_norm, init_weights
 from vitlab.models.base import Intermediate, VitlabModel, make_default_cfg, tokens_to_map
-from vitlab.models.block import Block
-from vitlab.models.swin import (SwinStage, _per_stage, linear_spec, resize_size_dependent, stage_attn_types,
-                                stage_intermediates)
-from vitlab.registry import register_model
+from vitlab.models.swin import (SwinStages, _per_stage, build_stages, check_stage_sizes, resize_size_dependent,
+                                stage_attn_types, stage_intermediates)
+from vitlab.models.factory import register_model
 
 __all__ = ["CSwinTransformer", "cswin_attention", "ConvEmbed", "cswin_from_official", "cswin_to_official"]
 
@@ -81,7 +79,7 @@ def cswin_attention(spec: MixerSpec, split_size: int, single: bool, lepe_div_hea
     return dict(attention, grouping=("stripes", dict(split_size=split_size, single=single)), position=(lepe,))
 
 
-class CSwinTransformer(VitlabModel):
+class CSwinTransformer(SwinStages, VitlabModel):
     """CSwin Transformer whose parts are arguments (Dong et al., CVPR 2022).
 
     Args beyond the sizes (``embed_dim``, ``depths``, ``num_heads``, ``split_size`` per stage,
@@ -107,12 +105,7 @@ class CSwinTransformer(VitlabModel):
         super().__init__()
         depths, num_heads = tuple(depths), tuple(num_heads)
         n_stages = len(depths)
-        if n_stages < 1 or len(num_heads) != n_stages:
-            raise ValueError(f"depths {depths} and num_heads {num_heads} must be non-empty and of equal length")
-        if any(d < 1 for d in depths) or embed_dim < 1:
-            raise ValueError(f"depths and embed_dim must be positive, got depths={depths}, embed_dim={embed_dim}")
-        if not 0.0 <= drop_path_rate < 1.0:
-            raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
+        check_stage_sizes(depths, num_heads, embed_dim, drop_path_rate)
         if stem_kernel not in (4, 7) or merge_kernel not in (2, 3):
             raise ValueError(f"stem_kernel must be 7 (CSwin) or 4 (LipsFormer) and merge_kernel 3 or 2, "
                              f"got {stem_kernel}, {merge_kernel}")
@@ -133,28 +126,21 @@ class CSwinTransformer(VitlabModel):
         hw = self.grid_size = self.patch_embed.out_size((self.img_size, self.img_size))
         if min(hw) < 1:
             raise ValueError(f"img_size {img_size} is too small for a stride-4 stem")
-        total = sum(depths)
-        dpr = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
-        block_kw = dict(norm=norm, norm_eps=norm_eps, wiring=norm_layout, branch_scale=branch_scale or shortcut,
-                        branch_scale_init=shortcut_init, total_depth=total, featscale=featscale, conv_units=conv_units)
         attention = dict(qkv_bias=qkv_bias, attn_drop=attn_drop_rate, proj_drop=drop_rate)
-        stages, k, asked = [], 0, []
-        for i in range(n_stages):
-            down = None
-            if i > 0:
-                down = ConvEmbed(dims[i - 1], dims[i], merge_kernel, 2, norm, norm_eps)
-                hw = down.out_size(hw)
-                if min(hw) < 1:
-                    raise ValueError(f"img_size {img_size} is too small for {n_stages} stages")
-            st_spec = spec if attn_type[i] == "S" or spec.linear_cost else linear_spec(spec)
-            att = cswin_attention(st_spec, splits[i], i == n_stages - 1, lepe_div_heads, **attention)
-            asked.append((st_spec, (), att))
-            blocks = [Block(dims[i], st_spec.build(dims[i], num_heads[i], TokenLayout(hw), lenient=True, **att),
-                            Mlp(dims[i], int(dims[i] * mlp_ratio), drop=drop_rate), drop_path=dpr[k + j], **block_kw)
-                      for j in range(depths[i])]
-            k += depths[i]
-            stages.append(SwinStage(down, blocks))
-        check_stage_kwargs(spec.kwargs, asked)
+
+        def down(i, hw):
+            merge = ConvEmbed(dims[i - 1], dims[i], merge_kernel, 2, norm, norm_eps)
+            if min(merge.out_size(hw)) < 1:
+                raise ValueError(f"img_size {img_size} is too small for {n_stages} stages")
+            return merge, merge.out_size(hw)
+
+        def attend(st_spec, i, j, hw):
+            return cswin_attention(st_spec, splits[i], i == n_stages - 1, lepe_div_heads, **attention)
+
+        stages, hw = build_stages(spec, attn_type, dims, depths, num_heads, hw, down, attend, mlp_ratio, drop_rate,
+                                  drop_path_rate, norm=norm, norm_eps=norm_eps, wiring=norm_layout,
+                                  branch_scale=branch_scale or shortcut, branch_scale_init=shortcut_init,
+                                  featscale=featscale, conv_units=conv_units)
         self.layers = nn.ModuleList(stages)
         self.final_resolution = hw
         self.norm = create_norm(norm, self.num_features, eps=norm_eps) if final_norm else nn.Identity()
@@ -175,18 +161,18 @@ class CSwinTransformer(VitlabModel):
         self.check_input(x)
         return self.patch_embed(x)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, H/32 * W/32, 8C)`` final tokens (after the final norm, if any)."""
+    def _feature_stem(self, x: torch.Tensor) -> Tuple[torch.Tensor, TokenLayout]:
         x, hw = self._embed(x)
-        for stage in self.layers:
-            x, hw = stage(x, hw)
-        return self.norm(x)
+        return x, TokenLayout(hw)
+
+    def _stem_stride(self) -> int:
+        return self.patch_embed.stride
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.head_drop(x.mean(dim=1))
         return x if pre_logits else self.head(x)
 
-    def forward_intermediates(self, x: torch.Tensor) -> List[Intermediate]:
+    def forward_halves(self, x: torch.Tensor) -> List[Intermediate]:
         """Stem, then per stage the merge (``downsample``) and every block's attention and MLP
         halves, each as a ``(B, C, H, W)`` map."""
         x, hw = self._embed(x)

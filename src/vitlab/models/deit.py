@@ -15,7 +15,7 @@ State-dict keys are timm's ``VisionTransformerDistilled`` keys (``cls_token``, `
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -23,7 +23,7 @@ from torch import nn
 from vitlab.layers import init_weights
 from vitlab.models.base import make_default_cfg
 from vitlab.models.vit import _SIZES, VisionTransformer
-from vitlab.registry import register_model
+from vitlab.models.factory import register_model
 
 __all__ = ["DistilledVisionTransformer"]
 
@@ -69,9 +69,16 @@ class DistilledVisionTransformer(VisionTransformer):
             return x_cls, x_dist
         return (x_cls + x_dist) / 2
 
-    def reset_classifier(self, num_classes: int) -> None:
-        super().reset_classifier(num_classes)
-        self.head_dist = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+    _global_pools = ("token",)
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """Fresh ``head`` and ``head_dist`` for ``num_classes``."""
+        super().reset_classifier(num_classes, global_pool)
+        self.head_dist = nn.Identity() if num_classes <= 0 else nn.Linear(
+            self.num_features, num_classes, device=self.head.weight.device, dtype=self.head.weight.dtype)
+
+    def get_classifier(self) -> Tuple[nn.Module, nn.Module]:
+        return self.head, self.head_dist
 
 
 def _register(name: str, size: str, img: int = 224, **cfg: Any) -> None:

@@ -98,6 +98,18 @@ def _as_tuple(v: Any, n: int, what: str) -> Tuple[Any, ...]:
     return t
 
 
+def stage_sizes(depths, embed_dims, num_heads, mlp_ratios, sr_ratios, drop_path_rate: float) -> Tuple[tuple, ...]:
+    """PVT's per-stage sizes as tuples of one value per stage, with one clear error per bad value."""
+    depths = tuple(depths)
+    ns = len(depths)
+    if ns < 1 or any(d < 1 for d in depths):
+        raise ValueError(f"depths must be positive stage depths, got {depths}")
+    if not 0.0 <= drop_path_rate < 1.0:
+        raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
+    return (depths, _as_tuple(embed_dims, ns, "embed_dims"), _as_tuple(num_heads, ns, "num_heads"),
+            _as_tuple(mlp_ratios, ns, "mlp_ratios"), _as_tuple(sr_ratios, ns, "sr_ratios"))
+
+
 class PvtStage(nn.Module):
     """One PVT stage: patch embedding (conv + norm), its own position embedding (with a class
     row when ``num_prefix``), then the blocks."""
@@ -137,14 +149,9 @@ class PyramidVisionTransformer(VitlabModel):
         super().__init__()
         if global_pool not in ("token", "avg"):
             raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
-        depths = tuple(depths)
+        depths, embed_dims, num_heads, mlp_ratios, sr_ratios = stage_sizes(depths, embed_dims, num_heads, mlp_ratios,
+                                                                           sr_ratios, drop_path_rate)
         ns = len(depths)
-        if ns < 1 or any(d < 1 for d in depths):
-            raise ValueError(f"depths must be positive stage depths, got {depths}")
-        embed_dims, num_heads = _as_tuple(embed_dims, ns, "embed_dims"), _as_tuple(num_heads, ns, "num_heads")
-        mlp_ratios, sr_ratios = _as_tuple(mlp_ratios, ns, "mlp_ratios"), _as_tuple(sr_ratios, ns, "sr_ratios")
-        if not 0.0 <= drop_path_rate < 1.0:
-            raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
         img = img_size if isinstance(img_size, int) else img_size[0]
         total_stride = patch_size * 2 ** (ns - 1)
         if img % total_stride:
@@ -155,7 +162,7 @@ class PyramidVisionTransformer(VitlabModel):
         self.global_pool = global_pool
         spec = MixerSpec(mixer, core, tuple(modifiers), dict(mixer_kwargs or {}))
         self.num_prefix_tokens = 1 if global_pool == "token" else 0
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        dpr = [drop_path_rate * i / max(sum(depths) - 1, 1) for i in range(sum(depths))]  # meta-safe linspace
         stages, size, c_in, cur = [], (img, img), in_chans, 0
         for i in range(ns):
             bk = dict(num_heads=num_heads[i], mlp_ratio=mlp_ratios[i], sr_ratio=sr_ratios[i], qkv_bias=qkv_bias,
@@ -195,23 +202,54 @@ class PyramidVisionTransformer(VitlabModel):
         s = self.stages[i]
         return tokens_to_map(x[:, s.num_prefix:], s.grid_size)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Tokens of the last stage after the final norm: ``(B, P + H*W, C)``."""
+    _global_pools = ("token", "avg")
+
+    def _feature_stem(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[TokenLayout]]:
         self.check_input(x)
-        for i, s in enumerate(self.stages):
-            if i > 0:
-                x = self._to_map(x, i - 1)
-            x = self._stage_input(i, x)
-            for blk in s.blocks:
-                x = blk(x, s.layout)
-        return self.norm(x)
+        return x, None
+
+    def _feature_units(self) -> Sequence[nn.Module]:
+        return self.stages
+
+    def _feature_unit(self, i: int, s: nn.Module, x: torch.Tensor, layout: Optional[TokenLayout]):
+        """Stage ``i``: the previous stage's tokens as a map (the image for stage 0), its patch
+        embedding, class token and position embedding, then its blocks; tokens ``(B, P + H*W, C)``."""
+        x = self._stage_input(i, x if layout is None else layout.to_map(x))
+        for blk in s.blocks:
+            x = self._block(blk, x, s.layout)
+        return x, s.layout
+
+    def _truncate_units(self, n: int) -> None:
+        self.stages = self.stages[:n]
+
+    def _feature_info(self) -> List[Dict[str, Any]]:
+        img = self.stages[0].patch_embed.img_size[0]
+        return [dict(num_chs=s.pos_embed.shape[-1], reduction=img // s.grid_size[0], module=f"stages.{i}")
+                for i, s in enumerate(self.stages)]
+
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        """The stem (stage 0's patch and position embeddings), then per stage its patch embedding
+        with its first block (as timm groups Swin's patch merging), the class token with the last
+        stage, the final norm last."""
+        last = (len(self.stages) - 1, 0)
+        if coarse:
+            return dict(stem=r"^stages\.0\.(?:patch_embed|pos_embed)",
+                        blocks=[(r"^stages\.(\d+)", None), (r"^cls_token", last[:1]), (r"^norm", (99999,))])
+        return dict(stem=r"^stages\.0\.(?:patch_embed|pos_embed)", blocks=[
+            (r"^stages\.(\d+)\.(?:patch_embed|pos_embed)", (0,)), (r"^stages\.(\d+)\.blocks\.(\d+)", None),
+            (r"^cls_token", last), (r"^norm", (99999,))])
+
+    def _set_global_pool(self, global_pool: str) -> None:
+        if global_pool != self.global_pool:
+            raise ValueError(f"global_pool is fixed at construction for PVT (the class token and final norm depend "
+                             f"on it): this model has {self.global_pool!r}, got {global_pool!r}")
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = x[:, 0] if self.global_pool == "token" else x.mean(dim=1)
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
-    def forward_intermediates(self, x: torch.Tensor) -> List[Intermediate]:
+    def forward_halves(self, x: torch.Tensor) -> List[Intermediate]:
         """Per stage: the patch embedding (``embed`` for stage 0, ``downsample`` after), then every
         block's attention and MLP halves; last the final norm.  The class token is the prefix."""
         self.check_input(x)

@@ -28,7 +28,7 @@ from torch import nn
 from vitlab.layers import create_norm, init_weights
 from vitlab.models.base import Intermediate, VitlabModel, make_default_cfg, register_recipe
 from vitlab.layers import MixerSpec, TokenLayout
-from vitlab.models.pvt import _as_tuple, pvt_block
+from vitlab.models.pvt import pvt_block, stage_sizes
 
 __all__ = ["OverlapPatchEmbed", "PvtV2Stage", "PyramidVisionTransformerV2"]
 
@@ -85,21 +85,16 @@ class PyramidVisionTransformerV2(VitlabModel):
                  modifiers: Sequence[str] = (), branch_scale: Optional[str] = None,
                  architecture: str = "pvt_v2", default_cfg: Optional[Dict[str, Any]] = None):
         super().__init__()
-        depths = tuple(depths)
+        depths, embed_dims, num_heads, mlp_ratios, sr_ratios = stage_sizes(depths, embed_dims, num_heads, mlp_ratios,
+                                                                           sr_ratios, drop_path_rate)
         ns = len(depths)
-        if ns < 1 or any(d < 1 for d in depths):
-            raise ValueError(f"depths must be positive stage depths, got {depths}")
-        embed_dims, num_heads = _as_tuple(embed_dims, ns, "embed_dims"), _as_tuple(num_heads, ns, "num_heads")
-        mlp_ratios, sr_ratios = _as_tuple(mlp_ratios, ns, "mlp_ratios"), _as_tuple(sr_ratios, ns, "sr_ratios")
-        if not 0.0 <= drop_path_rate < 1.0:
-            raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
         img = img_size if isinstance(img_size, int) else img_size[0]
         self.num_classes, self.in_chans = num_classes, in_chans
         self.num_features = self.embed_dim = embed_dims[-1]
         self.img_size = img
         self.patch_embed = OverlapPatchEmbed(7, 4, in_chans, embed_dims[0], norm)
         grid = self.patch_embed.out_size((img, img))
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        dpr = [drop_path_rate * i / max(sum(depths) - 1, 1) for i in range(sum(depths))]  # meta-safe linspace
         spec = MixerSpec(mixer, core, tuple(modifiers), dict(mixer_kwargs or {}))
         stages, cur, prev = [], 0, embed_dims[0]
         for i in range(ns):
@@ -136,8 +131,7 @@ class PyramidVisionTransformerV2(VitlabModel):
             raise ValueError(f"PVTv2 needs inputs of at least 32x32 (overall stride 32), got "
                              f"{x.shape[-2]}x{x.shape[-1]}")
 
-    @staticmethod
-    def _run_stage(stage: PvtV2Stage, x: torch.Tensor, out: Optional[List[Intermediate]] = None,
+    def _run_stage(self, stage: PvtV2Stage, x: torch.Tensor, out: Optional[List[Intermediate]] = None,
                    idx: int = 0) -> torch.Tensor:
         """``x`` is ``(B, H, W, C)`` channels-last; returns the stage's ``(B, C, H, W)`` map."""
         if stage.downsample is not None:
@@ -151,7 +145,7 @@ class PyramidVisionTransformerV2(VitlabModel):
         for j, blk in enumerate(stage.blocks):
             layout = TokenLayout(hw)
             if out is None:
-                x = blk(x, layout)
+                x = self._block(blk, x, layout)
                 continue
             x = blk.attn_half(x, layout)
             out.append(Intermediate(f"stages.{idx}.blocks.{j}.attn", "attn", as_map(x), stage=idx))
@@ -162,19 +156,34 @@ class PyramidVisionTransformerV2(VitlabModel):
             out.append(Intermediate(f"stages.{idx}.norm", "norm", x, stage=idx))
         return x
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The last stage's normed map ``(B, C, H, W)`` (as timm's PVTv2)."""
+    def _feature_stem(self, x: torch.Tensor) -> Tuple[torch.Tensor, None]:
+        """The stem's output as a ``(B, C, H, W)`` view of its channels-last tokens."""
         self._check(x)
-        x = self.patch_embed(x)
-        for s in self.stages:
-            x = self._run_stage(s, x).permute(0, 2, 3, 1)
-        return x.permute(0, 3, 1, 2)
+        return self.patch_embed(x).permute(0, 3, 1, 2), None
+
+    def _feature_units(self) -> Sequence[nn.Module]:
+        return self.stages
+
+    def _feature_unit(self, i: int, stage: nn.Module, x: torch.Tensor, layout: None):
+        """Stage ``i`` on a ``(B, C, H, W)`` map: its normed ``(B, C, H, W)`` output (timm's)."""
+        return self._run_stage(stage, x.permute(0, 2, 3, 1)), None
+
+    def _truncate_units(self, n: int) -> None:
+        self.stages = self.stages[:n]
+
+    def _feature_info(self) -> List[Dict[str, Any]]:
+        dims = [(s.downsample or self.patch_embed).proj.out_channels for s in self.stages]
+        return [dict(num_chs=d, reduction=4 * 2 ** i, module=f"stages.{i}") for i, d in enumerate(dims)]
+
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        """timm's grouping: the stem, then one group per stage (its downsample, blocks and norm)."""
+        return dict(stem=r"^patch_embed", blocks=r"^stages\.(\d+)")
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.head_drop(x.mean(dim=(-2, -1)))
         return x if pre_logits else self.head(x)
 
-    def forward_intermediates(self, x: torch.Tensor) -> List[Intermediate]:
+    def forward_halves(self, x: torch.Tensor) -> List[Intermediate]:
         """The stem (``embed``), then per stage: its downsample, every block's attention and MLP
         halves, and the stage norm, all as ``(B, C, H, W)`` maps."""
         self._check(x)

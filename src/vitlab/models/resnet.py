@@ -19,14 +19,14 @@ conv and Linear).
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from vitlab.layers import DropPath, init_weights
 from vitlab.models.base import Intermediate, VitlabModel, make_default_cfg
-from vitlab.registry import register_model
+from vitlab.models.factory import register_model
 
 __all__ = ["Bottleneck", "ResNet", "PreActBottleneck", "PreActResNet", "check_cnn_parts"]
 
@@ -111,13 +111,41 @@ class _CNNBase(VitlabModel):
         if init != "kaiming":
             init_weights(self, init)
 
-    def get_classifier(self) -> nn.Module:
-        return self.fc
+    # -- the model contract: feature taps are the stem and the four stages (timm's) --------------
+    _classifier = "fc"
+    _stem_name = "stem"
 
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = num_classes
-        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.default_cfg = {**self.default_cfg, "num_classes": num_classes}
+    def _stem_forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - per class
+        raise NotImplementedError
+
+    def _stages(self):
+        return [self.layer1, self.layer2, self.layer3, self.layer4]
+
+    def _feature_stem(self, x: torch.Tensor) -> Tuple[torch.Tensor, None]:
+        self.check_input(x)
+        return x, None
+
+    def _feature_units(self) -> List[nn.Module]:
+        return [self.get_submodule(self._stem_name)] + [s for s in self._stages() if len(s)]
+
+    def _feature_unit(self, i: int, unit: nn.Module, x: torch.Tensor, layout: None):
+        if i == 0:
+            return self._stem_forward(x), None
+        if i == 1:
+            x = self.maxpool(x)
+        for blk in unit:
+            x = self._block(blk, x)
+        return x, None
+
+    def _truncate_units(self, n: int) -> None:
+        for k in range(n, 5):
+            setattr(self, f"layer{k}", nn.Sequential())
+
+    def _feature_info(self) -> List[Dict[str, Any]]:
+        r = 4 if self.stem_type == "imagenet" else 1
+        return [dict(num_chs=64, reduction=max(r // 2, 1), module=self._stem_name)] + [
+            dict(num_chs=256 * 2 ** k, reduction=r * 2 ** k, module=f"layer{k + 1}")
+            for k, s in enumerate(self._stages()) if len(s)]
 
 
 class ResNet(_CNNBase):
@@ -154,26 +182,25 @@ class ResNet(_CNNBase):
         self._init(init, zero_init_last)
         self.default_cfg = default_cfg or make_default_cfg(architecture, img_size, num_classes, in_chans)
 
+    _stem_name = "act1"
+
     @property
     def head(self) -> nn.Module:  # the contract's name for the classifier
         return self.fc
 
-    def _stages(self):
-        return [self.layer1, self.layer2, self.layer3, self.layer4]
+    def _stem_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act1(self.bn1(self.conv1(x)))
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        self.check_input(x)
-        x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
-        for s in self._stages():
-            x = s(x)
-        return x
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        """timm's grouping: the stem, then one group per block (per stage when ``coarse``)."""
+        return dict(stem=r"^conv1|bn1|maxpool", blocks=r"^layer(\d+)" if coarse else r"^layer(\d+)\.(\d+)")
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.global_pool(x).flatten(1)
         x = nn.functional.dropout(x, self.drop_rate, self.training) if self.drop_rate else x
         return x if pre_logits else self.fc(x)
 
-    def forward_intermediates(self, x: torch.Tensor) -> List[Intermediate]:
+    def forward_halves(self, x: torch.Tensor) -> List[Intermediate]:
         """Stem (``embed``), the max-pool (``downsample``, ImageNet stem), then every bottleneck
         (``conv``; the first block of stages 2-4 subsamples)."""
         self.check_input(x)
@@ -277,23 +304,24 @@ class PreActResNet(_CNNBase):
     def head(self) -> nn.Module:
         return self.fc
 
-    def _stages(self):
-        return [self.layer1, self.layer2, self.layer3, self.layer4]
+    def _stem_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stem(x)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The last stage's map after the final BN + ReLU (the classifier input before pooling)."""
-        self.check_input(x)
-        x = self.maxpool(self.stem(x))
-        for s in self._stages():
-            x = s(x)
+    def _final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """The classifier input: final BN + ReLU (sized for the last stage)."""
         return self.act(self.norm(x))
+
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        """As timm's ResNet: the stem, one group per block (per stage when ``coarse``), the final norm last."""
+        return dict(stem=r"^stem", blocks=[(r"^layer(\d+)" if coarse else r"^layer(\d+)\.(\d+)", None),
+                                           (r"^norm", (99999,))])
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.global_pool(x).flatten(1)
         x = nn.functional.dropout(x, self.drop_rate, self.training) if self.drop_rate else x
         return x if pre_logits else self.fc(x)
 
-    def forward_intermediates(self, x: torch.Tensor) -> List[Intermediate]:
+    def forward_halves(self, x: torch.Tensor) -> List[Intermediate]:
         """Stem (``embed``), the max-pool (``downsample``, ImageNet stem), every block (``conv`` or,
         in AlterNet, ``attn``), and the classifier input (``norm``: final BN + ReLU)."""
         self.check_input(x)

@@ -34,10 +34,49 @@ from vitlab.layers.pos_embed import resample_pos_embed
 from vitlab.layers.window import REL_POS_RESIZE_METHODS, resize_relative_position_table
 from vitlab.models.block import Block
 from vitlab.models.base import Intermediate, VitlabModel, make_default_cfg, tokens_to_map
-from vitlab.registry import register_model
+from vitlab.models.factory import register_model
 
 __all__ = ["SwinTransformer", "swin_attention", "SwinStage", "PatchMerging", "resize_size_dependent",
-           "stage_intermediates", "stage_attn_types", "linear_spec"]
+           "stage_intermediates", "stage_attn_types", "linear_spec", "SwinStages"]
+
+
+def check_stage_sizes(depths: Tuple[int, ...], num_heads: Tuple[int, ...], embed_dim: int,
+                      drop_path_rate: float) -> None:
+    """One error per bad size of a hierarchical backbone (Swin, CSwin)."""
+    if len(depths) < 1 or len(num_heads) != len(depths):
+        raise ValueError(f"depths {depths} and num_heads {num_heads} must be non-empty and of equal length")
+    if any(d < 1 for d in depths) or embed_dim < 1:
+        raise ValueError(f"depths and embed_dim must be positive, got depths={depths}, embed_dim={embed_dim}")
+    if not 0.0 <= drop_path_rate < 1.0:
+        raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
+
+
+def build_stages(spec: MixerSpec, attn_type: str, dims: Sequence[int], depths: Sequence[int],
+                 num_heads: Sequence[int], hw: Tuple[int, int], make_down, make_attention, mlp_ratio: float,
+                 drop_rate: float, drop_path_rate: float, **block_kw: Any) -> Tuple[List[nn.Module], Tuple[int, int]]:
+    """The stages of a hierarchical backbone (Swin, CSwin): per stage a downsampler
+    (``make_down(i, hw) -> (module, hw)``, none before the first) and blocks whose attention is
+    ``make_attention(stage_spec, i, j, hw)``; ``L`` stages run FLatten's linear attention.  Returns the
+    stages and the last map's size; every ``mixer_kwargs`` key must be used by some stage."""
+    total = sum(depths)
+    dpr = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]  # linear rule (no tensor: meta-safe)
+    stages, k, asked = [], 0, []
+    for i in range(len(depths)):
+        down = None
+        if i > 0:
+            down, hw = make_down(i, hw)
+        st_spec = spec if attn_type[i] == "S" or spec.linear_cost else linear_spec(spec)
+        blocks = []
+        for j in range(depths[i]):
+            att = make_attention(st_spec, i, j, hw)
+            asked.append((st_spec, (), att))
+            mixer = st_spec.build(dims[i], num_heads[i], TokenLayout(hw), lenient=True, **att)
+            blocks.append(Block(dims[i], mixer, Mlp(dims[i], int(dims[i] * mlp_ratio), drop=drop_rate),
+                                drop_path=dpr[k + j], total_depth=total, **block_kw))
+        k += depths[i]
+        stages.append(SwinStage(down, blocks))
+    check_stage_kwargs(spec.kwargs, asked)
+    return stages, hw
 
 
 def linear_spec(spec: MixerSpec) -> MixerSpec:
@@ -151,7 +190,7 @@ class SwinStage(nn.Module):
 
 
 def stage_intermediates(layers: nn.ModuleList, x: torch.Tensor, hw: Tuple[int, int]) -> List[Intermediate]:
-    """``forward_intermediates`` of hierarchical stages (Swin, CSwin): per stage its ``downsample``
+    """``forward_halves`` of hierarchical stages (Swin, CSwin): per stage its ``downsample``
     (unless ``Identity``) and every block's attention and MLP halves, each as a ``(B, C, H, W)`` map."""
     out = []
     for i, stage in enumerate(layers):
@@ -166,7 +205,35 @@ def stage_intermediates(layers: nn.ModuleList, x: torch.Tensor, hw: Tuple[int, i
     return out
 
 
-class SwinTransformer(VitlabModel):
+class SwinStages:
+    """Contract hooks of a model whose ``layers`` are :class:`SwinStage` s (Swin, CSwin): one feature
+    tap per stage, the patch merging grouped with the first block of its stage (timm's rule)."""
+
+    def _feature_units(self) -> Sequence[nn.Module]:
+        return self.layers
+
+    def _feature_unit(self, i: int, stage: nn.Module, x: torch.Tensor, layout: TokenLayout):
+        if not isinstance(stage.downsample, nn.Identity):
+            x, hw = stage.downsample(x, layout.hw)
+            layout = TokenLayout(hw)
+        for blk in stage.blocks:
+            x = self._block(blk, x, layout)
+        return x, layout
+
+    def _truncate_units(self, n: int) -> None:
+        self.layers = self.layers[:n]
+
+    def _feature_info(self) -> List[Dict[str, Any]]:
+        r = self._stem_stride()
+        return [dict(num_chs=int(self.embed_dim * 2 ** i), reduction=r * 2 ** i, module=f"layers.{i}")
+                for i in range(len(self.layers))]
+
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        return dict(stem=r"^patch_embed", blocks=r"^layers\.(\d+)" if coarse else [
+            (r"^layers\.(\d+).downsample", (0,)), (r"^layers\.(\d+)\.\w+\.(\d+)", None), (r"^norm", (99999,))])
+
+
+class SwinTransformer(SwinStages, VitlabModel):
     """Swin Transformer whose parts are arguments (Liu et al., ICCV 2021).
 
     Args beyond the Swin sizes (``embed_dim``, ``depths``, ``num_heads``, ``window_size`` (int
@@ -198,12 +265,7 @@ class SwinTransformer(VitlabModel):
         if rel_pos_resize not in REL_POS_RESIZE_METHODS:
             raise ValueError(f"rel_pos_resize must be one of {REL_POS_RESIZE_METHODS}, got {rel_pos_resize!r}")
         self.rel_pos_resize = rel_pos_resize
-        if n_stages < 1 or len(num_heads) != n_stages:
-            raise ValueError(f"depths {depths} and num_heads {num_heads} must be non-empty and of equal length")
-        if any(d < 1 for d in depths) or embed_dim < 1:
-            raise ValueError(f"depths and embed_dim must be positive, got depths={depths}, embed_dim={embed_dim}")
-        if not 0.0 <= drop_path_rate < 1.0:
-            raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
+        check_stage_sizes(depths, num_heads, embed_dim, drop_path_rate)
         spec = MixerSpec(mixer, core, tuple(modifiers), dict(mixer_kwargs or {}))
         attn_type = stage_attn_types(spec, attn_type, n_stages, "window")
         windows = _per_stage(window_size, n_stages, "window_size")
@@ -215,30 +277,20 @@ class SwinTransformer(VitlabModel):
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim,
                                       norm_layer=create_norm(norm, embed_dim, eps=norm_eps))
         self.grid_size = self.patch_embed.grid_size
-        total = sum(depths)
-        dpr = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]  # linear rule (no tensor: meta-safe)
-        block_kw = dict(norm=norm, norm_eps=norm_eps, wiring="post" if post_norm else "pre",
-                        branch_scale=branch_scale or shortcut, branch_scale_init=shortcut_init, total_depth=total,
-                        featscale=featscale, conv_units=conv_units)
         attention = dict(qkv_bias=qkv_bias, attn_drop=attn_drop_rate, proj_drop=drop_rate)
-        stages, hw, k, asked = [], self.grid_size, 0, []
-        for i in range(n_stages):
-            down = None
-            if i > 0:
-                down = PatchMerging(dims[i - 1], dims[i], norm=norm, norm_eps=norm_eps)
-                hw = ((hw[0] + 1) // 2, (hw[1] + 1) // 2)
-            st_spec = spec if attn_type[i] == "S" or spec.linear_cost else linear_spec(spec)
-            blocks = []
-            for j in range(depths[i]):
-                att = swin_attention(st_spec, dims[i], hw, num_heads[i], windows[i], shift and j % 2 == 1,
-                                     rel_pos_bias, **attention)
-                asked.append((st_spec, (), att))
-                mixer_j = st_spec.build(dims[i], num_heads[i], TokenLayout(hw), lenient=True, **att)
-                blocks.append(Block(dims[i], mixer_j, Mlp(dims[i], int(dims[i] * mlp_ratio), drop=drop_rate),
-                                    drop_path=dpr[k + j], **block_kw))
-            k += depths[i]
-            stages.append(SwinStage(down, blocks))
-        check_stage_kwargs(spec.kwargs, asked)
+
+        def down(i, hw):
+            return (PatchMerging(dims[i - 1], dims[i], norm=norm, norm_eps=norm_eps),
+                    ((hw[0] + 1) // 2, (hw[1] + 1) // 2))
+
+        def attend(st_spec, i, j, hw):
+            return swin_attention(st_spec, dims[i], hw, num_heads[i], windows[i], shift and j % 2 == 1, rel_pos_bias,
+                                  **attention)
+
+        stages, hw = build_stages(spec, attn_type, dims, depths, num_heads, self.grid_size, down, attend, mlp_ratio,
+                                  drop_rate, drop_path_rate, norm=norm, norm_eps=norm_eps,
+                                  wiring="post" if post_norm else "pre", branch_scale=branch_scale or shortcut,
+                                  branch_scale_init=shortcut_init, featscale=featscale, conv_units=conv_units)
         self.layers = nn.ModuleList(stages)
         self.final_resolution = hw
         self.norm = create_norm(norm, self.num_features, eps=norm_eps)
@@ -254,18 +306,17 @@ class SwinTransformer(VitlabModel):
         self.check_input(x)
         return self.patch_embed(x)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, H/32 * W/32, 8C)`` final tokens after the last norm."""
-        x, hw = self._embed(x), self.grid_size
-        for stage in self.layers:
-            x, hw = stage(x, hw)
-        return self.norm(x)
+    def _feature_stem(self, x: torch.Tensor) -> Tuple[torch.Tensor, TokenLayout]:
+        return self._embed(x), TokenLayout(self.grid_size)
+
+    def _stem_stride(self) -> int:
+        return self.patch_embed.img_size[0] // self.grid_size[0]
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.head_drop(x.mean(dim=1))
         return x if pre_logits else self.head(x)
 
-    def forward_intermediates(self, x: torch.Tensor) -> List[Intermediate]:
+    def forward_halves(self, x: torch.Tensor) -> List[Intermediate]:
         """Patch embedding, then per stage the patch merging (``downsample``) and, for every
         block, its attention half and its MLP half, each as a ``(B, C, H, W)`` map."""
         x, hw = self._embed(x), self.grid_size

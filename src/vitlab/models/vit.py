@@ -106,6 +106,8 @@ class VisionTransformer(VitlabModel):
         init_weights(self, init)
 
     # -- the model contract ---------------------------------------------------------------
+    _global_pools = ("token", "avg")
+
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
         x = self.patch_embed(x)
@@ -115,11 +117,33 @@ class VisionTransformer(VitlabModel):
             x = x + self.pos_embed
         return self.pos_drop(x)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._embed(x)
-        for blk in self.blocks:
-            x = blk(x, self.layout)
-        return self.norm(x)
+    def _feature_stem(self, x: torch.Tensor) -> Tuple[torch.Tensor, TokenLayout]:
+        return self._embed(x), self.layout
+
+    def _feature_units(self) -> Sequence[nn.Module]:
+        return self.blocks
+
+    def _feature_unit(self, i: int, unit: nn.Module, x: torch.Tensor, layout: TokenLayout):
+        return self._block(unit, x, layout), layout
+
+    def _feature_info(self) -> List[Dict[str, Any]]:
+        r = self.patch_embed.img_size[0] // self.grid_size[0]
+        return [dict(num_chs=self.embed_dim, reduction=r, module=f"blocks.{i}") for i in range(len(self.blocks))]
+
+    def _truncate_units(self, n: int) -> None:
+        self.blocks = self.blocks[:n]
+
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        """timm's grouping: the stem (tokens, position embedding, patch embedding), then one group
+        per block, the final norm last."""
+        return dict(stem=r"^cls_token|dist_token|pos_embed|patch_embed",
+                    blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
+
+    def _set_global_pool(self, global_pool: str) -> None:
+        super()._set_global_pool(global_pool)
+        if global_pool == "token" and self.cls_token is None:
+            raise ValueError("global_pool='token' needs a class token; this model has none")
+        self.global_pool = global_pool
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = x[:, self.num_prefix_tokens:].mean(dim=1) if self.global_pool == "avg" else x[:, 0]
@@ -130,7 +154,7 @@ class VisionTransformer(VitlabModel):
         p = self.num_prefix_tokens
         return Intermediate(name, kind, tokens_to_map(x[:, p:], self.grid_size), x[:, :p] if p else None)
 
-    def forward_intermediates(self, x: torch.Tensor) -> List[Intermediate]:
+    def forward_halves(self, x: torch.Tensor) -> List[Intermediate]:
         """Embedding output, then for every block its attention half and its MLP half."""
         x = self._embed(x)
         out = [self._entry("patch_embed", "embed", x)]

@@ -28,7 +28,7 @@ def run(model, data, args, out_dir) -> Dict:
                                   progress=progress(args))
     figs = []
     try:
-        grids = [tuple(e.feature.shape[-2:]) for e in model.forward_intermediates(x[:1])] if has_contract(model) else []
+        grids = [tuple(e.feature.shape[-2:]) for e in model.forward_halves(x[:1])] if has_contract(model) else []
         maps = am.attention_maps(model, x[:1])
         path = os.path.join(out_dir, "attention_overlay.png")
         am.plot_attention_overlay(x[0], maps, path, grids=grids, mean=data.mean, std=data.std,

@@ -12,7 +12,7 @@ def progress(args) -> bool:
 
 
 def has_contract(model) -> bool:
-    return hasattr(model, "forward_intermediates")
+    return hasattr(model, "forward_halves")
 
 
 def num_classes(model, data) -> int:

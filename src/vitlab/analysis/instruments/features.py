@@ -1,7 +1,7 @@
 """Instrument ``fourier`` / ``oversmoothing``: Fourier spectra and variance of the feature maps
 (Park & Kim, "How Do Vision Transformers Work?", ICLR 2022) and oversmoothing statistics
 (Wang et al., "Anti-Oversmoothing in Deep Vision Transformers", ICLR 2022), from one pass of
-``forward_intermediates``."""
+``forward_halves``."""
 from __future__ import annotations
 
 from typing import Dict, List, Tuple
@@ -20,7 +20,7 @@ def add_arguments(p) -> None:
 def run(model, data, args, out_dir) -> Dict:
     from vitlab.analysis.features import feature_statistics
     if not has_contract(model):
-        return {"skipped": f"{type(model).__name__} does not implement the vitlab model contract (forward_intermediates)"}
+        return {"skipped": f"{type(model).__name__} does not implement the vitlab model contract (forward_halves)"}
     x = normalize(data.eval_x[: args.num_images], data.norm)
     return feature_statistics(model, x, batch_size=args.batch_size, max_images=args.num_images)
 

@@ -1,0 +1,236 @@
+"""The design's executable claim: every part plugs into every backbone, by construction.
+
+Parts registered here, inside the test (a new attention core, a new probability modifier, a new
+non-attention token mixer, a new norm), run in every family at a small size: forward and backward
+are finite and every parameter receives a gradient -- or the family refuses the part at
+construction with one ``ValueError`` that names the part and the reason.
+"""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import vitlab
+from vitlab.layers import CORES, MIXERS, MODIFIERS, NORMS, TokenLayout
+from vitlab.layers.cores import Core
+from vitlab.layers.modifiers import _Modifier
+
+from vitlab.models.parts_table import FAMILY_EXAMPLES as FAMILIES  # noqa: E402
+
+
+# -- parts a user writes in a few lines ---------------------------------------------------------------
+class L2Core(Core):
+    """A new core: softmax of negative squared distances, ``-|q - k|^2 / sqrt(d)`` (L2 attention)."""
+
+    def logits(self, host, q, k):
+        return -torch.cdist(q, k).pow(2) * self.scale(host)
+
+    def fused(self, host, q, k, v, bias, dropout_p):
+        logits = self.logits(host, q, k) + (0 if bias is None else bias)
+        return logits.softmax(-1) @ v
+
+
+class HeadTemperature(_Modifier):
+    """A new modifier: a learnable temperature per head on the logits (needs the matrix)."""
+
+    def setup(self, host):
+        host.head_temp = nn.Parameter(torch.ones(host.num_heads))
+
+    def on_logits(self, host, logits, heads):
+        return logits * host.head_temp[heads].view(1, -1, 1, 1)
+
+
+class DWConvMixer(nn.Module):
+    """A new non-attention token mixer: a 3x3 depthwise conv on the token map."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.conv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+
+    def forward(self, x, layout=None):
+        fm = layout.to_map(x)
+        y = layout.from_map(self.conv(fm))
+        p = layout.num_prefix
+        return torch.cat([x.new_zeros(x.shape[0], p, x.shape[2]), y], dim=1) if p else y
+
+
+class ScaleNorm(nn.Module):
+    """A new norm: ``g * x / |x|`` ("Transformers without Tears", Nguyen & Salazar, 2019)."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.g, self.eps = nn.Parameter(torch.tensor(math.sqrt(dim))), eps
+
+    def forward(self, x):
+        return self.g * x / x.norm(dim=-1, keepdim=True).clamp_min(self.eps)
+
+
+@pytest.fixture
+def new_parts():
+    """The parts below, registered for one test (removed after it: other tests see the built-in set)."""
+    CORES.register("l2_test")(L2Core)
+    MODIFIERS.register("head_temp_test")(HeadTemperature)
+    MIXERS.register("dwconv_test")(DWConvMixer)
+    NORMS.register("scalenorm_test")(ScaleNorm)
+    yield
+    for reg, name in ((CORES, "l2_test"), (MODIFIERS, "head_temp_test"), (MIXERS, "dwconv_test"),
+                      (NORMS, "scalenorm_test")):
+        reg.remove(name)
+
+
+def run_family(family, **parts):
+    """Build the family's small model with ``parts``; forward + backward; every parameter gets a finite
+    gradient.  Returns the model."""
+    name, small, size = FAMILIES[family]
+    torch.manual_seed(0)
+    model = vitlab.create_model(name, **small, **parts)
+    model.train()
+    x = torch.randn(2, *size)
+    out = model(x)
+    out = out[0] if isinstance(out, tuple) else out
+    assert out.shape == (2, 10) and torch.isfinite(out).all(), (family, parts)
+    out.square().mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing, f"{family} {parts}: no gradient for {missing[:5]}"
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters()), (family, parts)
+    return model
+
+
+# (family, part kind, part name) a family refuses, with the words its one-line error must contain
+REFUSED = {
+    ("alternet", "norm", "*"): ("BatchNorm",),
+    # CaiT's self-attention talks across heads (talking heads) unless talking_heads=False
+    ("cait", "core", "focused_linear"): ("talking_heads", "never forms the attention matrix"),
+    ("cait", "mixer", "focused_linear"): ("talking_heads", "never forms the attention matrix"),
+}
+
+NEW_PARTS = [dict(core="l2_test"), dict(modifiers=("head_temp_test",)), dict(mixer="dwconv_test"),
+             dict(norm="scalenorm_test")]
+
+
+def _expect(family, parts):
+    kind, value = next(iter(parts.items()))
+    name = str(value).strip("(),'")
+    words = REFUSED.get((family, kind, name), REFUSED.get((family, kind, "*")))
+    if words is not None:
+        with pytest.raises(ValueError) as err:
+            run_family(family, **parts)
+        msg = str(err.value)
+        assert name in msg and all(w in msg for w in words), msg
+        return None
+    return run_family(family, **parts)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("parts", NEW_PARTS, ids=lambda d: next(iter(d.values())) if isinstance(d, dict) else d)
+def test_a_part_no_family_was_taught_runs_in_every_family(new_parts, family, parts):
+    model = _expect(family, parts)
+    if model is not None:
+        assert_uses(model, parts)
+
+
+def assert_uses(model, parts):
+    """The model really holds the part asked for (not silently the default)."""
+    from vitlab.layers import ChannelScale, FeatScale
+
+    kind, value = next(iter(parts.items()))
+    mods = list(model.modules())
+    checks = {
+        "core": lambda: any(getattr(getattr(m, "core", None), "name", None) == value for m in mods),
+        "modifiers": lambda: any(value[0] in [p.name for p in getattr(m, "modifiers", [])] for m in mods),
+        "mixer": lambda: any(isinstance(m, MIXERS.get(value)) if isinstance(MIXERS.get(value), type) else
+                             getattr(getattr(m, "core", None), "name", None) == MIXERS.get(value).core_name
+                             for m in mods),
+        "norm": lambda: any(isinstance(m, NORMS.get(value)) for m in mods),
+        "branch_scale": lambda: any(isinstance(m, ChannelScale) for m in mods) == (value != "plain"),
+        "featscale": lambda: any(isinstance(m, FeatScale) for m in mods),
+    }
+    assert checks[kind](), f"{parts} not found in {type(model).__name__}"
+
+
+BUILT_IN = ([dict(core=c) for c in ("softmax", "cosine", "focused_linear")]
+            + [dict(modifiers=(m,)) for m in ("attnscale", "talking_heads", "reattention")]
+            + [dict(mixer=m) for m in ("softmax", "cosine", "focused_linear", "attnscale", "pooling")]
+            + [dict(norm=n) for n in ("layernorm", "center", "rms")]
+            + [dict(branch_scale=b) for b in ("plain", "weighted", "layerscale")] + [dict(featscale=True)])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("parts", BUILT_IN, ids=lambda d: f"{next(iter(d))}={next(iter(d.values()))}")
+def test_every_built_in_part_in_every_family(family, parts):
+    model = _expect(family, parts)
+    if model is not None:
+        assert_uses(model, parts)
+
+
+def test_capability_errors_name_both_parts_and_the_reason():
+    with pytest.raises(ValueError, match="core 'focused_linear' cannot be combined with modifier 'talking_heads': "
+                                         "focused_linear never forms the attention matrix; talking_heads needs it"):
+        vitlab.create_model("vit_tiny_patch4_32", core="focused_linear", modifiers=("reattention", "talking_heads")
+                            if False else ("talking_heads",))
+    with pytest.raises(ValueError, match="grouping 'window' cannot place 1 prefix"):
+        from vitlab.layers import MultiHeadAttention
+        MultiHeadAttention(16, 2, grouping="window", window_size=2, layout=TokenLayout((4, 4), 1))
+    with pytest.raises(ValueError, match="mixer 'pooling' is not attention"):
+        vitlab.create_model("vit_tiny_patch4_32", mixer="pooling", core="cosine")
+
+
+def test_unknown_keywords_are_errors_that_list_the_valid_keys():
+    with pytest.raises(ValueError, match=r"unknown keyword argument 'banana' for model 'alternet50_cifar'; valid keys:"):
+        vitlab.create_model("alternet50_cifar", banana=1)
+    with pytest.raises(ValueError, match=r"'tua' \(did you mean 'tau'\?\).*valid keys: .*tau"):
+        vitlab.create_model("vit_tiny_patch4_32", mixer="cosine", mixer_kwargs={"tua": 5})
+    with pytest.raises(ValueError, match="'tau'.*valid keys: qk_norm, qkv_bias"):
+        vitlab.create_model("vit_tiny_patch4_32", mixer_kwargs={"tau": 5})  # softmax takes no temperature
+    with pytest.raises(ValueError, match="pool_size"):
+        vitlab.create_model("vit_tiny_patch4_32", mixer="pooling", mixer_kwargs={"pool": 5})
+
+
+def test_non_attention_mixer_in_swin_gets_no_attention_parameters():
+    """Pooling in Swin: no relative-position tables (they would never receive a gradient)."""
+    m = run_family("swin", mixer="pooling")
+    assert not [n for n, _ in m.named_parameters() if "relative_position" in n or ".attn." in n]
+
+
+def test_docs_parts_table_is_current():
+    """docs/parts.md is what ``vitlab models --parts`` prints today (regenerate it when parts change)."""
+    import pathlib
+
+    from vitlab.models.parts_table import parts_markdown
+
+    doc = pathlib.Path(__file__).resolve().parents[1] / "docs" / "parts.md"
+    assert doc.read_text() == parts_markdown(), "docs/parts.md is stale: run `vitlab models --parts > docs/parts.md`"
+
+
+@pytest.mark.parametrize("family, expect", [
+    ("vit", {"blocks.0.attn": ((8, 8), 1)}),                               # global, class token
+    ("swin", {"layers.0.blocks.0.attn": ((2, 2), 0)}),                     # a 2x2 window
+    ("pvt", {"stages.0.blocks.0.attn": ((4, 4), 0), "stages.1.blocks.0.attn": ((4, 4), 1)}),  # reduced keys
+    ("cswin", {"layers.2.blocks.0.attn": ((2, 2), 0)}),                    # last stage: one branch over the map
+])
+def test_attention_records_carry_the_layout_of_their_keys(family, expect):
+    """Analysis never guesses a grid: each recorded map comes with the grid and prefix count of the keys."""
+    from vitlab.layers import record_attention
+
+    name, small, size = FAMILIES[family]
+    model = vitlab.create_model(name, **small).eval()
+    with record_attention(model) as rec, torch.no_grad():
+        model(torch.randn(1, *size))
+    maps, layouts = rec.last(), rec.last_layouts()
+    for module, (grid, prefix) in expect.items():
+        lay = layouts[module]
+        assert (lay.grid, lay.num_prefix) == (grid, prefix), (module, lay)
+        assert maps[module].shape[-1] == lay.num_tokens
+
+
+def test_train_eval_and_analyze_normalise_cifar_alike():
+    """One home for CIFAR-10's mean and std: the data pipeline, the model's pretrained_cfg (what eval and
+    analyze read for a model without a checkpoint) and the constants agree exactly."""
+    from vitlab.constants import CIFAR10_MEAN, CIFAR10_STD
+    from vitlab.data.datasets import dataset_info
+
+    info = dataset_info("cifar10")
+    cfg = vitlab.create_model("vit_tiny_patch4_32").default_cfg
+    assert tuple(info["mean"]) == tuple(cfg["mean"]) == CIFAR10_MEAN
+    assert tuple(info["std"]) == tuple(cfg["std"]) == CIFAR10_STD == (0.2470, 0.2435, 0.2616)
