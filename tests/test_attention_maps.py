@@ -109,3 +109,29 @@ def test_statistics_units_and_rollout(tmp_path):
     assert token_layout(24, []) is None
     path = plot_attention_overlay(x[0], attention_maps(model, x[:1]), tmp_path / "o.png", grids=[(4, 4)])
     assert path.stat().st_size > 1000
+
+
+def test_attention_statistics_use_the_recorded_layout_never_a_guess():
+    """Distances are measured on the grid each attention recorded: a Swin window is its 2x2 window,
+    and CSwin's stripes of two shapes in one call get no distance (a square-number guess was wrong)."""
+    import vitlab
+    from vitlab.analysis.attention import attention_statistics, mean_attention_distance
+    from vitlab.layers import record_attention
+
+    torch.manual_seed(0)
+    swin = vitlab.create_model("swin_tiny_patch4_window7_224", img_size=32, embed_dim=16, depths=(2, 2),
+                               num_heads=(2, 2), window_size=2, num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    stats = attention_statistics(swin, x)
+    i = stats["names"].index("layers.0.blocks.0.attn")
+    assert stats["layout"][i] == {"num_prefix": 0, "grid": [2, 2]}
+    with record_attention(swin) as rec, torch.no_grad():
+        swin(x)
+    ref = mean_attention_distance(rec.last()["layers.0.blocks.0.attn"], (2, 2), 0)
+    assert torch.allclose(torch.tensor(stats["distance"][i]), ref.double().float(), atol=1e-5)
+    cswin = vitlab.create_model("cswin_tiny_224", img_size=64, embed_dim=16, depths=(1, 1, 1), num_heads=(2, 2, 2),
+                                split_size=(1, 2, 2), num_classes=10).eval()
+    stats = attention_statistics(cswin, torch.randn(1, 3, 64, 64))
+    # 16x16 map: stripes 16x1 and 1x16 (16 keys each, a square number) in one call
+    i = stats["names"].index("layers.0.blocks.0.attn")
+    assert stats["layout"][i] is None and stats["distance"][i] is None

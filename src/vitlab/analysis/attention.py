@@ -37,18 +37,28 @@ def _check_probs(probs: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def attention_maps(model: torch.nn.Module, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+def attention_maps(model: torch.nn.Module, images: torch.Tensor, layouts: bool = False):
     """``{module name: probabilities (B', heads, N_query, N_key)}`` for one batch, in module
-    order (B' = B·windows for window attention).  Uses only ``record_attention``; the model is
-    put in eval mode while it runs."""
+    order (B' = B·windows for window attention); with ``layouts=True`` also ``{module name:
+    TokenLayout of the keys of one group, or None}`` as recorded by the attention itself.  Uses only
+    ``record_attention``; the model is put in eval mode while it runs."""
     was = model.training
     model.eval()
     try:
         with record_attention(model) as rec:
             model(images)
-        return rec.last()
+        return (rec.last(), rec.last_layouts()) if layouts else rec.last()
     finally:
         model.train(was)
+
+
+def _layout_of(probs: torch.Tensor, recorded, grids) -> Optional[Tuple[int, Tuple[int, int]]]:
+    """``(num_prefix, grid)`` of a self-attention map: the layout its attention recorded (a window, a
+    stripe, the whole map).  ``None`` (no distance) when queries and keys differ (reduced keys, class
+    queries) or the groups have no one grid (CSwin's two stripe shapes in one call): never a guess."""
+    if probs.shape[-1] != probs.shape[-2] or recorded is None or len(recorded.grid) != 2:
+        return None
+    return recorded.num_prefix, tuple(recorded.grid)
 
 
 def token_layout(n_keys: int, grids: Sequence[Tuple[int, int]] = (), max_prefix: int = 2) -> Optional[Tuple[int, Tuple[int, int]]]:
@@ -153,11 +163,11 @@ def attention_statistics(model: torch.nn.Module, images, batch_size: int = 32, m
     for x in it:
         if not grids:
             grids, img_hw = _grids_of(model, x)
-        maps = attention_maps(model, x)
+        maps, recorded = attention_maps(model, x, layouts=True)
         b = x.shape[0]
         for name, probs in maps.items():
             if name not in acc:
-                layout[name] = token_layout(probs.shape[-1], grids) if probs.shape[-1] == probs.shape[-2] else None
+                layout[name] = _layout_of(probs, recorded.get(name), grids)
                 acc[name] = {"dist": 0.0, "ent": 0.0, "lpd": 0.0, "shape": tuple(probs.shape[1:]),
                              "px": _pixels_per_token(probs, b, layout[name], grids, img_hw)}
             lay = layout[name]
