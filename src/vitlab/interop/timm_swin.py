@@ -22,7 +22,8 @@ from __future__ import annotations
 import re
 
 from vitlab.interop.timm import register_timm_converter
-from vitlab.models.swin import SwinTransformer, resize_size_dependent
+from vitlab.models.resize import resize_size_dependent
+from vitlab.models.swin import SwinTransformer
 
 
 def _unwrap(sd):

@@ -274,6 +274,14 @@ class VitlabModel(nn.Module):
             if p.ndim <= 1 or any(k in n for k in self._no_weight_decay_keys)
         }
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Loads a state dict, fitting the tensors that depend on the input size (position tables,
+        relative tables, FLatten's key position codes) to this model first
+        (:func:`vitlab.models.resize.resize_size_dependent`, the one place that does it)."""
+        from vitlab.models.resize import resize_size_dependent
+
+        return super().load_state_dict(resize_size_dependent(self, state_dict), strict=strict, assign=assign)
+
     def check_input(self, x: torch.Tensor) -> None:
         if x.ndim != 4:
             raise ValueError(f"expected a 4-D image batch (B, C, H, W), got shape {tuple(x.shape)}")

@@ -34,7 +34,6 @@ import torch
 from torch import nn
 
 from vitlab.layers import Mlp, MixerSpec, PatchEmbed, TokenLayout, create_norm, init_weights
-from vitlab.layers.pos_embed import resample_pos_embed
 from vitlab.models.base import Intermediate, VitlabModel, make_default_cfg, tokens_to_map
 from vitlab.models.block import Block
 from vitlab.models.factory import register_model
@@ -187,18 +186,6 @@ class Cait(VitlabModel):
             x = blk.mlp_half(x, self.ca_layout)
             out.append(Intermediate(f"blocks_token_only.{i}.mlp", "mlp", fmap, x[:, :1], stage=1))
         return out
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Loads a state dict, resizing a ``pos_embed`` trained at another image size (bicubic)."""
-        pe = state_dict.get("pos_embed")
-        if pe is not None and pe.shape != self.pos_embed.shape:
-            side = int(round(pe.shape[1] ** 0.5))
-            if side * side != pe.shape[1]:
-                raise ValueError(f"cannot resize pos_embed of shape {tuple(pe.shape)}: not a square grid")
-            state_dict = dict(state_dict)
-            state_dict["pos_embed"] = resample_pos_embed(pe, self.grid_size, (side, side), 0)
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
-
 
 # -- registered recipes (names and sizes as timm's) ---------------------------------------------
 _CAIT_SIZES = {

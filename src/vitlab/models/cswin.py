@@ -34,7 +34,7 @@ from torch import nn
 
 from vitlab.layers import MixerSpec, TokenLayout, create_norm, init_weights
 from vitlab.models.base import Intermediate, VitlabModel, make_default_cfg, tokens_to_map
-from vitlab.models.swin import (SwinStages, _per_stage, build_stages, check_stage_sizes, resize_size_dependent,
+from vitlab.models.swin import (SwinStages, _per_stage, build_stages, check_stage_sizes,
                                 stage_attn_types, stage_intermediates)
 from vitlab.models.factory import register_model
 
@@ -178,12 +178,6 @@ class CSwinTransformer(SwinStages, VitlabModel):
         x, hw = self._embed(x)
         embed = Intermediate("patch_embed", "embed", tokens_to_map(x, hw), None, 0)
         return [embed] + stage_intermediates(self.layers, x, hw)
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Loads a state dict; focused-linear key position encodings trained at another input
-        size are resized by bicubic interpolation of their token grid."""
-        return super().load_state_dict(resize_size_dependent(self, state_dict), strict=strict, assign=assign)
-
 
 # -- the official CSwin repository's state-dict layout ---------------------------------------------
 _OFFICIAL_TO_VITLAB = [

@@ -29,7 +29,6 @@ from torch import nn
 
 from vitlab.layers import Mlp, MixerSpec, PatchEmbed, TokenLayout, create_norm, init_weights
 from vitlab.layers.inplace import activate
-from vitlab.layers.pos_embed import resample_pos_embed
 from vitlab.models.block import Block
 from vitlab.models.base import Intermediate, VitlabModel, make_default_cfg, register_recipe, tokens_to_map
 
@@ -272,22 +271,6 @@ class PyramidVisionTransformer(VitlabModel):
         if not isinstance(self.norm, nn.Identity):
             entry("norm", "norm", self.norm(x), len(self.stages) - 1)
         return out
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Loads a state dict, resizing per-stage position embeddings trained at another image
-        size (bicubic, class row kept), as for PVT's fine-tuning at other resolutions."""
-        state_dict = dict(state_dict)
-        for i, s in enumerate(self.stages):
-            key = f"stages.{i}.pos_embed"
-            pe = state_dict.get(key)
-            if pe is not None and pe.shape != s.pos_embed.shape:
-                n_old = pe.shape[1] - s.num_prefix
-                side = int(round(n_old ** 0.5))
-                if side * side != n_old:
-                    raise ValueError(f"cannot resize {key} of shape {tuple(pe.shape)}: not a square grid")
-                state_dict[key] = resample_pos_embed(pe, s.grid_size, (side, side), s.num_prefix)
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
-
 
 # -- registered recipes ---------------------------------------------------------------------------
 _PVT_SIZES = {

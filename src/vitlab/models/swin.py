@@ -30,13 +30,12 @@ from torch import nn
 
 from vitlab.layers import Mlp, MixerSpec, PatchEmbed, TokenLayout, create_norm, init_weights
 from vitlab.layers.mixers import check_stage_kwargs
-from vitlab.layers.pos_embed import resample_pos_embed
-from vitlab.layers.window import REL_POS_RESIZE_METHODS, resize_relative_position_table
+from vitlab.layers.window import REL_POS_RESIZE_METHODS
 from vitlab.models.block import Block
 from vitlab.models.base import Intermediate, VitlabModel, make_default_cfg, tokens_to_map
 from vitlab.models.factory import register_model
 
-__all__ = ["SwinTransformer", "swin_attention", "SwinStage", "PatchMerging", "resize_size_dependent",
+__all__ = ["SwinTransformer", "swin_attention", "SwinStage", "PatchMerging", 
            "stage_intermediates", "stage_attn_types", "linear_spec", "SwinStages"]
 
 
@@ -106,37 +105,6 @@ def _per_stage(value, n: int, what: str) -> Tuple:
             raise ValueError(f"{what} needs one value per stage ({n} stages), got {value!r}")
         return tuple(value)
     return (value,) * n
-
-
-def resize_size_dependent(model: nn.Module, state_dict: Dict[str, torch.Tensor],
-                          rel_pos_resize: Optional[str] = None) -> Dict[str, torch.Tensor]:
-    """A copy of ``state_dict`` whose input-size-dependent tensors are resized to ``model``'s.
-
-    * relative position tables ``((2w-1)^2, heads)``: to the window of the module that owns the
-      key, with ``rel_pos_resize`` (default: the model's ``rel_pos_resize``, else ``"timm"``;
-      see :func:`vitlab.layers.window.resize_relative_position_table`);
-    * focused-linear key position encodings ``(1, H*W, C)``: bicubic on the square token grid.
-
-    Buffers that older checkpoints saved (``relative_position_index``, ``attn_mask``) are dropped.
-    """
-    method = rel_pos_resize or getattr(model, "rel_pos_resize", "timm")
-    own = model.state_dict()
-    state_dict = {k: v for k, v in state_dict.items()
-                  if not (k.endswith("relative_position_index") or k.endswith("attn_mask")) or k in own}
-    for key, val in list(state_dict.items()):
-        if key not in own or own[key].shape == val.shape:
-            continue
-        if key.endswith("relative_position_bias_table"):
-            owner = model.get_submodule(key[:-len(".relative_position_bias_table")])
-            state_dict[key] = resize_relative_position_table(val, owner.rel_pos_window, method=method)
-        elif key.endswith("attn.pos_enc"):
-            old = int(round(val.shape[1] ** 0.5))
-            new = int(round(own[key].shape[1] ** 0.5))
-            if old * old != val.shape[1] or new * new != own[key].shape[1]:
-                raise ValueError(f"cannot resize {key} of shape {tuple(val.shape)} to {tuple(own[key].shape)}: "
-                                 "not square token grids")
-            state_dict[key] = resample_pos_embed(val, (new, new), (old, old), num_prefix=0)
-    return state_dict
 
 
 class PatchMerging(nn.Module):
@@ -322,15 +290,6 @@ class SwinTransformer(SwinStages, VitlabModel):
         x, hw = self._embed(x), self.grid_size
         embed = Intermediate("patch_embed", "embed", tokens_to_map(x, hw), None, 0)
         return [embed] + stage_intermediates(self.layers, x, hw)
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Loads a state dict, resizing what depends on the input size: relative position
-        tables to this model's windows (the Swin paper's 224 -> 384 fine-tuning, window 7 -> 12;
-        method ``self.rel_pos_resize``) and focused-linear key position encodings ``(1, H*W, C)``
-        by bicubic interpolation of the token grid."""
-        state_dict = resize_size_dependent(self, state_dict)
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
-
 
 # -- registered recipes -------------------------------------------------------------------------
 _SWIN_SIZES = {

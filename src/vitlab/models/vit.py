@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from vitlab.layers import EMBEDS, Mlp, MixerSpec, TokenLayout, create_norm, init_weights, sincos_2d
-from vitlab.layers.pos_embed import POS_EMBEDS, resample_pos_embed
+from vitlab.layers.pos_embed import POS_EMBEDS
 from vitlab.models.block import Block
 from vitlab.models.base import Intermediate, VitlabModel, make_default_cfg, register_recipe, tokens_to_map
 
@@ -164,20 +164,6 @@ class VisionTransformer(VitlabModel):
             x = blk.mlp_half(x, self.layout)
             out.append(self._entry(f"blocks.{i}.mlp", "mlp", x))
         return out
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Loads a state dict, resizing a learned ``pos_embed`` trained at another image size
-        (e.g. a 224 checkpoint into a 384 model) by bicubic interpolation."""
-        pe = state_dict.get("pos_embed")
-        if isinstance(self.pos_embed, nn.Parameter) and pe is not None and pe.shape != self.pos_embed.shape:
-            n_old = pe.shape[1] - self.num_prefix_tokens
-            side = int(round(n_old ** 0.5))
-            if side * side != n_old:
-                raise ValueError(f"cannot resize pos_embed of shape {tuple(pe.shape)}: not a square grid")
-            state_dict = dict(state_dict)
-            state_dict["pos_embed"] = resample_pos_embed(pe, self.grid_size, (side, side), self.num_prefix_tokens)
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
-
 
 # -- registered recipes -------------------------------------------------------------------------
 
