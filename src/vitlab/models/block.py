@@ -13,7 +13,7 @@ any channel mixer taking ``(x, layout)``); every other part is named here.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from torch import nn
@@ -22,9 +22,17 @@ from vitlab.layers import DWConvUnit, DropPath, FeatScale, create_norm, create_s
 from vitlab.layers.inplace import residual_add
 from vitlab.layers.layout import TokenLayout
 
-__all__ = ["Block", "WIRINGS"]
+__all__ = ["Block", "WIRINGS", "drop_path_rates"]
 
 WIRINGS = ("pre", "post", "end", "prefix")
+
+
+def drop_path_rates(rate: float, depth: int) -> List[float]:
+    """Stochastic depth per block (Huang et al., ECCV 2016): ``rate * i / (depth - 1)`` for block ``i`` of
+    ``depth``, the linear rule of DeiT, Swin and PVT; plain floats, so models build on 'meta'."""
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"drop_path_rate must be in [0, 1), got {rate}")
+    return [rate * i / max(depth - 1, 1) for i in range(depth)]
 
 
 class Block(nn.Module):

@@ -29,7 +29,7 @@ from torch import nn
 
 from vitlab.layers import Mlp, MixerSpec, PatchEmbed, TokenLayout, create_norm, init_weights
 from vitlab.layers.inplace import activate
-from vitlab.models.block import Block
+from vitlab.models.block import Block, drop_path_rates
 from vitlab.models.base import Intermediate, VitlabModel, make_default_cfg, register_recipe, tokens_to_map
 
 __all__ = ["pvt_attention", "pvt_block", "MlpWithDepthwiseConv", "PvtStage", "PyramidVisionTransformer"]
@@ -161,7 +161,7 @@ class PyramidVisionTransformer(VitlabModel):
         self.global_pool = global_pool
         spec = MixerSpec(mixer, core, tuple(modifiers), dict(mixer_kwargs or {}))
         self.num_prefix_tokens = 1 if global_pool == "token" else 0
-        dpr = [drop_path_rate * i / max(sum(depths) - 1, 1) for i in range(sum(depths))]  # meta-safe linspace
+        dpr = drop_path_rates(drop_path_rate, sum(depths))
         stages, size, c_in, cur = [], (img, img), in_chans, 0
         for i in range(ns):
             bk = dict(num_heads=num_heads[i], mlp_ratio=mlp_ratios[i], sr_ratio=sr_ratios[i], qkv_bias=qkv_bias,

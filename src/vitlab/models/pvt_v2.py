@@ -28,6 +28,7 @@ from torch import nn
 from vitlab.layers import create_norm, init_weights
 from vitlab.models.base import Intermediate, VitlabModel, make_default_cfg, register_recipe
 from vitlab.layers import MixerSpec, TokenLayout
+from vitlab.models.block import drop_path_rates
 from vitlab.models.pvt import pvt_block, stage_sizes
 
 __all__ = ["OverlapPatchEmbed", "PvtV2Stage", "PyramidVisionTransformerV2"]
@@ -94,7 +95,7 @@ class PyramidVisionTransformerV2(VitlabModel):
         self.img_size = img
         self.patch_embed = OverlapPatchEmbed(7, 4, in_chans, embed_dims[0], norm)
         grid = self.patch_embed.out_size((img, img))
-        dpr = [drop_path_rate * i / max(sum(depths) - 1, 1) for i in range(sum(depths))]  # meta-safe linspace
+        dpr = drop_path_rates(drop_path_rate, sum(depths))
         spec = MixerSpec(mixer, core, tuple(modifiers), dict(mixer_kwargs or {}))
         stages, cur, prev = [], 0, embed_dims[0]
         for i in range(ns):

@@ -31,7 +31,7 @@ from torch import nn
 from vitlab.layers import Mlp, MixerSpec, PatchEmbed, TokenLayout, create_norm, init_weights
 from vitlab.layers.mixers import check_stage_kwargs
 from vitlab.layers.window import REL_POS_RESIZE_METHODS
-from vitlab.models.block import Block
+from vitlab.models.block import Block, drop_path_rates
 from vitlab.models.base import Intermediate, VitlabModel, make_default_cfg, tokens_to_map
 from vitlab.models.factory import register_model
 
@@ -58,7 +58,7 @@ def build_stages(spec: MixerSpec, attn_type: str, dims: Sequence[int], depths: S
     ``make_attention(stage_spec, i, j, hw)``; ``L`` stages run FLatten's linear attention.  Returns the
     stages and the last map's size; every ``mixer_kwargs`` key must be used by some stage."""
     total = sum(depths)
-    dpr = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]  # linear rule (no tensor: meta-safe)
+    dpr = drop_path_rates(drop_path_rate, total)
     stages, k, asked = [], 0, []
     for i in range(len(depths)):
         down = None

@@ -20,7 +20,7 @@ from torch import nn
 
 from vitlab.layers import EMBEDS, Mlp, MixerSpec, TokenLayout, create_norm, init_weights, sincos_2d
 from vitlab.layers.pos_embed import POS_EMBEDS
-from vitlab.models.block import Block
+from vitlab.models.block import Block, drop_path_rates
 from vitlab.models.base import Intermediate, VitlabModel, make_default_cfg, register_recipe, tokens_to_map
 
 __all__ = ["Block", "VisionTransformer"]  # Block re-exported from vitlab.models.block
@@ -78,7 +78,7 @@ class VisionTransformer(VitlabModel):
             self.pos_embed = None
         self.pos_drop = nn.Dropout(drop_rate)
         self.layout = TokenLayout(self.grid_size, self.num_prefix_tokens)
-        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # plain floats: works on 'meta'
+        dpr = drop_path_rates(drop_path_rate, depth)
         self.blocks = nn.Sequential(*[
             Block(embed_dim, spec.build(embed_dim, num_heads, self.layout, qkv_bias=qkv_bias, attn_drop=attn_drop_rate,
                                         proj_drop=drop_rate),
