@@ -290,6 +290,20 @@ class VitlabModel(nn.Module):
                 f"expected {self.in_chans} input channels, got {x.shape[1]} (input shape {tuple(x.shape)}); "
                 f"create the model with in_chans={x.shape[1]} to change it"
             )
+class IsotropicTaps:
+    """Feature taps of an isotropic model (ViT, DeiT, CaiT): every block of ``self.blocks`` on the
+    embedded tokens (``self._embed``) laid out as ``self.layout``."""
+
+    def _feature_stem(self, x: torch.Tensor) -> Tuple[torch.Tensor, TokenLayout]:
+        return self._embed(x), self.layout
+
+    def _feature_units(self) -> Sequence[nn.Module]:
+        return self.blocks
+
+    def _feature_unit(self, i: int, unit: nn.Module, x: torch.Tensor, layout: TokenLayout):
+        return self._block(unit, x, layout), layout
+
+
 def make_default_cfg(architecture: str, img_size: int, num_classes: int, in_chans: int = 3,
                      mean=IMAGENET_MEAN, std=IMAGENET_STD, **extra: Any) -> Dict[str, Any]:
     """A timm-style ``default_cfg``: what a data pipeline needs to feed the model."""

@@ -34,14 +34,14 @@ import torch
 from torch import nn
 
 from vitlab.layers import Mlp, MixerSpec, PatchEmbed, TokenLayout, create_norm, init_weights
-from vitlab.models.base import Intermediate, VitlabModel, make_default_cfg, tokens_to_map
+from vitlab.models.base import Intermediate, IsotropicTaps, VitlabModel, make_default_cfg, tokens_to_map
 from vitlab.models.block import Block
 from vitlab.models.factory import register_model
 
 __all__ = ["Cait"]
 
 
-class Cait(VitlabModel):
+class Cait(IsotropicTaps, VitlabModel):
     """CaiT (Touvron et al., ICCV 2021) whose parts are arguments; see the module docstring.
 
     Args beyond the ViT sizes: ``mixer``, ``talking_heads`` (bool, default True), ``ca_mixer``,
@@ -123,15 +123,6 @@ class Cait(VitlabModel):
         return self.cls_token.repeat(b, 1, 1)
 
     _global_pools = ("token",)
-
-    def _feature_stem(self, x: torch.Tensor) -> Tuple[torch.Tensor, TokenLayout]:
-        return self._embed(x), self.layout
-
-    def _feature_units(self) -> Sequence[nn.Module]:
-        return self.blocks
-
-    def _feature_unit(self, i: int, unit: nn.Module, x: torch.Tensor, layout: TokenLayout):
-        return self._block(unit, x, layout), layout
 
     def _feature_end(self, x: torch.Tensor, layout: TokenLayout, complete: bool) -> torch.Tensor:
         """The class token joins after the self-attention blocks; the class-attention blocks update it."""

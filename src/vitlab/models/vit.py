@@ -21,12 +21,13 @@ from torch import nn
 from vitlab.layers import EMBEDS, Mlp, MixerSpec, TokenLayout, create_norm, init_weights, sincos_2d
 from vitlab.layers.pos_embed import POS_EMBEDS
 from vitlab.models.block import Block, drop_path_rates
-from vitlab.models.base import Intermediate, VitlabModel, make_default_cfg, register_recipe, tokens_to_map
+from vitlab.models.base import (Intermediate, IsotropicTaps, VitlabModel, make_default_cfg, register_recipe,
+                                tokens_to_map)
 
 __all__ = ["Block", "VisionTransformer"]  # Block re-exported from vitlab.models.block
 
 
-class VisionTransformer(VitlabModel):
+class VisionTransformer(IsotropicTaps, VitlabModel):
     """Isotropic ViT whose every part is an argument (see the module docstring).
 
     Args (beyond the usual ViT sizes): ``mixer`` (``softmax`` | ``cosine`` | ``focused_linear``
@@ -116,15 +117,6 @@ class VisionTransformer(VitlabModel):
         if self.pos_embed is not None:
             x = x + self.pos_embed
         return self.pos_drop(x)
-
-    def _feature_stem(self, x: torch.Tensor) -> Tuple[torch.Tensor, TokenLayout]:
-        return self._embed(x), self.layout
-
-    def _feature_units(self) -> Sequence[nn.Module]:
-        return self.blocks
-
-    def _feature_unit(self, i: int, unit: nn.Module, x: torch.Tensor, layout: TokenLayout):
-        return self._block(unit, x, layout), layout
 
     def _feature_info(self) -> List[Dict[str, Any]]:
         r = self.patch_embed.img_size[0] // self.grid_size[0]
