@@ -377,3 +377,69 @@ def test_fused_feature_map_equals_composed_ops_and_gradchecks(monkeypatch):
         assert (a - b).abs().max() < 1e-10
     with pytest.raises(ValueError, match="one value per channel"):
         focused_feature_map(torch.rand(3, 12), torch.rand(5))
+
+
+# -- tests added for surviving mutants (mutmut over cores, modifiers, position parts) --------------
+def test_cosine_eps_normalisation_is_the_paper_form():
+    """With eps > 0, q and k are divided by sqrt(|q|^2 + eps) (LipsFormer's globally Lipschitz form)."""
+    from vitlab.layers import TokenLayout  # noqa: F401
+
+    tau, eps = 10.0, 0.5
+    m = CosineAttention(8, num_heads=2, tau=tau, eps=eps).eval()
+    x = torch.randn(2, 5, 8) * 0.3  # small tokens: eps matters
+    q, k, _ = m.core.prepare(m, *m.projection(m, x, x))
+    raw_q, raw_k, _ = m.projection(m, x, x)
+    ref = lambda t: t / torch.sqrt(t.pow(2).sum(-1, keepdim=True) + eps)  # noqa: E731
+    torch.testing.assert_close(q, ref(raw_q))
+    torch.testing.assert_close(k, ref(raw_k))
+
+
+def test_learnable_tau_scales_the_cosine_logits():
+    """A learnable tau multiplies the cosine logits (not divides): checked against einsum."""
+    m = CosineAttention(8, num_heads=2, tau=3.0, learn_tau=True).eval()
+    x = torch.randn(1, 4, 8)
+    raw_q, raw_k, v = (t.detach() for t in m.projection(m, x, x))
+    cos = torch.einsum("bhid,bhjd->bhij", F.normalize(raw_q, dim=-1), F.normalize(raw_k, dim=-1))
+    with record_attention(m) as rec:
+        m(x)
+    torch.testing.assert_close(rec.last()[""], (3.0 * cos).softmax(-1), atol=1e-6, rtol=1e-5)
+
+
+def test_attnscale_with_fewer_keys_than_queries():
+    """AttnScale's 1/N is over the keys (spatially reduced: N_k < N_q), on both paths."""
+    from vitlab.layers import MultiHeadAttention, TokenLayout
+
+    layout = TokenLayout((4, 4))
+    m = MultiHeadAttention(8, 2, projection="q_kv", grouping="spatial_reduction", sr_ratio=2,
+                           modifiers=("attnscale",), layout=layout).eval()
+    with torch.no_grad():
+        m.attn_scale.omega.copy_(torch.tensor([0.7, -0.4]))
+    x = torch.randn(2, 16, 8)
+    with record_attention(m) as rec:
+        explicit = m(x, layout)
+    probs = rec.last()[""]  # (2, 2, 16, 4)
+    fm = x.transpose(1, 2).reshape(2, 8, 4, 4)
+    kv_in = m.norm(m.sr(fm).flatten(2).transpose(1, 2))
+    q = m.q(x).view(2, 16, 2, 4).transpose(1, 2)
+    k = m.kv(kv_in).view(2, 4, 2, 2, 4).permute(2, 0, 3, 1, 4)[0]
+    a = (q @ k.transpose(-1, -2) / 2.0).softmax(-1)
+    w = m.attn_scale.omega.view(1, 2, 1, 1)
+    torch.testing.assert_close(probs, a + w * (a - 1.0 / 4), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(m(x, layout), explicit, atol=1e-5, rtol=1e-5)  # fused path: same operator
+
+
+def test_lepe_leaves_prefix_tokens_out_of_the_conv():
+    """LePE on a map with a class token: the conv sees the grid only; the class token gets no term."""
+    from vitlab.layers import MultiHeadAttention, TokenLayout
+
+    layout = TokenLayout((3, 3), 1)
+    m = MultiHeadAttention(8, 2, position=("lepe",), layout=layout).eval()
+    with torch.no_grad():
+        m.lepe[0].bias.normal_()
+    x = torch.randn(1, 10, 8)
+    plain = MultiHeadAttention(8, 2, layout=layout).eval()
+    plain.load_state_dict({k: v for k, v in m.state_dict().items() if "lepe" not in k})
+    v = m.qkv(x)[..., 16:]
+    lepe = m.lepe[0](v[:, 1:].transpose(1, 2).reshape(1, 8, 3, 3)).flatten(2).transpose(1, 2)
+    ref = plain(x, layout) + torch.cat([torch.zeros(1, 1, 8), lepe], 1) @ m.proj.weight.T
+    torch.testing.assert_close(m(x, layout), ref, atol=1e-5, rtol=1e-5)
