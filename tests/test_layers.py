@@ -443,3 +443,35 @@ def test_lepe_leaves_prefix_tokens_out_of_the_conv():
     lepe = m.lepe[0](v[:, 1:].transpose(1, 2).reshape(1, 8, 3, 3)).flatten(2).transpose(1, 2)
     ref = plain(x, layout) + torch.cat([torch.zeros(1, 1, 8), lepe], 1) @ m.proj.weight.T
     torch.testing.assert_close(m(x, layout), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_cosine_normalize_v_normalises_the_values():
+    """``normalize_v`` (the paper form): V is unit-normalised per head before ``A V``."""
+    m = CosineAttention(8, num_heads=2, tau=5.0, normalize_v=True).eval()
+    x = torch.randn(1, 4, 8) * 3
+    _, _, v = m.core.prepare(m, *m.projection(m, x, x))
+    torch.testing.assert_close(v.norm(dim=-1), torch.ones(1, 2, 4))
+
+
+def test_attention_dropout_acts_in_training_on_the_fused_path():
+    """attn_drop reaches SDPA in training (two calls differ) and is off in eval (calls agree)."""
+    from vitlab.layers import MultiHeadAttention
+
+    m = MultiHeadAttention(8, 2, attn_drop=0.5)
+    x = torch.randn(2, 6, 8)
+    m.train()
+    torch.manual_seed(0)
+    a = m(x)
+    torch.manual_seed(1)
+    assert not torch.allclose(a, m(x))
+    m.eval()
+    torch.testing.assert_close(m(x), m(x))
+
+
+def test_relative_position_table_starts_as_trunc_normal_0_02():
+    from vitlab.layers import MultiHeadAttention, TokenLayout
+
+    torch.manual_seed(0)
+    m = MultiHeadAttention(8, 2, grouping="window", window_size=7, position="relative", layout=TokenLayout((14, 14)))
+    t = m.relative_position_bias_table
+    assert t.shape == (13 * 13, 2) and 0.015 < t.std().item() < 0.025  # std 0.02 (not 1: a default init)
