@@ -343,7 +343,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vitlab.models.factory import create_model, list_models  # noqa: F401
+    from vitlab.models.factory import create_model
 
     if args.threads is not None:
         if args.threads < 1:

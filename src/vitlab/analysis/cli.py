@@ -65,7 +65,7 @@ def _compare_item(args, item: str, runs: Dict, dirs: Dict) -> None:
         sub.checkpoint, sub.model = item, None
         lab = os.path.splitext(os.path.basename(item))[0]
     else:
-        from vitlab.models.factory import create_model, list_models  # noqa: F401
+        from vitlab.models.factory import list_models
         if not item.startswith("timm:") and item not in list_models():
             raise UserError(f"--compare item {item!r} is not an analyze folder (no analysis.json), a checkpoint "
                             f"file or a registered model name")

@@ -101,7 +101,7 @@ def _geometry_overrides(geo: Dict[str, Any], user: Dict[str, Any]) -> Dict[str, 
 
 
 def _create(name: str, overrides: Dict[str, Any]) -> torch.nn.Module:
-    from vitlab.models.factory import create_model, list_models  # noqa: F401
+    from vitlab.models.factory import create_model
     try:
         return create_model(name, **overrides)
     except (TypeError, ValueError) as exc:

@@ -23,7 +23,7 @@ def _auto_patch(img_size: int) -> int:
 
 def model_default_cfg(cfg: TrainConfig) -> Dict[str, Any]:
     """The chosen model's ``default_cfg`` (built on the meta device: no memory, no init cost)."""
-    from vitlab.models.factory import create_model, list_models  # noqa: F401
+    from vitlab.models.factory import create_model
 
     kw = _model_kwargs(cfg, {})
     try:
@@ -125,7 +125,7 @@ def _check_kwarg_types(name: str, kwargs: Dict[str, Any]) -> None:
 def build_model(cfg: TrainConfig, num_classes: int, img_size: int, in_chans: int,
                 model_kwargs: Optional[Dict[str, Any]] = None) -> nn.Module:
     """``create_model`` with the config's overrides; a bad model argument is a one-line error."""
-    from vitlab.models.factory import create_model, list_models  # noqa: F401
+    from vitlab.models.factory import create_model
 
     base = cfg.model_kwargs if model_kwargs is None else model_kwargs
     kw = _model_kwargs(TrainConfig(model=cfg.model, model_kwargs=dict(base or {}), drop_path=cfg.drop_path,

@@ -225,7 +225,7 @@ def load_pretrained(model: nn.Module, path: str, ema: bool = False) -> Pretraine
 def create_pretrained(name: Optional[str], path: str, ema: bool = False, **kwargs: Any):
     """``create_model(name, **kwargs)`` with weights from ``path`` adapted by :func:`load_pretrained`.
     ``name`` (and model arguments) may come from a model directory's ``config.json``."""
-    from vitlab.models.factory import create_model, list_models  # noqa: F401
+    from vitlab.models.factory import create_model
 
     cfg = read_model_config(path)
     name = name or cfg.get("architecture")

@@ -25,7 +25,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 from vitlab.registry import Registry, accepted_keys
 
 __all__ = ["AttentionPart", "PROJECTIONS", "GROUPINGS", "CORES", "MODIFIERS", "POSITION_BIASES",
-           "PartSpec", "build_part", "require_layout", "check_compatible", "PART_REGISTRIES"]
+           "PartSpec", "build_part", "require_layout", "part_keys", "check_compatible", "PART_REGISTRIES"]
 
 PROJECTIONS = Registry("projection")
 GROUPINGS = Registry("grouping")
@@ -96,6 +96,13 @@ def takers(registry: Registry, specs: Iterable[Optional[PartSpec]]) -> List[str]
         elif isinstance(spec, AttentionPart):
             keys += accepted_keys(type(spec)) or []
     return keys
+
+
+def part_keys(projection: PartSpec, grouping: PartSpec, core: PartSpec, modifiers: Sequence[PartSpec] = (),
+              positions: Sequence[PartSpec] = ()) -> List[str]:
+    """The keyword arguments the constructors of these attention parts take."""
+    return (takers(PROJECTIONS, [projection]) + takers(GROUPINGS, [grouping]) + takers(CORES, [core])
+            + takers(MODIFIERS, modifiers) + takers(POSITION_BIASES, positions))
 
 
 def _refuse(a: AttentionPart, b: AttentionPart, why: str) -> None:

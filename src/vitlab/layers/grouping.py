@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitlab.layers.attn_parts import GROUPINGS, AttentionPart, require_layout
-from vitlab.layers.layout import TokenLayout
+from vitlab.layers.layout import TokenLayout, as_layout
 from vitlab.layers.window import shift_window_mask, stripe_partition, stripe_reverse, window_partition, window_reverse
 
 __all__ = ["Branch", "GlobalGrouping", "WindowGrouping", "StripeGrouping", "SpatialReduction", "ClassQuery"]
@@ -228,8 +228,6 @@ class SpatialReduction(_Grouping):
         if host.sr is None:
             return x, x, None
         if layout is None:
-            from vitlab.layers.layout import as_layout
-
             layout = as_layout(x.shape[1])
         p = layout.num_prefix
         fm = layout.to_map(x)

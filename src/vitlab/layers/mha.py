@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from vitlab.layers.attn_parts import (CORES, GROUPINGS, MODIFIERS, POSITION_BIASES, PROJECTIONS, PartSpec,
-                                      build_part, check_compatible, takers)
+                                      build_part, check_compatible, part_keys)
 from vitlab.layers.grouping import Branch
 from vitlab.layers.layout import TokenLayout
 from vitlab.layers.recording import RecordsAttention
@@ -24,7 +24,7 @@ __all__ = ["MultiHeadAttention"]
 def _as_specs(specs) -> tuple:
     if specs is None:
         return ()
-    if isinstance(specs, (str, dict)) or (isinstance(specs, tuple) and len(specs) == 2 and isinstance(specs[1], dict)):
+    if isinstance(specs, str) or (isinstance(specs, tuple) and len(specs) == 2 and isinstance(specs[1], dict)):
         return (specs,)
     return tuple(specs)
 
@@ -51,8 +51,7 @@ class MultiHeadAttention(RecordsAttention, nn.Module):
         self.inner, self.out_dim = self.num_heads * self.head_dim, out_dim or dim
         self.layout, self.num_tokens = layout, num_tokens if layout is None else layout.num_tokens
         modifiers, position = _as_specs(modifiers), _as_specs(position)
-        valid = (takers(PROJECTIONS, [projection]) + takers(GROUPINGS, [grouping]) + takers(CORES, [core])
-                 + takers(MODIFIERS, modifiers) + takers(POSITION_BIASES, position))
+        valid = part_keys(projection, grouping, core, modifiers, position)
         check_kwargs("attention parts " + ", ".join(str(s if isinstance(s, str) else getattr(s, "name", s[0]))
                                                     for s in (projection, grouping, core, *modifiers, *position)),
                      part_kwargs, valid)

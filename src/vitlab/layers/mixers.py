@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from vitlab.layers.attn_parts import CORES, GROUPINGS, MODIFIERS, POSITION_BIASES, PROJECTIONS, takers
+from vitlab.layers.attn_parts import CORES, MODIFIERS, part_keys
 from vitlab.layers.layout import TokenLayout, as_layout
 from vitlab.layers.mha import MultiHeadAttention
 from vitlab.registry import Registry, accepted_keys, check_kwargs
@@ -116,11 +116,9 @@ class MixerSpec:
         fn = MIXERS.get(self.mixer)
         if not self.attention:
             return [k for k in accepted_keys(fn) or [] if k != "dim"]
-        return (takers(PROJECTIONS, [attention.get("projection", "linear")])
-                + takers(GROUPINGS, [attention.get("grouping", "global")])
-                + takers(CORES, [self.core or fn.core_name])
-                + takers(MODIFIERS, [*modifiers, *self.modifiers, *getattr(fn, "modifier_names", ())])
-                + takers(POSITION_BIASES, list(attention.get("position", ()))))
+        return part_keys(attention.get("projection", "linear"), attention.get("grouping", "global"),
+                         self.core or fn.core_name, [*modifiers, *self.modifiers, *fn.modifier_names],
+                         list(attention.get("position", ())))
 
     def build(self, dim: int, num_heads: int, layout: Optional[TokenLayout] = None, *, modifiers: Sequence = (),
               lenient: bool = False, **attention: Any) -> nn.Module:

@@ -8,10 +8,9 @@ Windows" (Dong et al., CVPR 2022).  Layouts and index conventions follow the off
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
-from torch import nn
 
 __all__ = [
     "window_partition", "window_reverse", "relative_position_index", "resize_relative_position_table",

@@ -303,6 +303,13 @@ class IsotropicTaps:
     def _feature_unit(self, i: int, unit: nn.Module, x: torch.Tensor, layout: TokenLayout):
         return self._block(unit, x, layout), layout
 
+    def _feature_info(self) -> List[Dict[str, Any]]:
+        r = self.patch_embed.img_size[0] // self.grid_size[0]
+        return [dict(num_chs=self.embed_dim, reduction=r, module=f"blocks.{i}") for i in range(len(self.blocks))]
+
+    def _truncate_units(self, n: int) -> None:
+        self.blocks = self.blocks[:n]
+
 
 def make_default_cfg(architecture: str, img_size: int, num_classes: int, in_chans: int = 3,
                      mean=IMAGENET_MEAN, std=IMAGENET_STD, **extra: Any) -> Dict[str, Any]:

@@ -28,7 +28,7 @@ State-dict keys follow timm's ``Cait`` except that LayerScale vectors are ``ls1.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -130,13 +130,6 @@ class Cait(IsotropicTaps, VitlabModel):
         for blk in self.blocks_token_only:
             x = self._block(blk, x, self.ca_layout)
         return self.norm(x)
-
-    def _feature_info(self) -> List[Dict[str, Any]]:
-        r = self.patch_embed.img_size[0] // self.grid_size[0]
-        return [dict(num_chs=self.embed_dim, reduction=r, module=f"blocks.{i}") for i in range(len(self.blocks))]
-
-    def _truncate_units(self, n: int) -> None:
-        self.blocks = self.blocks[:n]
 
     def group_matcher(self, coarse: bool = False):
         """timm's grouping: the stem, one group per self-attention block, the class-attention blocks

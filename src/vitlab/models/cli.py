@@ -46,7 +46,7 @@ def count_macs(model: nn.Module, img_size: Optional[int] = None, in_chans: Optio
 def _build_and_count(name: str, macs: bool):
     """Build on the meta device (no memory, no init cost) and count there; models whose code
     needs real values (e.g. data-dependent shapes) are built for real instead."""
-    from vitlab.models.factory import create_model, list_models  # noqa: F401
+    from vitlab.models.factory import create_model
 
     try:
         with torch.device("meta"):
@@ -60,7 +60,7 @@ def _build_and_count(name: str, macs: bool):
 
 def model_table(pattern: str = "*", macs: bool = True) -> str:
     """A markdown table of registered models: params (M), GMACs at the default input size."""
-    from vitlab.models.factory import create_model, list_models  # noqa: F401
+    from vitlab.models.factory import list_models
 
     rows = ["| model | input | params (M) | GMACs |", "|---|---|---:|---:|"]
     for name in list_models(pattern):
@@ -78,7 +78,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vitlab.models.factory import create_model, list_models  # noqa: F401
+    from vitlab.models.factory import list_models
 
     if args.parts:
         from vitlab.models.parts_table import parts_markdown

@@ -2,7 +2,7 @@
 conventions).  Importing :mod:`vitlab.models` registers every family."""
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List
 
 from vitlab.registry import Registry, accepted_keys, check_kwargs
 

@@ -13,7 +13,7 @@ State-dict keys follow timm's ``VisionTransformer`` (``patch_embed.proj``, ``cls
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -117,13 +117,6 @@ class VisionTransformer(IsotropicTaps, VitlabModel):
         if self.pos_embed is not None:
             x = x + self.pos_embed
         return self.pos_drop(x)
-
-    def _feature_info(self) -> List[Dict[str, Any]]:
-        r = self.patch_embed.img_size[0] // self.grid_size[0]
-        return [dict(num_chs=self.embed_dim, reduction=r, module=f"blocks.{i}") for i in range(len(self.blocks))]
-
-    def _truncate_units(self, n: int) -> None:
-        self.blocks = self.blocks[:n]
 
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
         """timm's grouping: the stem (tokens, position embedding, patch embedding), then one group
