@@ -282,3 +282,45 @@ def test_reset_classifier_global_pool_vit():
     with torch.no_grad():
         feats = model.forward_features(x)
         assert torch.allclose(model(x), model.head(feats[:, 1:].mean(1)), atol=1e-6)
+
+
+# -- features_only (timm's feature extractor over the contract) ------------------------------------
+@torch.no_grad()
+@pytest.mark.parametrize("which, indices", [("vit", (1, 3)), ("swin", (0, 2))])
+def test_features_only_equals_timm(which, indices, vit_pair, swin_pair):
+    import copy
+
+    import timm
+
+    from vitlab.models.factory import feature_extractor
+
+    ref, ours = vit_pair if which == "vit" else swin_pair
+    name, kw = (VIT_S, VIT_KW) if which == "vit" else (SWIN_T, SWIN_KW)
+    feats = feature_extractor(copy.deepcopy(ours), out_indices=indices).eval()
+    timm_feats = timm.create_model(name, pretrained=False, features_only=True, out_indices=indices, **kw)
+    assert feats.feature_info.channels() == timm_feats.feature_info.channels()
+    assert feats.feature_info.reduction() == timm_feats.feature_info.reduction()
+    x = _input(ours)
+    _close(feats(x), ref.forward_intermediates(x, indices=list(indices), intermediates_only=True))
+    # pruned after the last tap: the blocks / stages after it are gone
+    assert len(feats.feature_info.module_name()) == len(indices)
+    assert sum(p.numel() for p in feats.parameters()) < sum(p.numel() for p in ours.parameters())
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_features_only_every_family(family):
+    name, kw = FAMILIES[family]
+    full = vitlab.create_model(name, **kw).eval()
+    n = len(full.feature_info)
+    feats = vitlab.create_model(name, features_only=True, out_indices=(0, n - 2), **kw).eval()
+    feats.load_state_dict({f"model.{k}": v for k, v in full.state_dict().items()
+                           if f"model.{k}" in feats.state_dict()})
+    x = _input(full)
+    want = full.forward_intermediates(x, indices=[0, n - 2], intermediates_only=True)
+    _close(feats(x), want)
+    info = full.feature_info
+    assert feats.feature_info.channels() == [info[0]["num_chs"], info[n - 2]["num_chs"]]
+    assert feats.feature_info.reduction() == [info[0]["reduction"], info[n - 2]["reduction"]]
+    with pytest.raises(ValueError, match="features_only"):
+        vitlab.create_model(name, out_indices=(0,), **kw)

@@ -177,13 +177,15 @@ def test_forward_intermediates_per_block_maps():
         inter = model.forward_halves(x)
         feats = model.forward_features(x)
         logits = model(x)
-    assert len(inter) == 1 + 3 + 2 * sum(SMALL["depths"])
+    assert len(inter) == 1 + 3 + 2 * sum(SMALL["depths"]) + 1  # + the final norm, what the head reads
+    assert inter[-1].name == "norm" and inter[-1].kind == "norm"
     assert [i.name for i in inter[:4]] == ["patch_embed", "layers.0.blocks.0.attn", "layers.0.blocks.0.mlp",
                                            "layers.1.downsample"]
     for it in inter:
         side = 16 // 2 ** it.stage
         assert it.feature.shape == (2, 16 * 2 ** it.stage, side, side), it.name
-    torch.testing.assert_close(model.norm(inter[-1].tokens), feats)
+    torch.testing.assert_close(model.norm(inter[-2].tokens), feats)
+    torch.testing.assert_close(inter[-1].tokens, feats)
     torch.testing.assert_close(model.head(feats.mean(1)), logits)
 
 

@@ -82,7 +82,7 @@ def test_pvt_tiny_intermediates_and_recording():
     assert len(inter) == 4 * (1 + 4) + 1
     shapes = {i.name: tuple(i.feature.shape) for i in inter}
     assert shapes["stages.0.blocks.0.attn"] == (1, 64, 16, 16)
-    assert shapes["stages.1.patch_embed"] == (1, 128, 8, 8)
+    assert shapes["stages.1.downsample"] == (1, 128, 8, 8)
     assert shapes["stages.3.blocks.1.mlp"] == (1, 512, 2, 2)
     last = inter[-1]
     assert last.kind == "norm" and last.prefix.shape == (1, 1, 512)

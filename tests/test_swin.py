@@ -177,14 +177,16 @@ def test_forward_intermediates_per_block_maps():
         feats = model.forward_features(x)
     names = [i.name for i in inter]
     assert names[:4] == ["patch_embed", "layers.0.blocks.0.attn", "layers.0.blocks.0.mlp", "layers.0.blocks.1.attn"]
-    assert len(inter) == 1 + 3 + 2 * sum(SMALL["depths"])
+    assert len(inter) == 1 + 3 + 2 * sum(SMALL["depths"]) + 1  # + the final norm, what the head reads
+    assert inter[-1].name == "norm" and inter[-1].kind == "norm"
     for it in inter:
         side = 16 // 2 ** it.stage
         assert it.feature.shape == (2, 16 * 2 ** it.stage, side, side), it.name
         assert it.spatial_shape == (side, side)
     assert [i.kind for i in inter if i.stage == 1][:2] == ["downsample", "attn"]
     # the last map, normalised, is exactly forward_features (tokens in raster order)
-    torch.testing.assert_close(model.norm(inter[-1].tokens), feats)
+    torch.testing.assert_close(model.norm(inter[-2].tokens), feats)
+    torch.testing.assert_close(inter[-1].tokens, feats)
 
 
 def test_recorded_attention_is_per_window_and_masked():

@@ -12,12 +12,15 @@ def create_model(name: str, pretrained: bool = False, checkpoint_path: Optional[
     """Build a registered model by name (:func:`vitlab.models.factory.create_model`) and, with
     ``checkpoint_path=``, load its weights from a local file (a vitlab checkpoint, a safetensors file
     or a plain state dict) -- vitlab never downloads (``pretrained=True`` raises)."""
+    features_only, out_indices = kwargs.pop("features_only", False), kwargs.pop("out_indices", None)
+    if out_indices is not None and not features_only:
+        raise ValueError(f"out_indices={out_indices!r} needs features_only=True")
     model = _factory.create_model(name, pretrained=pretrained, **kwargs)
     if checkpoint_path is not None:
         from vitlab.interop.checkpoint import load_weights
 
         load_weights(model, checkpoint_path)
-    return model
+    return _factory.feature_extractor(model, out_indices) if features_only else model
 
 
 create_model.__doc__ += "\n\n" + (_factory.create_model.__doc__ or "")

@@ -70,7 +70,7 @@ class _Bounder:
             return
         hooks = []
         for m in self.model.modules():
-            if isinstance(m, nn.Conv2d) or hasattr(m, "qkv") or hasattr(m, "final_resolution"):
+            if isinstance(m, nn.Conv2d) or hasattr(m, "qkv"):
                 hooks.append(m.register_forward_hook(
                     lambda mod, inp, out: self.shapes.__setitem__(mod, tuple(inp[0].shape))))
         was = self.model.training
@@ -216,45 +216,45 @@ class _Bounder:
         self.factors.append({"name": name, "bound": value})
         logs.append(value)
 
-    def _vit(self, m) -> List[float]:
-        logs: List[float] = []
-        self._add(logs, "patch_embed", self.part(m.patch_embed, "patch_embed"))  # + tokens, + position: Lip 1
-        for i, blk in enumerate(m.blocks):
-            logs.append(self.block(blk, f"blocks.{i}"))
-        self._add(logs, "norm", self.part(m.norm, "norm"))
-        self._add(logs, "pool", 1 / math.sqrt(m.patch_embed.num_patches) if m.global_pool == "avg" else 1.0)
-        self._add(logs, "fc_norm", self.part(m.fc_norm, "fc_norm"))
-        return logs
-
     def _embed(self, e, name) -> float:
-        """A patch embedding / merge: (conv or Linear after a 2x2 regrouping, a permutation) then its norm."""
+        """A stem or downsampler: a conv (or a Linear after a 2x2 regrouping, a permutation), then its norm."""
         proj = getattr(e, "proj", None) or getattr(e, "reduction", None)
+        if proj is None:
+            return self._unbounded(name, f"no Lipschitz rule for part {type(e).__name__}")
         return self.part(proj, name) * self.part(getattr(e, "norm", None), name + ".norm")
 
-    def _staged(self, m) -> List[float]:
-        """Swin / CSwin: stem, stages (downsample, blocks), final norm, mean pool over the last map."""
+    def _backbone(self, m) -> List[float]:
+        """Any :class:`~vitlab.models.backbone.Backbone`: stem, then per stage its downsampler, blocks and
+        norm (prefix tokens and position tables are additive constants: Lipschitz 1), the final norm,
+        the pooling (a mean over ``n`` tokens: 1/sqrt(n); reading the class token: 1), ``fc_norm`` and
+        the head."""
         logs: List[float] = []
         self._add(logs, "patch_embed", self._embed(m.patch_embed, "patch_embed"))
-        for i, stage in enumerate(m.layers):
-            if not isinstance(stage.downsample, nn.Identity):
-                self._add(logs, f"layers.{i}.downsample", self._embed(stage.downsample, f"layers.{i}.downsample"))
+        stages = m.stage_list()
+        names = [f"{m.stage_attr}.{i}" for i in range(len(stages))] if m.stage_attr != "blocks" else ["blocks"]
+        for k, (stage, name) in enumerate(zip(stages + m.tail_list(), names + [m.tail_attr])):
+            if stage.downsample is not None and not isinstance(stage.downsample, nn.Identity):
+                self._add(logs, f"{name}.downsample", self._embed(stage.downsample, f"{name}.downsample"))
+            prefix = name if m.stage_attr == "blocks" or k >= len(stages) else f"{name}.blocks"
             for j, blk in enumerate(stage.blocks):
-                logs.append(self.block(blk, f"layers.{i}.blocks.{j}"))
-        self._add(logs, "norm", self.part(m.norm, "norm"))
-        self._add(logs, "pool", 1 / math.sqrt(math.prod(m.final_resolution)))
+                logs.append(self.block(blk, f"{prefix}.{j}"))
+            if stage.norm is not None and not isinstance(stage.norm, nn.Identity):
+                self._add(logs, f"{name}.norm", self.part(stage.norm, f"{name}.norm"))
+        self._add(logs, "norm", self.part(getattr(m, "norm", None), "norm"))
+        n = m.patch_embed.num_patches if m.stage_attr == "blocks" else math.prod(stages[-1].grid_size)
+        token = m.global_pool == "token" and m.features_fmt == "NLC"
+        self._add(logs, "pool", 1.0 if token else 1 / math.sqrt(n))
+        self._add(logs, "fc_norm", self.part(getattr(m, "fc_norm", None), "fc_norm"))
+        self._add(logs, "head", self.part(m.head, "head"))
         return logs
 
     def model_bound(self) -> float:
+        from vitlab.models.backbone import Backbone
         from vitlab.models.block import Block
-        from vitlab.models.cswin import CSwinTransformer
-        from vitlab.models.swin import SwinTransformer
-        from vitlab.models.vit import VisionTransformer
 
         m = self.model
-        if isinstance(m, (VisionTransformer, SwinTransformer, CSwinTransformer)):
-            logs = self._vit(m) if isinstance(m, VisionTransformer) else self._staged(m)
-            self._add(logs, "head", self.part(m.head, "head"))
-            return _log_product(logs)
+        if isinstance(m, Backbone):
+            return _log_product(self._backbone(m))
         if isinstance(m, Block):
             return self.block(m, "block")
         val = self.part(m, type(m).__name__)

@@ -16,7 +16,8 @@ Training, analysis and interop use only this surface:
   ``reset_classifier(num_classes, global_pool=None)``, ``get_classifier()``
 * ``check_input(x)``: a clear error for a wrong channel count or image size
 
-A family implements four hooks and the base class runs them, once for every family:
+The transformer families get these hooks from the one staged :class:`~vitlab.models.backbone.Backbone`;
+the convolutional ResNets implement them directly.  The hooks, run here once for every model:
 ``_feature_stem(x) -> (x, layout)``, ``_feature_units()`` (the tap modules, in order),
 ``_feature_unit(i, unit, x, layout) -> (x, layout)`` (running blocks through :meth:`_block`, which
 checkpoints them) and ``_feature_info()``; ``layout`` is a :class:`TokenLayout` for tokens or None
@@ -290,25 +291,6 @@ class VitlabModel(nn.Module):
                 f"expected {self.in_chans} input channels, got {x.shape[1]} (input shape {tuple(x.shape)}); "
                 f"create the model with in_chans={x.shape[1]} to change it"
             )
-class IsotropicTaps:
-    """Feature taps of an isotropic model (ViT, DeiT, CaiT): every block of ``self.blocks`` on the
-    embedded tokens (``self._embed``) laid out as ``self.layout``."""
-
-    def _feature_stem(self, x: torch.Tensor) -> Tuple[torch.Tensor, TokenLayout]:
-        return self._embed(x), self.layout
-
-    def _feature_units(self) -> Sequence[nn.Module]:
-        return self.blocks
-
-    def _feature_unit(self, i: int, unit: nn.Module, x: torch.Tensor, layout: TokenLayout):
-        return self._block(unit, x, layout), layout
-
-    def _feature_info(self) -> List[Dict[str, Any]]:
-        r = self.patch_embed.img_size[0] // self.grid_size[0]
-        return [dict(num_chs=self.embed_dim, reduction=r, module=f"blocks.{i}") for i in range(len(self.blocks))]
-
-    def _truncate_units(self, n: int) -> None:
-        self.blocks = self.blocks[:n]
 
 
 def make_default_cfg(architecture: str, img_size: int, num_classes: int, in_chans: int = 3,

@@ -28,20 +28,21 @@ State-dict keys follow timm's ``Cait`` except that LayerScale vectors are ``ls1.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 from torch import nn
 
 from vitlab.layers import Mlp, MixerSpec, PatchEmbed, TokenLayout, create_norm, init_weights
-from vitlab.models.base import Intermediate, IsotropicTaps, VitlabModel, make_default_cfg, tokens_to_map
+from vitlab.models.backbone import Backbone
+from vitlab.models.base import make_default_cfg
 from vitlab.models.block import Block
 from vitlab.models.factory import register_model
 
 __all__ = ["Cait"]
 
 
-class Cait(IsotropicTaps, VitlabModel):
+class Cait(Backbone):
     """CaiT (Touvron et al., ICCV 2021) whose parts are arguments; see the module docstring.
 
     Args beyond the ViT sizes: ``mixer``, ``talking_heads`` (bool, default True), ``ca_mixer``,
@@ -50,6 +51,10 @@ class Cait(IsotropicTaps, VitlabModel):
     ``featscale``, ``init``, ``depth_token_only`` (class-attention blocks, 2),
     ``mlp_ratio_token_only``, ``mixer_kwargs`` (passed to the self-attention mixer).
     """
+
+    stage_attr, tail_attr = "blocks", "blocks_token_only"  # feature taps: the self-attention blocks
+    prefix_names, token_stage = ("cls_token",), 1  # the class token joins the class-attention blocks
+    global_pool, _global_pools = "token", ("token",)
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 1000,
                  embed_dim: int = 384, depth: int = 24, num_heads: int = 8, mlp_ratio: float = 4.0,
@@ -73,9 +78,9 @@ class Cait(IsotropicTaps, VitlabModel):
             ca_mixer = "cosine" if mixer == "cosine" else "softmax"
         self.num_classes, self.in_chans = num_classes, in_chans
         self.num_features = self.embed_dim = embed_dim
-        self.num_prefix_tokens = 1
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.grid_size = self.patch_embed.grid_size
+        self.stem_reduction = patch_size
         n = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, n, embed_dim))  # patches only: no class row
@@ -85,19 +90,17 @@ class Cait(IsotropicTaps, VitlabModel):
                       branch_scale_init=shortcut_init, total_depth=total)
         attention = dict(qkv_bias=qkv_bias, attn_drop=attn_drop_rate, proj_drop=drop_rate)
         spec = MixerSpec(mixer, core, tuple(modifiers), dict(mixer_kwargs or {}))
-        self.layout = TokenLayout(self.grid_size, 0)
         th = ("talking_heads",) if talking_heads and spec.attention else ()
         self.blocks = nn.Sequential(*[
-            Block(embed_dim, spec.build(embed_dim, num_heads, self.layout, modifiers=th, **attention),
+            Block(embed_dim, spec.build(embed_dim, num_heads, TokenLayout(self.grid_size), modifiers=th, **attention),
                   Mlp(embed_dim, int(embed_dim * mlp_ratio), drop=drop_rate), featscale=featscale,
                   drop_path=drop_path_rate, **common)
             for _ in range(depth)])
         # class attention: the class token asks, all tokens answer (LipsFormer's cosine when mixer='cosine')
         ca_kwargs = {k: v for k, v in spec.kwargs.items() if k == "tau"} if ca_mixer == "cosine" else {}
         ca = MixerSpec(ca_mixer, None, (), ca_kwargs)
-        self.ca_layout = TokenLayout(self.grid_size, 1)
         self.blocks_token_only = nn.ModuleList([
-            Block(embed_dim, ca.build(embed_dim, num_heads, self.ca_layout, projection="separate",
+            Block(embed_dim, ca.build(embed_dim, num_heads, TokenLayout(self.grid_size, 1), projection="separate",
                                       grouping="class_query", **attention),
                   Mlp(embed_dim, int(embed_dim * mlp_ratio_token_only), drop=drop_rate), wiring="prefix", **common)
             for _ in range(depth_token_only)])
@@ -111,25 +114,6 @@ class Cait(IsotropicTaps, VitlabModel):
             init_weights(self, init)
         self.default_cfg = default_cfg or make_default_cfg(architecture, self.patch_embed.img_size[0],
                                                            num_classes, in_chans)
-
-    # -- the model contract ---------------------------------------------------------------
-    def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        self.check_input(x)
-        return self.pos_drop(self.patch_embed(x) + self.pos_embed)
-
-    def _cls(self, b: int) -> torch.Tensor:
-        # a copy, not an expand() view: under no_grad a view of a leaf passed into a module
-        # trips torch's module tracker (FlopCounterMode); the copy is only B x 1 x C
-        return self.cls_token.repeat(b, 1, 1)
-
-    _global_pools = ("token",)
-
-    def _feature_end(self, x: torch.Tensor, layout: TokenLayout, complete: bool) -> torch.Tensor:
-        """The class token joins after the self-attention blocks; the class-attention blocks update it."""
-        x = torch.cat([self._cls(x.shape[0]), x], dim=1)
-        for blk in self.blocks_token_only:
-            x = self._block(blk, x, self.ca_layout)
-        return self.norm(x)
 
     def group_matcher(self, coarse: bool = False):
         """timm's grouping: the stem, one group per self-attention block, the class-attention blocks
@@ -146,30 +130,6 @@ class Cait(IsotropicTaps, VitlabModel):
             return n_sa if name.startswith("norm.") else float("inf")
 
         return matcher
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.head_drop(x[:, 0])
-        return x if pre_logits else self.head(x)
-
-    def forward_halves(self, x: torch.Tensor) -> List[Intermediate]:
-        """Embedding, then every self-attention block's attention and MLP halves (stage 0, no
-        class token), then every class-attention block's halves (stage 1): their patch map is
-        unchanged and the updated class token is the ``prefix``."""
-        x = self._embed(x)
-        out = [Intermediate("patch_embed", "embed", tokens_to_map(x, self.grid_size))]
-        for i, blk in enumerate(self.blocks):
-            x = blk.attn_half(x, self.layout)
-            out.append(Intermediate(f"blocks.{i}.attn", "attn", tokens_to_map(x, self.grid_size)))
-            x = blk.mlp_half(x, self.layout)
-            out.append(Intermediate(f"blocks.{i}.mlp", "mlp", tokens_to_map(x, self.grid_size)))
-        fmap = tokens_to_map(x, self.grid_size)
-        x = torch.cat([self._cls(x.shape[0]), x], dim=1)
-        for i, blk in enumerate(self.blocks_token_only):
-            x = blk.attn_half(x, self.ca_layout)
-            out.append(Intermediate(f"blocks_token_only.{i}.attn", "attn", fmap, x[:, :1], stage=1))
-            x = blk.mlp_half(x, self.ca_layout)
-            out.append(Intermediate(f"blocks_token_only.{i}.mlp", "mlp", fmap, x[:, :1], stage=1))
-        return out
 
 # -- registered recipes (names and sizes as timm's) ---------------------------------------------
 _CAIT_SIZES = {

@@ -27,15 +27,15 @@ records two tensors (vertical, then horizontal).  Single-branch blocks record
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from vitlab.layers import MixerSpec, TokenLayout, create_norm, init_weights
-from vitlab.models.base import Intermediate, VitlabModel, make_default_cfg, tokens_to_map
-from vitlab.models.swin import (SwinStages, _per_stage, build_stages, check_stage_sizes,
-                                stage_attn_types, stage_intermediates)
+from vitlab.layers import MixerSpec, create_norm, init_weights
+from vitlab.models.backbone import Backbone, Downsample
+from vitlab.models.base import make_default_cfg
+from vitlab.models.swin import _per_stage, build_stages, check_stage_sizes, stage_attn_types
 from vitlab.models.factory import register_model
 
 __all__ = ["CSwinTransformer", "cswin_attention", "ConvEmbed", "cswin_from_official", "cswin_to_official"]
@@ -43,7 +43,7 @@ __all__ = ["CSwinTransformer", "cswin_attention", "ConvEmbed", "cswin_from_offic
 NORM_LAYOUTS = ("pre", "post", "end")
 
 
-class ConvEmbed(nn.Module):
+class ConvEmbed(Downsample):
     """Strided conv + norm on the token map: CSwin's stem (7x7/4) and merge (3x3/2) blocks
     (Dong et al., 2022); LipsFormer-CSwin uses 4x4/4 and 2x2/2."""
 
@@ -57,13 +57,10 @@ class ConvEmbed(nn.Module):
     def out_size(self, hw: Tuple[int, int]) -> Tuple[int, int]:
         return tuple((s + 2 * self.padding - self.kernel) // self.stride + 1 for s in hw)  # type: ignore
 
-    def forward(self, x: torch.Tensor, hw: Optional[Tuple[int, int]] = None):
-        """Image ``(B, C, H, W)`` (stem) or tokens ``(B, H*W, C)`` with ``hw`` (merge) -> ``(tokens, hw)``."""
-        if hw is not None:
-            x = tokens_to_map(x, hw)
+    def on_map(self, x: torch.Tensor):
+        """Image ``(B, C, H, W)`` (stem) or the previous stage's map (merge) -> ``(tokens, hw)``."""
         x = self.proj(x)
-        out_hw = tuple(x.shape[-2:])
-        return self.norm(x.flatten(2).transpose(1, 2)), out_hw
+        return self.norm(x.flatten(2).transpose(1, 2)), tuple(x.shape[-2:])
 
 
 def cswin_attention(spec: MixerSpec, split_size: int, single: bool, lepe_div_heads: bool,
@@ -79,7 +76,7 @@ def cswin_attention(spec: MixerSpec, split_size: int, single: bool, lepe_div_hea
     return dict(attention, grouping=("stripes", dict(split_size=split_size, single=single)), position=(lepe,))
 
 
-class CSwinTransformer(SwinStages, VitlabModel):
+class CSwinTransformer(Backbone):
     """CSwin Transformer whose parts are arguments (Dong et al., CVPR 2022).
 
     Args beyond the sizes (``embed_dim``, ``depths``, ``num_heads``, ``split_size`` per stage,
@@ -137,12 +134,10 @@ class CSwinTransformer(SwinStages, VitlabModel):
         def attend(st_spec, i, j, hw):
             return cswin_attention(st_spec, splits[i], i == n_stages - 1, lepe_div_heads, **attention)
 
-        stages, hw = build_stages(spec, attn_type, dims, depths, num_heads, hw, down, attend, mlp_ratio, drop_rate,
-                                  drop_path_rate, norm=norm, norm_eps=norm_eps, wiring=norm_layout,
-                                  branch_scale=branch_scale or shortcut, branch_scale_init=shortcut_init,
-                                  featscale=featscale, conv_units=conv_units)
-        self.layers = nn.ModuleList(stages)
-        self.final_resolution = hw
+        self.layers = nn.ModuleList(build_stages(
+            spec, attn_type, dims, depths, num_heads, hw, 4, down, attend, mlp_ratio, drop_rate, drop_path_rate,
+            norm=norm, norm_eps=norm_eps, wiring=norm_layout, branch_scale=branch_scale or shortcut,
+            branch_scale_init=shortcut_init, featscale=featscale, conv_units=conv_units))
         self.norm = create_norm(norm, self.num_features, eps=norm_eps) if final_norm else nn.Identity()
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
@@ -157,27 +152,7 @@ class CSwinTransformer(SwinStages, VitlabModel):
             raise ValueError(f"input image size {x.shape[-2]}x{x.shape[-1]} does not match the model's img_size "
                              f"{self.img_size}x{self.img_size}; create the model with img_size={x.shape[-1]}")
 
-    def _embed(self, x: torch.Tensor):
-        self.check_input(x)
-        return self.patch_embed(x)
-
-    def _feature_stem(self, x: torch.Tensor) -> Tuple[torch.Tensor, TokenLayout]:
-        x, hw = self._embed(x)
-        return x, TokenLayout(hw)
-
-    def _stem_stride(self) -> int:
-        return self.patch_embed.stride
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.head_drop(x.mean(dim=1))
-        return x if pre_logits else self.head(x)
-
-    def forward_halves(self, x: torch.Tensor) -> List[Intermediate]:
-        """Stem, then per stage the merge (``downsample``) and every block's attention and MLP
-        halves, each as a ``(B, C, H, W)`` map."""
-        x, hw = self._embed(x)
-        embed = Intermediate("patch_embed", "embed", tokens_to_map(x, hw), None, 0)
-        return [embed] + stage_intermediates(self.layers, x, hw)
+    stage_attr = "layers"
 
 # -- the official CSwin repository's state-dict layout ---------------------------------------------
 _OFFICIAL_TO_VITLAB = [

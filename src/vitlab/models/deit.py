@@ -31,6 +31,8 @@ __all__ = ["DistilledVisionTransformer"]
 class DistilledVisionTransformer(VisionTransformer):
     """ViT + distillation token (DeiT, Touvron et al., ICML 2021); see the module docstring."""
 
+    prefix_names = ("cls_token", "dist_token")
+
     def __init__(self, *args: Any, **kwargs: Any):
         if kwargs.get("global_pool", "token") != "token":
             raise ValueError(f"a distilled DeiT needs global_pool='token' (its heads read the class and "
@@ -49,15 +51,6 @@ class DistilledVisionTransformer(VisionTransformer):
     def set_distilled_training(self, enable: bool = True) -> None:
         """In training mode, return ``(class logits, distillation logits)`` instead of their mean."""
         self.distilled_training = enable
-
-    def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        self.check_input(x)
-        x = self.patch_embed(x)
-        b = x.shape[0]
-        x = torch.cat([self.cls_token.expand(b, -1, -1), self.dist_token.expand(b, -1, -1), x], dim=1)
-        if self.pos_embed is not None:
-            x = x + self.pos_embed
-        return self.pos_drop(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False
                      ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:

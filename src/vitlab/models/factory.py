@@ -2,7 +2,7 @@
 conventions).  Importing :mod:`vitlab.models` registers every family."""
 from __future__ import annotations
 
-from typing import Any, Callable, List
+from typing import Any, Callable, List, Optional, Sequence, Union
 
 from vitlab.registry import Registry, accepted_keys, check_kwargs
 
@@ -47,12 +47,19 @@ def model_entrypoint(name: str) -> Callable[..., Any]:
     return MODELS.get(name)
 
 
-def create_model(name: str, pretrained: bool = False, **kwargs: Any):
+def create_model(name: str, pretrained: bool = False, features_only: bool = False,
+                 out_indices: Optional[Union[int, Sequence[int]]] = None, **kwargs: Any):
     """Build a registered model by name.
 
     ``kwargs`` override the recipe: ``num_classes``, ``img_size``, ``in_chans``, and the
     part names ``mixer=``, ``norm=``, ``shortcut=``, ``featscale=``, ``init=``, plus any
     backbone argument (``depth=``, ``drop_path_rate=``, ...).
+
+    ``features_only=True`` returns timm's feature extractor over the model contract
+    (``timm``'s ``FeatureGetterNet``: the model pruned after the last tap, ``forward(x)`` -> the
+    ``(B, C, H, W)`` maps of the taps ``out_indices``, ``feature_info.channels()`` /
+    ``.reduction()`` / ``.module_name()``); ``out_indices`` as timm's (an int ``n``: the last ``n``
+    taps; default: every stage of a hierarchical model, the last 3 blocks of an isotropic one).
 
     ``pretrained=True`` is not supported (vitlab never downloads at run time); load
     weights from a local file with ``checkpoint_path=`` (a vitlab checkpoint, a
@@ -69,4 +76,16 @@ def create_model(name: str, pretrained: bool = False, **kwargs: Any):
     valid = accepted_keys(model_cls) if model_cls is not None else accepted_keys(fn)
     if valid is not None:
         check_kwargs(f"model '{name}'", kwargs, [k for k in valid if k not in ("architecture", "default_cfg")])
-    return fn(**kwargs)
+    if out_indices is not None and not features_only:
+        raise ValueError(f"out_indices={out_indices!r} needs features_only=True")
+    model = fn(**kwargs)
+    return feature_extractor(model, out_indices) if features_only else model
+
+
+def feature_extractor(model: Any, out_indices: Optional[Union[int, Sequence[int]]] = None):
+    """timm's ``FeatureGetterNet`` over ``model`` (see :func:`create_model`)."""
+    from timm.models._features import FeatureGetterNet
+
+    if out_indices is None:
+        out_indices = 3 if model.is_isotropic else len(model.feature_info)
+    return FeatureGetterNet(model, out_indices=out_indices if isinstance(out_indices, int) else tuple(out_indices))

@@ -16,23 +16,25 @@ Transformer" (Han et al., ICCV 2023) the key reduction is disabled for it, spec 
 section 5), ``norm`` (every LayerNorm: blocks, patch embeddings, SR norms, final norm),
 ``shortcut``/``shortcut_init``, ``featscale`` (on every attention branch), ``init``.
 
-State-dict keys: ``stages.{i}.patch_embed.{proj,norm}``, ``stages.{i}.pos_embed``,
+State-dict keys: ``patch_embed.{proj,norm}`` (the stem), ``stages.{i}.downsample.{proj,norm}`` (the
+patch embeddings of stages 2-4), ``stages.{i}.pos_embed``,
 ``stages.{i}.blocks.{j}.{norm1, attn.q, attn.kv, attn.sr, attn.norm, attn.proj, norm2,
 mlp.fc1, mlp.fc2}``, ``cls_token``, ``norm``, ``head`` (timm has no PVT v1).
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from vitlab.layers import Mlp, MixerSpec, PatchEmbed, TokenLayout, create_norm, init_weights
 from vitlab.layers.inplace import activate
+from vitlab.models.backbone import Backbone, Stage
 from vitlab.models.block import Block, drop_path_rates
-from vitlab.models.base import Intermediate, VitlabModel, make_default_cfg, register_recipe, tokens_to_map
+from vitlab.models.base import make_default_cfg, register_recipe
 
-__all__ = ["pvt_attention", "pvt_block", "MlpWithDepthwiseConv", "PvtStage", "PyramidVisionTransformer"]
+__all__ = ["pvt_attention", "pvt_block", "MlpWithDepthwiseConv", "PvtPatchEmbed", "PyramidVisionTransformer"]
 
 
 def pvt_attention(spec: MixerSpec, sr_ratio: int, linear_sr: bool, norm: str, **attention: Any) -> Dict[str, Any]:
@@ -109,31 +111,22 @@ def stage_sizes(depths, embed_dims, num_heads, mlp_ratios, sr_ratios, drop_path_
             _as_tuple(mlp_ratios, ns, "mlp_ratios"), _as_tuple(sr_ratios, ns, "sr_ratios"))
 
 
-class PvtStage(nn.Module):
-    """One PVT stage: patch embedding (conv + norm), its own position embedding (with a class
-    row when ``num_prefix``), then the blocks."""
+class PvtPatchEmbed(PatchEmbed):
+    """PVT's patch embedding of stages 2-4 (strided conv + norm) on the previous stage's tokens."""
 
-    def __init__(self, img_size: Tuple[int, int], patch_size: int, in_chans: int, dim: int, depth: int,
-                 num_prefix: int, norm: str, block_kwargs: Dict[str, Any], drop_paths: Sequence[float],
-                 use_pos_embed: bool = True):
-        super().__init__()
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, dim, norm_layer=create_norm(norm, dim, 1e-5))
-        self.grid_size = self.patch_embed.grid_size
-        self.num_prefix = num_prefix
-        n = self.patch_embed.num_patches + num_prefix
-        self.pos_embed = nn.Parameter(torch.zeros(1, n, dim)) if use_pos_embed else None
-        self.layout = TokenLayout(self.grid_size, num_prefix)
-        self.blocks = nn.ModuleList([pvt_block(dim, layout=self.layout, drop_path=drop_paths[j], **block_kwargs)
-                                     for j in range(depth)])
+    def forward(self, x: torch.Tensor, layout: TokenLayout) -> Tuple[torch.Tensor, Tuple[int, int]]:
+        return super().forward(layout.to_map(x)), self.grid_size
 
 
-class PyramidVisionTransformer(VitlabModel):
+class PyramidVisionTransformer(Backbone):
     """PVT v1 (Wang et al., ICCV 2021) whose parts are arguments; see the module docstring.
 
     ``global_pool='token'`` (PVT: class token in the last stage, final norm) or ``'avg'``
     (FLatten-PVT: no class token, mean of the last stage's tokens; ``final_norm`` defaults to
     False there, as the released FLatten code never applies its final norm).
     """
+
+    prefix_names = ("cls_token",)
 
     def __init__(self, img_size: int = 224, patch_size: int = 4, in_chans: int = 3, num_classes: int = 1000,
                  embed_dims: Sequence[int] = (64, 128, 256, 512), depths: Sequence[int] = (3, 4, 6, 3),
@@ -158,21 +151,25 @@ class PyramidVisionTransformer(VitlabModel):
                              f"{ns - 1} stride-2 stages)")
         self.num_classes, self.in_chans = num_classes, in_chans
         self.num_features = self.embed_dim = embed_dims[-1]
-        self.global_pool = global_pool
+        self.global_pool, self.token_stage = global_pool, ns - 1  # the class token joins the last stage
         spec = MixerSpec(mixer, core, tuple(modifiers), dict(mixer_kwargs or {}))
-        self.num_prefix_tokens = 1 if global_pool == "token" else 0
         dpr = drop_path_rates(drop_path_rate, sum(depths))
-        stages, size, c_in, cur = [], (img, img), in_chans, 0
+        self.patch_embed = PatchEmbed(img, patch_size, in_chans, embed_dims[0],
+                                      norm_layer=create_norm(norm, embed_dims[0], 1e-5))
+        grid, cur, stages = self.patch_embed.grid_size, 0, []
         for i in range(ns):
             bk = dict(num_heads=num_heads[i], mlp_ratio=mlp_ratios[i], sr_ratio=sr_ratios[i], qkv_bias=qkv_bias,
                       spec=spec, norm=norm, shortcut=branch_scale or shortcut, shortcut_init=shortcut_init,
                       featscale=featscale, drop=drop_rate, attn_drop=attn_drop_rate, norm_eps=norm_eps,
                       total_depth=sum(depths))
-            prefix = self.num_prefix_tokens if i == ns - 1 else 0
-            stage = PvtStage(size, patch_size if i == 0 else 2, c_in, embed_dims[i], depths[i], prefix, norm, bk,
-                             dpr[cur:cur + depths[i]])
-            stages.append(stage)
-            size, c_in, cur = stage.grid_size, embed_dims[i], cur + depths[i]
+            down = None if i == 0 else PvtPatchEmbed(grid, 2, embed_dims[i - 1], embed_dims[i],
+                                                     norm_layer=create_norm(norm, embed_dims[i], 1e-5))
+            grid = down.grid_size if down is not None else grid
+            layout = TokenLayout(grid, int(global_pool == "token" and i == ns - 1))
+            blocks = [pvt_block(embed_dims[i], layout=layout, drop_path=dpr[cur + j], **bk) for j in range(depths[i])]
+            stages.append(Stage(blocks, embed_dims[i], img // grid[0], grid, downsample=down,
+                                pos_tokens=layout.num_tokens))
+            cur += depths[i]
         self.stages = nn.ModuleList(stages)
         self.pos_drop = nn.Dropout(drop_rate)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dims[-1])) if global_pool == "token" else None
@@ -189,88 +186,22 @@ class PyramidVisionTransformer(VitlabModel):
             init_weights(self, init)
         self.default_cfg = default_cfg or make_default_cfg(architecture, img, num_classes, in_chans)
 
-    # -- the model contract ---------------------------------------------------------------
-    def _stage_input(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        s = self.stages[i]
-        x = s.patch_embed(x)
-        if s.num_prefix:
-            x = torch.cat([self.cls_token.repeat(x.shape[0], 1, 1), x], dim=1)
-        return self.pos_drop(x + s.pos_embed)
-
-    def _to_map(self, x: torch.Tensor, i: int) -> torch.Tensor:
-        s = self.stages[i]
-        return tokens_to_map(x[:, s.num_prefix:], s.grid_size)
-
-    _global_pools = ("token", "avg")
-
-    def _feature_stem(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[TokenLayout]]:
-        self.check_input(x)
-        return x, None
-
-    def _feature_units(self) -> Sequence[nn.Module]:
-        return self.stages
-
-    def _feature_unit(self, i: int, s: nn.Module, x: torch.Tensor, layout: Optional[TokenLayout]):
-        """Stage ``i``: the previous stage's tokens as a map (the image for stage 0), its patch
-        embedding, class token and position embedding, then its blocks; tokens ``(B, P + H*W, C)``."""
-        x = self._stage_input(i, x if layout is None else layout.to_map(x))
-        for blk in s.blocks:
-            x = self._block(blk, x, s.layout)
-        return x, s.layout
-
-    def _truncate_units(self, n: int) -> None:
-        self.stages = self.stages[:n]
-
-    def _feature_info(self) -> List[Dict[str, Any]]:
-        img = self.stages[0].patch_embed.img_size[0]
-        return [dict(num_chs=s.pos_embed.shape[-1], reduction=img // s.grid_size[0], module=f"stages.{i}")
-                for i, s in enumerate(self.stages)]
-
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
-        """The stem (stage 0's patch and position embeddings), then per stage its patch embedding
-        with its first block (as timm groups Swin's patch merging), the class token with the last
-        stage, the final norm last."""
+        """The stem (patch embedding, stage 0's position table), then per stage its patch embedding and
+        position table with its first block (as timm groups Swin's patch merging), the class token
+        with the last stage, the final norm last."""
         last = (len(self.stages) - 1, 0)
+        stem = r"^patch_embed|^stages\.0\.pos_embed"
         if coarse:
-            return dict(stem=r"^stages\.0\.(?:patch_embed|pos_embed)",
-                        blocks=[(r"^stages\.(\d+)", None), (r"^cls_token", last[:1]), (r"^norm", (99999,))])
-        return dict(stem=r"^stages\.0\.(?:patch_embed|pos_embed)", blocks=[
-            (r"^stages\.(\d+)\.(?:patch_embed|pos_embed)", (0,)), (r"^stages\.(\d+)\.blocks\.(\d+)", None),
+            return dict(stem=stem, blocks=[(r"^stages\.(\d+)", None), (r"^cls_token", last[:1]), (r"^norm", (99999,))])
+        return dict(stem=stem, blocks=[
+            (r"^stages\.(\d+)\.(?:downsample|pos_embed)", (0,)), (r"^stages\.(\d+)\.blocks\.(\d+)", None),
             (r"^cls_token", last), (r"^norm", (99999,))])
 
     def _set_global_pool(self, global_pool: str) -> None:
         if global_pool != self.global_pool:
             raise ValueError(f"global_pool is fixed at construction for PVT (the class token and final norm depend "
                              f"on it): this model has {self.global_pool!r}, got {global_pool!r}")
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = x[:, 0] if self.global_pool == "token" else x.mean(dim=1)
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
-
-    def forward_halves(self, x: torch.Tensor) -> List[Intermediate]:
-        """Per stage: the patch embedding (``embed`` for stage 0, ``downsample`` after), then every
-        block's attention and MLP halves; last the final norm.  The class token is the prefix."""
-        self.check_input(x)
-        out: List[Intermediate] = []
-
-        def entry(name, kind, t, i):
-            p = self.stages[i].num_prefix
-            out.append(Intermediate(name, kind, self._to_map(t, i), t[:, :p] if p else None, stage=i))
-
-        for i, s in enumerate(self.stages):
-            if i > 0:
-                x = self._to_map(x, i - 1)
-            x = self._stage_input(i, x)
-            entry(f"stages.{i}.patch_embed", "embed" if i == 0 else "downsample", x, i)
-            for j, blk in enumerate(s.blocks):
-                x = blk.attn_half(x, s.layout)
-                entry(f"stages.{i}.blocks.{j}.attn", "attn", x, i)
-                x = blk.mlp_half(x, s.layout)
-                entry(f"stages.{i}.blocks.{j}.mlp", "mlp", x, i)
-        if not isinstance(self.norm, nn.Identity):
-            entry("norm", "norm", self.norm(x), len(self.stages) - 1)
-        return out
 
 # -- registered recipes ---------------------------------------------------------------------------
 _PVT_SIZES = {

@@ -20,23 +20,25 @@ timm conversion is the identity (:mod:`vitlab.interop.timm_pvt_v2`).
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from vitlab.layers import create_norm, init_weights
-from vitlab.models.base import Intermediate, VitlabModel, make_default_cfg, register_recipe
 from vitlab.layers import MixerSpec, TokenLayout
+from vitlab.models.backbone import Backbone, Downsample, Stage
+from vitlab.models.base import make_default_cfg, register_recipe
 from vitlab.models.block import drop_path_rates
 from vitlab.models.pvt import pvt_block, stage_sizes
 
-__all__ = ["OverlapPatchEmbed", "PvtV2Stage", "PyramidVisionTransformerV2"]
+__all__ = ["OverlapPatchEmbed", "PyramidVisionTransformerV2"]
 
 
-class OverlapPatchEmbed(nn.Module):
+class OverlapPatchEmbed(Downsample):
     """Overlapping patch embedding of PVTv2 (Wang et al., 2022): ``k x k`` conv with stride ``s``
-    and padding ``k // 2``, then a norm; ``(B, C, H, W) -> (B, H', W', C')``.  Names match timm."""
+    and padding ``k // 2``, then a norm; an image or the previous stage's map -> ``(tokens, hw)``.
+    Names match timm."""
 
     def __init__(self, patch_size: int = 7, stride: int = 4, in_chans: int = 3, embed_dim: int = 768,
                  norm: str = "layernorm"):
@@ -51,29 +53,19 @@ class OverlapPatchEmbed(nn.Module):
         p = self.patch_size // 2
         return tuple((s + 2 * p - self.patch_size) // self.stride + 1 for s in size)  # type: ignore[return-value]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.proj(x).permute(0, 2, 3, 1))
+    def on_map(self, x: torch.Tensor):
+        x = self.proj(x)
+        return self.norm(x.flatten(2).transpose(1, 2)), tuple(x.shape[-2:])
 
 
-class PvtV2Stage(nn.Module):
-    """Optional 3x3/2 overlapping downsample, the blocks, and the stage's closing norm."""
-
-    def __init__(self, dim: int, dim_out: int, depth: int, downsample: bool, grid: Tuple[int, int], norm: str,
-                 norm_eps: float, block_kwargs: Dict[str, Any], drop_paths: Sequence[float]):
-        super().__init__()
-        self.downsample = OverlapPatchEmbed(3, 2, dim, dim_out, norm) if downsample else None
-        self.grid_size = self.downsample.out_size(grid) if downsample else grid
-        self.blocks = nn.ModuleList([pvt_block(dim_out, layout=TokenLayout(self.grid_size), drop_path=drop_paths[j],
-                                               dwconv_mlp=True, **block_kwargs) for j in range(depth)])
-        self.norm = create_norm(norm, dim_out, eps=norm_eps)
-
-
-class PyramidVisionTransformerV2(VitlabModel):
+class PyramidVisionTransformerV2(Backbone):
     """PVTv2 (Wang et al., 2022) whose parts are arguments; see the module docstring.
 
     Any input size works (the maps are computed by the convs); with ``mixer='focused_linear'``
     the key position encoding fixes the token count, so the input must be ``img_size``.
     """
+
+    features_fmt = "NCHW"  # timm's: each stage and forward_features give (B, C, H, W) maps
 
     def __init__(self, img_size: int = 224, in_chans: int = 3, num_classes: int = 1000,
                  embed_dims: Sequence[int] = (64, 128, 256, 512), depths: Sequence[int] = (3, 4, 6, 3),
@@ -88,7 +80,6 @@ class PyramidVisionTransformerV2(VitlabModel):
         super().__init__()
         depths, embed_dims, num_heads, mlp_ratios, sr_ratios = stage_sizes(depths, embed_dims, num_heads, mlp_ratios,
                                                                            sr_ratios, drop_path_rate)
-        ns = len(depths)
         img = img_size if isinstance(img_size, int) else img_size[0]
         self.num_classes, self.in_chans = num_classes, in_chans
         self.num_features = self.embed_dim = embed_dims[-1]
@@ -97,16 +88,19 @@ class PyramidVisionTransformerV2(VitlabModel):
         grid = self.patch_embed.out_size((img, img))
         dpr = drop_path_rates(drop_path_rate, sum(depths))
         spec = MixerSpec(mixer, core, tuple(modifiers), dict(mixer_kwargs or {}))
-        stages, cur, prev = [], 0, embed_dims[0]
-        for i in range(ns):
+        stages, cur = [], 0
+        for i, depth in enumerate(depths):
             bk = dict(num_heads=num_heads[i], mlp_ratio=mlp_ratios[i], sr_ratio=sr_ratios[i], linear_sr=linear,
                       qkv_bias=qkv_bias, spec=spec, norm=norm, shortcut=branch_scale or shortcut,
                       shortcut_init=shortcut_init, featscale=featscale, drop=drop_rate, attn_drop=attn_drop_rate,
-                      norm_eps=norm_eps, total_depth=sum(depths))
-            stage = PvtV2Stage(prev, embed_dims[i], depths[i], i > 0, grid, norm, norm_eps, bk,
-                               dpr[cur:cur + depths[i]])
-            stages.append(stage)
-            grid, prev, cur = stage.grid_size, embed_dims[i], cur + depths[i]
+                      norm_eps=norm_eps, total_depth=sum(depths), dwconv_mlp=True)
+            down = OverlapPatchEmbed(3, 2, embed_dims[i - 1], embed_dims[i], norm) if i > 0 else None
+            grid = down.out_size(grid) if down is not None else grid
+            blocks = [pvt_block(embed_dims[i], layout=TokenLayout(grid), drop_path=dpr[cur + j], **bk)
+                      for j in range(depth)]
+            stages.append(Stage(blocks, embed_dims[i], 4 * 2 ** i, grid, downsample=down,
+                                norm=create_norm(norm, embed_dims[i], eps=norm_eps)))
+            cur += depth
         self.stages = nn.Sequential(*stages)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dims[-1], num_classes) if num_classes > 0 else nn.Identity()
@@ -125,74 +119,15 @@ class PyramidVisionTransformerV2(VitlabModel):
                     nn.init.zeros_(m.bias)
         init_weights(self, init)
 
-    # -- the model contract ---------------------------------------------------------------
-    def _check(self, x: torch.Tensor) -> None:
-        self.check_input(x)
+    def check_input(self, x: torch.Tensor) -> None:
+        super().check_input(x)
         if x.shape[-2] < 32 or x.shape[-1] < 32:
             raise ValueError(f"PVTv2 needs inputs of at least 32x32 (overall stride 32), got "
                              f"{x.shape[-2]}x{x.shape[-1]}")
 
-    def _run_stage(self, stage: PvtV2Stage, x: torch.Tensor, out: Optional[List[Intermediate]] = None,
-                   idx: int = 0) -> torch.Tensor:
-        """``x`` is ``(B, H, W, C)`` channels-last; returns the stage's ``(B, C, H, W)`` map."""
-        if stage.downsample is not None:
-            x = stage.downsample(x.permute(0, 3, 1, 2))
-            if out is not None:
-                out.append(Intermediate(f"stages.{idx}.downsample", "downsample", x.permute(0, 3, 1, 2), stage=idx))
-        b, h, w, c = x.shape
-        hw = (h, w)
-        x = x.reshape(b, h * w, c)
-        as_map = lambda t: t.transpose(1, 2).reshape(b, -1, h, w)  # noqa: E731
-        for j, blk in enumerate(stage.blocks):
-            layout = TokenLayout(hw)
-            if out is None:
-                x = self._block(blk, x, layout)
-                continue
-            x = blk.attn_half(x, layout)
-            out.append(Intermediate(f"stages.{idx}.blocks.{j}.attn", "attn", as_map(x), stage=idx))
-            x = blk.mlp_half(x, layout)
-            out.append(Intermediate(f"stages.{idx}.blocks.{j}.mlp", "mlp", as_map(x), stage=idx))
-        x = as_map(stage.norm(x))
-        if out is not None:
-            out.append(Intermediate(f"stages.{idx}.norm", "norm", x, stage=idx))
-        return x
-
-    def _feature_stem(self, x: torch.Tensor) -> Tuple[torch.Tensor, None]:
-        """The stem's output as a ``(B, C, H, W)`` view of its channels-last tokens."""
-        self._check(x)
-        return self.patch_embed(x).permute(0, 3, 1, 2), None
-
-    def _feature_units(self) -> Sequence[nn.Module]:
-        return self.stages
-
-    def _feature_unit(self, i: int, stage: nn.Module, x: torch.Tensor, layout: None):
-        """Stage ``i`` on a ``(B, C, H, W)`` map: its normed ``(B, C, H, W)`` output (timm's)."""
-        return self._run_stage(stage, x.permute(0, 2, 3, 1)), None
-
-    def _truncate_units(self, n: int) -> None:
-        self.stages = self.stages[:n]
-
-    def _feature_info(self) -> List[Dict[str, Any]]:
-        dims = [(s.downsample or self.patch_embed).proj.out_channels for s in self.stages]
-        return [dict(num_chs=d, reduction=4 * 2 ** i, module=f"stages.{i}") for i, d in enumerate(dims)]
-
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
         """timm's grouping: the stem, then one group per stage (its downsample, blocks and norm)."""
         return dict(stem=r"^patch_embed", blocks=r"^stages\.(\d+)")
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.head_drop(x.mean(dim=(-2, -1)))
-        return x if pre_logits else self.head(x)
-
-    def forward_halves(self, x: torch.Tensor) -> List[Intermediate]:
-        """The stem (``embed``), then per stage: its downsample, every block's attention and MLP
-        halves, and the stage norm, all as ``(B, C, H, W)`` maps."""
-        self._check(x)
-        x = self.patch_embed(x)
-        out = [Intermediate("patch_embed", "embed", x.permute(0, 3, 1, 2))]
-        for i, s in enumerate(self.stages):
-            x = self._run_stage(s, x, out, i).permute(0, 2, 3, 1)
-        return out
 
 
 # -- registered recipes (timm's names and sizes) -------------------------------------------------

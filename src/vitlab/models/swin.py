@@ -31,12 +31,12 @@ from torch import nn
 from vitlab.layers import Mlp, MixerSpec, PatchEmbed, TokenLayout, create_norm, init_weights
 from vitlab.layers.mixers import check_stage_kwargs
 from vitlab.layers.window import REL_POS_RESIZE_METHODS
+from vitlab.models.backbone import Backbone, Stage
 from vitlab.models.block import Block, drop_path_rates
-from vitlab.models.base import Intermediate, VitlabModel, make_default_cfg, tokens_to_map
+from vitlab.models.base import make_default_cfg
 from vitlab.models.factory import register_model
 
-__all__ = ["SwinTransformer", "swin_attention", "SwinStage", "PatchMerging", 
-           "stage_intermediates", "stage_attn_types", "linear_spec", "SwinStages"]
+__all__ = ["SwinTransformer", "swin_attention", "PatchMerging", "stage_attn_types", "linear_spec", "build_stages"]
 
 
 def check_stage_sizes(depths: Tuple[int, ...], num_heads: Tuple[int, ...], embed_dim: int,
@@ -51,12 +51,13 @@ def check_stage_sizes(depths: Tuple[int, ...], num_heads: Tuple[int, ...], embed
 
 
 def build_stages(spec: MixerSpec, attn_type: str, dims: Sequence[int], depths: Sequence[int],
-                 num_heads: Sequence[int], hw: Tuple[int, int], make_down, make_attention, mlp_ratio: float,
-                 drop_rate: float, drop_path_rate: float, **block_kw: Any) -> Tuple[List[nn.Module], Tuple[int, int]]:
-    """The stages of a hierarchical backbone (Swin, CSwin): per stage a downsampler
-    (``make_down(i, hw) -> (module, hw)``, none before the first) and blocks whose attention is
-    ``make_attention(stage_spec, i, j, hw)``; ``L`` stages run FLatten's linear attention.  Returns the
-    stages and the last map's size; every ``mixer_kwargs`` key must be used by some stage."""
+                 num_heads: Sequence[int], hw: Tuple[int, int], stride: int, make_down, make_attention,
+                 mlp_ratio: float, drop_rate: float, drop_path_rate: float, **block_kw: Any) -> List[Stage]:
+    """The :class:`Stage` s of a hierarchical backbone (Swin, CSwin) whose stem has input stride
+    ``stride`` and map ``hw``: per stage a downsampler (``make_down(i, hw) -> (module, hw)``, none before
+    the first; each halves the map) and blocks whose attention is ``make_attention(stage_spec, i, j,
+    hw)``; ``L`` stages run FLatten's linear attention.  Every ``mixer_kwargs`` key must be used by
+    some stage."""
     total = sum(depths)
     dpr = drop_path_rates(drop_path_rate, total)
     stages, k, asked = [], 0, []
@@ -73,9 +74,9 @@ def build_stages(spec: MixerSpec, attn_type: str, dims: Sequence[int], depths: S
             blocks.append(Block(dims[i], mixer, Mlp(dims[i], int(dims[i] * mlp_ratio), drop=drop_rate),
                                 drop_path=dpr[k + j], total_depth=total, **block_kw))
         k += depths[i]
-        stages.append(SwinStage(down, blocks))
+        stages.append(Stage(blocks, dims[i], stride * 2 ** i, hw, downsample=down))
     check_stage_kwargs(spec.kwargs, asked)
-    return stages, hw
+    return stages
 
 
 def linear_spec(spec: MixerSpec) -> MixerSpec:
@@ -117,9 +118,9 @@ class PatchMerging(nn.Module):
         self.norm = create_norm(norm, 4 * dim, eps=norm_eps)
         self.reduction = nn.Linear(4 * dim, self.out_dim, bias=False)
 
-    def forward(self, x: torch.Tensor, hw: Tuple[int, int]) -> Tuple[torch.Tensor, Tuple[int, int]]:
+    def forward(self, x: torch.Tensor, layout: TokenLayout) -> Tuple[torch.Tensor, Tuple[int, int]]:
         b, n, c = x.shape
-        h, w = hw
+        h, w = layout.hw
         x = F.pad(x.view(b, h, w, c), (0, 0, 0, w % 2, 0, h % 2))
         h2, w2 = (h + 1) // 2, (w + 1) // 2
         # timm/official order of the four neighbours: (0,0), (1,0), (0,1), (1,1)
@@ -140,68 +141,7 @@ def swin_attention(spec: MixerSpec, dim: int, hw: Tuple[int, int], num_heads: in
                 position=("relative",) if rel_pos_bias else ())
 
 
-class SwinStage(nn.Module):
-    """Optional patch merging (``downsample``) followed by ``blocks`` (timm's layout)."""
-
-    def __init__(self, downsample: Optional[nn.Module], blocks: Sequence[nn.Module]):
-        super().__init__()
-        self.downsample = downsample if downsample is not None else nn.Identity()
-        self.blocks = nn.Sequential(*blocks)
-
-    def forward(self, x: torch.Tensor, hw: Tuple[int, int]) -> Tuple[torch.Tensor, Tuple[int, int]]:
-        if not isinstance(self.downsample, nn.Identity):
-            x, hw = self.downsample(x, hw)
-        layout = TokenLayout(hw)
-        for blk in self.blocks:
-            x = blk(x, layout)
-        return x, hw
-
-
-def stage_intermediates(layers: nn.ModuleList, x: torch.Tensor, hw: Tuple[int, int]) -> List[Intermediate]:
-    """``forward_halves`` of hierarchical stages (Swin, CSwin): per stage its ``downsample``
-    (unless ``Identity``) and every block's attention and MLP halves, each as a ``(B, C, H, W)`` map."""
-    out = []
-    for i, stage in enumerate(layers):
-        if not isinstance(stage.downsample, nn.Identity):
-            x, hw = stage.downsample(x, hw)
-            out.append(Intermediate(f"layers.{i}.downsample", "downsample", tokens_to_map(x, hw), None, i))
-        for j, blk in enumerate(stage.blocks):
-            x = blk.attn_half(x, TokenLayout(hw))
-            out.append(Intermediate(f"layers.{i}.blocks.{j}.attn", "attn", tokens_to_map(x, hw), None, i))
-            x = blk.mlp_half(x, TokenLayout(hw))
-            out.append(Intermediate(f"layers.{i}.blocks.{j}.mlp", "mlp", tokens_to_map(x, hw), None, i))
-    return out
-
-
-class SwinStages:
-    """Contract hooks of a model whose ``layers`` are :class:`SwinStage` s (Swin, CSwin): one feature
-    tap per stage, the patch merging grouped with the first block of its stage (timm's rule)."""
-
-    def _feature_units(self) -> Sequence[nn.Module]:
-        return self.layers
-
-    def _feature_unit(self, i: int, stage: nn.Module, x: torch.Tensor, layout: TokenLayout):
-        if not isinstance(stage.downsample, nn.Identity):
-            x, hw = stage.downsample(x, layout.hw)
-            layout = TokenLayout(hw)
-        for blk in stage.blocks:
-            x = self._block(blk, x, layout)
-        return x, layout
-
-    def _truncate_units(self, n: int) -> None:
-        self.layers = self.layers[:n]
-
-    def _feature_info(self) -> List[Dict[str, Any]]:
-        r = self._stem_stride()
-        return [dict(num_chs=int(self.embed_dim * 2 ** i), reduction=r * 2 ** i, module=f"layers.{i}")
-                for i in range(len(self.layers))]
-
-    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
-        return dict(stem=r"^patch_embed", blocks=r"^layers\.(\d+)" if coarse else [
-            (r"^layers\.(\d+).downsample", (0,)), (r"^layers\.(\d+)\.\w+\.(\d+)", None), (r"^norm", (99999,))])
-
-
-class SwinTransformer(SwinStages, VitlabModel):
+class SwinTransformer(Backbone):
     """Swin Transformer whose parts are arguments (Liu et al., ICCV 2021).
 
     Args beyond the Swin sizes (``embed_dim``, ``depths``, ``num_heads``, ``window_size`` (int
@@ -255,12 +195,11 @@ class SwinTransformer(SwinStages, VitlabModel):
             return swin_attention(st_spec, dims[i], hw, num_heads[i], windows[i], shift and j % 2 == 1, rel_pos_bias,
                                   **attention)
 
-        stages, hw = build_stages(spec, attn_type, dims, depths, num_heads, self.grid_size, down, attend, mlp_ratio,
-                                  drop_rate, drop_path_rate, norm=norm, norm_eps=norm_eps,
-                                  wiring="post" if post_norm else "pre", branch_scale=branch_scale or shortcut,
-                                  branch_scale_init=shortcut_init, featscale=featscale, conv_units=conv_units)
-        self.layers = nn.ModuleList(stages)
-        self.final_resolution = hw
+        self.layers = nn.ModuleList(build_stages(
+            spec, attn_type, dims, depths, num_heads, self.grid_size, patch_size, down, attend, mlp_ratio, drop_rate,
+            drop_path_rate, norm=norm, norm_eps=norm_eps, wiring="post" if post_norm else "pre",
+            branch_scale=branch_scale or shortcut, branch_scale_init=shortcut_init, featscale=featscale,
+            conv_units=conv_units))
         self.norm = create_norm(norm, self.num_features, eps=norm_eps)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
@@ -269,27 +208,7 @@ class SwinTransformer(SwinStages, VitlabModel):
         self.default_cfg = default_cfg or make_default_cfg(architecture, self.patch_embed.img_size[0], num_classes,
                                                            in_chans, crop_pct=0.9)
 
-    # -- the model contract ---------------------------------------------------------------
-    def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        self.check_input(x)
-        return self.patch_embed(x)
-
-    def _feature_stem(self, x: torch.Tensor) -> Tuple[torch.Tensor, TokenLayout]:
-        return self._embed(x), TokenLayout(self.grid_size)
-
-    def _stem_stride(self) -> int:
-        return self.patch_embed.img_size[0] // self.grid_size[0]
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.head_drop(x.mean(dim=1))
-        return x if pre_logits else self.head(x)
-
-    def forward_halves(self, x: torch.Tensor) -> List[Intermediate]:
-        """Patch embedding, then per stage the patch merging (``downsample``) and, for every
-        block, its attention half and its MLP half, each as a ``(B, C, H, W)`` map."""
-        x, hw = self._embed(x), self.grid_size
-        embed = Intermediate("patch_embed", "embed", tokens_to_map(x, hw), None, 0)
-        return [embed] + stage_intermediates(self.layers, x, hw)
+    stage_attr = "layers"
 
 # -- registered recipes -------------------------------------------------------------------------
 _SWIN_SIZES = {

@@ -13,21 +13,21 @@ State-dict keys follow timm's ``VisionTransformer`` (``patch_embed.proj``, ``cls
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 from torch import nn
 
 from vitlab.layers import EMBEDS, Mlp, MixerSpec, TokenLayout, create_norm, init_weights, sincos_2d
 from vitlab.layers.pos_embed import POS_EMBEDS
+from vitlab.models.backbone import Backbone
 from vitlab.models.block import Block, drop_path_rates
-from vitlab.models.base import (Intermediate, IsotropicTaps, VitlabModel, make_default_cfg, register_recipe,
-                                tokens_to_map)
+from vitlab.models.base import make_default_cfg, register_recipe
 
 __all__ = ["Block", "VisionTransformer"]  # Block re-exported from vitlab.models.block
 
 
-class VisionTransformer(IsotropicTaps, VitlabModel):
+class VisionTransformer(Backbone):
     """Isotropic ViT whose every part is an argument (see the module docstring).
 
     Args (beyond the usual ViT sizes): ``mixer`` (``softmax`` | ``cosine`` | ``focused_linear``
@@ -37,6 +37,9 @@ class VisionTransformer(IsotropicTaps, VitlabModel):
     | ``sincos`` | ``none``), ``embed`` (``patch`` | ``conv``), ``global_pool`` (``token`` |
     ``avg``), ``class_token``, ``post_norm``, ``conv_units``, ``mixer_kwargs``.
     """
+
+    stage_attr = "blocks"  # isotropic: one stage, every block a feature tap
+    prefix_names = ("cls_token",)
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 1000,
                  embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
@@ -63,25 +66,26 @@ class VisionTransformer(IsotropicTaps, VitlabModel):
         self.in_chans = in_chans
         self.num_features = self.embed_dim = embed_dim
         self.global_pool = global_pool
-        self.num_prefix_tokens = (1 if class_token else 0) + extra_tokens
+        num_prefix = (1 if class_token else 0) + extra_tokens  # extra: prefix tokens a subclass adds
         spec = MixerSpec(mixer, core, tuple(modifiers), dict(mixer_kwargs or {}))
         self.patch_embed = EMBEDS.get(embed)(img_size, patch_size, in_chans, embed_dim)
         self.grid_size = self.patch_embed.grid_size
-        num_tokens = self.patch_embed.num_patches + self.num_prefix_tokens
+        self.stem_reduction = patch_size if isinstance(patch_size, int) else patch_size[0]
+        num_tokens = self.patch_embed.num_patches + num_prefix
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
         self.pos_embed_type = pos_embed
         if pos_embed == "learned":
             self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, embed_dim))
         elif pos_embed == "sincos":
-            table = torch.cat([torch.zeros(self.num_prefix_tokens, embed_dim), sincos_2d(self.grid_size, embed_dim)])
+            table = torch.cat([torch.zeros(num_prefix, embed_dim), sincos_2d(self.grid_size, embed_dim)])
             self.register_buffer("pos_embed", table[None], persistent=False)
         else:
             self.pos_embed = None
         self.pos_drop = nn.Dropout(drop_rate)
-        self.layout = TokenLayout(self.grid_size, self.num_prefix_tokens)
+        layout = TokenLayout(self.grid_size, num_prefix)
         dpr = drop_path_rates(drop_path_rate, depth)
         self.blocks = nn.Sequential(*[
-            Block(embed_dim, spec.build(embed_dim, num_heads, self.layout, qkv_bias=qkv_bias, attn_drop=attn_drop_rate,
+            Block(embed_dim, spec.build(embed_dim, num_heads, layout, qkv_bias=qkv_bias, attn_drop=attn_drop_rate,
                                         proj_drop=drop_rate),
                   Mlp(embed_dim, int(embed_dim * mlp_ratio), drop=drop_rate), norm=norm, norm_eps=norm_eps,
                   wiring="post" if post_norm else "pre", branch_scale=branch_scale or shortcut,
@@ -105,50 +109,6 @@ class VisionTransformer(IsotropicTaps, VitlabModel):
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=1e-6)
         init_weights(self, init)
-
-    # -- the model contract ---------------------------------------------------------------
-    _global_pools = ("token", "avg")
-
-    def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        self.check_input(x)
-        x = self.patch_embed(x)
-        if self.cls_token is not None:
-            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        if self.pos_embed is not None:
-            x = x + self.pos_embed
-        return self.pos_drop(x)
-
-    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
-        """timm's grouping: the stem (tokens, position embedding, patch embedding), then one group
-        per block, the final norm last."""
-        return dict(stem=r"^cls_token|dist_token|pos_embed|patch_embed",
-                    blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
-
-    def _set_global_pool(self, global_pool: str) -> None:
-        super()._set_global_pool(global_pool)
-        if global_pool == "token" and self.cls_token is None:
-            raise ValueError("global_pool='token' needs a class token; this model has none")
-        self.global_pool = global_pool
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = x[:, self.num_prefix_tokens:].mean(dim=1) if self.global_pool == "avg" else x[:, 0]
-        x = self.head_drop(self.fc_norm(x))
-        return x if pre_logits else self.head(x)
-
-    def _entry(self, name: str, kind: str, x: torch.Tensor) -> Intermediate:
-        p = self.num_prefix_tokens
-        return Intermediate(name, kind, tokens_to_map(x[:, p:], self.grid_size), x[:, :p] if p else None)
-
-    def forward_halves(self, x: torch.Tensor) -> List[Intermediate]:
-        """Embedding output, then for every block its attention half and its MLP half."""
-        x = self._embed(x)
-        out = [self._entry("patch_embed", "embed", x)]
-        for i, blk in enumerate(self.blocks):
-            x = blk.attn_half(x, self.layout)
-            out.append(self._entry(f"blocks.{i}.attn", "attn", x))
-            x = blk.mlp_half(x, self.layout)
-            out.append(self._entry(f"blocks.{i}.mlp", "mlp", x))
-        return out
 
 # -- registered recipes -------------------------------------------------------------------------
 

@@ -1,0 +1,252 @@
+"""The one staged ``Backbone`` of vitlab (DESIGN.md, "Backbones").
+
+A model is a stem, then stages, then a head::
+
+    stem (patch_embed)          image -> tokens (B, N, C) and their TokenLayout
+    [prefix tokens, pos_embed]  class / distillation tokens join at stage ``token_stage``;
+                                a model-level position table is added after the stem
+    stage i                     downsample -> prefix tokens (if i == token_stage > 0) -> the stage's
+                                position table -> blocks -> the stage's norm
+    tail stages                 stages after the feature taps (CaiT's class-attention blocks)
+    norm, pool, fc_norm, head   the final norm, token / average pooling, the classifier
+
+Families only build their parts (stem, downsamplers, blocks, tables) under timm's attribute names and
+set a few class attributes; running, feature taps, ``forward_intermediates``, ``forward_halves``,
+pooling, ``feature_info``, pruning and grouping are written once, here.  The isotropic ViT is the
+one-stage case (``stage_attr = "blocks"``: the one stage's blocks live in ``model.blocks`` and every
+block is a feature tap, timm's rule); hierarchical models keep :class:`Stage` s in
+``model.layers`` (Swin, CSwin) or ``model.stages`` (PVT, PVTv2) and tap every stage.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from vitlab.layers.layout import TokenLayout
+from vitlab.models.base import Intermediate, VitlabModel
+
+__all__ = ["Stage", "Backbone", "Downsample"]
+
+
+class Downsample(nn.Module):
+    """The downsampler protocol: ``forward(tokens, layout) -> (tokens, (h, w))`` on grid tokens (no
+    prefix tokens); subclasses implement :meth:`on_map` on a ``(B, C, H, W)`` map, returning a map
+    (the tokens are taken from its channels) or ``(tokens, (h, w))``."""
+
+    def on_map(self, fm: torch.Tensor):  # pragma: no cover - per downsampler
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, layout: Optional[TokenLayout] = None):
+        out = self.on_map(x if layout is None else layout.to_map(x))
+        if isinstance(out, tuple):
+            return out
+        return out.flatten(2).transpose(1, 2), tuple(out.shape[-2:])
+
+
+class Stage(nn.Module):
+    """One stage: ``downsample`` (none for a stage that keeps the map), an optional learned position
+    table ``pos_embed`` ``(1, P + h*w, dim)`` (PVT), ``blocks`` and a closing ``norm`` (PVTv2).  Absent
+    parts leave no state-dict keys.  ``dim`` and ``reduction`` (input stride) describe the output;
+    ``grid_size`` is its map at the model's image size."""
+
+    def __init__(self, blocks: Sequence[nn.Module], dim: int, reduction: int, grid_size: Tuple[int, int],
+                 downsample: Optional[nn.Module] = None, norm: Optional[nn.Module] = None, pos_tokens: int = 0):
+        super().__init__()
+        self.dim, self.reduction, self.grid_size = int(dim), int(reduction), tuple(grid_size)
+        self.downsample = downsample if downsample is not None else nn.Identity()
+        self.pos_embed = nn.Parameter(torch.zeros(1, pos_tokens, dim)) if pos_tokens else None
+        self.blocks = nn.Sequential(*blocks)
+        self.norm = norm if norm is not None else nn.Identity()
+
+
+class StageView(NamedTuple):
+    """A stage made of modules that live elsewhere (an isotropic model's ``blocks``, CaiT's tail)."""
+
+    downsample: Optional[nn.Module]
+    pos_embed: Optional[torch.Tensor]
+    blocks: nn.Module
+    norm: Optional[nn.Module]
+
+
+def _present(m: Optional[nn.Module]) -> bool:
+    return m is not None and not isinstance(m, nn.Identity)
+
+
+class Backbone(VitlabModel):
+    """The staged backbone every transformer family subclasses (see the module docstring).
+
+    Class attributes a family sets: ``stage_attr`` (``"blocks"``: isotropic, else the attribute
+    holding the stages), ``tail_attr`` (stages run after the feature taps, e.g.
+    ``"blocks_token_only"``), ``prefix_names`` (the prefix-token parameters, in order),
+    ``token_stage`` (the stage the prefix tokens join before), ``features_fmt`` (``"NLC"`` tokens or
+    ``"NCHW"`` maps from ``forward_features``), ``global_pool`` (``"token"`` | ``"avg"``).
+    Attributes the family's ``__init__`` builds: ``patch_embed`` (the stem: ``image -> tokens`` with
+    ``grid_size``, or ``-> (tokens, hw)``), the stages, ``norm``; optional ``pos_embed``, ``pos_drop``,
+    ``fc_norm``, ``head_drop``, ``head``.
+    """
+
+    stage_attr: str = "stages"
+    tail_attr: Optional[str] = None
+    prefix_names: Tuple[str, ...] = ()
+    token_stage: int = 0
+    features_fmt: str = "NLC"
+    global_pool: str = "avg"
+    stem_reduction: int = 1  # input stride of the stem (isotropic feature_info)
+
+    # -- parts --------------------------------------------------------------------------------
+    def stage_list(self) -> List[Any]:
+        """The stages, each with ``downsample``, ``pos_embed``, ``blocks``, ``norm`` (an isotropic model
+        is one stage whose blocks are ``self.blocks``)."""
+        if self.stage_attr == "blocks":
+            return [StageView(None, None, self.blocks, None)]
+        return list(getattr(self, self.stage_attr))
+
+    def tail_list(self) -> List[Any]:
+        """The stages after the feature taps (CaiT's class-attention blocks), like :meth:`stage_list`."""
+        if self.tail_attr is None:
+            return []
+        return [StageView(None, None, getattr(self, self.tail_attr), None)]
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return sum(getattr(self, n, None) is not None for n in self.prefix_names)
+
+    def _join_prefix(self, x: torch.Tensor, layout: TokenLayout) -> Tuple[torch.Tensor, TokenLayout]:
+        toks = [getattr(self, n) for n in self.prefix_names if getattr(self, n, None) is not None]
+        if not toks:
+            return x, layout
+        b = x.shape[0]
+        return torch.cat([t.expand(b, -1, -1) for t in toks] + [x], dim=1), TokenLayout(layout.grid, len(toks))
+
+    def _add_pos(self, x: torch.Tensor, table: Optional[torch.Tensor]) -> torch.Tensor:
+        drop = getattr(self, "pos_drop", None)
+        x = x + table if table is not None else x
+        return drop(x) if drop is not None else x
+
+    # -- running --------------------------------------------------------------------------------
+    def _stem(self, x: torch.Tensor) -> Tuple[torch.Tensor, TokenLayout]:
+        """Stem tokens, prefix tokens (when they join at stage 0) and the model's position table."""
+        self.check_input(x)
+        out = self.patch_embed(x)
+        x, hw = out if isinstance(out, tuple) else (out, self.patch_embed.grid_size)
+        layout = TokenLayout(hw)
+        if self.token_stage == 0:
+            x, layout = self._join_prefix(x, layout)
+        if hasattr(self, "pos_embed"):  # a model-level table (ViT, CaiT; None for pos_embed='none')
+            x = self._add_pos(x, self.pos_embed)
+        return x, layout
+
+    def _enter(self, i: int, stage: Any, x: torch.Tensor, layout: TokenLayout, out: Optional[list] = None,
+               name: str = "") -> Tuple[torch.Tensor, TokenLayout]:
+        """Stage ``i`` up to its blocks: downsample, prefix tokens joining here, its position table."""
+        if _present(stage.downsample):
+            x, hw = stage.downsample(x, layout)
+            layout = TokenLayout(hw)
+            if out is not None:
+                out.append(self._entry(f"{name}.downsample", "downsample", x, layout, i))
+        if i == self.token_stage and i > 0:
+            x, layout = self._join_prefix(x, layout)
+        if stage.pos_embed is not None:
+            x = self._add_pos(x, stage.pos_embed)
+        return x, layout
+
+    def _run(self, i: int, stage: Any, x: torch.Tensor, layout: TokenLayout) -> Tuple[torch.Tensor, TokenLayout]:
+        x, layout = self._enter(i, stage, x, layout)
+        for blk in stage.blocks:
+            x = self._block(blk, x, layout)
+        return (stage.norm(x) if _present(stage.norm) else x), layout
+
+    def _feature_stem(self, x: torch.Tensor) -> Tuple[torch.Tensor, TokenLayout]:
+        return self._stem(x)
+
+    def _feature_units(self) -> Sequence[Any]:
+        return list(self.blocks) if self.stage_attr == "blocks" else self.stage_list()
+
+    def _feature_unit(self, i: int, unit: Any, x: torch.Tensor, layout: TokenLayout):
+        if self.stage_attr == "blocks":
+            return self._block(unit, x, layout), layout
+        return self._run(i, unit, x, layout)
+
+    def _feature_end(self, x: torch.Tensor, layout: TokenLayout, complete: bool) -> torch.Tensor:
+        if not complete and not self.is_isotropic:
+            return x
+        n = 1 if self.stage_attr == "blocks" else len(getattr(self, self.stage_attr))
+        for k, stage in enumerate(self.tail_list() if complete else ()):
+            x, layout = self._run(n + k, stage, x, layout)
+        x = self._final_norm(x)
+        return layout.to_map(x) if self.features_fmt == "NCHW" else x
+
+    # -- the analyses' view ----------------------------------------------------------------------
+    def _entry(self, name: str, kind: str, x: torch.Tensor, layout: TokenLayout, stage: int) -> Intermediate:
+        p = layout.num_prefix
+        return Intermediate(name, kind, layout.to_map(x), x[:, :p] if p else None, stage)
+
+    def forward_halves(self, x: torch.Tensor) -> List[Intermediate]:
+        """The stem (``embed``), then per stage its downsampler, every block's attention and MLP
+        halves and the stage norm (then the tail stages; a staged model's final norm last), each an
+        :class:`Intermediate` with a ``(B, C, H, W)`` map and the prefix tokens apart."""
+        x, layout = self._stem(x)
+        out = [self._entry("patch_embed", "embed", x, layout, 0)]
+        stages = self.stage_list()
+        names = ([f"{self.stage_attr}.{i}" for i in range(len(stages))] if self.stage_attr != "blocks" else [""])
+        names += [self.tail_attr] if self.tail_attr else []
+        for i, (stage, name) in enumerate(zip(stages + self.tail_list(), names)):
+            x, layout = self._enter(i, stage, x, layout, out, name)
+            prefix = f"{name}.blocks" if self.stage_attr != "blocks" and i < len(stages) else (name or "blocks")
+            for j, blk in enumerate(stage.blocks):
+                x = blk.attn_half(x, layout)
+                out.append(self._entry(f"{prefix}.{j}.attn", "attn", x, layout, i))
+                x = blk.mlp_half(x, layout)
+                out.append(self._entry(f"{prefix}.{j}.mlp", "mlp", x, layout, i))
+            if _present(stage.norm):
+                x = stage.norm(x)
+                out.append(self._entry(f"{name}.norm", "norm", x, layout, i))
+        if self.stage_attr != "blocks" and _present(getattr(self, "norm", None)):  # what a staged head reads
+            out.append(self._entry("norm", "norm", self.norm(x), layout, len(stages) - 1))
+        return out
+
+    # -- head -------------------------------------------------------------------------------------
+    _global_pools = ("token", "avg")
+
+    def _set_global_pool(self, global_pool: str) -> None:
+        super()._set_global_pool(global_pool)
+        if global_pool == "token" and self.num_prefix_tokens == 0:
+            raise ValueError("global_pool='token' needs a class token; this model has none")
+        self.global_pool = global_pool
+
+    def _pool(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim == 4:  # a (B, C, H, W) map
+            return x.mean(dim=(-2, -1))
+        return x[:, 0] if self.global_pool == "token" else x[:, self.num_prefix_tokens:].mean(dim=1)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self._pool(x)
+        fc_norm, drop = getattr(self, "fc_norm", None), getattr(self, "head_drop", None)
+        x = fc_norm(x) if fc_norm is not None else x
+        x = drop(x) if drop is not None else x
+        return x if pre_logits else self.head(x)
+
+    # -- contract details -----------------------------------------------------------------------
+    def _feature_info(self) -> List[Dict[str, Any]]:
+        if self.stage_attr == "blocks":
+            return [dict(num_chs=self.embed_dim, reduction=self.stem_reduction, module=f"blocks.{i}")
+                    for i in range(len(self.blocks))]
+        return [dict(num_chs=s.dim, reduction=s.reduction, module=f"{self.stage_attr}.{i}")
+                for i, s in enumerate(self.stage_list())]
+
+    def _truncate_units(self, n: int) -> None:
+        setattr(self, self.stage_attr, getattr(self, self.stage_attr)[:n])
+
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        """timm's grouping: the stem (tokens, position table, patch embedding); then one group per
+        block of an isotropic model, or per stage (coarse) / per block with each stage's downsampler
+        joining its first block (fine) of a hierarchical one; the final norm last."""
+        if self.stage_attr == "blocks":
+            return dict(stem=r"^cls_token|dist_token|reg_token|pos_embed|patch_embed",
+                        blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
+        s = self.stage_attr
+        return dict(stem=r"^patch_embed|^pos_embed|^cls_token", blocks=rf"^{s}\.(\d+)" if coarse else [
+            (rf"^{s}\.(\d+)\.(?:downsample|pos_embed)", (0,)), (rf"^{s}\.(\d+)\.\w+\.(\d+)", None),
+            (r"^norm", (99999,))])
