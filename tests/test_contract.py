@@ -324,3 +324,28 @@ def test_features_only_every_family(family):
     assert feats.feature_info.reduction() == [info[0]["reduction"], info[n - 2]["reduction"]]
     with pytest.raises(ValueError, match="features_only"):
         vitlab.create_model(name, out_indices=(0,), **kw)
+
+
+# -- dynamic_img_size and the token-level contract --------------------------------------------------
+@torch.no_grad()
+@pytest.mark.parametrize("name", [VIT_S, "deit_tiny_distilled_patch16_224"])
+def test_dynamic_img_size_equals_timm(name):
+    ref, ours = timm_pair(name, img_size=64, depth=2, dynamic_img_size=True)
+    for size in [(64, 64), (48, 80), (32, 32)]:
+        x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(size[1]))
+        assert float((ours(x) - ref(x)).abs().max()) < 1e-4, size
+    with pytest.raises(ValueError, match="not divisible by the patch size 16x16"):
+        ours(torch.randn(1, 3, 40, 64))
+    fixed = vitlab.create_model(name, img_size=64, depth=2)
+    with pytest.raises(ValueError, match="does not match the model's img_size"):
+        fixed(torch.randn(1, 3, 48, 80))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", [f for f in sorted(FAMILIES) if "resnet" not in f and f != "alternet"])
+def test_forward_tokens_of_forward_stem_is_forward_features(family):
+    model = _small(family).eval()
+    x = _input(model)
+    tokens, layout = model.forward_stem(x)
+    assert tokens.shape[1] == layout.num_tokens
+    torch.testing.assert_close(model.forward_tokens(tokens, layout), model.forward_features(x), rtol=0, atol=0)

@@ -23,8 +23,9 @@ class PatchEmbed(nn.Module):
     Output ``(B, N, C)`` tokens in raster order; ``grid_size`` is the token map.  Names match timm."""
 
     def __init__(self, img_size=224, patch_size=16, in_chans: int = 3, embed_dim: int = 768,
-                 norm_layer: Optional[nn.Module] = None, bias: bool = True):
+                 norm_layer: Optional[nn.Module] = None, bias: bool = True, dynamic_img_size: bool = False):
         super().__init__()
+        self.dynamic_img_size = dynamic_img_size  # any size divisible by the patch: forward -> (tokens, hw)
         self.img_size = to_2tuple(img_size)
         self.patch_size = to_2tuple(patch_size)
         for s, p in zip(self.img_size, self.patch_size):
@@ -38,15 +39,23 @@ class PatchEmbed(nn.Module):
 
     def check(self, x: torch.Tensor) -> None:
         h, w = x.shape[-2:]
+        if self.dynamic_img_size and h % self.patch_size[0] == 0 and w % self.patch_size[1] == 0:
+            return
+        if self.dynamic_img_size:
+            raise ValueError(f"input image size {h}x{w} is not divisible by the patch size "
+                             f"{self.patch_size[0]}x{self.patch_size[1]}")
         if (h, w) != self.img_size:
             hint = ("" if h % self.patch_size[0] == 0 and w % self.patch_size[1] == 0 else
                     f"; {h}x{w} is not even divisible by the patch size {self.patch_size[0]}x{self.patch_size[1]}")
             raise ValueError(f"input image size {h}x{w} does not match the model's img_size "
                              f"{self.img_size[0]}x{self.img_size[1]}{hint}; create the model with img_size={h}")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor):
+        """``(B, C, H, W)`` -> ``(B, N, C')`` tokens (``(tokens, grid)`` with ``dynamic_img_size``)."""
         self.check(x)
-        return self.norm(self.proj(x).flatten(2).transpose(1, 2))
+        x = self.proj(x)
+        tokens = self.norm(x.flatten(2).transpose(1, 2))
+        return (tokens, tuple(x.shape[-2:])) if self.dynamic_img_size else tokens
 
 
 class ConvStem(PatchEmbed):
@@ -55,8 +64,8 @@ class ConvStem(PatchEmbed):
     NeurIPS 2021).  Same token grid as the linear patchify it replaces."""
 
     def __init__(self, img_size=224, patch_size=16, in_chans: int = 3, embed_dim: int = 768,
-                 norm_layer: Optional[nn.Module] = None, bias: bool = True):
-        super().__init__(img_size, patch_size, in_chans, embed_dim, norm_layer, bias)
+                 norm_layer: Optional[nn.Module] = None, bias: bool = True, dynamic_img_size: bool = False):
+        super().__init__(img_size, patch_size, in_chans, embed_dim, norm_layer, bias, dynamic_img_size)
         p = self.patch_size[0]
         if self.patch_size[0] != self.patch_size[1] or p & (p - 1) or p < 2:
             raise ValueError(f"ConvStem needs a square power-of-two patch size >= 2, got {self.patch_size}")

@@ -120,9 +120,18 @@ class Backbone(VitlabModel):
         b = x.shape[0]
         return torch.cat([t.expand(b, -1, -1) for t in toks] + [x], dim=1), TokenLayout(layout.grid, len(toks))
 
-    def _add_pos(self, x: torch.Tensor, table: Optional[torch.Tensor]) -> torch.Tensor:
+    def _add_pos(self, x: torch.Tensor, table: Optional[torch.Tensor], grid: Optional[Tuple[int, ...]] = None
+                 ) -> torch.Tensor:
+        """``x`` plus a learned / fixed position table, resampled first when the tokens' ``grid`` is not
+        the table's (``dynamic_img_size``: bicubic, prefix rows kept, as timm does), then ``pos_drop``."""
         drop = getattr(self, "pos_drop", None)
-        x = x + table if table is not None else x
+        if table is not None:
+            if grid is not None and tuple(grid) != tuple(self.grid_size):
+                from vitlab.layers.pos_embed import resample_pos_embed
+
+                own = tuple(self.grid_size)
+                table = resample_pos_embed(table, tuple(grid), own, table.shape[1] - own[0] * own[1])
+            x = x + table
         return drop(x) if drop is not None else x
 
     # -- running --------------------------------------------------------------------------------
@@ -135,8 +144,20 @@ class Backbone(VitlabModel):
         if self.token_stage == 0:
             x, layout = self._join_prefix(x, layout)
         if hasattr(self, "pos_embed"):  # a model-level table (ViT, CaiT; None for pos_embed='none')
-            x = self._add_pos(x, self.pos_embed)
+            x = self._add_pos(x, self.pos_embed, layout.grid)
         return x, layout
+
+    # -- token-level access: what pretraining methods (MAE, SimMIM, DINO) wrap ----------------------
+    def forward_stem(self, x: torch.Tensor) -> Tuple[torch.Tensor, TokenLayout]:
+        """Image -> the tokens the first stage reads (prefix tokens joined and the model-level position
+        table added where the model does so) and their :class:`TokenLayout`."""
+        return self._stem(x)
+
+    def forward_tokens(self, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        """The rest of :meth:`forward_features` on stem tokens ``x`` laid out as ``layout`` (which may
+        differ from the stem's, e.g. after masking): ``forward_features(img) ==
+        forward_tokens(*forward_stem(img))``."""
+        return self._run_units(x, layout)
 
     def _enter(self, i: int, stage: Any, x: torch.Tensor, layout: TokenLayout, out: Optional[list] = None,
                name: str = "") -> Tuple[torch.Tensor, TokenLayout]:

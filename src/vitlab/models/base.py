@@ -186,7 +186,9 @@ class VitlabModel(nn.Module):
         return len({d["reduction"] for d in self._feature_info()}) == 1
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x, layout = self._feature_stem(x)
+        return self._run_units(*self._feature_stem(x))
+
+    def _run_units(self, x: torch.Tensor, layout: Optional[TokenLayout]) -> torch.Tensor:
         for i, unit in enumerate(self._feature_units()):
             x, layout = self._feature_unit(i, unit, x, layout)
         return self._feature_end(x, layout, complete=True)

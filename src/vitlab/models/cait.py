@@ -49,7 +49,7 @@ class Cait(Backbone):
     ``norm``, ``shortcut`` (default ``layerscale``), ``shortcut_init`` (init of the shortcut part; default: ``layerscale_init`` = 1e-5
     for ``layerscale``, the part's own default otherwise),
     ``featscale``, ``init``, ``depth_token_only`` (class-attention blocks, 2),
-    ``mlp_ratio_token_only``, ``mixer_kwargs`` (passed to the self-attention mixer).
+    ``mlp_ratio_token_only``, ``mixer_kwargs`` (passed to the self-attention mixer), ``dynamic_img_size``.
     """
 
     stage_attr, tail_attr = "blocks", "blocks_token_only"  # feature taps: the self-attention blocks
@@ -64,7 +64,8 @@ class Cait(Backbone):
                  depth_token_only: int = 2, mlp_ratio_token_only: float = 4.0, drop_rate: float = 0.0,
                  attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0, norm_eps: float = 1e-6,
                  mixer_kwargs: Optional[Dict[str, Any]] = None, core: Optional[str] = None,
-                 modifiers: Sequence[str] = (), branch_scale: Optional[str] = None, architecture: str = "cait",
+                 modifiers: Sequence[str] = (), branch_scale: Optional[str] = None, dynamic_img_size: bool = False,
+                 architecture: str = "cait",
                  default_cfg: Optional[Dict[str, Any]] = None):
         super().__init__()
         if depth < 1 or depth_token_only < 1 or embed_dim < 1 or num_heads < 1:
@@ -78,7 +79,7 @@ class Cait(Backbone):
             ca_mixer = "cosine" if mixer == "cosine" else "softmax"
         self.num_classes, self.in_chans = num_classes, in_chans
         self.num_features = self.embed_dim = embed_dim
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, dynamic_img_size=dynamic_img_size)
         self.grid_size = self.patch_embed.grid_size
         self.stem_reduction = patch_size
         n = self.patch_embed.num_patches

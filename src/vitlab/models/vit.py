@@ -35,7 +35,8 @@ class VisionTransformer(Backbone):
     ``weighted`` | ``layerscale``; ``shortcut_init`` overrides its init), ``featscale``
     (bool), ``init`` (``trunc_normal`` | ``xavier`` | ``spectral``), ``pos_embed`` (``learned``
     | ``sincos`` | ``none``), ``embed`` (``patch`` | ``conv``), ``global_pool`` (``token`` |
-    ``avg``), ``class_token``, ``post_norm``, ``conv_units``, ``mixer_kwargs``.
+    ``avg``), ``class_token``, ``post_norm``, ``conv_units``, ``mixer_kwargs``, ``dynamic_img_size`` (any
+    input size divisible by the patch; the position table is resampled on the fly, as timm's).
     """
 
     stage_attr = "blocks"  # isotropic: one stage, every block a feature tap
@@ -50,7 +51,7 @@ class VisionTransformer(Backbone):
                  attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0, norm_eps: float = 1e-6,
                  post_norm: bool = False, conv_units: bool = False, mixer_kwargs: Optional[Dict[str, Any]] = None,
                  core: Optional[str] = None, modifiers: Sequence[str] = (), branch_scale: Optional[str] = None,
-                 extra_tokens: int = 0, architecture: str = "vit", default_cfg: Optional[Dict[str, Any]] = None):
+                 extra_tokens: int = 0, dynamic_img_size: bool = False, architecture: str = "vit", default_cfg: Optional[Dict[str, Any]] = None):
         super().__init__()
         if global_pool not in ("token", "avg"):
             raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
@@ -68,7 +69,8 @@ class VisionTransformer(Backbone):
         self.global_pool = global_pool
         num_prefix = (1 if class_token else 0) + extra_tokens  # extra: prefix tokens a subclass adds
         spec = MixerSpec(mixer, core, tuple(modifiers), dict(mixer_kwargs or {}))
-        self.patch_embed = EMBEDS.get(embed)(img_size, patch_size, in_chans, embed_dim)
+        self.patch_embed = EMBEDS.get(embed)(img_size, patch_size, in_chans, embed_dim,
+                                             dynamic_img_size=dynamic_img_size)
         self.grid_size = self.patch_embed.grid_size
         self.stem_reduction = patch_size if isinstance(patch_size, int) else patch_size[0]
         num_tokens = self.patch_embed.num_patches + num_prefix
