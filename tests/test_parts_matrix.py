@@ -100,6 +100,8 @@ def run_family(family, **parts):
 # (family, part kind, part name) a family refuses, with the words its one-line error must contain
 REFUSED = {
     ("alternet", "norm", "*"): ("BatchNorm",),
+    ("alternet", "wiring", "post"): ("pre-activation",),
+    ("alternet", "wiring", "parallel"): ("pre-activation",),
     # CaiT's self-attention talks across heads (talking heads) unless talking_heads=False
     ("cait", "core", "focused_linear"): ("talking_heads", "never forms the attention matrix"),
     ("cait", "mixer", "focused_linear"): ("talking_heads", "never forms the attention matrix"),
@@ -145,6 +147,7 @@ def assert_uses(model, parts):
         "norm": lambda: any(isinstance(m, NORMS.get(value)) for m in mods),
         "branch_scale": lambda: any(isinstance(m, ChannelScale) for m in mods) == (value != "plain"),
         "featscale": lambda: any(isinstance(m, FeatScale) for m in mods),
+        "wiring": lambda: any(getattr(m, "wiring", None) == value for m in mods),
     }
     assert checks[kind](), f"{parts} not found in {type(model).__name__}"
 
@@ -153,7 +156,8 @@ BUILT_IN = ([dict(core=c) for c in ("softmax", "cosine", "focused_linear")]
             + [dict(modifiers=(m,)) for m in ("attnscale", "talking_heads", "reattention")]
             + [dict(mixer=m) for m in ("softmax", "cosine", "focused_linear", "attnscale", "pooling")]
             + [dict(norm=n) for n in ("layernorm", "center", "rms")]
-            + [dict(branch_scale=b) for b in ("plain", "weighted", "layerscale")] + [dict(featscale=True)])
+            + [dict(branch_scale=b) for b in ("plain", "weighted", "layerscale")] + [dict(featscale=True)]
+            + [dict(wiring=w) for w in ("pre", "post", "parallel")])
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -234,3 +238,41 @@ def test_train_eval_and_analyze_normalise_cifar_alike():
     cfg = vitlab.create_model("vit_tiny_patch4_32").default_cfg
     assert tuple(info["mean"]) == tuple(cfg["mean"]) == CIFAR10_MEAN
     assert tuple(info["std"]) == tuple(cfg["std"]) == CIFAR10_STD == (0.2470, 0.2435, 0.2616)
+
+
+def test_parallel_wiring_is_one_residual_over_both_branches():
+    """ViT-22B's parallel block: x + ls1(attn(norm1 x)) + ls2(mlp(norm2 x)), both branches on the same x;
+    forward_halves gives one 'block' entry for it; the Lipschitz rule is 1 + Lip(attn) + Lip(mlp)."""
+    from vitlab.analysis.lipschitz import lipschitz_bound_report
+    from vitlab.layers import TokenLayout
+
+    torch.manual_seed(0)
+    model = vitlab.create_model("vit_tiny_patch4_32", depth=2, embed_dim=32, num_heads=2, wiring="parallel",
+                                branch_scale="layerscale", shortcut_init=0.5, mixer="cosine").eval()
+    blk = model.blocks[0]
+    x = torch.randn(2, 65, 32)
+    lay = TokenLayout((8, 8), 1)
+    want = x + blk.ls1(blk.attn(blk.norm1(x), lay)) + blk.ls2(blk.mlp(blk.norm2(x), lay))
+    with torch.no_grad():
+        torch.testing.assert_close(blk(x, lay), want)
+        halves = model.forward_halves(torch.randn(1, 3, 32, 32))
+    assert [h.kind for h in halves] == ["embed", "block", "block"]
+    with torch.no_grad():
+        serial = vitlab.create_model("vit_tiny_patch4_32", depth=2, embed_dim=32, num_heads=2)
+        assert not torch.allclose(serial.blocks[0](x, lay), x + serial.blocks[0].ls1(
+            serial.blocks[0].attn(serial.blocks[0].norm1(x), lay)) + serial.blocks[0].ls2(
+            serial.blocks[0].mlp(serial.blocks[0].norm2(x), lay)))
+    # the same weights wired pre (serial): halves 1 + La and 1 + Lm; parallel: 1 + La + Lm
+    kw = dict(depth=1, embed_dim=32, num_heads=2, mixer="cosine", norm="center",
+              mixer_kwargs=dict(normalize_v=True, eps=0.05))
+    factors = {}
+    for wiring in ("pre", "parallel"):
+        torch.manual_seed(0)
+        m = vitlab.create_model("vit_tiny_patch4_32", wiring=wiring, **kw).eval()
+        rep = lipschitz_bound_report(m)
+        assert rep["unbounded"] == [] and math.isfinite(rep["bound"])
+        factors.update({d["name"]: d["bound"] for d in rep["factors"]})
+        from vitlab.analysis.lipschitz import lipschitz_estimate
+        assert 0 < lipschitz_estimate(m, torch.randn(2, 3, 32, 32), iters=5) <= rep["bound"]
+    h1, h2 = factors["blocks.0 (attention half)"], factors["blocks.0 (MLP half)"]
+    assert factors["blocks.0 (parallel block)"] == pytest.approx(h1 + h2 - 1, rel=1e-9)

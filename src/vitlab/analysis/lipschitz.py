@@ -203,6 +203,10 @@ class _Bounder:
         if blk.conv_units is not None:
             for i, u in enumerate(blk.conv_units):
                 units *= self.part(u, f"{name}.conv_units.{i}")
+        if blk.wiring == "parallel":  # x + f(x) + g(x): Lip <= 1 + Lip f + Lip g
+            whole = units * (1 + lip_attn + lip_mlp)
+            self.factors.append({"name": name + " (parallel block)", "bound": whole})
+            return whole
         half1 = units * (1 + lip_attn)
         half2 = 1 + lip_mlp
         if blk.post_norm:

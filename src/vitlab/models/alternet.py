@@ -82,6 +82,8 @@ class MSABlock(nn.Module):
     C/4, no bias) -> BN -> window MSA -> projection back to C``, identity shortcut, DropPath;
     optional FeatScale and shortcut scale on the branch."""
 
+    wiring = "pre"  # pre-activation: the norm opens the one residual branch
+
     def __init__(self, dim: int, heads: int, size: int, spec: MixerSpec, head_dim: int = 64, window_size: int = 7,
                  drop_path: float = 0.0, featscale: bool = False, branch_scale: Optional[nn.Module] = None):
         super().__init__()
@@ -122,7 +124,11 @@ class AlterNet(PreActResNet):
                  mixer: str = "softmax", shortcut: str = "plain", shortcut_init: Optional[float] = None,
                  featscale: bool = False, mixer_kwargs: Optional[Dict[str, Any]] = None,
                  core: Optional[str] = None, modifiers: Sequence[str] = (), branch_scale: Optional[str] = None,
-                 architecture: str = "alternet", **kwargs: Any):
+                 wiring: str = "pre", architecture: str = "alternet", **kwargs: Any):
+        if wiring != "pre":
+            raise ValueError(f"wiring={wiring!r} is not defined for AlterNet: its MSA blocks are pre-activation ResNet "
+                             "blocks (BatchNorm -> GELU -> 1x1 conv -> BatchNorm -> MSA, one residual branch); "
+                             "use wiring='pre'")
         if len(tuple(msa_counts)) != 4 or len(tuple(heads)) != 4:
             raise ValueError(f"msa_counts and heads need 4 values (one per stage), got {tuple(msa_counts)} and "
                              f"{tuple(heads)}")

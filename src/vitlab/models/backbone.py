@@ -218,6 +218,9 @@ class Backbone(VitlabModel):
             prefix = f"{name}.blocks" if self.stage_attr != "blocks" and i < len(stages) else (name or "blocks")
             for j, blk in enumerate(stage.blocks):
                 x = blk.attn_half(x, layout)
+                if getattr(blk, "wiring", None) == "parallel":  # no separable halves: one entry
+                    out.append(self._entry(f"{prefix}.{j}", "block", x, layout, i))
+                    continue
                 out.append(self._entry(f"{prefix}.{j}.attn", "attn", x, layout, i))
                 x = blk.mlp_half(x, layout)
                 out.append(self._entry(f"{prefix}.{j}.mlp", "mlp", x, layout, i))

@@ -4,7 +4,10 @@ Pre-norm (ViT, Swin, PVT): ``x + DropPath(ls1(FeatScale(mixer(norm1(x)))))`` the
 ``x + DropPath(ls2(mlp(norm2(x))))``.  ``wiring="post"`` (LipsFormer): ``norm1(x + DropPath(ls1(
 mixer(x))))`` then ``norm2(x + DropPath(ls2(mlp(x))))``; ``"end"`` (LipsFormer-CSwin): no norm before
 the branches and one norm at the end of the block (``norm2``); ``"prefix"`` (CaiT's class attention):
-only the prefix (class) tokens are updated, by a mixer whose queries are the prefix tokens.  Optional
+only the prefix (class) tokens are updated, by a mixer whose queries are the prefix tokens;
+``"parallel"`` (ViT-22B, Dehghani et al., ICML 2023, sec. 2; GPT-J / PaLM): both branches read the same
+input, ``x + DropPath(ls1(mixer(norm1(x)))) + DropPath(ls2(mlp(norm2(x))))``, so the block has no
+separable halves (:meth:`Block.attn_half` is the whole block, :meth:`Block.mlp_half` the identity).  Optional
 ``conv_units`` (LipsFormer's depthwise-conv residual units) run before the attention half.  Without
 autograd the sums are written into the branch outputs (:mod:`vitlab.layers.inplace`).
 
@@ -24,7 +27,7 @@ from vitlab.layers.layout import TokenLayout
 
 __all__ = ["Block", "WIRINGS", "drop_path_rates"]
 
-WIRINGS = ("pre", "post", "end", "prefix")
+WIRINGS = ("pre", "post", "end", "prefix", "parallel")
 
 
 def drop_path_rates(rate: float, depth: int) -> List[float]:
@@ -74,6 +77,10 @@ class Block(nn.Module):
     def attn_half(self, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
         for unit in self.conv_units if self.conv_units is not None else ():
             x = unit(x, layout.hw, layout.num_prefix)
+        if self.wiring == "parallel":
+            y = self.attn(self.norm1(x), layout)
+            y = self.featscale(y) if self.featscale is not None else y
+            return x + self.drop_path1(self.ls1(y)) + self.drop_path2(self.ls2(self.mlp(self.norm2(x), layout)))
         if self.wiring == "prefix":
             p = layout.num_prefix
             cls = x[:, :p] + self.drop_path1(self.ls1(self.attn(self.norm1(x), layout)))
@@ -85,6 +92,8 @@ class Block(nn.Module):
         return self.norm1(x) if self.post_norm else x
 
     def mlp_half(self, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        if self.wiring == "parallel":  # the MLP branch ran beside the attention in attn_half
+            return x
         if self.wiring == "prefix":
             p = layout.num_prefix
             cls = x[:, :p]

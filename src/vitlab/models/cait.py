@@ -49,7 +49,8 @@ class Cait(Backbone):
     ``norm``, ``shortcut`` (default ``layerscale``), ``shortcut_init`` (init of the shortcut part; default: ``layerscale_init`` = 1e-5
     for ``layerscale``, the part's own default otherwise),
     ``featscale``, ``init``, ``depth_token_only`` (class-attention blocks, 2),
-    ``mlp_ratio_token_only``, ``mixer_kwargs`` (passed to the self-attention mixer), ``dynamic_img_size``.
+    ``mlp_ratio_token_only``, ``mixer_kwargs`` (passed to the self-attention mixer), ``dynamic_img_size``,
+    ``wiring`` (of the self-attention blocks).
     """
 
     stage_attr, tail_attr = "blocks", "blocks_token_only"  # feature taps: the self-attention blocks
@@ -60,7 +61,8 @@ class Cait(Backbone):
                  embed_dim: int = 384, depth: int = 24, num_heads: int = 8, mlp_ratio: float = 4.0,
                  qkv_bias: bool = True, mixer: str = "softmax", talking_heads: bool = True,
                  ca_mixer: Optional[str] = None, norm: str = "layernorm", shortcut: str = "layerscale",
-                 shortcut_init: Optional[float] = None, layerscale_init: float = 1e-5, featscale: bool = False, init: str = "trunc_normal",
+                 shortcut_init: Optional[float] = None, layerscale_init: float = 1e-5, featscale: bool = False,
+                 init: str = "trunc_normal", wiring: str = "pre",
                  depth_token_only: int = 2, mlp_ratio_token_only: float = 4.0, drop_rate: float = 0.0,
                  attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0, norm_eps: float = 1e-6,
                  mixer_kwargs: Optional[Dict[str, Any]] = None, core: Optional[str] = None,
@@ -94,7 +96,7 @@ class Cait(Backbone):
         th = ("talking_heads",) if talking_heads and spec.attention else ()
         self.blocks = nn.Sequential(*[
             Block(embed_dim, spec.build(embed_dim, num_heads, TokenLayout(self.grid_size), modifiers=th, **attention),
-                  Mlp(embed_dim, int(embed_dim * mlp_ratio), drop=drop_rate), featscale=featscale,
+                  Mlp(embed_dim, int(embed_dim * mlp_ratio), drop=drop_rate), featscale=featscale, wiring=wiring,
                   drop_path=drop_path_rate, **common)
             for _ in range(depth)])
         # class attention: the class token asks, all tokens answer (LipsFormer's cosine when mixer='cosine')

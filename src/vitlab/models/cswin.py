@@ -40,7 +40,7 @@ from vitlab.models.factory import register_model
 
 __all__ = ["CSwinTransformer", "cswin_attention", "ConvEmbed", "cswin_from_official", "cswin_to_official"]
 
-NORM_LAYOUTS = ("pre", "post", "end")
+NORM_LAYOUTS = ("pre", "post", "end", "parallel")
 
 
 class ConvEmbed(Downsample):
@@ -82,7 +82,8 @@ class CSwinTransformer(Backbone):
     Args beyond the sizes (``embed_dim``, ``depths``, ``num_heads``, ``split_size`` per stage,
     ``mlp_ratio``): ``mixer``, ``attn_type`` (``L``/``S`` per stage as in
     :class:`~vitlab.models.swin.SwinTransformer`), ``norm``, ``norm_eps``, ``shortcut``,
-    ``shortcut_init``, ``featscale``, ``init``, ``norm_layout`` (``pre``/``post``/``end``),
+    ``shortcut_init``, ``featscale``, ``init``, ``norm_layout`` (``pre``/``post``/``end``/``parallel``;
+    ``wiring`` is its alias),
     ``conv_units``, ``lepe_div_heads``, ``stem_kernel`` (7: 7x7/4 conv, 4: 4x4/4),
     ``merge_kernel`` (3: 3x3/2, 2: 2x2/2), ``final_norm``, ``mixer_kwargs``.
     """
@@ -93,6 +94,7 @@ class CSwinTransformer(Backbone):
                  mixer: str = "softmax", attn_type: Optional[str] = None, norm: str = "layernorm",
                  norm_eps: float = 1e-5, shortcut: str = "plain", shortcut_init: Optional[float] = None,
                  featscale: bool = False, init: str = "trunc_normal", norm_layout: str = "pre",
+                 wiring: Optional[str] = None,
                  conv_units: bool = False, lepe_div_heads: bool = False, stem_kernel: int = 7,
                  merge_kernel: int = 3, final_norm: bool = True, drop_rate: float = 0.0,
                  attn_drop_rate: float = 0.0, drop_path_rate: float = 0.1,
@@ -106,6 +108,7 @@ class CSwinTransformer(Backbone):
         if stem_kernel not in (4, 7) or merge_kernel not in (2, 3):
             raise ValueError(f"stem_kernel must be 7 (CSwin) or 4 (LipsFormer) and merge_kernel 3 or 2, "
                              f"got {stem_kernel}, {merge_kernel}")
+        norm_layout = wiring or norm_layout  # wiring=: the name every family takes
         if norm_layout not in NORM_LAYOUTS:
             raise ValueError(f"norm_layout must be one of {NORM_LAYOUTS}, got {norm_layout!r}")
         spec = MixerSpec(mixer, core, tuple(modifiers), dict(mixer_kwargs or {}))

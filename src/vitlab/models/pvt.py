@@ -80,7 +80,7 @@ def pvt_block(dim: int, num_heads: int, layout: TokenLayout, spec: MixerSpec, ml
               sr_ratio: int = 1, linear_sr: bool = False, qkv_bias: bool = True, norm: str = "layernorm",
               shortcut: str = "plain", shortcut_init: Optional[float] = None, featscale: bool = False,
               drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0, norm_eps: float = 1e-6,
-              total_depth: int = 1, dwconv_mlp: bool = False) -> Block:
+              total_depth: int = 1, dwconv_mlp: bool = False, wiring: str = "pre") -> Block:
     """A PVT block (Wang et al., ICCV 2021): the one :class:`Block` with SRA and, for PVTv2, the
     convolutional FFN."""
     att = pvt_attention(spec, sr_ratio, linear_sr, norm, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop)
@@ -89,7 +89,7 @@ def pvt_block(dim: int, num_heads: int, layout: TokenLayout, spec: MixerSpec, ml
            else Mlp(dim, hidden, drop=drop))
     return Block(dim, spec.build(dim, num_heads, layout, **att), mlp, norm=norm, norm_eps=norm_eps,
                  branch_scale=shortcut, branch_scale_init=shortcut_init, total_depth=total_depth,
-                 featscale=featscale, drop_path=drop_path)
+                 featscale=featscale, drop_path=drop_path, wiring=wiring)
 
 
 def _as_tuple(v: Any, n: int, what: str) -> Tuple[Any, ...]:
@@ -133,7 +133,7 @@ class PyramidVisionTransformer(Backbone):
                  num_heads: Sequence[int] = (1, 2, 4, 8), mlp_ratios: Sequence[float] = (8, 8, 4, 4),
                  sr_ratios: Sequence[int] = (8, 4, 2, 1), qkv_bias: bool = True, mixer: str = "softmax",
                  norm: str = "layernorm", shortcut: str = "plain", shortcut_init: Optional[float] = None,
-                 featscale: bool = False, init: str = "trunc_normal", global_pool: str = "token",
+                 featscale: bool = False, init: str = "trunc_normal", wiring: str = "pre", global_pool: str = "token",
                  final_norm: Optional[bool] = None, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
                  drop_path_rate: float = 0.0, norm_eps: float = 1e-6, mixer_kwargs: Optional[Dict[str, Any]] = None,
                  core: Optional[str] = None, modifiers: Sequence[str] = (), branch_scale: Optional[str] = None,
@@ -160,7 +160,7 @@ class PyramidVisionTransformer(Backbone):
         for i in range(ns):
             bk = dict(num_heads=num_heads[i], mlp_ratio=mlp_ratios[i], sr_ratio=sr_ratios[i], qkv_bias=qkv_bias,
                       spec=spec, norm=norm, shortcut=branch_scale or shortcut, shortcut_init=shortcut_init,
-                      featscale=featscale, drop=drop_rate, attn_drop=attn_drop_rate, norm_eps=norm_eps,
+                      featscale=featscale, drop=drop_rate, attn_drop=attn_drop_rate, norm_eps=norm_eps, wiring=wiring,
                       total_depth=sum(depths))
             down = None if i == 0 else PvtPatchEmbed(grid, 2, embed_dims[i - 1], embed_dims[i],
                                                      norm_layer=create_norm(norm, embed_dims[i], 1e-5))

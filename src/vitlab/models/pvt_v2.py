@@ -73,6 +73,7 @@ class PyramidVisionTransformerV2(Backbone):
                  sr_ratios: Sequence[int] = (8, 4, 2, 1), qkv_bias: bool = True, linear: bool = False,
                  mixer: str = "softmax", norm: str = "layernorm", shortcut: str = "plain",
                  shortcut_init: Optional[float] = None, featscale: bool = False, init: str = "trunc_normal",
+                 wiring: str = "pre",
                  drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
                  norm_eps: float = 1e-6, mixer_kwargs: Optional[Dict[str, Any]] = None, core: Optional[str] = None,
                  modifiers: Sequence[str] = (), branch_scale: Optional[str] = None,
@@ -93,6 +94,7 @@ class PyramidVisionTransformerV2(Backbone):
             bk = dict(num_heads=num_heads[i], mlp_ratio=mlp_ratios[i], sr_ratio=sr_ratios[i], linear_sr=linear,
                       qkv_bias=qkv_bias, spec=spec, norm=norm, shortcut=branch_scale or shortcut,
                       shortcut_init=shortcut_init, featscale=featscale, drop=drop_rate, attn_drop=attn_drop_rate,
+                      wiring=wiring,
                       norm_eps=norm_eps, total_depth=sum(depths), dwconv_mlp=True)
             down = OverlapPatchEmbed(3, 2, embed_dims[i - 1], embed_dims[i], norm) if i > 0 else None
             grid = down.out_size(grid) if down is not None else grid

@@ -149,7 +149,7 @@ class SwinTransformer(Backbone):
     ``attn_type`` (one letter per stage: ``L`` = ``focused_linear`` over one global window,
     ``S`` = ``mixer``; default all ``S``, or all ``L`` when ``mixer="focused_linear"``),
     ``norm``, ``norm_eps``, ``shortcut``, ``shortcut_init``, ``featscale``, ``init``, ``shift``
-    (shifted windows in every second block), ``post_norm``, ``conv_units``, ``rel_pos_bias``,
+    (shifted windows in every second block), ``post_norm`` / ``wiring`` (the Block's), ``conv_units``, ``rel_pos_bias``,
     ``mixer_kwargs`` (handed to every mixer; each ignores what it does not use),
     ``rel_pos_resize`` (how :meth:`load_state_dict` resizes relative position tables of a
     checkpoint trained with another window: ``"timm"`` as timm's ``checkpoint_filter_fn``,
@@ -162,6 +162,7 @@ class SwinTransformer(Backbone):
                  mixer: str = "softmax", attn_type: Optional[str] = None, norm: str = "layernorm",
                  norm_eps: float = 1e-5, shortcut: str = "plain", shortcut_init: Optional[float] = None,
                  featscale: bool = False, init: str = "trunc_normal", shift: bool = True, post_norm: bool = False,
+                 wiring: Optional[str] = None,
                  conv_units: bool = False, rel_pos_bias: bool = True, drop_rate: float = 0.0,
                  attn_drop_rate: float = 0.0, drop_path_rate: float = 0.1,
                  mixer_kwargs: Optional[Dict[str, Any]] = None, rel_pos_resize: str = "timm",
@@ -197,7 +198,7 @@ class SwinTransformer(Backbone):
 
         self.layers = nn.ModuleList(build_stages(
             spec, attn_type, dims, depths, num_heads, self.grid_size, patch_size, down, attend, mlp_ratio, drop_rate,
-            drop_path_rate, norm=norm, norm_eps=norm_eps, wiring="post" if post_norm else "pre",
+            drop_path_rate, norm=norm, norm_eps=norm_eps, wiring=wiring or ("post" if post_norm else "pre"),
             branch_scale=branch_scale or shortcut, branch_scale_init=shortcut_init, featscale=featscale,
             conv_units=conv_units))
         self.norm = create_norm(norm, self.num_features, eps=norm_eps)

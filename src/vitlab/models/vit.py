@@ -35,7 +35,8 @@ class VisionTransformer(Backbone):
     ``weighted`` | ``layerscale``; ``shortcut_init`` overrides its init), ``featscale``
     (bool), ``init`` (``trunc_normal`` | ``xavier`` | ``spectral``), ``pos_embed`` (``learned``
     | ``sincos`` | ``none``), ``embed`` (``patch`` | ``conv``), ``global_pool`` (``token`` |
-    ``avg``), ``class_token``, ``post_norm``, ``conv_units``, ``mixer_kwargs``, ``dynamic_img_size`` (any
+    ``avg``), ``class_token``, ``post_norm`` (alias of ``wiring="post"``), ``wiring`` (``pre`` | ``post`` |
+    ``end`` | ``parallel``), ``conv_units``, ``mixer_kwargs``, ``dynamic_img_size`` (any
     input size divisible by the patch; the position table is resampled on the fly, as timm's).
     """
 
@@ -49,9 +50,10 @@ class VisionTransformer(Backbone):
                  pos_embed: str = "learned", embed: str = "patch", global_pool: str = "token",
                  class_token: bool = True, fc_norm: Optional[bool] = None, drop_rate: float = 0.0,
                  attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0, norm_eps: float = 1e-6,
-                 post_norm: bool = False, conv_units: bool = False, mixer_kwargs: Optional[Dict[str, Any]] = None,
-                 core: Optional[str] = None, modifiers: Sequence[str] = (), branch_scale: Optional[str] = None,
-                 extra_tokens: int = 0, dynamic_img_size: bool = False, architecture: str = "vit", default_cfg: Optional[Dict[str, Any]] = None):
+                 post_norm: bool = False, wiring: Optional[str] = None, conv_units: bool = False,
+                 mixer_kwargs: Optional[Dict[str, Any]] = None, core: Optional[str] = None,
+                 modifiers: Sequence[str] = (), branch_scale: Optional[str] = None, extra_tokens: int = 0,
+                 dynamic_img_size: bool = False, architecture: str = "vit", default_cfg: Optional[Dict[str, Any]] = None):
         super().__init__()
         if global_pool not in ("token", "avg"):
             raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
@@ -90,7 +92,7 @@ class VisionTransformer(Backbone):
             Block(embed_dim, spec.build(embed_dim, num_heads, layout, qkv_bias=qkv_bias, attn_drop=attn_drop_rate,
                                         proj_drop=drop_rate),
                   Mlp(embed_dim, int(embed_dim * mlp_ratio), drop=drop_rate), norm=norm, norm_eps=norm_eps,
-                  wiring="post" if post_norm else "pre", branch_scale=branch_scale or shortcut,
+                  wiring=wiring or ("post" if post_norm else "pre"), branch_scale=branch_scale or shortcut,
                   branch_scale_init=shortcut_init, total_depth=depth, featscale=featscale, conv_units=conv_units,
                   drop_path=dpr[i])
             for i in range(depth)])
