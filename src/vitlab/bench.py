@@ -330,7 +330,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="images per step (default 16)")
     p.add_argument("--img-size", type=int, default=None, help="input side (default: the model's default_cfg)")
     p.add_argument("--train", action="store_true", help="time a training step (fwd, bwd, AdamW) instead of inference")
-    p.add_argument("--amp", default="none", choices=list(AMP_DTYPES), help="autocast dtype (default none: float32)")
+    p.add_argument("--amp", default="auto", choices=["auto", *AMP_DTYPES],
+                   help="autocast dtype: auto (default; bf16 on a CPU with native bf16 for a model >= 192 wide, as "
+                        "`vitlab train`, else float32), none (float32), bf16, fp16")
     p.add_argument("--compile", action="store_true", help="torch.compile the model first")
     p.add_argument("--channels-last", action="store_true", help="channels-last memory format for model and input")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
@@ -353,26 +355,29 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--img-size must be a positive integer, got {args.img_size}")
     if args.runs < 1 or args.warmup < 0:
         raise ValueError(f"--runs must be >= 1 and --warmup >= 0, got {args.runs} and {args.warmup}")
-    StepSpec(batch_size=args.batch_size, device=args.device, amp=args.amp)  # bad values fail before building
+    StepSpec(batch_size=args.batch_size, device=args.device)  # bad values fail before building
     overrides = {} if args.img_size is None else {"img_size": args.img_size}
     model = create_model(args.model, **overrides)
+    from vitlab.engine.amp import resolve_amp
+    amp = resolve_amp(args.amp, torch.device(args.device.split(":")[0]), model)
     c, h, w = model.default_cfg["input_size"]
     spec = StepSpec(batch_size=args.batch_size, input_size=(c, h, w), train=args.train, device=args.device,
-                    amp=args.amp, compile=args.compile, channels_last=args.channels_last)
+                    amp=amp, compile=args.compile, channels_last=args.channels_last)
     both = compare({args.model: model}, spec, runs=args.runs, warmup=args.warmup,
                    mm_size=None if args.no_roofline else 2048)
     res = both[args.model]
     mm = both[MM_KEY].flops_per_s if MM_KEY in both else None
     out = res.as_dict()
     out.update(matmul_flops_per_s=mm, roofline=(res.flops_per_s / mm) if mm and res.flops_per_s else None,
-               threads=torch.get_num_threads(), torch=torch.__version__)
+               threads=torch.get_num_threads(), torch=torch.__version__, amp_requested=args.amp)
     if args.json:
         print(json.dumps(out))
         return 0
     flops = res.flops_per_image
     what = "fwd+bwd" if args.train else "fwd"
+    amp_note = f"amp {spec.amp}{' (auto)' if args.amp == 'auto' else ''}"
     print(f"model            {args.model} ({spec.mode}, batch {spec.batch_size}, {c}x{h}x{w}, {spec.device}, "
-          f"amp {spec.amp}{', compiled' if spec.compile else ''}{', channels-last' if spec.channels_last else ''}, "
+          f"{amp_note}{', compiled' if spec.compile else ''}{', channels-last' if spec.channels_last else ''}, "
           f"{torch.get_num_threads()} threads)")
     print(f"throughput       {res.img_per_s:.2f} img/s  (median {res.median_s * 1e3:.1f} ms/step over "
           f"{len(res.times_s)} runs; min {min(res.times_s) * 1e3:.1f}, max {max(res.times_s) * 1e3:.1f})")

@@ -91,6 +91,10 @@ def add_common_arguments(p: argparse.ArgumentParser, instruments: Sequence[str])
                       help="l2 term: wd/2*sum||θ||² (standard) or wd*sum||θ||₂ (Park & Kim's released convention)")
     misc = p.add_argument_group("misc")
     misc.add_argument("--seed", type=int, default=0)
+    misc.add_argument("--amp", choices=("auto", "none", "bf16"), default="auto",
+                      help="autocast dtype of the forward passes: auto (bf16 on a CPU with native bf16 for a model at "
+                           "least 192 wide, as `vitlab train`), none (float32) or bf16; the Hessian, Lipschitz and "
+                           "landscape instruments run in float32 always (analysis.json records each one's dtype)")
     misc.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     misc.add_argument("--no-progress", action="store_true", help="no progress bars")
     misc.add_argument("--traceback", action="store_true", help="show tracebacks (also for instrument failures)")

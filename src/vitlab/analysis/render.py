@@ -13,14 +13,26 @@ __all__ = ["render_report", "REPORT_ORDER"]
 REPORT_ORDER = ("features", "attention", "lipschitz", "landscape", "hessian", "robustness", "calibration")
 
 
+def _precision(r: Dict) -> str:
+    """'bfloat16 autocast (float32: lipschitz, hessian)', 'float32', or '' for results written before --amp."""
+    prec = r.get("precision") or {}
+    kinds = {v.get("dtype") for v in prec.values()}
+    if "bfloat16" not in kinds:
+        return "float32" if prec else ""
+    f32 = [k for k, v in prec.items() if v.get("dtype") == "float32"]
+    return "bfloat16 autocast" + (f" (float32: {', '.join(f32)})" if f32 else "")
+
+
 def _overview(runs: Dict[str, Dict]):
     from vitlab.analysis import report
     rows = []
     for lab, r in runs.items():
         m = r.get("meta", {})
         rows.append([lab, m.get("model"), m.get("parameters"), "yes" if m.get("trained") else "no", m.get("data"),
-                     (ok(r, "calibration") or {}).get("metrics", {}).get("top1"), sum(r.get("timings", {}).values())])
-    frags = [report.table(["run", "model", "parameters", "trained", "data", "top-1 (%)", "analysis time (s)"], rows)]
+                     (ok(r, "calibration") or {}).get("metrics", {}).get("top1"), _precision(r),
+                     sum(r.get("timings", {}).values())])
+    frags = [report.table(["run", "model", "parameters", "trained", "data", "top-1 (%)", "precision",
+                           "analysis time (s)"], rows)]
     for lab, r in runs.items():
         for n_ in r.get("meta", {}).get("data_notes", []):
             frags.append(report.note(f"{lab}: {n_}"))

@@ -2,10 +2,11 @@
 ``analysis.json``.  An instrument that fails records its error and the others still run."""
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -75,6 +76,20 @@ def _prepare(args):
     return data, model, info, spec, notes
 
 
+def _precision(module, amp: str) -> Tuple[Any, Dict[str, str]]:
+    """(autocast context, what analysis.json records) for one instrument module under the resolved
+    ``amp``: instruments with a ``FLOAT32`` reason run in float32 whatever ``amp`` says."""
+    from vitlab.engine.amp import autocast
+
+    reason = getattr(module, "FLOAT32", None)
+    if amp == "none" or reason:
+        rec = {"dtype": "float32"}
+        if reason and amp != "none":
+            rec["note"] = f"float32 although --amp is {amp}: {reason}"
+        return contextlib.nullcontext(), rec
+    return autocast(amp, torch.device("cpu")), {"dtype": "bfloat16", "autocast": amp}
+
+
 def _run_jobs(jobs: List[str], model, data: Data, args, out_dir: str, result: Dict[str, Any], label: str) -> None:
     runners = instruments.by_key()
     it = jobs
@@ -83,8 +98,10 @@ def _run_jobs(jobs: List[str], model, data: Data, args, out_dir: str, result: Di
         it = tqdm(jobs, desc=f"analyze {label}")
     for job in it:
         t0 = time.perf_counter()
+        ctx, result["precision"][job] = _precision(runners[job], result["meta"]["amp"])
         try:
-            result[job] = runners[job].run(model, data, args, out_dir)
+            with ctx:
+                result[job] = runners[job].run(model, data, args, out_dir)
         except (ValueError, RuntimeError) as exc:
             if args.traceback:
                 raise
@@ -100,13 +117,16 @@ def analyze(args, out_dir: str, label: Optional[str] = None) -> Dict:
     if not jobs:
         raise UserError("no instrument selected (check --only / --skip)")
     data, model, info, spec, notes = _prepare(args)
+    from vitlab.engine.amp import resolve_amp
+    amp = resolve_amp(getattr(args, "amp", "none"), torch.device("cpu"), model)
     if not label:
         label = os.path.splitext(os.path.basename(args.checkpoint))[0] if args.checkpoint else info["model"]
     result: Dict[str, Any] = {"label": label, "meta": {**info, "data": spec, "data_notes": notes, "seed": args.seed,
                                                        "weight_decay": args.weight_decay, "l2": args.l2,
                                                        "torch": torch.__version__,
-                                                       "threads": torch.get_num_threads()},
-                              "timings": {}}
+                                                       "threads": torch.get_num_threads(), "amp": amp,
+                                                       "amp_requested": getattr(args, "amp", "none")},
+                              "precision": {}, "timings": {}}
     _run_jobs(jobs, model, data, args, out_dir, result, label)
     from vitlab.analysis.report import write_json
     write_json(result, os.path.join(out_dir, "analysis.json"))

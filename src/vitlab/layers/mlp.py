@@ -37,11 +37,14 @@ class Mlp(nn.Module):
 
     def forward(self, x, layout=None):
         """``(B, N, C)`` tokens; ``layout`` is accepted (and not needed) as by every channel mixer."""
-        hidden_bytes = x.numel() // max(x.shape[-1], 1) * self.fc1.out_features * x.element_size()
-        if 0 < self.chunk_bytes < hidden_bytes and self._chunkable(x):
+        # _chunkable first: it is False while tracing, so the size test never becomes a shape guard
+        if self._chunkable(x) and 0 < self.chunk_bytes < self._hidden_bytes(x):
             return self._chunked(x)
         # without autograd, the activation overwrites fc1's fresh output (vitlab.layers.inplace)
         return self.drop2(self.fc2(self.drop1(activate(self.act, self.fc1(x), self.fc1))))
+
+    def _hidden_bytes(self, x: torch.Tensor) -> int:
+        return x.numel() // max(x.shape[-1], 1) * self.fc1.out_features * x.element_size()
 
     def _chunkable(self, x: torch.Tensor) -> bool:
         drops_off = not self.training or (self.drop1.p == 0 and self.drop2.p == 0)

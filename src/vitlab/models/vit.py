@@ -63,8 +63,6 @@ class VisionTransformer(Backbone):
             raise ValueError(f"unknown pos_embed {pos_embed!r}; valid: {', '.join(POS_EMBEDS)}")
         if depth < 1 or embed_dim < 1 or num_heads < 1:
             raise ValueError(f"depth, embed_dim and num_heads must be positive, got {depth}, {embed_dim}, {num_heads}")
-        if not 0.0 <= drop_path_rate < 1.0:
-            raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.num_features = self.embed_dim = embed_dim
@@ -75,16 +73,8 @@ class VisionTransformer(Backbone):
                                              dynamic_img_size=dynamic_img_size)
         self.grid_size = self.patch_embed.grid_size
         self.stem_reduction = patch_size if isinstance(patch_size, int) else patch_size[0]
-        num_tokens = self.patch_embed.num_patches + num_prefix
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
-        self.pos_embed_type = pos_embed
-        if pos_embed == "learned":
-            self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, embed_dim))
-        elif pos_embed == "sincos":
-            table = torch.cat([torch.zeros(num_prefix, embed_dim), sincos_2d(self.grid_size, embed_dim)])
-            self.register_buffer("pos_embed", table[None], persistent=False)
-        else:
-            self.pos_embed = None
+        self._position_table(pos_embed, num_prefix, embed_dim)
         self.pos_drop = nn.Dropout(drop_rate)
         layout = TokenLayout(self.grid_size, num_prefix)
         dpr = drop_path_rates(drop_path_rate, depth)
@@ -105,6 +95,17 @@ class VisionTransformer(Backbone):
         self._init_weights(init)
         self.default_cfg = default_cfg or make_default_cfg(architecture, self.patch_embed.img_size[0], num_classes,
                                                            in_chans)
+
+    def _position_table(self, kind: str, num_prefix: int, dim: int) -> None:
+        """``pos_embed``: learned ``(1, P + h*w, dim)``, fixed 2-D sin-cos (zero prefix rows) or None."""
+        self.pos_embed_type = kind
+        if kind == "learned":
+            self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + num_prefix, dim))
+        elif kind == "sincos":
+            table = torch.cat([torch.zeros(num_prefix, dim), sincos_2d(self.grid_size, dim)])
+            self.register_buffer("pos_embed", table[None], persistent=False)
+        else:
+            self.pos_embed = None
 
     @torch.no_grad()
     def _init_weights(self, init: str) -> None:

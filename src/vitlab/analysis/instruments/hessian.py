@@ -12,6 +12,9 @@ from vitlab.analysis.options import nonneg_int, positive_int
 from vitlab.plotting import pyplot, save_figure
 
 KEY, NAMES = "hessian", ("hessian",)
+# runs in float32 under any --amp (vitlab.analysis.runner)
+FLOAT32 = ("Hessian-vector products differentiate the gradient a second time; bf16 rounding (3 significant digits) "
+           "swamps the Lanczos recurrence")
 
 
 def add_arguments(p) -> None:

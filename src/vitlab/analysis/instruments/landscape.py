@@ -11,6 +11,9 @@ from vitlab.analysis.instruments.common import figure_path, num_classes, progres
 from vitlab.analysis.options import positive_int
 
 KEY, NAMES = "landscape", ("landscape",)
+# runs in float32 under any --amp (vitlab.analysis.runner)
+FLOAT32 = ("loss differences between neighbouring grid points near the weights are below bf16's resolution of the "
+           "logits")
 
 
 def add_arguments(p) -> None:

@@ -10,6 +10,9 @@ from vitlab.analysis.instruments.common import successful
 from vitlab.analysis.options import positive_int
 
 KEY, NAMES = "lipschitz", ("lipschitz",)
+# runs in float32 under any --amp (vitlab.analysis.runner)
+FLOAT32 = ("the bound multiplies per-layer norms and the estimate iterates Jacobian-vector products; bf16 rounding "
+           "compounds through both")
 
 
 def add_arguments(p) -> None:
