@@ -34,6 +34,15 @@ def common_args(description: str, batch_size: int = 16, runs: int = 5) -> argpar
     return p
 
 
+def vit_args(description: str) -> argparse.ArgumentParser:
+    """:func:`common_args` plus the ViT-S scripts' ``--img-size``, ``--infer-only``, ``--train-only``."""
+    p = common_args(description)
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--infer-only", action="store_true")
+    p.add_argument("--train-only", action="store_true")
+    return p
+
+
 def setup(args) -> None:
     """Threads, seed, and the C allocator setting of ``vitlab train`` / ``vitlab bench``
     (:func:`vitlab.runtime.tune_cpu_allocator`): process-wide, so every model of the run gets it."""

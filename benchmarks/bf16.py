@@ -64,11 +64,7 @@ def section(res, train: bool) -> str:
 
 
 def main() -> int:
-    p = C.common_args(__doc__.splitlines()[0])
-    p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--infer-only", action="store_true")
-    p.add_argument("--train-only", action="store_true")
-    args = p.parse_args()
+    args = C.vit_args(__doc__.splitlines()[0]).parse_args()
     if args.amp != "none":
         print(f"--amp {args.amp} ignored: this script runs bf16 and float32 side by side")
         args.amp = "none"

@@ -32,11 +32,7 @@ def build(img_size: int = 224):
 
 
 def main() -> int:
-    p = C.common_args(__doc__.splitlines()[0])
-    p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--infer-only", action="store_true")
-    p.add_argument("--train-only", action="store_true")
-    args = p.parse_args()
+    args = C.vit_args(__doc__.splitlines()[0]).parse_args()
     C.setup(args)
     started, load0 = C.now(), C.loadavg()
     print(f"load average: {load0}")
