@@ -234,3 +234,29 @@ def test_lipsformer_recipe_uses_its_parts():
     assert m.blocks[0].ls1.gamma.detach().allclose(torch.full((384,), 1 / 2))  # weighted shortcut 1/depth
     w = m.blocks[0].attn.qkv.weight.detach()
     assert abs(torch.linalg.matrix_norm(w, ord=2).item() - 1.0) < 1e-4  # spectral init
+
+
+@pytest.mark.parametrize("name, kw", [
+    ("deit3_small_patch16_224", dict(img_size=32, depth=2)),
+    ("deit3_base_patch16_384", dict(img_size=32, depth=1)),
+    ("deit3_huge_patch14_224", dict(img_size=28, depth=1)),
+    ("vit_small_patch14_reg4_dinov2", dict(img_size=56, depth=2)),
+    ("vit_base_patch16_reg4_gap_256", dict(img_size=32, depth=2)),
+    ("vit_small_patch14_reg4_dinov2", dict(img_size=56, depth=2, dynamic_img_size=True)),
+])
+def test_deit3_and_register_models_match_timm(name, kw):
+    """DeiT III (LayerScale, position table on the patches only) and register tokens: every parameter
+    randomised, logits and block maps equal to timm's both ways."""
+    check_parity(name, **kw)
+
+
+def test_register_tokens_are_prefix_tokens_outside_the_position_table():
+    m = vitlab.create_model("vit_small_patch14_reg4_dinov2", img_size=28, depth=1).eval()
+    assert m.num_prefix_tokens == 5 and m.pos_embed.shape == (1, 4, 384) and m.reg_token.shape == (1, 4, 384)
+    tokens, layout = m.forward_stem(torch.randn(2, 3, 28, 28))
+    assert layout.num_prefix == 5 and tokens.shape == (2, 9, 384)
+    # the registers and the class token carry no position: equal to the parameters themselves
+    torch.testing.assert_close(tokens[:, 1:5], m.reg_token.expand(2, -1, -1))
+    torch.testing.assert_close(tokens[:, 0], m.cls_token[:, 0].expand(2, -1))
+    assert m.forward_intermediates(torch.randn(1, 3, 28, 28), indices=1, intermediates_only=True)[0].shape == \
+        (1, 384, 2, 2)  # prefix tokens (class + 4 registers) dropped from the maps

@@ -1,4 +1,4 @@
-"""``vitlab`` command line: ``vitlab train | eval | predict | export | analyze | bench | models``.
+"""``vitlab`` command line: ``vitlab train | eval | predict | export | analyze | pretrain | bench | models``.
 
 Each sub-command lives in its own module, which exposes ``add_arguments(parser)`` and
 ``run(args) -> int``; modules are imported lazily so ``vitlab --help`` is fast.
@@ -17,6 +17,7 @@ COMMANDS = {
     "predict": ("vitlab.engine.predict_cli", "top-k classes of image files or folders (CSV or JSON)"),
     "export": ("vitlab.engine.export_cli", "export a checkpoint to ONNX (checked with onnxruntime) or torch.export"),
     "analyze": ("vitlab.analysis.cli", "analyse a model: spectra, oversmoothing, Hessian, ..."),
+    "pretrain": ("vitlab.pretrain.cli", "self-supervised pretraining (MAE, SimMIM, DINO) of a backbone"),
     "bench": ("vitlab.bench", "measure speed, memory and FLOPs of a model"),
     "models": ("vitlab.models.cli", "list registered models (with --table: params and FLOPs)"),
 }

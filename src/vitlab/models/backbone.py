@@ -80,7 +80,8 @@ class Backbone(VitlabModel):
     Class attributes a family sets: ``stage_attr`` (``"blocks"``: isotropic, else the attribute
     holding the stages), ``tail_attr`` (stages run after the feature taps, e.g.
     ``"blocks_token_only"``), ``prefix_names`` (the prefix-token parameters, in order),
-    ``token_stage`` (the stage the prefix tokens join before), ``features_fmt`` (``"NLC"`` tokens or
+    ``token_stage`` (the stage the prefix tokens join before), ``no_embed_class``, ``features_fmt``
+    (``"NLC"`` tokens or
     ``"NCHW"`` maps from ``forward_features``), ``global_pool`` (``"token"`` | ``"avg"``).
     Attributes the family's ``__init__`` builds: ``patch_embed`` (the stem: ``image -> tokens`` with
     ``grid_size``, or ``-> (tokens, hw)``), the stages, ``norm``; optional ``pos_embed``, ``pos_drop``,
@@ -94,6 +95,7 @@ class Backbone(VitlabModel):
     features_fmt: str = "NLC"
     global_pool: str = "avg"
     stem_reduction: int = 1  # input stride of the stem (isotropic feature_info)
+    no_embed_class: bool = False  # True: the model-level table is added to the patches before the prefix joins
 
     # -- parts --------------------------------------------------------------------------------
     def stage_list(self) -> List[Any]:
@@ -111,27 +113,31 @@ class Backbone(VitlabModel):
 
     @property
     def num_prefix_tokens(self) -> int:
-        return sum(getattr(self, n, None) is not None for n in self.prefix_names)
+        return sum(t.shape[1] for t in (getattr(self, n, None) for n in self.prefix_names) if t is not None)
 
     def _join_prefix(self, x: torch.Tensor, layout: TokenLayout) -> Tuple[torch.Tensor, TokenLayout]:
         toks = [getattr(self, n) for n in self.prefix_names if getattr(self, n, None) is not None]
         if not toks:
             return x, layout
         b = x.shape[0]
-        return torch.cat([t.expand(b, -1, -1) for t in toks] + [x], dim=1), TokenLayout(layout.grid, len(toks))
+        return (torch.cat([t.expand(b, -1, -1) for t in toks] + [x], dim=1),
+                TokenLayout(layout.grid, sum(t.shape[1] for t in toks)))
 
     def _add_pos(self, x: torch.Tensor, table: Optional[torch.Tensor], grid: Optional[Tuple[int, ...]] = None
                  ) -> torch.Tensor:
         """``x`` plus a learned / fixed position table, resampled first when the tokens' ``grid`` is not
-        the table's (``dynamic_img_size``: bicubic, prefix rows kept, as timm does), then ``pos_drop``."""
-        drop = getattr(self, "pos_drop", None)
-        if table is not None:
-            if grid is not None and tuple(grid) != tuple(self.grid_size):
-                from vitlab.layers.pos_embed import resample_pos_embed
+        the table's (``dynamic_img_size``: bicubic, prefix rows kept, as timm does)."""
+        if table is None:
+            return x
+        if grid is not None and tuple(grid) != tuple(self.grid_size):
+            from vitlab.layers.pos_embed import resample_pos_embed
 
-                own = tuple(self.grid_size)
-                table = resample_pos_embed(table, tuple(grid), own, table.shape[1] - own[0] * own[1])
-            x = x + table
+            own = tuple(self.grid_size)
+            table = resample_pos_embed(table, tuple(grid), own, table.shape[1] - own[0] * own[1])
+        return x + table
+
+    def _pos_drop(self, x: torch.Tensor) -> torch.Tensor:
+        drop = getattr(self, "pos_drop", None)
         return drop(x) if drop is not None else x
 
     # -- running --------------------------------------------------------------------------------
@@ -141,11 +147,14 @@ class Backbone(VitlabModel):
         out = self.patch_embed(x)
         x, hw = out if isinstance(out, tuple) else (out, self.patch_embed.grid_size)
         layout = TokenLayout(hw)
+        table = hasattr(self, "pos_embed")  # a model-level table (ViT, CaiT; None for pos_embed='none')
+        if table and self.no_embed_class:  # DeiT III, registers: the table covers the patches only
+            x = self._add_pos(x, self.pos_embed, layout.grid)
         if self.token_stage == 0:
             x, layout = self._join_prefix(x, layout)
-        if hasattr(self, "pos_embed"):  # a model-level table (ViT, CaiT; None for pos_embed='none')
+        if table and not self.no_embed_class:
             x = self._add_pos(x, self.pos_embed, layout.grid)
-        return x, layout
+        return (self._pos_drop(x) if table else x), layout
 
     # -- token-level access: what pretraining methods (MAE, SimMIM, DINO) wrap ----------------------
     def forward_stem(self, x: torch.Tensor) -> Tuple[torch.Tensor, TokenLayout]:
@@ -170,7 +179,7 @@ class Backbone(VitlabModel):
         if i == self.token_stage and i > 0:
             x, layout = self._join_prefix(x, layout)
         if stage.pos_embed is not None:
-            x = self._add_pos(x, stage.pos_embed)
+            x = self._pos_drop(self._add_pos(x, stage.pos_embed))
         return x, layout
 
     def _run(self, i: int, stage: Any, x: torch.Tensor, layout: TokenLayout) -> Tuple[torch.Tensor, TokenLayout]:

@@ -35,13 +35,15 @@ class VisionTransformer(Backbone):
     ``weighted`` | ``layerscale``; ``shortcut_init`` overrides its init), ``featscale``
     (bool), ``init`` (``trunc_normal`` | ``xavier`` | ``spectral``), ``pos_embed`` (``learned``
     | ``sincos`` | ``none``), ``embed`` (``patch`` | ``conv``), ``global_pool`` (``token`` |
-    ``avg``), ``class_token``, ``post_norm`` (alias of ``wiring="post"``), ``wiring`` (``pre`` | ``post`` |
+    ``avg``), ``class_token``, ``reg_tokens`` (register tokens, Darcet et al., ICLR 2024), ``no_embed_class``
+    (the position table covers the patches only, added before the prefix tokens join: DeiT III, registers),
+    ``post_norm`` (alias of ``wiring="post"``), ``wiring`` (``pre`` | ``post`` |
     ``end`` | ``parallel``), ``conv_units``, ``mixer_kwargs``, ``dynamic_img_size`` (any
     input size divisible by the patch; the position table is resampled on the fly, as timm's).
     """
 
     stage_attr = "blocks"  # isotropic: one stage, every block a feature tap
-    prefix_names = ("cls_token",)
+    prefix_names = ("cls_token", "reg_token")
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 1000,
                  embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
@@ -53,7 +55,8 @@ class VisionTransformer(Backbone):
                  post_norm: bool = False, wiring: Optional[str] = None, conv_units: bool = False,
                  mixer_kwargs: Optional[Dict[str, Any]] = None, core: Optional[str] = None,
                  modifiers: Sequence[str] = (), branch_scale: Optional[str] = None, extra_tokens: int = 0,
-                 dynamic_img_size: bool = False, architecture: str = "vit", default_cfg: Optional[Dict[str, Any]] = None):
+                 reg_tokens: int = 0, no_embed_class: bool = False, dynamic_img_size: bool = False,
+                 architecture: str = "vit", default_cfg: Optional[Dict[str, Any]] = None):
         super().__init__()
         if global_pool not in ("token", "avg"):
             raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
@@ -67,14 +70,16 @@ class VisionTransformer(Backbone):
         self.in_chans = in_chans
         self.num_features = self.embed_dim = embed_dim
         self.global_pool = global_pool
-        num_prefix = (1 if class_token else 0) + extra_tokens  # extra: prefix tokens a subclass adds
+        num_prefix = int(class_token) + reg_tokens + extra_tokens  # extra: prefix tokens a subclass adds
+        self.no_embed_class = no_embed_class
         spec = MixerSpec(mixer, core, tuple(modifiers), dict(mixer_kwargs or {}))
         self.patch_embed = EMBEDS.get(embed)(img_size, patch_size, in_chans, embed_dim,
                                              dynamic_img_size=dynamic_img_size)
         self.grid_size = self.patch_embed.grid_size
         self.stem_reduction = patch_size if isinstance(patch_size, int) else patch_size[0]
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
-        self._position_table(pos_embed, num_prefix, embed_dim)
+        self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, embed_dim)) if reg_tokens else None
+        self._position_table(pos_embed, 0 if no_embed_class else num_prefix, embed_dim)
         self.pos_drop = nn.Dropout(drop_rate)
         layout = TokenLayout(self.grid_size, num_prefix)
         dpr = drop_path_rates(drop_path_rate, depth)
@@ -111,8 +116,9 @@ class VisionTransformer(Backbone):
     def _init_weights(self, init: str) -> None:
         if isinstance(self.pos_embed, nn.Parameter):
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        if self.cls_token is not None:
-            nn.init.normal_(self.cls_token, std=1e-6)
+        for tok in (self.cls_token, self.reg_token):
+            if tok is not None:
+                nn.init.normal_(tok, std=1e-6)
         init_weights(self, init)
 
 # -- registered recipes -------------------------------------------------------------------------
@@ -125,6 +131,8 @@ _SIZES = {
     "small": dict(embed_dim=384, depth=12, num_heads=6),
     "base": dict(embed_dim=768, depth=12, num_heads=12),
     "large": dict(embed_dim=1024, depth=24, num_heads=16),
+    "medium": dict(embed_dim=512, depth=12, num_heads=8),
+    "huge": dict(embed_dim=1280, depth=32, num_heads=16),
 }
 
 
@@ -172,3 +180,20 @@ _register_vit("flatten_vit_small", "small", 16, 224,
               dict(mixer="focused_linear", mixer_kwargs=dict(focusing_factor=3.0, kernel_size=5)))
 _register_vit("flatten_deit_tiny", "tiny", 16, 224,
               dict(mixer="focused_linear", mixer_kwargs=dict(focusing_factor=3.0, kernel_size=5)))
+
+# DeiT III ("DeiT III: Revenge of the ViT", Touvron et al., ECCV 2022): LayerScale (1e-6) ViTs whose
+# position table covers the patches only (timm's deit3_* names and sizes)
+_DEIT3 = dict(branch_scale="layerscale", shortcut_init=1e-6, no_embed_class=True)
+for _size, _imgs in (("small", (224, 384)), ("medium", (224,)), ("base", (224, 384)), ("large", (224, 384))):
+    for _img in _imgs:
+        _register_vit(f"deit3_{_size}_patch16_{_img}", _size, 16, _img, _DEIT3,
+                      **({"crop_pct": 1.0} if _img > 224 else {}))
+_register_vit("deit3_huge_patch14_224", "huge", 14, 224, _DEIT3)
+# Registers ("Vision Transformers Need Registers", Darcet et al., ICLR 2024): 4 register tokens after the
+# class token, position table on the patches only (timm's names; the DINOv2 ones are feature
+# extractors without a classifier, num_classes=0, as in timm)
+_DINOV2_REG = dict(reg_tokens=4, no_embed_class=True, branch_scale="layerscale", shortcut_init=1e-5, num_classes=0)
+for _size in ("small", "base"):
+    _register_vit(f"vit_{_size}_patch14_reg4_dinov2", _size, 14, 518, _DINOV2_REG, crop_pct=1.0)
+_register_vit("vit_base_patch16_reg4_gap_256", "base", 16, 256,
+              dict(reg_tokens=4, no_embed_class=True, class_token=False, global_pool="avg"), crop_pct=0.95)
