@@ -200,7 +200,7 @@ class Backbone(VitlabModel):
         return self._run(i, unit, x, layout)
 
     def _feature_end(self, x: torch.Tensor, layout: TokenLayout, complete: bool) -> torch.Tensor:
-        if not complete and not self.is_isotropic:
+        if not complete and self.stage_attr != "blocks":  # a hierarchical model stopped early: no final norm
             return x
         n = 1 if self.stage_attr == "blocks" else len(getattr(self, self.stage_attr))
         for k, stage in enumerate(self.tail_list() if complete else ()):
