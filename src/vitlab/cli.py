@@ -17,7 +17,7 @@ COMMANDS = {
     "predict": ("vitlab.engine.predict_cli", "top-k classes of image files or folders (CSV or JSON)"),
     "export": ("vitlab.engine.export_cli", "export a checkpoint to ONNX (checked with onnxruntime) or torch.export"),
     "analyze": ("vitlab.analysis.cli", "analyse a model: spectra, oversmoothing, Hessian, ..."),
-    "pretrain": ("vitlab.pretrain.cli", "self-supervised pretraining (MAE, SimMIM, DINO) of a backbone"),
+    "pretrain": ("vitlab.pretrain.cli", "self-supervised pretraining (MAE, SimMIM, DINO, MPP) of a backbone"),
     "bench": ("vitlab.bench", "measure speed, memory and FLOPs of a model"),
     "models": ("vitlab.models.cli", "list registered models (with --table: params and FLOPs)"),
 }

@@ -189,6 +189,7 @@ class Parts:
     global_batch: int
     num_classes: int
     pretrained_report: Optional[str] = None
+    distill: Any = None  # vitlab.engine.distill.Distiller with --distill
 
 
 def build_parts(cfg: TrainConfig, data: Data, device: torch.device, world_size: int) -> Parts:
@@ -229,4 +230,8 @@ def build_parts(cfg: TrainConfig, data: Data, device: torch.device, world_size: 
         mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
                       switch_prob=cfg.mixup_switch_prob, label_smoothing=cfg.smoothing, num_classes=num_classes)
         criterion = SoftTargetCrossEntropy()
-    return Parts(model, optimizer, scheduler, scaler, ema, mixup, criterion, lr, global_batch, num_classes, report)
+    from vitlab.engine.distill import build_distiller
+
+    distill = build_distiller(cfg, model, num_classes, ds, device, criterion)
+    return Parts(model, optimizer, scheduler, scaler, ema, mixup, criterion, lr, global_batch, num_classes, report,
+                 distill)

@@ -74,6 +74,12 @@ class TrainConfig:
     layer_decay: Optional[float] = None
     ema: bool = False
     ema_decay: float = 0.9998
+    # distillation (DeiT): vitlab.engine.distill
+    distill: Optional[str] = None  # None / none | hard | soft
+    teacher: Optional[str] = None  # checkpoint, run directory or model directory of the teacher
+    teacher_model: Optional[str] = None  # the teacher's model name (bare weights only)
+    distill_alpha: float = 0.5
+    distill_tau: float = 1.0
     # systems
     amp: str = "auto"  # auto (bf16 on a CPU with native bf16, else none) | none | bf16 | fp16
     channels_last: bool = False
@@ -172,8 +178,26 @@ class TrainConfig:
             raise ValueError(f"--pretrained {self.pretrained}: no such file or model directory")
         if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
             raise ValueError(f"layer-decay must be in (0, 1], got {self.layer_decay!r}")
+        self._validate_distill()
         if self.warmup_epochs > self.epochs:
             raise ValueError(f"warmup-epochs ({self.warmup_epochs}) exceeds epochs ({self.epochs})")
+
+
+    def _validate_distill(self) -> None:
+        from vitlab.errors import UserError
+
+        if self.distill in (None, "none"):
+            return
+        if self.distill not in ("hard", "soft"):
+            raise UserError(f"--distill {self.distill!r}: expected hard, soft or none")
+        if not self.teacher:
+            raise UserError(f"--distill {self.distill} needs --teacher CHECKPOINT_OR_RUN_DIR")
+        if not os.path.exists(self.teacher):
+            raise UserError(f"--teacher {self.teacher}: no such checkpoint file or run directory")
+        if not 0 <= self.distill_alpha <= 1:
+            raise UserError(f"--distill-alpha {self.distill_alpha!r}: expected a weight in [0, 1]")
+        if not self.distill_tau > 0:
+            raise UserError(f"--distill-tau {self.distill_tau!r}: expected a temperature > 0")
 
 
 def recipe_dir() -> str:

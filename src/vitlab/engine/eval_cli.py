@@ -4,6 +4,10 @@ Prints and writes (``metrics.json``) top-1, top-5, NLL, ECE (15 bins) and the un
 metrics of Park & Kim, "How Do Vision Transformers Work?" (ICLR 2022): Acc-90, Unc-90,
 Freq-90, IoU, IoU-90, Brier; saves a reliability diagram (Guo et al., "On Calibration of
 Modern Neural Networks", ICML 2017) as ``reliability.png``.
+
+With ``--knn`` and / or ``--linear-probe`` it evaluates the frozen features instead (a ``vitlab
+pretrain`` checkpoint as well as a ``vitlab train`` one; :mod:`vitlab.engine.represent`) and writes
+``representation.json``.
 """
 from __future__ import annotations
 
@@ -31,6 +35,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="autocast (default auto: bf16 on a CPU with native bf16, else float32)")
     p.add_argument("--skip-broken", action="store_true", help="skip unreadable images with a warning")
     p.add_argument("--traceback", action="store_true", help="show full tracebacks for errors")
+    g = p.add_argument_group("frozen features (also for vitlab pretrain checkpoints)")
+    g.add_argument("--knn", action="store_true", help="weighted k-NN accuracy on frozen features (DINO's)")
+    g.add_argument("--linear-probe", action="store_true", help="linear-probe accuracy on frozen features "
+                                                               "(affine-free BatchNorm + logistic regression)")
+    g.add_argument("--knn-k", type=int, default=20, help="k-NN neighbours (default 20)")
+    g.add_argument("--knn-t", type=float, default=0.07, help="k-NN vote temperature (default 0.07)")
+    g.add_argument("--probe-c", type=float, default=1.0, help="linear probe: inverse L2 strength C (default 1)")
 
 
 def evaluate_checkpoint(checkpoint: str, data=None, data_dir=None, out=None, ema=False, batch_size=256, workers=0,
@@ -88,7 +99,28 @@ def _pct(v):
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.2f}%"
 
 
+def _run_representation(args: argparse.Namespace) -> int:
+    from vitlab.engine.represent import evaluate_representation
+
+    m = evaluate_representation(args.checkpoint, args.knn, args.linear_probe, args.data, args.data_dir, args.ema,
+                                args.knn_k, args.knn_t, args.probe_c, args.batch_size, args.workers, args.device)
+    print(f"{m['images']} images of {m['data']} ({m['train_images']} training images), {m['checkpoint_kind']} "
+          f"checkpoint, {m['feature_dim']}-d frozen features")
+    if "knn_top1" in m:
+        print(f"k-NN top-1 (k={m['knn_k']}, T={m['knn_t']}): {m['knn_top1']:.2f}%")
+    if "linear_probe_top1" in m:
+        print(f"linear-probe top-1 (C={m['probe_c']}): {m['linear_probe_top1']:.2f}%")
+    out = args.out or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(args.checkpoint))), "eval")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "representation.json"), "w") as f:
+        json.dump(m, f, indent=2)
+    print(f"wrote {os.path.join(out, 'representation.json')}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "knn", False) or getattr(args, "linear_probe", False):
+        return _run_representation(args)
     m, out = evaluate_checkpoint(args.checkpoint, args.data, args.data_dir, args.out, args.ema, args.batch_size,
                                  args.workers, args.bins, args.device, args.skip_broken, args.amp)
     print(f"{m['images']} images of {m['data']}{' (EMA weights)' if m['ema'] else ''}, amp {m['amp']}")

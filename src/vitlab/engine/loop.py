@@ -63,7 +63,10 @@ def _micro_step(run: Run, x: torch.Tensor, y: torch.Tensor, last: bool, acc: Dic
     with sync:
         with autocast(run.amp, device):
             logits = run.train_model(x)
-            loss = p.criterion(logits.float(), target)
+            if p.distill is not None:  # DeiT distillation: the teacher on the same batch
+                loss, logits = p.distill(x, logits, target)
+            else:
+                loss = p.criterion(logits.float(), target)
         p.scaler.scale(loss / cfg.accum_steps).backward()
     if p.mixup is None:
         acc["correct"] += float((logits.detach().argmax(-1) == y).sum())

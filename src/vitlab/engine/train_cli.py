@@ -75,6 +75,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     _model_arguments(p.add_argument_group("model"))
     _data_arguments(p.add_argument_group("data"))
     _optim_arguments(p.add_argument_group("optimisation"))
+    _distill_arguments(p.add_argument_group("distillation (DeiT; docs/training.md)"))
 
 
 def _run_arguments(g) -> None:
@@ -178,6 +179,16 @@ def _optim_arguments(g) -> None:
     g.add_argument("--accum-steps", type=int, help="gradient accumulation micro-batches per step")
     g.add_argument("--ema", **flag, help="keep and evaluate an EMA of the weights")
     g.add_argument("--ema-decay", type=float, help="EMA decay (default 0.9998)")
+
+
+def _distill_arguments(g) -> None:
+    g.add_argument("--distill", choices=["none", "hard", "soft"], help="distil from --teacher: hard (CE to the "
+                                                                      "teacher's argmax) or soft (KL at --distill-tau)")
+    g.add_argument("--teacher", help="the teacher: a vitlab train checkpoint, its run directory (best.pt, else "
+                                     "last.pt) or a model directory")
+    g.add_argument("--teacher-model", help="the teacher's registered model name (for bare weights)")
+    g.add_argument("--distill-alpha", type=float, help="weight of the distillation term (default 0.5)")
+    g.add_argument("--distill-tau", type=float, help="soft distillation temperature (default 1)")
 
 
 def config_from_args(args: argparse.Namespace):

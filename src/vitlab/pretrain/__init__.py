@@ -1,5 +1,6 @@
 """Self-supervised pretraining on the model contract (``vitlab pretrain``): MAE (He et al., 2022),
-SimMIM (Xie et al., 2022) and DINO (Caron et al., 2021), with k-NN evaluation of the frozen encoder.
+SimMIM (Xie et al., 2022), DINO (Caron et al., 2021) and MPP (Dosovitskiy et al., 2021), with k-NN
+evaluation of the frozen encoder.
 
 Each method wraps a :class:`~vitlab.models.backbone.Backbone` through its public surface only
 (``forward_stem``, ``forward_tokens``, ``forward_features``, ``forward_head``, ``feature_info``) and

@@ -1,4 +1,4 @@
-"""``vitlab pretrain``: self-supervised pretraining (MAE, SimMIM, DINO) of a registered backbone.
+"""``vitlab pretrain``: self-supervised pretraining (MAE, SimMIM, DINO, MPP) of a registered backbone.
 
 ``vitlab pretrain --method mae`` pretrains the default digits ViT (patchify stem) on the bundled
 digits; the run directory holds ``checkpoints/last.pt``, whose encoder ``vitlab train --pretrained
@@ -18,7 +18,7 @@ __all__ = ["add_arguments", "run", "config_from_args"]
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run")
-    g.add_argument("--method", choices=["mae", "simmim", "dino"], help="pretraining method (default mae)")
+    g.add_argument("--method", choices=["mae", "simmim", "dino", "mpp"], help="pretraining method (default mae)")
     g.add_argument("--model", help="registered backbone (default: vitlab train's digits ViT with a patchify stem)")
     g.add_argument("--model-kwargs", type=_kwargs, help="model arguments, e.g. 'depth=6,embed_dim=192' (replace the "
                                                         "default model's)")
@@ -42,11 +42,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="no progress output")
     g.add_argument("--traceback", action="store_true", help="show full tracebacks for errors")
     _optim_arguments(p.add_argument_group("optimisation (defaults per method: docs/pretraining.md)"))
-    _method_arguments(p.add_argument_group("MAE / SimMIM"), p.add_argument_group("DINO"))
+    _method_arguments(p.add_argument_group("MAE / SimMIM / MPP"), p.add_argument_group("DINO"))
 
 
 def _optim_arguments(g) -> None:
-    g.add_argument("--epochs", type=int, help="epochs (default: mae 30, simmim 30, dino 20)")
+    g.add_argument("--epochs", type=int, help="epochs (default: mae 30, simmim 30, dino 20, mpp 30)")
     g.add_argument("--batch-size", type=int, help="batch size per process (default 64)")
     g.add_argument("--lr", type=float, help="peak learning rate (AdamW, cosine, linear warmup)")
     g.add_argument("--min-lr", type=float, help="final learning rate (default 1e-6)")
@@ -59,7 +59,8 @@ def _optim_arguments(g) -> None:
 
 
 def _method_arguments(m, d) -> None:
-    m.add_argument("--mask-ratio", type=float, help="fraction of masked patches (MAE 0.75, SimMIM 0.6)")
+    m.add_argument("--mask-ratio", type=float, help="fraction of masked patches (MAE 0.75, SimMIM 0.6, MPP 0.5)")
+    m.add_argument("--mpp-bits", type=int, help="MPP: bits per channel of the mean-colour target (default 3)")
     m.add_argument("--norm-pix-loss", **FLAG, help="MAE: per-patch normalised pixel targets")
     m.add_argument("--decoder-dim", type=int, help="MAE decoder width (default 64)")
     m.add_argument("--decoder-depth", type=int, help="MAE decoder blocks (default 2)")

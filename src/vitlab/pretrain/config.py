@@ -13,7 +13,7 @@ from vitlab.errors import UserError
 
 __all__ = ["PretrainConfig", "METHODS", "METHOD_DEFAULTS", "DEFAULT_MODEL_KWARGS"]
 
-METHODS = ("mae", "simmim", "dino")
+METHODS = ("mae", "simmim", "dino", "mpp")
 EVALS = ("knn", "none")
 
 # vitlab train's default digits ViT, with a patchify stem (MAE refuses the overlapping conv stem)
@@ -28,6 +28,9 @@ METHOD_DEFAULTS: Dict[str, Dict[str, Any]] = {
                    clip_grad=5.0, drop_path=0.0),
     "dino": dict(epochs=20, lr=5e-4, weight_decay=0.04, betas=[0.9, 0.999], warmup_epochs=2.0, mask_ratio=None,
                  clip_grad=3.0, drop_path=0.1),
+    # ViT paper, B.1.2: Adam (here AdamW), 50% corrupted patches, global-norm clipping at 1
+    "mpp": dict(epochs=30, lr=1e-3, weight_decay=0.05, betas=[0.9, 0.999], warmup_epochs=2.0, mask_ratio=0.5,
+                clip_grad=1.0, drop_path=0.0),
 }
 
 
@@ -57,6 +60,8 @@ class PretrainConfig:
     decoder_depth: int = 2
     decoder_heads: int = 4
     mask_patch: Optional[int] = None
+    # MPP
+    mpp_bits: int = 3
     # DINO
     local_crops: int = 6
     local_size: Optional[int] = None

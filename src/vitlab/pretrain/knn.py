@@ -6,47 +6,18 @@ L2-normalised; a test image's ``k`` nearest training images by cosine similarity
 class with weight ``exp(s / T)`` (k = 20, T = 0.07); the class with the largest total wins.  This is
 scikit-learn's ``KNeighborsClassifier(k, metric="cosine", weights=lambda d: exp(-d / T))``: the
 cosine distance is ``d = 1 - s``, so the weights differ by the constant factor ``exp(1 / T)``.
+
+The feature extraction and the vote live in :mod:`vitlab.engine.represent` (``vitlab eval --knn``
+uses them too) and are re-exported here.
 """
 from __future__ import annotations
 
-from typing import Tuple
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from vitlab.engine.represent import extract_features, knn_predict
+
 __all__ = ["extract_features", "knn_predict", "knn_accuracy"]
-
-
-@torch.no_grad()
-def extract_features(model: nn.Module, loader, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """L2-normalised pooled features and labels of a whole loader (the model in eval mode)."""
-    was = model.training
-    model.eval()
-    feats, labels = [], []
-    try:
-        for x, y in loader:
-            f = model.forward_head(model.forward_features(x.to(device)), pre_logits=True)
-            feats.append(F.normalize(f.float(), dim=1).cpu())
-            labels.append(y)
-    finally:
-        model.train(was)
-    return torch.cat(feats), torch.cat(labels)
-
-
-def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor, k: int = 20,
-                t: float = 0.07, num_classes: int = 0, chunk: int = 1024) -> torch.Tensor:
-    """Predicted class of every test feature (features already L2-normalised)."""
-    num_classes = num_classes or int(train_labels.max()) + 1
-    k = min(k, len(train_feats))
-    out = []
-    for start in range(0, len(test_feats), chunk):
-        sim = test_feats[start:start + chunk] @ train_feats.T
-        top, idx = sim.topk(k, dim=1)
-        votes = torch.zeros(len(sim), num_classes, dtype=torch.float64)
-        votes.scatter_add_(1, train_labels[idx], (top.double() / t).exp())
-        out.append(votes.argmax(dim=1))
-    return torch.cat(out)
 
 
 def knn_accuracy(model: nn.Module, train_loader, val_loader, device: torch.device, k: int = 20,
