@@ -1,4 +1,4 @@
-"""``vitlab`` command line: ``vitlab train | eval | predict | export | analyze | pretrain | bench | models``.
+"""``vitlab`` command line: ``vitlab train | eval | predict | export | analyze | pretrain | study | bench | models``.
 
 Each sub-command lives in its own module, which exposes ``add_arguments(parser)`` and
 ``run(args) -> int``; modules are imported lazily so ``vitlab --help`` is fast.
@@ -18,6 +18,7 @@ COMMANDS = {
     "export": ("vitlab.engine.export_cli", "export a checkpoint to ONNX (checked with onnxruntime) or torch.export"),
     "analyze": ("vitlab.analysis.cli", "analyse a model: spectra, oversmoothing, Hessian, ..."),
     "pretrain": ("vitlab.pretrain.cli", "self-supervised pretraining (MAE, SimMIM, DINO, MPP) of a backbone"),
+    "study": ("vitlab.studies.cli", "reproduce a paper's claim in miniature: train, measure, verdict table"),
     "bench": ("vitlab.bench", "measure speed, memory and FLOPs of a model"),
     "models": ("vitlab.models.cli", "list registered models (with --table: params and FLOPs)"),
 }
