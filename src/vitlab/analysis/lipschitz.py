@@ -234,18 +234,15 @@ class _Bounder:
         the head."""
         logs: List[float] = []
         self._add(logs, "patch_embed", self._embed(m.patch_embed, "patch_embed"))
-        stages = m.stage_list()
-        names = [f"{m.stage_attr}.{i}" for i in range(len(stages))] if m.stage_attr != "blocks" else ["blocks"]
-        for k, (stage, name) in enumerate(zip(stages + m.tail_list(), names + [m.tail_attr])):
+        for name, prefix, stage in m.named_stages():
             if stage.downsample is not None and not isinstance(stage.downsample, nn.Identity):
                 self._add(logs, f"{name}.downsample", self._embed(stage.downsample, f"{name}.downsample"))
-            prefix = name if m.stage_attr == "blocks" or k >= len(stages) else f"{name}.blocks"
             for j, blk in enumerate(stage.blocks):
                 logs.append(self.block(blk, f"{prefix}.{j}"))
             if stage.norm is not None and not isinstance(stage.norm, nn.Identity):
                 self._add(logs, f"{name}.norm", self.part(stage.norm, f"{name}.norm"))
         self._add(logs, "norm", self.part(getattr(m, "norm", None), "norm"))
-        n = m.patch_embed.num_patches if m.stage_attr == "blocks" else math.prod(stages[-1].grid_size)
+        n = m.patch_embed.num_patches if m.stage_attr == "blocks" else math.prod(m.stage_list()[-1].grid_size)
         token = m.global_pool == "token" and m.features_fmt == "NLC"
         self._add(logs, "pool", 1.0 if token else 1 / math.sqrt(n))
         self._add(logs, "fc_norm", self.part(getattr(m, "fc_norm", None), "fc_norm"))

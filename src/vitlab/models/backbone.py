@@ -25,9 +25,10 @@ import torch
 from torch import nn
 
 from vitlab.layers.layout import TokenLayout
+from vitlab.layers.norm import create_norm
 from vitlab.models.base import Intermediate, VitlabModel
 
-__all__ = ["Stage", "Backbone", "Downsample"]
+__all__ = ["Stage", "Backbone", "Downsample", "ConvPatchEmbed"]
 
 
 class Downsample(nn.Module):
@@ -43,6 +44,26 @@ class Downsample(nn.Module):
         if isinstance(out, tuple):
             return out
         return out.flatten(2).transpose(1, 2), tuple(out.shape[-2:])
+
+
+class ConvPatchEmbed(Downsample):
+    """A ``kernel x kernel`` conv with ``stride`` and ``padding``, then a norm over the channels: an image
+    or the previous stage's map -> ``(tokens, hw)``; CSwin's stem and merges, PVTv2's overlapping patch
+    embeddings.  Names are timm's (``proj``, ``norm``)."""
+
+    def __init__(self, in_chans: int, out_chans: int, kernel: int, stride: int, padding: int,
+                 norm: str = "layernorm", norm_eps: float = 1e-5):
+        super().__init__()
+        self.kernel, self.stride, self.padding = kernel, stride, padding
+        self.proj = nn.Conv2d(in_chans, out_chans, kernel, stride=stride, padding=padding)
+        self.norm = create_norm(norm, out_chans, eps=norm_eps)
+
+    def out_size(self, hw: Tuple[int, int]) -> Tuple[int, int]:
+        return tuple((s + 2 * self.padding - self.kernel) // self.stride + 1 for s in hw)  # type: ignore
+
+    def on_map(self, x: torch.Tensor):
+        x = self.proj(x)
+        return self.norm(x.flatten(2).transpose(1, 2)), tuple(x.shape[-2:])
 
 
 class Stage(nn.Module):
@@ -111,6 +132,17 @@ class Backbone(VitlabModel):
             return []
         return [StageView(None, None, getattr(self, self.tail_attr), None)]
 
+    def named_stages(self) -> List[Tuple[str, str, Any]]:
+        """``(stage name, prefix of its blocks' names, stage)`` for every stage, then the tail stages:
+        ``("layers.1", "layers.1.blocks", ...)``; an isotropic model's one stage is ``("blocks", "blocks",
+        ...)``, CaiT's tail ``("blocks_token_only", "blocks_token_only", ...)``."""
+        if self.stage_attr == "blocks":
+            named = [("blocks", "blocks", s) for s in self.stage_list()]
+        else:
+            named = [(f"{self.stage_attr}.{i}", f"{self.stage_attr}.{i}.blocks", s)
+                     for i, s in enumerate(self.stage_list())]
+        return named + [(self.tail_attr, self.tail_attr, s) for s in self.tail_list()]
+
     @property
     def num_prefix_tokens(self) -> int:
         return sum(t.shape[1] for t in (getattr(self, n, None) for n in self.prefix_names) if t is not None)
@@ -141,8 +173,10 @@ class Backbone(VitlabModel):
         return drop(x) if drop is not None else x
 
     # -- running --------------------------------------------------------------------------------
-    def _stem(self, x: torch.Tensor) -> Tuple[torch.Tensor, TokenLayout]:
-        """Stem tokens, prefix tokens (when they join at stage 0) and the model's position table."""
+    def forward_stem(self, x: torch.Tensor) -> Tuple[torch.Tensor, TokenLayout]:
+        """Image -> the tokens the first stage reads (prefix tokens joined and the model-level position
+        table added where the model does so) and their :class:`TokenLayout`; what pretraining methods
+        (MAE, SimMIM, DINO) wrap, with :meth:`forward_tokens`."""
         self.check_input(x)
         out = self.patch_embed(x)
         x, hw = out if isinstance(out, tuple) else (out, self.patch_embed.grid_size)
@@ -156,11 +190,8 @@ class Backbone(VitlabModel):
             x = self._add_pos(x, self.pos_embed, layout.grid)
         return (self._pos_drop(x) if table else x), layout
 
-    # -- token-level access: what pretraining methods (MAE, SimMIM, DINO) wrap ----------------------
-    def forward_stem(self, x: torch.Tensor) -> Tuple[torch.Tensor, TokenLayout]:
-        """Image -> the tokens the first stage reads (prefix tokens joined and the model-level position
-        table added where the model does so) and their :class:`TokenLayout`."""
-        return self._stem(x)
+    def _feature_stem(self, x: torch.Tensor) -> Tuple[torch.Tensor, TokenLayout]:  # the contract's hook
+        return self.forward_stem(x)
 
     def forward_tokens(self, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
         """The rest of :meth:`forward_features` on stem tokens ``x`` laid out as ``layout`` (which may
@@ -188,9 +219,6 @@ class Backbone(VitlabModel):
             x = self._block(blk, x, layout)
         return (stage.norm(x) if _present(stage.norm) else x), layout
 
-    def _feature_stem(self, x: torch.Tensor) -> Tuple[torch.Tensor, TokenLayout]:
-        return self._stem(x)
-
     def _feature_units(self) -> Sequence[Any]:
         return list(self.blocks) if self.stage_attr == "blocks" else self.stage_list()
 
@@ -217,14 +245,11 @@ class Backbone(VitlabModel):
         """The stem (``embed``), then per stage its downsampler, every block's attention and MLP
         halves and the stage norm (then the tail stages; a staged model's final norm last), each an
         :class:`Intermediate` with a ``(B, C, H, W)`` map and the prefix tokens apart."""
-        x, layout = self._stem(x)
+        x, layout = self.forward_stem(x)
         out = [self._entry("patch_embed", "embed", x, layout, 0)]
-        stages = self.stage_list()
-        names = ([f"{self.stage_attr}.{i}" for i in range(len(stages))] if self.stage_attr != "blocks" else [""])
-        names += [self.tail_attr] if self.tail_attr else []
-        for i, (stage, name) in enumerate(zip(stages + self.tail_list(), names)):
+        named = self.named_stages()
+        for i, (name, prefix, stage) in enumerate(named):
             x, layout = self._enter(i, stage, x, layout, out, name)
-            prefix = f"{name}.blocks" if self.stage_attr != "blocks" and i < len(stages) else (name or "blocks")
             for j, blk in enumerate(stage.blocks):
                 x = blk.attn_half(x, layout)
                 if getattr(blk, "wiring", None) == "parallel":  # no separable halves: one entry
@@ -237,7 +262,7 @@ class Backbone(VitlabModel):
                 x = stage.norm(x)
                 out.append(self._entry(f"{name}.norm", "norm", x, layout, i))
         if self.stage_attr != "blocks" and _present(getattr(self, "norm", None)):  # what a staged head reads
-            out.append(self._entry("norm", "norm", self.norm(x), layout, len(stages) - 1))
+            out.append(self._entry("norm", "norm", self.norm(x), layout, len(named) - 1))
         return out
 
     # -- head -------------------------------------------------------------------------------------

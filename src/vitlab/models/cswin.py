@@ -27,13 +27,13 @@ records two tensors (vertical, then horizontal).  Single-branch blocks record
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 from torch import nn
 
 from vitlab.layers import MixerSpec, create_norm, init_weights
-from vitlab.models.backbone import Backbone, Downsample
+from vitlab.models.backbone import Backbone, ConvPatchEmbed
 from vitlab.models.base import make_default_cfg
 from vitlab.models.swin import _per_stage, build_stages, check_stage_sizes, stage_attn_types
 from vitlab.models.factory import register_model
@@ -43,24 +43,13 @@ __all__ = ["CSwinTransformer", "cswin_attention", "ConvEmbed", "cswin_from_offic
 NORM_LAYOUTS = ("pre", "post", "end", "parallel")
 
 
-class ConvEmbed(Downsample):
+class ConvEmbed(ConvPatchEmbed):
     """Strided conv + norm on the token map: CSwin's stem (7x7/4) and merge (3x3/2) blocks
     (Dong et al., 2022); LipsFormer-CSwin uses 4x4/4 and 2x2/2."""
 
     def __init__(self, in_chans: int, out_chans: int, kernel: int, stride: int, norm: str = "layernorm",
                  norm_eps: float = 1e-5):
-        super().__init__()
-        self.kernel, self.stride, self.padding = kernel, stride, max(kernel - stride + 1, 0) // 2
-        self.proj = nn.Conv2d(in_chans, out_chans, kernel, stride, self.padding)
-        self.norm = create_norm(norm, out_chans, eps=norm_eps)
-
-    def out_size(self, hw: Tuple[int, int]) -> Tuple[int, int]:
-        return tuple((s + 2 * self.padding - self.kernel) // self.stride + 1 for s in hw)  # type: ignore
-
-    def on_map(self, x: torch.Tensor):
-        """Image ``(B, C, H, W)`` (stem) or the previous stage's map (merge) -> ``(tokens, hw)``."""
-        x = self.proj(x)
-        return self.norm(x.flatten(2).transpose(1, 2)), tuple(x.shape[-2:])
+        super().__init__(in_chans, out_chans, kernel, stride, max(kernel - stride + 1, 0) // 2, norm, norm_eps)
 
 
 def cswin_attention(spec: MixerSpec, split_size: int, single: bool, lepe_div_heads: bool,

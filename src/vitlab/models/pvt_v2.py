@@ -20,14 +20,14 @@ timm conversion is the identity (:mod:`vitlab.interop.timm_pvt_v2`).
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 from torch import nn
 
 from vitlab.layers import create_norm, init_weights
 from vitlab.layers import MixerSpec, TokenLayout
-from vitlab.models.backbone import Backbone, Downsample, Stage
+from vitlab.models.backbone import Backbone, ConvPatchEmbed, Stage
 from vitlab.models.base import make_default_cfg, register_recipe
 from vitlab.models.block import drop_path_rates
 from vitlab.models.pvt import pvt_block, stage_sizes
@@ -35,27 +35,17 @@ from vitlab.models.pvt import pvt_block, stage_sizes
 __all__ = ["OverlapPatchEmbed", "PyramidVisionTransformerV2"]
 
 
-class OverlapPatchEmbed(Downsample):
+class OverlapPatchEmbed(ConvPatchEmbed):
     """Overlapping patch embedding of PVTv2 (Wang et al., 2022): ``k x k`` conv with stride ``s``
     and padding ``k // 2``, then a norm; an image or the previous stage's map -> ``(tokens, hw)``.
     Names match timm."""
 
     def __init__(self, patch_size: int = 7, stride: int = 4, in_chans: int = 3, embed_dim: int = 768,
                  norm: str = "layernorm"):
-        super().__init__()
         if patch_size <= stride:
             raise ValueError(f"an overlapping patch embedding needs patch_size > stride, got {patch_size} <= {stride}")
-        self.patch_size, self.stride = patch_size, stride
-        self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride=stride, padding=patch_size // 2)
-        self.norm = create_norm(norm, embed_dim, eps=1e-5)
-
-    def out_size(self, size: Tuple[int, int]) -> Tuple[int, int]:
-        p = self.patch_size // 2
-        return tuple((s + 2 * p - self.patch_size) // self.stride + 1 for s in size)  # type: ignore[return-value]
-
-    def on_map(self, x: torch.Tensor):
-        x = self.proj(x)
-        return self.norm(x.flatten(2).transpose(1, 2)), tuple(x.shape[-2:])
+        super().__init__(in_chans, embed_dim, patch_size, stride, patch_size // 2, norm, 1e-5)
+        self.patch_size = patch_size
 
 
 class PyramidVisionTransformerV2(Backbone):
