@@ -16,7 +16,8 @@ from typing import Any, Dict, Optional
 import numpy as np
 import torch
 
-__all__ = ["atomic_save", "load_checkpoint", "capture_rng", "restore_rng", "find_resume_checkpoint"]
+__all__ = ["atomic_save", "load_checkpoint", "capture_rng", "restore_rng", "find_resume_checkpoint",
+           "resume_checkpoint", "resume_for_run", "run_dir_checkpoint", "run_dir_of"]
 
 
 def atomic_save(obj: Any, path: str) -> str:
@@ -76,3 +77,48 @@ def find_resume_checkpoint(run_dir: str) -> Optional[str]:
     cands = [p for p in glob.glob(os.path.join(run_dir, "checkpoints", "*.pt")) if not os.path.basename(p).startswith(".")]
     cands = [p for p in cands if not os.path.basename(p).startswith("best")]
     return max(cands, key=os.path.getmtime) if cands else None
+
+
+def run_dir_checkpoint(run_dir: str) -> Optional[str]:
+    """The checkpoint a run directory stands for: ``checkpoints/best.pt``, else ``checkpoints/last.pt``."""
+    for name in ("best.pt", "last.pt"):
+        path = os.path.join(run_dir, "checkpoints", name)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def run_dir_of(checkpoint: str) -> str:
+    """The run directory holding ``RUN_DIR/checkpoints/<checkpoint>``."""
+    return os.path.dirname(os.path.dirname(os.path.abspath(checkpoint)))
+
+
+def resume_checkpoint(resume: Optional[str], out: Optional[str]) -> Optional[str]:
+    """What ``--resume`` names on the command line: ``auto``: the newest checkpoint of ``--out`` (None if
+    it has none yet), else the path itself."""
+    from vitlab.errors import UserError
+
+    if not resume:
+        return None
+    if resume != "auto":
+        return resume
+    if not out:
+        raise UserError("--resume auto needs --out RUN_DIR (the run to continue)")
+    return find_resume_checkpoint(out)
+
+
+def resume_for_run(resume: Optional[str], run_dir: str, is_main: bool, log) -> Optional[str]:
+    """The checkpoint a run in ``run_dir`` continues from (see :func:`resume_checkpoint`; ``auto`` with
+    nothing there starts from scratch, said once); without ``--resume`` a ``run_dir`` that already holds a
+    run is refused, so that nothing in it is overwritten."""
+    from vitlab.errors import UserError
+
+    if resume:
+        path = resume_checkpoint(resume, run_dir)
+        if path is None and is_main:
+            log(f"--resume auto: no checkpoint in {os.path.join(run_dir, 'checkpoints')}, starting from scratch")
+        return path
+    if os.path.isfile(os.path.join(run_dir, "checkpoints", "last.pt")):
+        raise UserError(f"--out {run_dir} already holds a run (checkpoints/last.pt); continue it with --resume auto "
+                        f"or choose another --out (nothing was changed)")
+    return None

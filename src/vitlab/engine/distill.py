@@ -71,10 +71,11 @@ def teacher_path(path: str) -> str:
     """A checkpoint file as given; a run directory: its ``checkpoints/best.pt`` (else ``last.pt``);
     a model directory (``config.json`` + weights) as given."""
     if os.path.isdir(path):
-        for name in ("best.pt", "last.pt"):
-            p = os.path.join(path, "checkpoints", name)
-            if os.path.isfile(p):
-                return p
+        from vitlab.engine.checkpoint import run_dir_checkpoint
+
+        ck = run_dir_checkpoint(path)
+        if ck:
+            return ck
         if os.path.isfile(os.path.join(path, "config.json")):
             return path
         raise UserError(f"--teacher {path}: a directory with neither checkpoints/best.pt, checkpoints/last.pt nor "

@@ -9,7 +9,8 @@ from typing import Any, List
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "init_distributed", "all_reduce_sum", "all_gather_objects", "barrier", "cleanup"]
+__all__ = ["DistInfo", "resolve_device", "init_distributed",
+           "all_reduce_sum", "all_gather_objects", "barrier", "cleanup"]
 
 
 @dataclass
@@ -26,6 +27,11 @@ class DistInfo:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto``: CUDA when available, else the CPU; any other name as given."""
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
 
 
 def init_distributed(device: str = "auto") -> DistInfo:

@@ -47,13 +47,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def evaluate_checkpoint(checkpoint: str, data=None, data_dir=None, out=None, ema=False, batch_size=256, workers=0,
                         bins=15, device="auto", skip_broken=False, amp="none"):
     """Evaluate ``checkpoint``; returns ``(metrics, out_dir)``."""
-    import torch
-
     from vitlab.engine.metrics import calibration_metrics, plot_reliability_diagram
     from vitlab.data import build_eval_dataset, build_eval_loader, build_eval_transform
     from vitlab.engine.checkpoint import load_checkpoint
     from vitlab.engine.config import TrainConfig
     from vitlab.engine.amp import resolve_amp
+    from vitlab.engine.distributed import resolve_device
     from vitlab.engine.trainer import build_model, predict
 
     if bins < 1:
@@ -69,8 +68,7 @@ def evaluate_checkpoint(checkpoint: str, data=None, data_dir=None, out=None, ema
     val_set, classes = build_eval_dataset(data, data_dir, stored if len(stored) == n_cls else None, skip_broken)
     if len(classes) != n_cls:
         raise ValueError(f"--data {data} has {len(classes)} classes but the checkpoint's model has {n_cls}")
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
+    dev = resolve_device(device)
     model = build_model(cfg, n_cls, int(ckpt["img_size"]), int(ckpt["in_chans"]), ckpt.get("model_kwargs"))
     state = ckpt["ema"] if ema else ckpt["model"]
     if state is None:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from torch import nn
 
 from vitlab.errors import UserError
 
-__all__ = ["InferenceModel", "load_for_inference", "collect_images", "model_input"]
+__all__ = ["InferenceModel", "load_for_inference", "load_train_checkpoint", "collect_images", "model_input"]
 
 
 @dataclass
@@ -24,6 +24,8 @@ class InferenceModel:
     crop_pct: float
     interpolation: str
     classes: List[str]
+    data: Optional[str] = None  # the data set a vitlab train checkpoint was trained on
+    data_dir: Optional[str] = None
 
     def transform(self):
         from vitlab.data import build_eval_transform
@@ -32,12 +34,13 @@ class InferenceModel:
                                     self.interpolation)
 
 
-def _from_checkpoint(path: str, ema: bool) -> InferenceModel:
+def load_train_checkpoint(path: str, ema: bool = False, ckpt: Optional[Dict[str, Any]] = None) -> InferenceModel:
+    """The model of a ``vitlab train`` checkpoint (``ckpt``: the file's contents, if already read)."""
     from vitlab.engine.build import build_model
     from vitlab.engine.checkpoint import load_checkpoint
     from vitlab.engine.config import TrainConfig
 
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path) if ckpt is None else ckpt
     if "config" not in ckpt:
         raise UserError(f"{path} has no training config; pass a checkpoint written by vitlab train or a model "
                         f"directory (config.json + model.safetensors)")
@@ -51,7 +54,7 @@ def _from_checkpoint(path: str, ema: bool) -> InferenceModel:
     d = ckpt["data"]
     classes = list(ckpt.get("classes") or [str(i) for i in range(n)])
     return InferenceModel(model.eval(), cfg.model, size, chans, list(d["mean"]), list(d["std"]), float(d["crop_pct"]),
-                          cfg.interpolation, classes)
+                          cfg.interpolation, classes, cfg.data, cfg.data_dir)
 
 
 def _from_model_dir(path: str) -> InferenceModel:
@@ -76,14 +79,13 @@ def load_for_inference(path: str, ema: bool = False) -> InferenceModel:
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if os.path.isdir(path):
-        for name in ("best.pt", "last.pt"):
-            ck = os.path.join(path, "checkpoints", name)
-            if os.path.isfile(ck):
-                return _from_checkpoint(ck, ema)
-        return _from_model_dir(path)
+        from vitlab.engine.checkpoint import run_dir_checkpoint
+
+        ck = run_dir_checkpoint(path)
+        return load_train_checkpoint(ck, ema) if ck else _from_model_dir(path)
     if path.endswith(".json"):
         return _from_model_dir(os.path.dirname(os.path.abspath(path)))
-    return _from_checkpoint(path, ema)
+    return load_train_checkpoint(path, ema)
 
 
 def collect_images(paths: List[str]) -> List[str]:

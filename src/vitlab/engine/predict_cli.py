@@ -34,14 +34,14 @@ def predict_files(checkpoint: str, paths: List[str], topk: int = 5, batch_size: 
 
     from vitlab.data.datasets import _pil_loader
     from vitlab.engine.amp import autocast, resolve_amp
+    from vitlab.engine.distributed import resolve_device
     from vitlab.engine.inference import collect_images, load_for_inference
     from vitlab.errors import UserError
 
     if topk < 1:
         raise UserError(f"--topk must be >= 1, got {topk}")
     im = load_for_inference(checkpoint, ema)
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
+    dev = resolve_device(device)
     model, tf, files = im.model.to(dev), im.transform(), collect_images(paths)
     k, amp = min(topk, len(im.classes)), resolve_amp(amp, dev, im.model)
     out: List[Dict[str, Any]] = []

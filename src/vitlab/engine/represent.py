@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitlab.engine.distributed import resolve_device
 from vitlab.errors import UserError
 
 __all__ = ["extract_features", "knn_predict", "load_encoder", "linear_probe", "evaluate_representation"]
@@ -69,30 +70,26 @@ def load_encoder(checkpoint: str, ema: bool = False) -> Tuple[nn.Module, Dict[st
     from vitlab.engine.build import build_model
     from vitlab.engine.checkpoint import load_checkpoint
     from vitlab.engine.config import TrainConfig
+    from vitlab.engine.inference import load_train_checkpoint
 
     ckpt = load_checkpoint(checkpoint)
     img, chans = int(ckpt["img_size"]), int(ckpt["in_chans"])
     if ckpt.get("vitlab_pretrain"):
         pcfg = ckpt.get("pretrain_config") or {}
         cfg = TrainConfig(model=ckpt["model_name"], model_kwargs=dict(ckpt.get("model_kwargs") or {}))
-        model, n_cls, kind = build_model(cfg, 0, img, chans, cfg.model_kwargs), 0, f"pretrain ({ckpt['method']})"
+        model, name, kind = build_model(cfg, 0, img, chans, cfg.model_kwargs), cfg.model, f"pretrain ({ckpt['method']})"
         facts = dict(data=pcfg.get("data", "digits"), data_dir=pcfg.get("data_dir"), interpolation="bicubic")
         if ema:
             raise UserError(f"--ema: {checkpoint} is a pretraining checkpoint, it holds no EMA weights")
-        state = ckpt["model"]
+        model.load_state_dict(ckpt["model"])
     elif "config" in ckpt:
-        cfg = TrainConfig.from_dict(ckpt["config"], source=f"checkpoint {checkpoint}")
-        n_cls, kind = int(ckpt["num_classes"]), "train"
-        model = build_model(cfg, n_cls, img, chans, ckpt.get("model_kwargs"))
-        facts = dict(data=cfg.data, data_dir=cfg.data_dir, interpolation=cfg.interpolation)
-        state = ckpt["ema"] if ema else ckpt["model"]
-        if state is None:
-            raise UserError(f"--ema: {checkpoint} holds no EMA weights (train with --ema)")
+        im = load_train_checkpoint(checkpoint, ema, ckpt)  # the model with the (EMA) weights
+        model, name, kind = im.model, im.name, "train"
+        facts = dict(data=im.data, data_dir=im.data_dir, interpolation=im.interpolation)
     else:
         raise UserError(f"--checkpoint {checkpoint}: not a vitlab train or vitlab pretrain checkpoint")
     if not hasattr(model, "forward_head"):
-        raise UserError(f"--checkpoint {checkpoint}: model {cfg.model} has no forward_head (pooled features)")
-    model.load_state_dict(state)
+        raise UserError(f"--checkpoint {checkpoint}: model {name} has no forward_head (pooled features)")
     d = ckpt.get("data") or {}
     facts.update(img_size=img, in_chans=chans, mean=list(d["mean"]), std=list(d["std"]), kind=kind,
                  crop_pct=float(d.get("crop_pct") or (1.0 if img <= 64 else 0.875)))
@@ -137,8 +134,7 @@ def evaluate_representation(checkpoint: str, knn: bool = True, probe: bool = Fal
         raise UserError(f"--knn-t {t!r}: expected a temperature > 0")
     if c <= 0:
         raise UserError(f"--probe-c {c!r}: expected an inverse regularisation strength > 0")
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
+    dev = resolve_device(device)
     model, facts = load_encoder(checkpoint, ema)
     model.to(dev)
     data, data_dir = data or facts["data"], data_dir or facts["data_dir"]

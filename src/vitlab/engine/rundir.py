@@ -14,8 +14,8 @@ from typing import Any, Dict, List
 from vitlab.engine.distributed import DistInfo, all_gather_objects
 from vitlab.plotting import pyplot, save_figure
 
-__all__ = ["default_run_dir", "write_jsonl", "write_json", "write_config", "plot_curves", "write_model_files",
-           "finite"]
+__all__ = ["default_run_dir", "write_jsonl", "write_json", "write_yaml", "write_config", "plot_curves",
+           "write_model_files", "finite"]
 
 
 def default_run_dir(model: str, info: DistInfo) -> str:
@@ -43,19 +43,24 @@ def write_json(path: str, obj: Dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def write_config(run) -> None:
-    """``config.yaml``: every setting plus what was resolved from the data, model and machine."""
+def write_yaml(path: str, obj: Dict[str, Any]) -> None:
+    """``obj`` as YAML, written atomically (a temporary file replaced over ``path``)."""
     import yaml
 
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        yaml.safe_dump(obj, f, sort_keys=False)
+    os.replace(tmp, path)
+
+
+def write_config(run) -> None:
+    """``config.yaml``: every setting plus what was resolved from the data, model and machine."""
     resolved = run.cfg.to_dict()
     p = run.parts
     resolved["resolved"] = dict(run.data.settings, lr=p.lr, global_batch=p.global_batch, num_classes=p.num_classes,
                                 classes=list(run.data.classes)[:1000], world_size=run.info.world_size,
                                 steps_per_epoch=run.data.steps_per_epoch, device=str(run.info.device), amp=run.amp)
-    tmp = os.path.join(run.run_dir, "config.yaml.tmp")
-    with open(tmp, "w") as f:
-        yaml.safe_dump(resolved, f, sort_keys=False)
-    os.replace(tmp, os.path.join(run.run_dir, "config.yaml"))
+    write_yaml(os.path.join(run.run_dir, "config.yaml"), resolved)
 
 
 def plot_curves(records: List[Dict[str, Any]], path: str) -> str:

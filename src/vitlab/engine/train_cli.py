@@ -192,26 +192,22 @@ def _distill_arguments(g) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
-    from vitlab.engine.checkpoint import find_resume_checkpoint, load_checkpoint
+    from vitlab.engine.checkpoint import load_checkpoint, resume_checkpoint, run_dir_of
     from vitlab.engine.config import TrainConfig, resolve_config
 
     skip = {"recipe", "traceback", "command"}
     overrides = {k: v for k, v in vars(args).items() if k not in skip and v is not None}
     if overrides.get("randaug") == "":
         overrides["randaug"] = None
-    resume = overrides.get("resume")
-    if resume:
-        if resume == "auto" and not overrides.get("out"):
-            raise ValueError("--resume auto needs --out RUN_DIR (the run to continue)")
-        path = find_resume_checkpoint(overrides["out"]) if resume == "auto" else resume
-        if path:
-            # a resumed run keeps its stored settings; flags given now override them
-            stored = TrainConfig.from_dict(load_checkpoint(path)["config"], source=f"checkpoint {path}")
-            stored.update({k: v for k, v in overrides.items()}, source="command line")
-            if not overrides.get("out"):
-                stored.out = os.path.dirname(os.path.dirname(os.path.abspath(path)))
-            stored.validate()
-            return stored
+    path = resume_checkpoint(overrides.get("resume"), overrides.get("out"))
+    if path:
+        # a resumed run keeps its stored settings; flags given now override them
+        stored = TrainConfig.from_dict(load_checkpoint(path)["config"], source=f"checkpoint {path}")
+        stored.update({k: v for k, v in overrides.items()}, source="command line")
+        if not overrides.get("out"):
+            stored.out = run_dir_of(path)
+        stored.validate()
+        return stored
     return resolve_config(getattr(args, "recipe", None), overrides)
 
 

@@ -23,14 +23,13 @@ from torch import nn
 from vitlab.engine import build, rundir
 from vitlab.engine.amp import resolve_amp
 from vitlab.engine.build import build_model, data_settings  # noqa: F401  (re-exported)
-from vitlab.engine.checkpoint import find_resume_checkpoint, load_checkpoint
+from vitlab.engine.checkpoint import load_checkpoint, resume_for_run
 from vitlab.engine.config import TrainConfig
 from vitlab.engine.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
 from vitlab.engine.loop import TrainingDiverged, predict, train_epoch
 from vitlab.engine.progress import StepLog
 from vitlab.engine.rundir import plot_curves  # noqa: F401  (re-exported)
 from vitlab.engine.state import Run, copy_atomic, rank_best, restore, save_checkpoint, write_best
-from vitlab.errors import UserError
 
 __all__ = ["train", "evaluate", "build_model", "TrainingDiverged", "predict"]
 
@@ -46,12 +45,9 @@ def evaluate(model: nn.Module, loader, device: torch.device, info: Optional[Dist
 
 
 def _setup_threads(cfg: TrainConfig) -> None:
-    if cfg.threads:
-        torch.set_num_threads(int(cfg.threads))
-    elif cfg.workers and torch.get_num_threads() > 1 and "OMP_NUM_THREADS" not in os.environ:
-        # leave the cores the loader workers use: oversubscribed intra-op threads spin and
-        # were 10-25x slower on the 2-core machine than a single thread
-        torch.set_num_threads(max(1, torch.get_num_threads() - int(cfg.workers)))
+    from vitlab.runtime import set_threads
+
+    set_threads(cfg.threads, cfg.workers)
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -61,14 +57,7 @@ def _setup_threads(cfg: TrainConfig) -> None:
 def _prepare(cfg: TrainConfig, info: DistInfo, log) -> Run:
     """Build the run, restore it from ``--resume``, wrap the model for DDP / compile, write config.yaml."""
     run_dir = cfg.out or rundir.default_run_dir(cfg.model, info)
-    resume_path = None
-    if cfg.resume:
-        resume_path = find_resume_checkpoint(run_dir) if cfg.resume == "auto" else cfg.resume
-        if resume_path is None and info.is_main:
-            log(f"--resume auto: no checkpoint in {os.path.join(run_dir, 'checkpoints')}, starting from scratch")
-    elif os.path.isfile(os.path.join(run_dir, "checkpoints", "last.pt")):
-        raise UserError(f"--out {run_dir} already holds a run (checkpoints/last.pt); continue it with --resume auto "
-                        f"or choose another --out (nothing was changed)")
+    resume_path = resume_for_run(cfg.resume, run_dir, info.is_main, log)
     ckpt = load_checkpoint(resume_path) if resume_path else None
     data = build.build_data(cfg, info.world_size, info.rank, info.device.type == "cuda")
     # the resolved size and model arguments go into the stored config: eval, analyze and resume

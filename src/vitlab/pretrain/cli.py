@@ -85,25 +85,21 @@ def _method_arguments(m, d) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
-    from vitlab.engine.checkpoint import find_resume_checkpoint, load_checkpoint
+    from vitlab.engine.checkpoint import load_checkpoint, resume_checkpoint, run_dir_of
     from vitlab.errors import UserError
     from vitlab.pretrain.config import PretrainConfig
 
     overrides: Dict[str, Any] = {k: v for k, v in vars(args).items()
                                  if k not in ("traceback", "command") and v is not None}
-    resume = overrides.get("resume")
-    if resume:
-        if resume == "auto" and not overrides.get("out"):
-            raise UserError("--resume auto needs --out RUN_DIR (the run to continue)")
-        path = find_resume_checkpoint(overrides["out"]) if resume == "auto" else resume
-        if path:
-            ckpt = load_checkpoint(path)
-            if "pretrain_config" not in ckpt:
-                raise UserError(f"--resume {path}: not a vitlab pretrain checkpoint")
-            stored = dict(ckpt["pretrain_config"], **overrides)
-            if not overrides.get("out"):
-                stored["out"] = os.path.dirname(os.path.dirname(os.path.abspath(path)))
-            return PretrainConfig.from_dict(stored)
+    path = resume_checkpoint(overrides.get("resume"), overrides.get("out"))
+    if path:
+        ckpt = load_checkpoint(path)
+        if "pretrain_config" not in ckpt:
+            raise UserError(f"--resume {path}: not a vitlab pretrain checkpoint")
+        stored = dict(ckpt["pretrain_config"], **overrides)
+        if not overrides.get("out"):
+            stored["out"] = run_dir_of(path)
+        return PretrainConfig.from_dict(stored)
     return PretrainConfig.from_dict(overrides)
 
 

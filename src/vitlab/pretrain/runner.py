@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 import torch
 from torch import nn
@@ -20,9 +20,11 @@ from vitlab.engine import rundir
 from vitlab.engine.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
 from vitlab.engine.progress import Progress, StepLog
 from vitlab.errors import UserError
+from vitlab.runtime import set_threads
 from vitlab.pretrain.config import PretrainConfig
-from vitlab.pretrain.state import (PretrainRun, check_compatible, finetune_command, load_for_resume, restore,
-                                   save_checkpoint, to_device)
+from vitlab.engine.checkpoint import load_checkpoint, resume_for_run
+from vitlab.pretrain.state import (PretrainRun, check_compatible, finetune_command, restore, save_checkpoint,
+                                   to_device)
 
 __all__ = ["pretrain"]
 
@@ -46,20 +48,6 @@ def _optimisation(run: PretrainRun) -> None:
     run.scheduler = build_scheduler(run.optimizer, sched, run.steps_per_epoch)
 
 
-def _resume_path(cfg: PretrainConfig, run_dir: str, info: DistInfo, log) -> Optional[str]:
-    from vitlab.engine.checkpoint import find_resume_checkpoint
-
-    if cfg.resume:
-        path = find_resume_checkpoint(run_dir) if cfg.resume == "auto" else cfg.resume
-        if path is None and info.is_main:
-            log(f"--resume auto: no checkpoint in {os.path.join(run_dir, 'checkpoints')}, starting from scratch")
-        return path
-    if os.path.isfile(os.path.join(run_dir, "checkpoints", "last.pt")):
-        raise UserError(f"--out {run_dir} already holds a run (checkpoints/last.pt); continue it with --resume auto "
-                        f"or choose another --out (nothing was changed)")
-    return None
-
-
 def _prepare(cfg: PretrainConfig, info: DistInfo, log) -> PretrainRun:
     """Data, method, optimiser; restore from ``--resume``; DDP; config.yaml."""
     import random
@@ -70,8 +58,8 @@ def _prepare(cfg: PretrainConfig, info: DistInfo, log) -> PretrainRun:
     from vitlab.pretrain.methods import build_method, build_transform
 
     run_dir = cfg.out or rundir.default_run_dir(f"{cfg.method}-{cfg.model}", info)
-    resume = _resume_path(cfg, run_dir, info, log)
-    ckpt = load_for_resume(resume) if resume else None
+    resume = resume_for_run(cfg.resume, run_dir, info.is_main, log)
+    ckpt = load_checkpoint(resume) if resume else None
     if ckpt is not None:
         check_compatible(ckpt, cfg, resume)
     settings = _settings(cfg)
@@ -110,16 +98,11 @@ def _prepare(cfg: PretrainConfig, info: DistInfo, log) -> PretrainRun:
 
 
 def _write_config(run: PretrainRun) -> None:
-    import yaml
-
     d = run.cfg.to_dict()
     d["resolved"] = {k: v for k, v in run.settings.items() if k != "classes"}
     d["resolved"].update(encoder_kwargs=dict(run.model_kwargs), steps_per_epoch=run.steps_per_epoch,
                          world_size=run.info.world_size, device=str(run.info.device))
-    tmp = os.path.join(run.run_dir, "config.yaml.tmp")
-    with open(tmp, "w") as f:
-        yaml.safe_dump(d, f, sort_keys=False)
-    os.replace(tmp, os.path.join(run.run_dir, "config.yaml"))
+    rundir.write_yaml(os.path.join(run.run_dir, "config.yaml"), d)
 
 
 def _step(run: PretrainRun, batch, epoch: int) -> float:
@@ -233,10 +216,7 @@ def pretrain(cfg: PretrainConfig, log=print) -> Dict[str, Any]:
     cfg = cfg.resolved()
     info = init_distributed(cfg.device)
     try:
-        if cfg.threads:
-            torch.set_num_threads(int(cfg.threads))
-        elif cfg.workers and torch.get_num_threads() > 1 and "OMP_NUM_THREADS" not in os.environ:
-            torch.set_num_threads(max(1, torch.get_num_threads() - int(cfg.workers)))  # as vitlab train
+        set_threads(cfg.threads, cfg.workers)
         run = _prepare(cfg, info, log)
         if cfg.eval == "knn" and run.resumed is None and info.is_main:
             run.extra["knn_top1_init"] = _knn(run)

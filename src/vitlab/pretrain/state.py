@@ -117,12 +117,6 @@ def restore(run: PretrainRun, ckpt: Dict[str, Any], path: str) -> None:
     run.last_good = path
 
 
-def load_for_resume(path: str) -> Dict[str, Any]:
-    from vitlab.engine.checkpoint import load_checkpoint
-
-    return load_checkpoint(path)
-
-
 def to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, (list, tuple)):
         return [b.to(device, non_blocking=True) for b in batch]

@@ -60,10 +60,10 @@ def default_data() -> str:
 
 
 def _split_dirs(root: str):
-    train = os.path.join(root, "train")
-    val = next((os.path.join(root, d) for d in ("val", "validation", "valid", "test")
-                if os.path.isdir(os.path.join(root, d))), None)
-    if not os.path.isdir(train) or val is None:
+    from vitlab.data.folder_info import find_split
+
+    train, val = find_split(root, "train"), find_split(root, "val")
+    if train is None or val is None:
         raise UserError(f"--data {root}: expected an ImageFolder with train/ and val/ class folders")
     return train, val
 
