@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from vitlab.errors import UserError
-from vitlab.layers import Mlp, TokenLayout, create_mixer, sincos_2d
+from vitlab.layers import Mlp, TokenLayout, create_mixer, init_weights, sincos_2d
 from vitlab.models.backbone import Backbone
 from vitlab.models.block import Block
 from vitlab.pretrain.masking import check_ratio, patchify, random_masking, restore_order
@@ -123,16 +123,9 @@ class MAEDecoder(nn.Module):
         self.decoder_pred = nn.Linear(dim, out_dim)
         self._init()
 
-    def _init(self) -> None:  # as the reference: xavier-uniform linears, N(0, 0.02) mask token
+    def _init(self) -> None:  # as the reference: N(0, 0.02) mask token, xavier-uniform linears, zero biases
         nn.init.normal_(self.mask_token, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_weights(self, "xavier")  # (the LayerNorms are built as ones / zeros)
 
     def forward(self, x: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         """Encoded ``(B, P + K, C_enc)`` -> predictions ``(B, L, out_dim)`` in the original order."""
