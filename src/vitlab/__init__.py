@@ -12,9 +12,10 @@ def create_model(name: str, pretrained: bool = False, checkpoint_path: Optional[
     """Build a registered model by name (:func:`vitlab.models.factory.create_model`) and, with
     ``checkpoint_path=``, load its weights from a local file (a vitlab checkpoint, a safetensors file
     or a plain state dict) -- vitlab never downloads (``pretrained=True`` raises)."""
-    features_only, out_indices = kwargs.pop("features_only", False), kwargs.pop("out_indices", None)
-    if out_indices is not None and not features_only:
-        raise ValueError(f"out_indices={out_indices!r} needs features_only=True")
+    features_only = kwargs.pop("features_only", False)
+    out_indices = kwargs.pop("out_indices", None) if features_only else None
+    # the weights load into the whole model, then the extractor prunes it; out_indices without
+    # features_only stays in kwargs, for the factory to refuse
     model = _factory.create_model(name, pretrained=pretrained, **kwargs)
     if checkpoint_path is not None:
         from vitlab.interop.checkpoint import load_weights
