@@ -171,3 +171,45 @@ def now() -> str:
 
 def command_line() -> str:
     return "python " + " ".join([os.path.relpath(sys.argv[0], HERE.parent)] + sys.argv[1:])
+
+
+def vs_timm(args, pairs: dict, section: str, title: str, img_size=None) -> int:
+    """Benchmark each ``vitlab name -> timm name`` of ``pairs`` (vitlab and timm steps alternating, one pair
+    at a time), print the ratios and publish one RESULTS.md section.  A name vitlab has not registered is
+    listed as not run.  ``img_size`` (optional) builds both models at that size."""
+    import timm
+
+    import vitlab
+    from vitlab.bench import MM_KEY, StepSpec, compare
+
+    started, load0 = now(), loadavg()
+    print(f"load average: {load0}")
+    rows, missing, ratios = [], [], []
+    for name, timm_name in pairs.items():
+        if not vitlab.is_model(name):
+            missing.append(name)
+            print(f"{name}: not registered in vitlab yet, skipped")
+            continue
+        torch.manual_seed(0)
+        kw = {"img_size": img_size} if img_size else {}
+        models = {f"vitlab {name}": vitlab.create_model(name, **kw),
+                  f"timm {timm_name}": timm.create_model(timm_name, **kw)}
+        size = tuple(models[f"vitlab {name}"].default_cfg["input_size"])
+        size = (size[0], img_size, img_size) if img_size else size
+        spec = StepSpec(batch_size=args.batch_size, input_size=size, train=args.train, device=args.device,
+                        amp=args.amp, compile=args.compile)
+        res = compare(models, spec, runs=args.runs, warmup=args.warmup, mm_size=2048)
+        mm = res.pop(MM_KEY).flops_per_s
+        rows += [[k] + fmt_result(r, mm) for k, r in res.items()]
+        a, b = res.values()
+        ratios.append(f"{name}: vitlab / timm **{a.img_per_s / b.img_per_s:.2f}x** ({paired(a, b)}) "
+                      f"(torch.mm rate in these rounds {mm / 1e9:.1f} GFLOP/s)")
+        print(ratios[-1], flush=True)
+    body = header(args, command_line(), started, load0) + "\n"
+    if rows:
+        body += table(["model"] + RESULT_HEADERS, rows) + "\n\nRatios: " + "; ".join(ratios) + ".\n"
+    if missing:
+        body += f"\nNot run: {', '.join(missing)} (not registered in vitlab when this ran).\n"
+    publish(args, section + ("_train" if args.train else ""), f"{title} ({'training' if args.train else 'inference'})",
+            body)
+    return 0

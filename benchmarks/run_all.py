@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["vit_vs_peers.py", "bf16.py", "mixers.py", "linear_attention_scaling.py", "hierarchical.py"]
+SCRIPTS = ["vit_vs_peers.py", "bf16.py", "mixers.py", "linear_attention_scaling.py", "hierarchical.py",
+           "catalogue.py"]
 
 
 def main() -> int:

@@ -139,7 +139,8 @@ def _lr_and_wd(model: nn.Module, rename=lambda n: n):
 
 # timm's PVTv2 and ResNet take no img_size: full-size models on 64x64 inputs
 OTHER_TIMM = [("cait_s24_224", dict(img_size=32, depth=4)),
-              ("deit_tiny_distilled_patch16_224", dict(img_size=32, depth=3)), ("pvt_v2_b0", {}), ("resnet50", {})]
+              ("deit_tiny_distilled_patch16_224", dict(img_size=32, depth=3)), ("pvt_v2_b0", {}), ("resnet50", {}),
+              ("vit_small_patch16_18x2_224", dict(img_size=32, depth=3))]
 
 
 @pytest.mark.parametrize("name,kw", OTHER_TIMM, ids=[n for n, _ in OTHER_TIMM])

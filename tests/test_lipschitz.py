@@ -159,3 +159,26 @@ def test_lipsformer_swin_and_cswin_bounds_are_finite_and_certified(name, over):
     # the released form (eps = 0, V not normalised) is only locally Lipschitz: named, not hidden
     rel = create_model(name, **{**over, "mixer_kwargs": {"tau": over["mixer_kwargs"]["tau"]}})
     assert any(u.endswith(".attn") for u in lipschitz_bound_report(rel)["unbounded"])
+
+
+def test_parallel_branch_block_bound_is_one_plus_the_sum_of_branches():
+    """Blocks of parallel branches (Touvron et al., ECCV 2022): ``(1 + sum_j Lip attn_j) (1 + sum_j Lip mlp_j)``,
+    each branch ``|ls| Lip(norm) Lip(f)``; written out here from the parts' own bounds, and never below the
+    Jacobian estimate of the whole model."""
+    from vitlab import create_model
+    from vitlab.analysis.lipschitz import _Bounder
+
+    torch.manual_seed(0)
+    m = create_model("vit_tiny_patch4_32", depth=1, embed_dim=16, num_heads=2, img_size=16, num_parallel=3,
+                     mixer="cosine", norm="center", branch_scale="layerscale", shortcut_init=0.3,
+                     mixer_kwargs=dict(tau=10.0, normalize_v=True, eps=0.05)).eval()
+    blk, bounder = m.blocks[0], _Bounder(m)
+    assert len(blk.attns) == len(blk.ffns) == 3
+    cn = lambda norm: 16 / 15 * float(norm.weight.detach().abs().max())  # noqa: E731  (CenterNorm: D/(D-1) max|gamma|)
+    spec = lambda lin: float(torch.linalg.matrix_norm(lin.weight.detach().double(), ord=2))  # noqa: E731
+    ls = lambda b: float(b.ls.gamma.detach().abs().max())  # noqa: E731
+    attn = 1 + sum(ls(b) * cn(b.norm) * bounder.part(b.attn, "a") for b in blk.attns)
+    mlp = 1 + sum(ls(b) * cn(b.norm) * spec(b.mlp.fc1) * GELU_LIPSCHITZ * spec(b.mlp.fc2) for b in blk.ffns)
+    assert bounder.block(blk, "blocks.0") == pytest.approx(attn * mlp, rel=1e-9)
+    rep = lipschitz_bound_report(m)
+    assert rep["unbounded"] == [] and 0 < lipschitz_estimate(m, torch.randn(2, 3, 16, 16), iters=10) <= rep["bound"]

@@ -220,6 +220,9 @@ def test_recording_attention_on_the_vit():
     ("featscale_small_12", 22_059_880),          # + 2 x 384 FeatScale weights x 12 blocks
     ("attnscale_small_24", 43_344_376),
     ("featscale_small_24", 43_362_664),
+    # parallel ViT-S/B 18x2 (Touvron et al., ECCV 2022; timm's counts): 2 x (attention + MLP) per block
+    ("vit_small_patch16_18x2_224", 64_665_448),
+    ("vit_base_patch16_18x2_224", 256_731_880),
 ])
 def test_paper_recipe_param_counts(name, params):
     with torch.device("meta"):
@@ -243,10 +246,13 @@ def test_lipsformer_recipe_uses_its_parts():
     ("vit_small_patch14_reg4_dinov2", dict(img_size=56, depth=2)),
     ("vit_base_patch16_reg4_gap_256", dict(img_size=32, depth=2)),
     ("vit_small_patch14_reg4_dinov2", dict(img_size=56, depth=2, dynamic_img_size=True)),
+    ("vit_small_patch16_18x2_224", dict(img_size=32, depth=2)),
+    ("vit_base_patch16_18x2_224", dict(img_size=32, depth=1)),
 ])
-def test_deit3_and_register_models_match_timm(name, kw):
-    """DeiT III (LayerScale, position table on the patches only) and register tokens: every parameter
-    randomised, logits and block maps equal to timm's both ways."""
+def test_deit3_register_and_parallel_models_match_timm(name, kw):
+    """DeiT III (LayerScale, position table on the patches only), register tokens and parallel blocks
+    (2 attention + 2 MLP branches per block): every parameter randomised, logits and block maps equal to
+    timm's both ways."""
     check_parity(name, **kw)
 
 

@@ -193,7 +193,17 @@ class _Bounder:
                     total /= math.sqrt(m.num_heads // len(getattr(m.grouping, "stripes", [None])))
         return total * self.part(m.proj, name)
 
+    def _branches(self, branches, name) -> float:
+        """``x + sum_j f_j(x)`` over parallel branches ``drop_path(ls(f(norm(x))))``: ``1 + sum_j Lip f_j``."""
+        return 1 + sum(self.part(b.norm, f"{name}.{j}.norm") * self.part(getattr(b, b.role), f"{name}.{j}.{b.role}")
+                       * self.part(b.ls, f"{name}.{j}.ls") for j, b in enumerate(branches))
+
     def block(self, blk, name) -> float:
+        if getattr(blk, "num_parallel", 1) > 1:
+            half1, half2 = self._branches(blk.attns, name + ".attns"), self._branches(blk.ffns, name + ".ffns")
+            self.factors.append({"name": name + " (parallel attention branches)", "bound": half1})
+            self.factors.append({"name": name + " (parallel MLP branches)", "bound": half2})
+            return half1 * half2
         lip_attn = self.part(blk.norm1 if not blk.post_norm else None, name + ".norm1")
         lip_attn *= self.part(blk.attn, name + ".attn")
         lip_attn *= self.part(blk.featscale, name + ".featscale") * self.part(blk.ls1, name + ".ls1")

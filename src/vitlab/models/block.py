@@ -16,7 +16,7 @@ any channel mixer taking ``(x, layout)``); every other part is named here.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -25,7 +25,7 @@ from vitlab.layers import DWConvUnit, DropPath, FeatScale, create_norm, create_s
 from vitlab.layers.inplace import residual_add
 from vitlab.layers.layout import TokenLayout
 
-__all__ = ["Block", "WIRINGS", "drop_path_rates"]
+__all__ = ["Block", "ParallelBranch", "WIRINGS", "drop_path_rates"]
 
 WIRINGS = ("pre", "post", "end", "prefix", "parallel")
 
@@ -38,6 +38,27 @@ def drop_path_rates(rate: float, depth: int) -> List[float]:
     return [rate * i / max(depth - 1, 1) for i in range(depth)]
 
 
+Mixers = Union[nn.Module, Sequence[nn.Module]]
+
+
+class ParallelBranch(nn.Module):
+    """One of the parallel branches of a block, ``drop_path(ls(fn(norm(x))))`` with ``fn`` held as ``attn`` or
+    ``mlp`` ("Three things everyone should know about Vision Transformers", Touvron et al., ECCV 2022, sec. 3:
+    ``x + sum_j attn_j(x)`` then ``x + sum_j mlp_j(x)``; names as timm's ``ParallelThingsBlock``)."""
+
+    def __init__(self, dim: int, role: str, fn: nn.Module, norm: str, eps: float, scale: str,
+                 init: Optional[float], depth: int, drop_path: float):
+        super().__init__()
+        self.role = role
+        self.norm = create_norm(norm, dim, eps=eps)
+        setattr(self, role, fn)
+        self.ls = create_shortcut(scale, dim, init, depth=depth)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        return self.drop_path(self.ls(getattr(self, self.role)(self.norm(x), layout)))
+
+
 class Block(nn.Module):
     """One block: ``attn_half(x, layout)`` then ``mlp_half(x, layout)``; see the module docstring.
 
@@ -45,16 +66,27 @@ class Block(nn.Module):
     ``branch_scale`` (``plain`` | ``weighted`` | ``layerscale``) with ``branch_scale_init`` and
     ``total_depth`` (the weighted shortcut's default 1/L); ``featscale``; ``conv_units`` (their
     ``alpha`` is ``branch_scale_init`` or ``1/total_depth``); ``drop_path``.  Attribute names
-    (``norm1, attn, ls1, norm2, mlp, ls2``) are timm's.
+    (``norm1, attn, ls1, norm2, mlp, ls2``) are timm's.  Lists of mixers and MLPs make a block of parallel
+    branches (:class:`ParallelBranch`, held as ``attns`` and ``ffns``, timm's names).
     """
 
-    def __init__(self, dim: int, mixer: nn.Module, mlp: nn.Module, norm: str = "layernorm", norm_eps: float = 1e-6,
+    def __init__(self, dim: int, mixer: Mixers, mlp: Mixers, norm: str = "layernorm", norm_eps: float = 1e-6,
                  wiring: str = "pre", branch_scale: str = "plain", branch_scale_init: Optional[float] = None,
                  total_depth: int = 1, featscale: bool = False, conv_units: bool = False, drop_path: float = 0.0):
         super().__init__()
         if wiring not in WIRINGS:
             raise ValueError(f"wiring must be one of {WIRINGS}, got {wiring!r}")
         self.wiring = wiring
+        if isinstance(mixer, (list, tuple)):  # parallel branches: their own norms and scales, no single halves
+            if wiring != "pre" or featscale or conv_units or len(mixer) != len(mlp):
+                raise ValueError(f"parallel branches ({len(mixer)} mixers, {len(mlp)} MLPs) need wiring 'pre', "
+                                 f"equal counts and no featscale/conv_units; got wiring {wiring!r}")
+            side = dict(norm=norm, eps=norm_eps, scale=branch_scale, init=branch_scale_init, depth=total_depth,
+                        drop_path=drop_path)
+            self.attns = nn.ModuleList([ParallelBranch(dim, "attn", m, **side) for m in mixer])
+            self.ffns = nn.ModuleList([ParallelBranch(dim, "mlp", m, **side) for m in mlp])
+            self.conv_units = self.featscale = None
+            return
         alpha = 1.0 / total_depth if branch_scale_init is None else branch_scale_init
         self.conv_units = nn.ModuleList([DWConvUnit(dim, pointwise=True, alpha=alpha, drop_path=drop_path),
                                          DWConvUnit(dim, pointwise=False, alpha=alpha, drop_path=drop_path)
@@ -74,7 +106,14 @@ class Block(nn.Module):
         """Branches read un-normalised tokens (``post`` and ``end`` wiring)."""
         return self.wiring in ("post", "end")
 
+    @property
+    def num_parallel(self) -> int:
+        """Parallel attention (and MLP) branches: 1 unless built with lists of mixers."""
+        return len(self.attns) if hasattr(self, "attns") else 1
+
     def attn_half(self, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        if hasattr(self, "attns"):
+            return x + sum(b(x, layout) for b in self.attns)
         for unit in self.conv_units if self.conv_units is not None else ():
             x = unit(x, layout.hw, layout.num_prefix)
         if self.wiring == "parallel":
@@ -92,6 +131,8 @@ class Block(nn.Module):
         return self.norm1(x) if self.post_norm else x
 
     def mlp_half(self, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        if hasattr(self, "ffns"):
+            return x + sum(b(x, layout) for b in self.ffns)
         if self.wiring == "parallel":  # the MLP branch ran beside the attention in attn_half
             return x
         if self.wiring == "prefix":

@@ -38,7 +38,8 @@ class VisionTransformer(Backbone):
     ``avg``), ``class_token``, ``reg_tokens`` (register tokens, Darcet et al., ICLR 2024), ``no_embed_class``
     (the position table covers the patches only, added before the prefix tokens join: DeiT III, registers),
     ``post_norm`` (alias of ``wiring="post"``), ``wiring`` (``pre`` | ``post`` |
-    ``end`` | ``parallel``), ``conv_units``, ``mixer_kwargs``, ``dynamic_img_size`` (any
+    ``end`` | ``parallel``), ``num_parallel`` (blocks of that many parallel attention and MLP branches, Touvron
+    et al., ECCV 2022), ``conv_units``, ``mixer_kwargs``, ``dynamic_img_size`` (any
     input size divisible by the patch; the position table is resampled on the fly, as timm's).
     """
 
@@ -56,6 +57,7 @@ class VisionTransformer(Backbone):
                  mixer_kwargs: Optional[Dict[str, Any]] = None, core: Optional[str] = None,
                  modifiers: Sequence[str] = (), branch_scale: Optional[str] = None, extra_tokens: int = 0,
                  reg_tokens: int = 0, no_embed_class: bool = False, dynamic_img_size: bool = False,
+                 num_parallel: int = 1,
                  architecture: str = "vit", default_cfg: Optional[Dict[str, Any]] = None):
         super().__init__()
         if global_pool not in ("token", "avg"):
@@ -83,10 +85,14 @@ class VisionTransformer(Backbone):
         self.pos_drop = nn.Dropout(drop_rate)
         layout = TokenLayout(self.grid_size, num_prefix)
         dpr = drop_path_rates(drop_path_rate, depth)
+        if num_parallel < 1:
+            raise ValueError(f"num_parallel must be >= 1, got {num_parallel}")
+        many = (lambda make: [make() for _ in range(num_parallel)]) if num_parallel > 1 else (lambda make: make())
         self.blocks = nn.Sequential(*[
-            Block(embed_dim, spec.build(embed_dim, num_heads, layout, qkv_bias=qkv_bias, attn_drop=attn_drop_rate,
-                                        proj_drop=drop_rate),
-                  Mlp(embed_dim, int(embed_dim * mlp_ratio), drop=drop_rate), norm=norm, norm_eps=norm_eps,
+            Block(embed_dim, many(lambda: spec.build(embed_dim, num_heads, layout, qkv_bias=qkv_bias,
+                                                     attn_drop=attn_drop_rate, proj_drop=drop_rate)),
+                  many(lambda: Mlp(embed_dim, int(embed_dim * mlp_ratio), drop=drop_rate)), norm=norm,
+                  norm_eps=norm_eps,
                   wiring=wiring or ("post" if post_norm else "pre"), branch_scale=branch_scale or shortcut,
                   branch_scale_init=shortcut_init, total_depth=depth, featscale=featscale, conv_units=conv_units,
                   drop_path=dpr[i])
@@ -197,3 +203,8 @@ for _size in ("small", "base"):
     _register_vit(f"vit_{_size}_patch14_reg4_dinov2", _size, 14, 518, _DINOV2_REG, crop_pct=1.0)
 _register_vit("vit_base_patch16_reg4_gap_256", "base", 16, 256,
               dict(reg_tokens=4, no_embed_class=True, class_token=False, global_pool="avg"), crop_pct=0.95)
+# Parallel blocks ("Three things everyone should know about Vision Transformers", Touvron et al., ECCV 2022,
+# sec. 3): 18 blocks of 2 parallel attention + 2 parallel MLP branches, LayerScale 1e-5 (timm's names)
+for _size in ("small", "base"):
+    _register_vit(f"vit_{_size}_patch16_18x2_224", _size, 16, 224,
+                  dict(depth=18, num_parallel=2, branch_scale="layerscale", shortcut_init=1e-5))
