@@ -379,6 +379,29 @@ def test_fused_feature_map_equals_composed_ops_and_gradchecks(monkeypatch):
         focused_feature_map(torch.rand(3, 12), torch.rand(5))
 
 
+def test_feature_map_of_a_row_with_no_positive_entry_is_finite_in_float32():
+    """All of a row negative gives ``t = 1e-6 inv``: ``|t**3|`` underflows float32 (found by the catalogue
+    test: FLatten-PVT at width 8 had non-finite stem gradients).  Values and gradients stay finite and equal
+    the float64 ones (the map is scale-free in t, so the row is a finite unit direction times |t|)."""
+    from vitlab.layers.linear_attention import focused_feature_map
+
+    torch.manual_seed(0)
+    u = torch.cat([-torch.rand(3, 8, dtype=torch.float64), torch.randn(1, 8, dtype=torch.float64)])
+    inv = torch.rand(8, dtype=torch.float64) * 0.5 + 0.1
+    g = torch.randn(4, 8, dtype=torch.float64)
+    grads = []
+    for dtype in (torch.float32, torch.float64):
+        for fn in (lambda a, w: focused_feature_map(a, w, 3.0),
+                   lambda a, w: focusing_function(torch.addcmul(1e-6 * w, F.relu(a), w), 3.0)):
+            a, w = u.to(dtype).clone().requires_grad_(), inv.to(dtype).clone().requires_grad_()
+            y = fn(a, w)
+            y.backward(g.to(dtype))
+            assert torch.isfinite(y).all() and torch.isfinite(a.grad).all() and torch.isfinite(w.grad).all()
+            grads.append(w.grad.double())
+    for got in grads[:3]:
+        torch.testing.assert_close(got, grads[3], rtol=1e-4, atol=1e-6)
+
+
 # -- tests added for surviving mutants (mutmut over cores, modifiers, position parts) --------------
 def test_cosine_eps_normalisation_is_the_paper_form():
     """With eps > 0, q and k are divided by sqrt(|q|^2 + eps) (LipsFormer's globally Lipschitz form)."""

@@ -21,8 +21,8 @@ def focusing_function(x: torch.Tensor, p: float = 3.0) -> torch.Tensor:
     From "FLatten Transformer: Vision Transformer using Focused Linear Attention" (Han et al.,
     ICCV 2023), eq. for the focusing function; expects non-negative ``x`` (after ReLU).
     """
-    xp = x ** p
-    return xp * (x.norm(dim=-1, keepdim=True) / xp.norm(dim=-1, keepdim=True))
+    rp = (x / x.amax(dim=-1, keepdim=True)) ** p  # x**p / |x**p| is scale-free: divide by the max first, so
+    return rp * (x.norm(dim=-1, keepdim=True) / rp.norm(dim=-1, keepdim=True))  # tiny rows do not underflow
 
 
 _FOCUS_CHUNK_BYTES = 4 * 1024 * 1024  # the fused feature map walks its input in chunks of about 4 MiB
@@ -61,8 +61,8 @@ class _FeatureMap(torch.autograd.Function):
         step = _FeatureMap._step(rows)
         for r in range(0, rows.shape[0], step):
             t = torch.addcmul(eps_w, rows[r:r + step].relu(), w)
-            tp = t.pow(p)
-            torch.mul(tp, t.norm(dim=-1, keepdim=True) / tp.norm(dim=-1, keepdim=True), out=out[r:r + step])
+            rp = (t / t.amax(dim=-1, keepdim=True)).pow_(p)
+            torch.mul(rp, t.norm(dim=-1, keepdim=True) / rp.norm(dim=-1, keepdim=True), out=out[r:r + step])
         return out.view(u.shape)
 
     @staticmethod
@@ -78,13 +78,14 @@ class _FeatureMap(torch.autograd.Function):
             uc, gc = rows[r:r + step], grows[r:r + step]
             rl = uc.relu().add_(1e-6)
             t = rl * w
-            tpm1 = t.pow(p - 1.0)
-            tp = tpm1 * t
-            a = t.norm(dim=-1, keepdim=True)
-            b = tp.norm(dim=-1, keepdim=True)
-            big_g = (gc * tp).sum(dim=-1, keepdim=True)
-            inner = gc * (a / b) - tp * (big_g * a / b.pow(3))
-            gt = torch.addcmul(t * (big_g / (a * b)), tpm1, inner, value=p)
+            m = t.amax(dim=-1, keepdim=True)
+            rpm1 = (t / m).pow_(p - 1.0)
+            e = rpm1 * t / m
+            a, b = t.norm(dim=-1, keepdim=True), e.norm(dim=-1, keepdim=True)
+            e /= b
+            big_g = (gc * e).sum(dim=-1, keepdim=True)
+            inner = (gc - e * big_g) * (a / (m * b))
+            gt = torch.addcmul(t * (big_g / a), rpm1, inner, value=p)
             gw += (gt * rl).sum(dim=tuple(range(gt.dim() - 1)), dtype=gw.dtype)
             torch.mul(gt.mul_(w), uc > 0, out=gu[r:r + step])
         return gu.view(u.shape), gw.to(inv.dtype).view(inv.shape), None

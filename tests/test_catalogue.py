@@ -1,0 +1,121 @@
+"""Every registered model honours the model contract, at its default size and at a small one.
+
+* default size: the forward runs on the ``meta`` device (shapes only, no memory, no arithmetic), so
+  every name of the registry is checked at the size a user gets, including the 600M-parameter ones;
+* small size (the family's small overrides below): a real training step, finite logits and gradients,
+  every parameter reached by the gradient, ``forward_intermediates`` and ``record_attention``.
+
+A model whose class has no small size here fails with a message saying so: a new family must add one.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict
+
+import pytest
+import torch
+from torch import nn
+
+import vitlab
+from vitlab.layers import record_attention
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ALL = vitlab.list_models()
+
+
+def _patch(m: nn.Module) -> int:
+    return int(m.patch_embed.patch_size[0]) if hasattr(m.patch_embed, "patch_size") else 8
+
+
+def _iso(m: nn.Module) -> Dict[str, Any]:
+    return dict(img_size=4 * _patch(m), depth=2, embed_dim=32, num_heads=2)
+
+
+_STAGES4 = dict(depths=(1, 2, 1, 1), num_heads=(2, 2, 2, 2))
+# class name -> small overrides, from the default-size model
+SMALL: Dict[str, Callable[[nn.Module], Dict[str, Any]]] = {
+    "VisionTransformer": _iso,
+    "DistilledVisionTransformer": _iso,
+    "Cait": lambda m: dict(_iso(m), depth_token_only=1),
+    "T2TViT": lambda m: dict(_iso(m), token_dim=16),
+    "CCT": _iso,
+    "SwinTransformer": lambda m: dict(img_size=32, embed_dim=16, window_size=2, drop_path_rate=0.0,
+                                      **{k: v[:len(m.layers)] for k, v in _STAGES4.items()}),
+    "CSwinTransformer": lambda m: dict(img_size=64, embed_dim=16, split_size=(1, 1, 2, 2), drop_path_rate=0.0,
+                                       **_STAGES4),
+    "PyramidVisionTransformer": lambda m: dict(img_size=64, embed_dims=(8, 16, 24, 32), depths=(1, 2, 1, 1),
+                                               num_heads=(1, 1, 1, 1)),
+    "PyramidVisionTransformerV2": lambda m: dict(img_size=64, embed_dims=(8, 16, 24, 32), depths=(1, 2, 1, 1),
+                                                 num_heads=(1, 1, 1, 1)),
+    "ResNet": lambda m: dict(img_size=32, layers=(1, 2, 1, 1)),
+    "PreActResNet": lambda m: dict(img_size=16, layers=(1, 2, 1, 1)),
+    "AlterNet": lambda m: dict(img_size=64, layers=(1, 2, 2, 2), msa_counts=(0, 1, 1, 1), window_size=2),
+}
+CNNS = ("ResNet", "PreActResNet")  # no attention to record
+
+
+def _meta(name: str) -> nn.Module:
+    with torch.device("meta"):
+        return vitlab.create_model(name)
+
+
+def _out_dim(m: nn.Module) -> int:
+    return m.num_classes if m.num_classes else m.num_features
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_default_size_forward_shapes_on_meta(name):
+    m = _meta(name).eval()
+    c, h, w = m.default_cfg["input_size"]
+    out = m(torch.empty(2, c, h, w, device="meta"))
+    assert tuple(out.shape) == (2, _out_dim(m)), (name, tuple(out.shape))
+
+
+def small_model(name: str) -> nn.Module:
+    cls = type(_meta(name)).__name__
+    assert cls in SMALL, f"{name}: class {cls} has no small size in tests/test_catalogue.py SMALL; add one"
+    torch.manual_seed(0)
+    return vitlab.create_model(name, **SMALL[cls](_meta(name)))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_small_size_step_intermediates_and_attention(name):
+    m = small_model(name).train()
+    c, h, w = m.default_cfg["input_size"]
+    x = torch.randn(2, c, h, w, generator=torch.Generator().manual_seed(1))
+    out = m(x)
+    out = sum(out) / len(out) if isinstance(out, tuple) else out  # distilled models train with two heads
+    assert out.shape == (2, _out_dim(m)) and torch.isfinite(out).all()
+    out.square().mean().backward()
+    no_grad = [n for n, p in m.named_parameters() if p.requires_grad and p.grad is None]
+    assert not no_grad, f"{name}: no gradient reaches {no_grad[:4]}"
+    bad = [n for n, p in m.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+    assert not bad, f"{name}: non-finite gradients in {bad[:4]}"
+    m.eval()
+    with torch.no_grad():
+        feats = m.forward_intermediates(x, intermediates_only=True)
+        assert len(feats) >= 1 and all(torch.isfinite(f).all() for f in feats), name
+        if type(m).__name__ in CNNS:
+            return
+        with record_attention(m) as rec:
+            m(x)
+        probs = rec.last()
+    assert probs, f"{name}: record_attention recorded nothing"
+    modules = dict(m.named_modules())
+    for key, p in probs.items():  # (batch x groups, heads, queries, keys)
+        assert torch.isfinite(p).all() and p.shape[0] % 2 == 0, (name, key, tuple(p.shape))
+        _check_rows(modules[key], p, f"{name} {key}")
+
+
+def _check_rows(module: nn.Module, p: torch.Tensor, what: str) -> None:
+    """Softmax rows sum to 1; FLatten's rows are divided by their sum plus ``n * 1e-6`` (the released code),
+    so they lie in [0, 1]; probabilities re-mixed across heads (talking heads, re-attention) are not rows
+    of a distribution any more."""
+    if any(getattr(mod, "mixes_heads", False) for mod in getattr(module, "modifiers", ())):
+        return
+    core = getattr(getattr(module, "core", None), "name", "softmax")
+    sums = p.sum(-1)
+    if core in ("softmax", "cosine"):
+        torch.testing.assert_close(sums, torch.ones_like(sums), atol=1e-4, rtol=0, msg=what)
+    else:
+        assert p.min() >= 0 and sums.max() <= 1 + 1e-5, what
