@@ -39,6 +39,14 @@ SMALL: Dict[str, Callable[[nn.Module], Dict[str, Any]]] = {
     "Cait": lambda m: dict(_iso(m), depth_token_only=1),
     "T2TViT": lambda m: dict(_iso(m), token_dim=16),
     "CCT": _iso,
+    "SimpleViT": _iso,
+    "DeepViT": lambda m: dict(_iso(m), depth=len(m.blocks)),  # re-attention sits in its last blocks
+    "Xcit": _iso,
+    "NaViT": lambda m: dict(img_size=16, patch_size=4, depth=2, embed_dim=32, num_heads=2),
+    "VideoViT": lambda m: dict(img_size=16, num_frames=4, patch_size=4, tubelet_size=2, depth=1, embed_dim=24,
+                               num_heads=2),
+    "ViViTFactorisedEncoder": lambda m: dict(img_size=16, num_frames=4, patch_size=4, tubelet_size=2, depth=1,
+                                             temporal_depth=1, embed_dim=24, num_heads=2),
     "SwinTransformer": lambda m: dict(img_size=32, embed_dim=16, window_size=2, drop_path_rate=0.0,
                                       **{k: v[:len(m.layers)] for k, v in _STAGES4.items()}),
     "CSwinTransformer": lambda m: dict(img_size=64, embed_dim=16, split_size=(1, 1, 2, 2), drop_path_rate=0.0,
@@ -66,8 +74,7 @@ def _out_dim(m: nn.Module) -> int:
 @pytest.mark.parametrize("name", ALL)
 def test_default_size_forward_shapes_on_meta(name):
     m = _meta(name).eval()
-    c, h, w = m.default_cfg["input_size"]
-    out = m(torch.empty(2, c, h, w, device="meta"))
+    out = m(torch.empty(2, *m.default_cfg["input_size"], device="meta"))
     assert tuple(out.shape) == (2, _out_dim(m)), (name, tuple(out.shape))
 
 
@@ -81,8 +88,7 @@ def small_model(name: str) -> nn.Module:
 @pytest.mark.parametrize("name", ALL)
 def test_small_size_step_intermediates_and_attention(name):
     m = small_model(name).train()
-    c, h, w = m.default_cfg["input_size"]
-    x = torch.randn(2, c, h, w, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(2, *m.default_cfg["input_size"], generator=torch.Generator().manual_seed(1))
     out = m(x)
     out = sum(out) / len(out) if isinstance(out, tuple) else out  # distilled models train with two heads
     assert out.shape == (2, _out_dim(m)) and torch.isfinite(out).all()
@@ -119,3 +125,14 @@ def _check_rows(module: nn.Module, p: torch.Tensor, what: str) -> None:
         torch.testing.assert_close(sums, torch.ones_like(sums), atol=1e-4, rtol=0, msg=what)
     else:
         assert p.min() >= 0 and sums.max() <= 1 + 1e-5, what
+
+
+def test_every_model_has_a_catalogue_entry_and_docs_catalogue_is_current():
+    """``docs/catalogue.md`` is ``vitlab models --catalogue``: regenerate it when a model is added."""
+    from pathlib import Path
+
+    from vitlab.models.catalogue import catalogue_markdown, entry_for
+
+    assert [n for n in ALL if entry_for(n) is None] == []
+    doc = Path(__file__).resolve().parents[1] / "docs" / "catalogue.md"
+    assert doc.read_text() == catalogue_markdown(), "run: vitlab models --catalogue > docs/catalogue.md"

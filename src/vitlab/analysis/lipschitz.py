@@ -207,8 +207,10 @@ class _Bounder:
         lip_attn = self.part(blk.norm1 if not blk.post_norm else None, name + ".norm1")
         lip_attn *= self.part(blk.attn, name + ".attn")
         lip_attn *= self.part(blk.featscale, name + ".featscale") * self.part(blk.ls1, name + ".ls1")
-        lip_mlp = self.part(blk.norm2 if not blk.post_norm else None, name + ".norm2")
-        lip_mlp *= self.part(blk.mlp, name + ".mlp") * self.part(blk.ls2, name + ".ls2")
+        lip_mlp = 0.0  # an attention-only block (ViViT's spatial half) has no MLP branch
+        if blk.mlp is not None:
+            lip_mlp = self.part(blk.norm2 if not blk.post_norm else None, name + ".norm2")
+            lip_mlp *= self.part(blk.mlp, name + ".mlp") * self.part(blk.ls2, name + ".ls2")
         units = 1.0
         if blk.conv_units is not None:
             for i, u in enumerate(blk.conv_units):
@@ -221,7 +223,7 @@ class _Bounder:
         half2 = 1 + lip_mlp
         if blk.post_norm:
             half1 *= self.part(blk.norm1, name + ".norm1")
-            half2 *= self.part(blk.norm2, name + ".norm2")
+            half2 *= self.part(getattr(blk, "norm2", None), name + ".norm2")
         self.factors.append({"name": name + " (attention half)", "bound": half1})
         self.factors.append({"name": name + " (MLP half)", "bound": half2})
         return half1 * half2

@@ -21,6 +21,7 @@ __all__ = [
 from vitlab.constants import CIFAR10_MEAN as CIFAR_MEAN, CIFAR10_STD as CIFAR_STD  # noqa: E402
 from vitlab.constants import IMAGENET_MEAN, IMAGENET_STD, MNIST_MEAN as DIGITS_MEAN, MNIST_STD as DIGITS_STD  # noqa: E402
 from vitlab.data.folder_info import IMG_EXTENSIONS, find_split, folder_stats  # noqa: E402
+from vitlab.data.clips import ClipFolder, clip_stats, is_clip_folder  # noqa: E402
 from vitlab.errors import UserError  # noqa: E402
 
 
@@ -226,6 +227,11 @@ def dataset_info(data: str) -> dict:
         return dict(img_size=28, in_chans=1, mean=DIGITS_MEAN, std=DIGITS_STD, kind="digits")
     if data in ("cifar10", "cifar100"):
         return dict(img_size=32, in_chans=3, mean=CIFAR_MEAN, std=CIFAR_STD, kind=data)
+    if os.path.isdir(data) and is_clip_folder(data):  # video / volumes: .npy files or frame folders
+        st = clip_stats(os.path.abspath(data))
+        grey = st["in_chans"] == 1
+        return dict(st, kind="clips", mean=(sum(IMAGENET_MEAN) / 3,) if grey else IMAGENET_MEAN,
+                    std=(sum(IMAGENET_STD) / 3,) if grey else IMAGENET_STD)
     if os.path.isdir(data):
         st = folder_stats(os.path.abspath(data))
         grey = st["in_chans"] == 1
@@ -248,7 +254,7 @@ def build_eval_dataset(data: str, data_dir: Optional[str] = None, classes: Optio
     """The evaluation split alone: ``val/`` (or validation/, valid/, test/) of a folder, or the
     folder itself when it holds the class folders directly; ``classes`` (the checkpoint's) must match."""
     kind = dataset_info(data)["kind"]
-    if kind != "folder":
+    if kind not in ("folder", "clips"):
         _, va, cls = build_dataset_pair(data, data_dir, False, skip_broken)
         return va, cls
     _check_folder(data)
@@ -257,7 +263,7 @@ def build_eval_dataset(data: str, data_dir: Optional[str] = None, classes: Optio
         if find_split(data, "train") is not None:
             raise _user_error(f"{data} has train/ but no val/ or test/ folder to evaluate on")
         split = data
-    va = StreamingImageFolder(split, classes=classes, skip_broken=skip_broken)
+    va = ClipFolder(split, classes) if kind == "clips" else StreamingImageFolder(split, classes, skip_broken)
     return va, va.classes
 
 
@@ -278,6 +284,9 @@ def build_dataset_pair(data: str, data_dir: Optional[str] = None, download: bool
         if dirs[split] is None:
             raise _user_error(f"{data} has no {split}/ folder (expected {data}/train/<class>/... and "
                               f"{data}/val/<class>/... (or test/))")
+    if kind == "clips":
+        tr = ClipFolder(dirs["train"])
+        return tr, ClipFolder(dirs["val"], tr.classes), tr.classes
     tr = StreamingImageFolder(dirs["train"], skip_broken=skip_broken)
     va = StreamingImageFolder(dirs["val"], classes=tr.classes, skip_broken=skip_broken)
     return tr, va, tr.classes

@@ -74,7 +74,7 @@ def data_settings(cfg: TrainConfig) -> Dict[str, Any]:
         patch = _auto_patch(cfg.img_size or natural)
         model_kwargs = dict(cfg.model_kwargs, patch_size=patch)
         size = cfg.img_size or max(patch, int(round(natural / patch)) * patch)
-    elif kind == "folder":
+    elif kind in ("folder", "clips"):
         mcfg = model_default_cfg(cfg)
         size = cfg.img_size or int(mcfg.get("input_size", (3, natural, natural))[-1])
     else:
@@ -89,8 +89,19 @@ def data_settings(cfg: TrainConfig) -> Dict[str, Any]:
         padding=cfg.padding if cfg.padding is not None else (2 if kind == "digits" else max(1, size // 8)),
         hflip=cfg.hflip if cfg.hflip is not None else (0.0 if info["in_chans"] == 1 else 0.5),
         crop_pct=cfg.crop_pct or (1.0 if small else float(mcfg.get("crop_pct", 0.875))),
-        model_kwargs=model_kwargs,
+        model_kwargs=model_kwargs, **(_clip_settings(cfg, mcfg) if kind == "clips" else {}),
     )
+
+
+def _clip_settings(cfg: TrainConfig, mcfg: Dict[str, Any]) -> Dict[str, Any]:
+    """Clips feed video models only (``input_size`` ``(C, T, H, W)``): the frames each clip is sampled to."""
+    size = tuple(mcfg.get("input_size", ()))
+    if len(size) != 4:
+        raise UserError(f"--data {cfg.data} holds clips (.npy volumes or frame folders), but model {cfg.model} takes "
+                        f"images {size}; choose a video model (vitlab models 'viv*', 'vit3d*')")
+    if cfg.cutmix > 0:
+        raise UserError("--cutmix cuts images; it is not defined for clips (use --mixup)")
+    return dict(num_frames=int(size[1]))
 
 
 def _check_kwarg_types(name: str, kwargs: Dict[str, Any]) -> None:
@@ -158,13 +169,21 @@ def build_data(cfg: TrainConfig, world_size: int, rank: int, pin: bool) -> Data:
 
     ds = data_settings(cfg)
     train_set, val_set, classes = build_dataset_pair(cfg.data, cfg.data_dir, cfg.download, cfg.skip_broken)
-    train_tf = build_train_transform(ds["img_size"], ds["in_chans"], ds["mean"], ds["std"], crop=ds["crop"],
-                                     scale_min=cfg.scale_min, padding=ds["padding"], hflip=ds["hflip"],
-                                     randaug=cfg.randaug, reprob=cfg.reprob, interpolation=cfg.interpolation,
-                                     color_jitter=cfg.color_jitter, degrees=cfg.affine_degrees,
-                                     scale_jitter=cfg.affine_scale)
-    eval_tf = build_eval_transform(ds["img_size"], ds["in_chans"], ds["mean"], ds["std"], ds["crop_pct"],
-                                   cfg.interpolation)
+    if ds["kind"] == "clips":
+        from vitlab.data.clips import build_clip_transform
+
+        train_tf = build_clip_transform(ds["num_frames"], ds["img_size"], ds["mean"], ds["std"], True, ds["hflip"],
+                                        cfg.scale_min)
+        eval_tf = build_clip_transform(ds["num_frames"], ds["img_size"], ds["mean"], ds["std"], False,
+                                       crop_pct=ds["crop_pct"])
+    else:
+        train_tf = build_train_transform(ds["img_size"], ds["in_chans"], ds["mean"], ds["std"], crop=ds["crop"],
+                                         scale_min=cfg.scale_min, padding=ds["padding"], hflip=ds["hflip"],
+                                         randaug=cfg.randaug, reprob=cfg.reprob, interpolation=cfg.interpolation,
+                                         color_jitter=cfg.color_jitter, degrees=cfg.affine_degrees,
+                                         scale_jitter=cfg.affine_scale)
+        eval_tf = build_eval_transform(ds["img_size"], ds["in_chans"], ds["mean"], ds["std"], ds["crop_pct"],
+                                       cfg.interpolation)
     drop_last = cfg.mixup > 0 or cfg.cutmix > 0
     train_loader = build_train_loader(train_set, train_tf, cfg.batch_size, cfg.seed, world_size, rank, cfg.workers,
                                       cfg.repeated_aug, pin, drop_last=drop_last)

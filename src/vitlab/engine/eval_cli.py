@@ -76,8 +76,14 @@ def evaluate_checkpoint(checkpoint: str, data=None, data_dir=None, out=None, ema
     model.load_state_dict(state)
     model.to(dev)
     d = ckpt["data"]
-    tf = build_eval_transform(int(ckpt["img_size"]), int(ckpt["in_chans"]), d["mean"], d["std"], d["crop_pct"],
-                              cfg.interpolation)
+    if d.get("kind") == "clips":
+        from vitlab.data.clips import build_clip_transform
+
+        tf = build_clip_transform(d["num_frames"], int(ckpt["img_size"]), d["mean"], d["std"], False,
+                                  crop_pct=d["crop_pct"])
+    else:
+        tf = build_eval_transform(int(ckpt["img_size"]), int(ckpt["in_chans"]), d["mean"], d["std"], d["crop_pct"],
+                                  cfg.interpolation)
     loader = build_eval_loader(val_set, tf, batch_size, workers=workers, pin_memory=dev.type == "cuda")
     amp = resolve_amp(amp, dev, model)
     probs, labels = predict(model, loader, dev, amp=amp)

@@ -75,7 +75,8 @@ def save_checkpoint(run: Run, name: str, epoch: int, step: int, accum: Optional[
             "best_ckpts": [list(b) for b in run.best_ckpts], "config": run.cfg.to_dict(),
             "num_classes": p.num_classes, "img_size": ds["img_size"], "in_chans": ds["in_chans"],
             "model_kwargs": ds.get("model_kwargs"), "classes": list(run.data.classes)[:1000],
-            "data": dict(mean=ds["mean"], std=ds["std"], crop_pct=ds["crop_pct"]), "vitlab_checkpoint": 1,
+            "data": dict(mean=ds["mean"], std=ds["std"], crop_pct=ds["crop_pct"], kind=ds["kind"],
+                         **({"num_frames": ds["num_frames"]} if "num_frames" in ds else {})), "vitlab_checkpoint": 1,
         }, path)
     return path
 

@@ -5,8 +5,13 @@
 * norms (:data:`NORMS`): ``layernorm``, ``center``, ``rms``
 * shortcuts (:data:`SHORTCUTS`): ``plain``, ``weighted``, ``layerscale``
 * initialisers (:data:`INITS`): ``trunc_normal``, ``xavier``, ``spectral``
-* patch embeddings (:data:`EMBEDS`): ``patch``, ``conv``; position encodings ``learned``, ``sincos``, ``none``
-* :class:`FeatScale`, :class:`Mlp`, :class:`DropPath`, :class:`DWConvUnit`
+* patch embeddings (:data:`EMBEDS`): ``patch``, ``conv``, ``t2t``, ``cct`` (:mod:`vitlab.layers.tokenizers`);
+  position encodings ``learned``, ``sincos``, ``sincos_1d``, ``none``
+* :class:`FeatScale`, :class:`Mlp`, :class:`DropPath`, :class:`DWConvUnit`; channel mixers
+  (:data:`CHANNEL_MIXERS`): ``mlp``, ``localvit``, ``localvit_se``; also ``embed="spt"`` / ``"deepvit_conv"``,
+  modifier ``lsa`` (:mod:`vitlab.layers.spt`), position part ``rope`` (:mod:`vitlab.layers.rope`)
+* token-count parts (:mod:`vitlab.layers.token_ops`): PatchDropout, PatchMerger, adaptive token sampling;
+  projection ``memory``: learned memory tokens on the keys and values (:mod:`vitlab.layers.memory`)
 """
 from timm.layers import DropPath  # noqa: F401  (stochastic depth, Huang et al. 2016; timm's is well kept)
 
@@ -20,12 +25,17 @@ from vitlab.layers.layout import TokenLayout
 from vitlab.layers.linear_attention import focusing_function
 from vitlab.layers.mha import MultiHeadAttention
 from vitlab.layers.mixers import MIXERS, MixerSpec, Pooling, create_mixer
+from vitlab.layers import xca as _xca, xcit_parts as _xcit_parts  # noqa: F401 (register cross_covariance, xcit_conv)
 from vitlab.layers import cores as _cores, grouping as _grouping, modifiers as _modifiers  # noqa: F401 (register)
 from vitlab.layers import position_bias as _position, projection as _projection  # noqa: F401 (register)
-from vitlab.layers.mlp import Mlp
+from vitlab.layers.video import AxialGrouping, TubeletEmbed, sincos_nd  # noqa: F401 (registers 'axial')
+from vitlab.layers import memory as _memory  # noqa: F401 (registers projection "memory")
+from vitlab.layers import rope as _rope, spt as _spt  # noqa: F401 (register position "rope", embed "spt", "lsa")
+from vitlab.layers.mlp import CHANNEL_MIXERS, Mlp
 from vitlab.layers.norm import NORMS, CenterNorm, create_norm
 from vitlab.layers.patch_embed import EMBEDS, ConvStem, PatchEmbed, to_2tuple
-from vitlab.layers.pos_embed import POS_EMBEDS, resample_pos_embed, sincos_2d
+from vitlab.layers.pos_embed import POS_EMBEDS, resample_pos_embed, sincos_1d, sincos_2d
+from vitlab.layers.tokenizers import CCTTokenizer, T2TEmbed  # registers embed="t2t" / "cct"
 from vitlab.layers.recording import AttentionRecorder, RecordsAttention, record_attention
 from vitlab.layers.shortcut import SHORTCUTS, ChannelScale, create_shortcut
 
@@ -33,7 +43,9 @@ __all__ = [
     "Attention", "AttnScale", "CosineAttention", "FocusedLinearAttention", "focusing_function", "MIXERS",
     "create_mixer", "CenterNorm", "NORMS", "create_norm", "SHORTCUTS", "ChannelScale", "create_shortcut",
     "FeatScale", "Mlp", "DropPath", "DWConvUnit", "INITS", "init_weights", "spectral_init_", "spectral_norm_of",
-    "EMBEDS", "PatchEmbed", "ConvStem", "to_2tuple", "POS_EMBEDS", "sincos_2d", "resample_pos_embed",
+    "EMBEDS", "PatchEmbed", "ConvStem", "T2TEmbed", "CCTTokenizer", "to_2tuple", "POS_EMBEDS", "sincos_1d",
+    "sincos_2d", "resample_pos_embed",
     "record_attention", "RecordsAttention", "AttentionRecorder", "MultiHeadAttention", "TokenLayout", "MixerSpec",
     "Pooling", "AttentionPart", "CORES", "GROUPINGS", "MODIFIERS", "POSITION_BIASES", "PROJECTIONS",
+    "CHANNEL_MIXERS",
 ]

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Tuple
+from dataclasses import dataclass, field, replace
+from typing import Optional, Tuple
 
 import torch
 
@@ -13,15 +13,31 @@ __all__ = ["TokenLayout", "as_layout"]
 @dataclass(frozen=True)
 class TokenLayout:
     """``(B, P + prod(grid), C)`` tokens: ``num_prefix`` leading tokens (class, distillation,
-    register tokens), then the grid in raster order.  ``grid`` has any rank (2-D for images)."""
+    register tokens), then the grid in raster order.  ``grid`` has any rank (2-D for images).
+
+    ``mask`` (optional) says which keys each query may attend to, for every attention call on these
+    tokens: boolean (``True``: attend, SDPA's convention) or additive (0 / ``-inf``), ``(B, N, N)`` or a
+    key-padding ``(B, N)``; e.g. NaViT's block-diagonal mask of packed images (:meth:`with_mask`).  It is
+    left out of equality, hashing and ``repr`` (a tensor has no truth value): layouts compare by shape.
+    """
 
     grid: Tuple[int, ...]
     num_prefix: int = 0
+    mask: Optional[torch.Tensor] = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         object.__setattr__(self, "grid", tuple(int(g) for g in self.grid))
         if any(g < 1 for g in self.grid) or self.num_prefix < 0:
             raise ValueError(f"a token layout needs a positive grid and num_prefix >= 0, got {self}")
+        m = self.mask
+        if m is not None and (m.ndim not in (2, 3) or m.shape[-1] != self.num_tokens
+                              or not (m.dtype == torch.bool or m.is_floating_point())):
+            raise ValueError(f"an attention mask must be boolean or float, (B, N) or (B, N, N) with N = "
+                             f"{self.num_tokens} tokens; got {m.dtype} of shape {tuple(m.shape)}")
+
+    def with_mask(self, mask: Optional[torch.Tensor]) -> "TokenLayout":
+        """This layout carrying ``mask`` (see the class docstring; ``None`` removes it)."""
+        return replace(self, mask=mask)
 
     @property
     def hw(self) -> Tuple[int, int]:

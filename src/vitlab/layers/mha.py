@@ -82,26 +82,32 @@ class MultiHeadAttention(RecordsAttention, nn.Module):
         """``(B, N, dim)`` tokens laid out as ``layout`` -> ``(B, Nq, out_dim)`` (``Nq = N`` unless the
         grouping asks with the prefix tokens only)."""
         layout = layout or self.layout
-        y = self.core.fast_forward(self, x, layout)
+        mask = getattr(layout, "mask", None)
+        if mask is not None and not self.core.takes_bias:
+            raise ValueError(f"core '{self.core.name}' cannot take the layout's attention mask (it takes no additive "
+                             "logit bias); use a softmax-family core (softmax, cosine)")
+        y = self.core.fast_forward(self, x, layout) if mask is None else None
         if y is not None:
             return y
         xq, xkv, state = self.grouping.inputs(self, x, layout)
         q, k, v = self.core.prepare(self, *self.projection(self, xq, xkv))
         branches = self.grouping.branches(self, q, k, v, layout, state)
-        outs = self._attend_branches(branches)
+        for p in self.positions:  # position parts that move q and k before the core (RoPE)
+            branches = [p.on_qk(self, b) for b in branches] if hasattr(p, "on_qk") else branches
+        outs = self._attend_branches(branches, mask)
         y = self.proj_drop(self.proj(self.grouping.merge(self, outs, layout, state)))
         return self.grouping.outputs(self, y, state)
 
-    def _attend_branches(self, branches: List[Branch]) -> List[torch.Tensor]:
+    def _attend_branches(self, branches: List[Branch], mask: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
         first = branches[0]
         same = all(b.q.shape == first.q.shape and b.k.shape == first.k.shape for b in branches)
         if len(branches) > 1 and same and not any(p.logit_bias for p in self.positions):
             # groups of one shape (CSwin's stripes on a square map): one call over all heads
             merged = Branch(*(torch.cat([getattr(b, t) for b in branches], dim=1) for t in "qkv"),
                             slice(0, self.num_heads), None, first.num_prefix)  # no one grid: stripes of two shapes
-            outs = list(self._attend(merged).split(first.q.shape[1], dim=1))
+            outs = list(self._attend(merged, mask).split(first.q.shape[1], dim=1))
         else:
-            outs = [self._attend(b) for b in branches]
+            outs = [self._attend(b, mask) for b in branches]
         return [self._finish(b, o) for b, o in zip(branches, outs)]
 
     def _bias(self, branch: Branch) -> Optional[torch.Tensor]:
@@ -114,10 +120,26 @@ class MultiHeadAttention(RecordsAttention, nn.Module):
         bias = self.grouping.with_mask(self, bias, branch.q.shape[0])
         return None if bias is None else bias.to(branch.q.dtype)
 
-    def _attend(self, br: Branch) -> torch.Tensor:
-        """The only fused-vs-explicit branch of vitlab's attention."""
-        bias = self._bias(br)
+    def _mask_bias(self, br: Branch, mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """The layout's attention mask as an additive ``(B, 1, Nq, Nk)`` logit bias (0: attend, -inf: not)."""
+        if mask is None:
+            return None
+        b, nq, nk = br.q.shape[0], br.q.shape[-2], br.k.shape[-2]
+        if mask.shape[0] != b or mask.shape[-1] != nk or (mask.ndim == 3 and mask.shape[1] < nq):
+            raise ValueError(f"an attention mask of shape {tuple(mask.shape)} does not fit grouping "
+                             f"'{self.grouping.name}' ({b} groups, {nq} queries, {nk} keys); a mask needs a grouping "
+                             "that keeps the tokens (global, class_query)")
+        m = mask[:, None, None, :] if mask.ndim == 2 else mask[:, None, :nq]  # prefix-only queries: first rows
+        if m.dtype == torch.bool:
+            return torch.zeros(m.shape, dtype=br.q.dtype, device=m.device).masked_fill_(~m, float("-inf"))
+        return m.to(br.q.dtype)
+
+    def _attend(self, br: Branch, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The only fused-vs-explicit branch of vitlab's attention; ``mask`` is the layout's."""
+        bias, keep = self._bias(br), self._mask_bias(br, mask)
         if not (self.recording or self._needs_matrix):
+            if keep is not None:
+                bias = keep if bias is None else bias + keep
             out = self.core.fused(self, br.q, br.k, br.v, bias, self.attn_drop.p if self.training else 0.0)
             for m in self.modifiers:
                 out = m.on_output(self, out, br.v, br.heads)
@@ -127,6 +149,8 @@ class MultiHeadAttention(RecordsAttention, nn.Module):
             logits = logits + bias
         for m in self.modifiers:
             logits = m.on_logits(self, logits, br.heads)
+        if keep is not None:  # after the logit modifiers: heads mixing -inf logits would give NaN
+            logits = logits + keep
         probs = self.core.normalize(self, logits)
         for m in self.modifiers:
             probs = m.on_probs(self, probs, br.heads)

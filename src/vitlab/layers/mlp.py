@@ -1,4 +1,6 @@
-"""The transformer MLP (feed-forward) part."""
+"""Channel mixers (:data:`CHANNEL_MIXERS`): the transformer MLP (``mlp``) and LocalViT's depthwise-conv
+feed-forward (``localvit``, ``localvit_se``).  Each is built as ``cls(dim, hidden, drop=...)`` and called as
+``mixer(x (B, N, C), layout)``."""
 from __future__ import annotations
 
 from typing import Optional, Type
@@ -7,10 +9,15 @@ import torch
 from torch import nn
 
 from vitlab.layers.inplace import INPLACE_ACTIVATIONS, activate, chunkable
+from vitlab.layers.layout import TokenLayout, as_layout
+from vitlab.registry import Registry
 
-__all__ = ["Mlp"]
+__all__ = ["CHANNEL_MIXERS", "Mlp", "LocalityFeedForward"]
+
+CHANNEL_MIXERS = Registry("channel mixer")
 
 
+@CHANNEL_MIXERS.register("mlp")
 class Mlp(nn.Module):
     """Linear -> activation -> dropout -> Linear -> dropout ("Attention Is All You Need",
     Vaswani et al., 2017; as in ViT, Dosovitskiy et al., ICLR 2021).  Names match timm's.
@@ -65,3 +72,44 @@ class Mlp(nn.Module):
             else:
                 torch.addmm(self.fc2.bias, h, self.fc2.weight.t(), out=out[s:s + step])
         return out.reshape(*x.shape[:-1], self.fc2.out_features)
+
+
+@CHANNEL_MIXERS.register("localvit")
+class LocalityFeedForward(nn.Module):
+    """LocalViT's feed-forward ("LocalViT: Bringing Locality to Vision Transformers", Li, Zhang, Cao, Timofte &
+    Van Gool, 2021, sec. 3, Fig. 2): on the token map, 1x1 conv (``dim -> hidden``) + BN + act, 3x3 depthwise
+    conv + BN + act, optional squeeze-excitation to ``se_channels`` (the paper's "hs+se"), 1x1 conv + BN; convs
+    without bias, h-swish by default, as the official code.  Prefix (class) tokens bypass it (their output is 0,
+    so the block's residual keeps them), as the official code.  Unlike the official block (no norm before it),
+    vitlab's ``Block`` puts its ``norm2`` in front, and the residual is the block's (the official adds it inside).
+    Names ``conv1/bn1``, ``conv_dw/bn_dw``, ``se``, ``conv2/bn2``."""
+
+    def __init__(self, in_features: int, hidden_features: Optional[int] = None, out_features: Optional[int] = None,
+                 drop: float = 0.0, act_layer: Type[nn.Module] = nn.Hardswish, se_channels: int = 0):
+        super().__init__()
+        hidden, out = hidden_features or in_features, out_features or in_features
+        self.conv1, self.bn1 = nn.Conv2d(in_features, hidden, 1, bias=False), nn.BatchNorm2d(hidden)
+        self.conv_dw = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden, bias=False)
+        self.bn_dw, self.act = nn.BatchNorm2d(hidden), act_layer()
+        self.se = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(hidden, se_channels, 1), nn.ReLU(),
+                                nn.Conv2d(se_channels, hidden, 1), nn.Hardsigmoid()) if se_channels else None
+        self.drop = nn.Dropout(drop)
+        self.conv2, self.bn2 = nn.Conv2d(hidden, out, 1, bias=False), nn.BatchNorm2d(out)
+
+    def forward(self, x: torch.Tensor, layout: Optional[TokenLayout] = None) -> torch.Tensor:
+        """``(B, P + H*W, C)`` tokens -> ``(B, P + H*W, C')``, zeros for the ``P`` prefix tokens."""
+        layout = layout or as_layout(x.shape[1])
+        h = self.act(self.bn1(self.conv1(layout.to_map(x))))
+        h = self.act(self.bn_dw(self.conv_dw(h)))
+        if self.se is not None:
+            h = h * self.se(h)
+        y = self.drop(layout.from_map(self.bn2(self.conv2(self.drop(h)))))
+        p = layout.num_prefix
+        return torch.cat([y.new_zeros(y.shape[0], p, y.shape[2]), y], dim=1) if p else y
+
+
+@CHANNEL_MIXERS.register("localvit_se")
+def localvit_se(in_features: int, hidden_features: Optional[int] = None, drop: float = 0.0) -> LocalityFeedForward:
+    """:class:`LocalityFeedForward` with h-swish and an 8-channel squeeze-excitation: LocalViT-T/S ("act3",
+    reduction 192/384 of the official code: ``make_divisible(hidden / r, 8) = 8`` channels)."""
+    return LocalityFeedForward(in_features, hidden_features, drop=drop, se_channels=8)

@@ -98,9 +98,13 @@ class ReAttention(_Modifier):
     ``Norm(Theta^T A)``, a learnable ``heads x heads`` map ``Theta`` (``reattn``, a 1x1 conv over
     the heads as in the official code) mixing the heads' probability maps, then BatchNorm over the
     heads (``reattn_norm``; the paper's Norm).  ``Theta`` starts at the identity, so a new block starts
-    as plain attention (the official code starts from a random init)."""
+    as plain attention (the official code starts from a random init).  ``reattn_scale`` multiplies the result by
+    ``head_dim ** -0.5`` (the official DeepViT-S's ``transform_scale=True``)."""
 
     mixes_heads = True
+
+    def __init__(self, reattn_scale: bool = False):
+        self.reattn_scale = reattn_scale
 
     def setup(self, host) -> None:
         h = host.num_heads
@@ -111,4 +115,5 @@ class ReAttention(_Modifier):
         host.reattn_norm = nn.BatchNorm2d(h)
 
     def on_probs(self, host, probs, heads):
-        return host.reattn_norm(host.reattn(probs))
+        out = host.reattn_norm(host.reattn(probs))
+        return out * host.head_dim ** -0.5 if self.reattn_scale else out

@@ -80,5 +80,28 @@ class ConvStem(PatchEmbed):
         self.proj = nn.Sequential(*layers)
 
 
+class DeepViTStem(PatchEmbed):
+    """DeepViT's convolutional patch embedding (``use_cnn_embed`` of the official code of "DeepViT: Towards
+    Deeper Vision Transformer", Zhou et al., 2021, following T2T): 7x7 stride-2 conv (64 channels, no bias) +
+    BN + ReLU, 3x3 conv (64, no bias) + BN + ReLU, then a ``patch/2`` strided conv to ``embed_dim`` (``proj``)."""
+
+    def __init__(self, img_size=224, patch_size=16, in_chans: int = 3, embed_dim: int = 768,
+                 norm_layer: Optional[nn.Module] = None, bias: bool = True, dynamic_img_size: bool = False):
+        super().__init__(img_size, patch_size, in_chans, embed_dim, norm_layer, bias, dynamic_img_size)
+        if self.patch_size[0] % 2 or self.patch_size[1] % 2:
+            raise ValueError(f"the DeepViT stem needs an even patch size (a stride-2 conv first), got {self.patch_size}")
+        self.conv1, self.bn1 = nn.Conv2d(in_chans, 64, 7, stride=2, padding=3, bias=False), nn.BatchNorm2d(64)
+        self.conv2, self.bn2 = nn.Conv2d(64, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64)
+        half = (self.patch_size[0] // 2, self.patch_size[1] // 2)
+        self.proj = nn.Conv2d(64, embed_dim, half, stride=half, bias=bias)
+
+    def forward(self, x: torch.Tensor):
+        self.check(x)
+        x = self.proj(torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))))
+        tokens = self.norm(x.flatten(2).transpose(1, 2))
+        return (tokens, tuple(x.shape[-2:])) if self.dynamic_img_size else tokens
+
+
 EMBEDS.register("patch")(PatchEmbed)
 EMBEDS.register("conv")(ConvStem)
+EMBEDS.register("deepvit_conv")(DeepViTStem)

@@ -1,13 +1,23 @@
-"""Position encodings: ``learned``, ``sincos`` (2-D sine-cosine, fixed) and ``none``."""
+"""Position encodings: ``learned``, ``sincos`` (2-D sine-cosine, fixed), ``sincos_1d`` (1-D, fixed) and ``none``."""
 from __future__ import annotations
 
 from typing import Tuple
 
 import torch
 
-__all__ = ["POS_EMBEDS", "sincos_2d", "resample_pos_embed"]
+__all__ = ["POS_EMBEDS", "sincos_1d", "sincos_2d", "sincos_2d_big_vision", "resample_pos_embed"]
 
-POS_EMBEDS = ("learned", "sincos", "none")
+POS_EMBEDS = ("learned", "sincos", "sincos_1d", "sincos_big_vision", "none")
+
+
+def sincos_1d(n: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
+    """Fixed 1-D sinusoid table ``(n, dim)`` of "Attention Is All You Need" (Vaswani et al., 2017, sec. 3.5):
+    channel ``i`` of position ``p`` is ``sin`` (even ``i``) / ``cos`` (odd ``i``) of ``p / T**(2*(i//2)/dim)``,
+    interleaved; the table of T2T-ViT (Yuan et al., ICCV 2021) and CCT's ``sine`` (Hassani et al., 2021)."""
+    pos = torch.arange(n, dtype=torch.float64)[:, None]
+    angle = pos / temperature ** (2 * (torch.arange(dim) // 2).double() / dim)
+    table = torch.where(torch.arange(dim) % 2 == 0, angle.sin(), angle.cos())  # float64, then rounded once
+    return table.float()
 
 
 def sincos_2d(grid: Tuple[int, int], dim: int, temperature: float = 10000.0) -> torch.Tensor:
@@ -21,6 +31,19 @@ def sincos_2d(grid: Tuple[int, int], dim: int, temperature: float = 10000.0) -> 
     omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
     y = y.flatten()[:, None] * omega[None]
     x = x.flatten()[:, None] * omega[None]
+    return torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=1)
+
+
+def sincos_2d_big_vision(grid: Tuple[int, int], dim: int, temperature: float = 10000.0) -> torch.Tensor:
+    """big_vision's ``posemb_sincos_2d`` ``(H*W, dim)``, the table of SimpleViT ("Better plain ViT baselines
+    for ImageNet-1k", Beyer, Zhai & Kolesnikov, 2022, sec. 2): as :func:`sincos_2d` (``[sin x, cos x, sin y,
+    cos y]``) but ``omega = T ** -(i / (dim/4 - 1))``, so the slowest frequency is exactly ``1/T``."""
+    if dim % 4 != 0 or dim < 8:
+        raise ValueError(f"big_vision sincos position encoding needs dim divisible by 4 and >= 8, got {dim}")
+    h, w = grid
+    y, x = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
+    omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4 - 1))
+    y, x = y.flatten()[:, None] * omega[None], x.flatten()[:, None] * omega[None]
     return torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=1)
 
 

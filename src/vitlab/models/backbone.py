@@ -26,6 +26,7 @@ from torch import nn
 
 from vitlab.layers.layout import TokenLayout
 from vitlab.layers.norm import create_norm
+from vitlab.layers.token_ops import TokenSubset, patch_drop_active
 from vitlab.models.base import Intermediate, VitlabModel
 
 __all__ = ["Stage", "Backbone", "Downsample", "ConvPatchEmbed"]
@@ -103,7 +104,8 @@ class Backbone(VitlabModel):
     ``"blocks_token_only"``), ``prefix_names`` (the prefix-token parameters, in order),
     ``token_stage`` (the stage the prefix tokens join before), ``no_embed_class``, ``features_fmt``
     (``"NLC"`` tokens or
-    ``"NCHW"`` maps from ``forward_features``), ``global_pool`` (``"token"`` | ``"avg"``).
+    ``"NCHW"`` maps from ``forward_features``), ``global_pool`` (``"token"`` | ``"avg"`` | ``"seqpool"``, the
+    last with an ``attention_pool`` Linear(dim, 1)).
     Attributes the family's ``__init__`` builds: ``patch_embed`` (the stem: ``image -> tokens`` with
     ``grid_size``, or ``-> (tokens, hw)``), the stages, ``norm``; optional ``pos_embed``, ``pos_drop``,
     ``fc_norm``, ``head_drop``, ``head``.
@@ -188,7 +190,16 @@ class Backbone(VitlabModel):
             x, layout = self._join_prefix(x, layout)
         if table and not self.no_embed_class:
             x = self._add_pos(x, self.pos_embed, layout.grid)
-        return (self._pos_drop(x) if table else x), layout
+        return self._patch_drop(self._pos_drop(x) if table else x, layout)
+
+    def _patch_drop(self, x: torch.Tensor, layout: TokenLayout) -> Tuple[torch.Tensor, TokenLayout]:
+        """timm's ``patch_drop`` (PatchDropout, Liu et al., WACV 2023) after the position table: in training a
+        random subset of the patch tokens (prefix kept), laid out as a :class:`TokenSubset`."""
+        drop = getattr(self, "patch_drop", None)
+        if not patch_drop_active(drop):
+            return x, layout
+        x = drop(x)  # the kept tokens come shuffled: no grid, even when all are kept
+        return x, TokenSubset.of(x.shape[1], layout.num_prefix, "patch dropout", layout.grid)
 
     def _feature_stem(self, x: torch.Tensor) -> Tuple[torch.Tensor, TokenLayout]:  # the contract's hook
         return self.forward_stem(x)
@@ -223,9 +234,17 @@ class Backbone(VitlabModel):
         return list(self.blocks) if self.stage_attr == "blocks" else self.stage_list()
 
     def _feature_unit(self, i: int, unit: Any, x: torch.Tensor, layout: TokenLayout):
-        if self.stage_attr == "blocks":
+        if self.stage_attr == "blocks":  # a token op after block i - 1 opens unit i: taps stay block outputs
+            x, layout = self._after_block(i - 1, x, layout)
             return self._block(unit, x, layout), layout
         return self._run(i, unit, x, layout)
+
+    # token ops run between two blocks of an isotropic model: {block index: attribute}, e.g. a PatchMerger
+    after_block: Dict[int, str] = {}
+
+    def _after_block(self, i: int, x: torch.Tensor, layout: TokenLayout) -> Tuple[torch.Tensor, TokenLayout]:
+        name = self.after_block.get(i)
+        return getattr(self, name)(x, layout) if name is not None else (x, layout)
 
     def _feature_end(self, x: torch.Tensor, layout: TokenLayout, complete: bool) -> torch.Tensor:
         if not complete and self.stage_attr != "blocks":  # a hierarchical model stopped early: no final norm
@@ -254,10 +273,13 @@ class Backbone(VitlabModel):
                 x = blk.attn_half(x, layout)
                 if getattr(blk, "wiring", None) == "parallel":  # no separable halves: one entry
                     out.append(self._entry(f"{prefix}.{j}", "block", x, layout, i))
-                    continue
-                out.append(self._entry(f"{prefix}.{j}.attn", "attn", x, layout, i))
-                x = blk.mlp_half(x, layout)
-                out.append(self._entry(f"{prefix}.{j}.mlp", "mlp", x, layout, i))
+                else:
+                    out.append(self._entry(f"{prefix}.{j}.attn", "attn", x, layout, i))
+                    x = blk.mlp_half(x, layout)
+                    out.append(self._entry(f"{prefix}.{j}.mlp", "mlp", x, layout, i))
+                if self.stage_attr == "blocks" and j in self.after_block:  # a PatchMerger: its map refuses
+                    x, layout = self._after_block(j, x, layout)
+                    out.append(self._entry(self.after_block[j], "downsample", x, layout, i))
             if _present(stage.norm):
                 x = stage.norm(x)
                 out.append(self._entry(f"{name}.norm", "norm", x, layout, i))
@@ -266,15 +288,21 @@ class Backbone(VitlabModel):
         return out
 
     # -- head -------------------------------------------------------------------------------------
-    _global_pools = ("token", "avg")
+    _global_pools = ("token", "avg", "seqpool")
 
     def _set_global_pool(self, global_pool: str) -> None:
         super()._set_global_pool(global_pool)
         if global_pool == "token" and self.num_prefix_tokens == 0:
             raise ValueError("global_pool='token' needs a class token; this model has none")
+        if global_pool == "seqpool" and getattr(self, "attention_pool", None) is None:
+            raise ValueError("global_pool='seqpool' needs an attention_pool Linear(dim, 1); build the model with "
+                             "global_pool='seqpool'")
         self.global_pool = global_pool
 
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
+        if self.global_pool == "seqpool":  # CCT (Hassani et al., 2021, sec. 3.2): softmax(g(x))^T x, all tokens
+            x = x.flatten(2).transpose(1, 2) if x.ndim == 4 else x
+            return (self.attention_pool(x).softmax(dim=1).transpose(1, 2) @ x).squeeze(1)
         if x.ndim == 4:  # a (B, C, H, W) map
             return x.mean(dim=(-2, -1))
         return x[:, 0] if self.global_pool == "token" else x[:, self.num_prefix_tokens:].mean(dim=1)

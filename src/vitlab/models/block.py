@@ -8,8 +8,13 @@ only the prefix (class) tokens are updated, by a mixer whose queries are the pre
 ``"parallel"`` (ViT-22B, Dehghani et al., ICML 2023, sec. 2; GPT-J / PaLM): both branches read the same
 input, ``x + DropPath(ls1(mixer(norm1(x)))) + DropPath(ls2(mlp(norm2(x))))``, so the block has no
 separable halves (:meth:`Block.attn_half` is the whole block, :meth:`Block.mlp_half` the identity).  Optional
-``conv_units`` (LipsFormer's depthwise-conv residual units) run before the attention half.  Without
-autograd the sums are written into the branch outputs (:mod:`vitlab.layers.inplace`).
+``conv_units`` (LipsFormer's depthwise-conv residual units) run before the attention half.  An optional
+``local_mixer`` (XCiT's local patch interaction, El-Nouby et al., NeurIPS 2021, sec. 3.3) is a third residual
+branch between attention and MLP, ``x + DropPath(ls3(local_mp(norm3(x))))``, part of the attention half.
+``"prefix_xcit"`` is XCiT's class-attention block (timm ``xcit.ClassAttentionBlock``): as ``"prefix"``, except
+that the attention residual adds the normalised patch tokens to the patch tokens, the MLP residual starts from
+``norm2`` of the class token (of every token with ``tokens_norm``) and also adds the patch tokens to themselves.
+Without autograd the sums are written into the branch outputs (:mod:`vitlab.layers.inplace`).
 
 The mixer and the channel mixer are built by the caller (any :data:`~vitlab.layers.MIXERS` mixer,
 any channel mixer taking ``(x, layout)``); every other part is named here.
@@ -27,7 +32,7 @@ from vitlab.layers.layout import TokenLayout
 
 __all__ = ["Block", "ParallelBranch", "WIRINGS", "drop_path_rates"]
 
-WIRINGS = ("pre", "post", "end", "prefix", "parallel")
+WIRINGS = ("pre", "post", "end", "prefix", "parallel", "prefix_xcit")
 
 
 def drop_path_rates(rate: float, depth: int) -> List[float]:
@@ -65,22 +70,27 @@ class Block(nn.Module):
     Args: ``dim``; ``mixer`` and ``mlp`` (modules); ``norm`` / ``norm_eps``; ``wiring``;
     ``branch_scale`` (``plain`` | ``weighted`` | ``layerscale``) with ``branch_scale_init`` and
     ``total_depth`` (the weighted shortcut's default 1/L); ``featscale``; ``conv_units`` (their
-    ``alpha`` is ``branch_scale_init`` or ``1/total_depth``); ``drop_path``.  Attribute names
-    (``norm1, attn, ls1, norm2, mlp, ls2``) are timm's.  Lists of mixers and MLPs make a block of parallel
-    branches (:class:`ParallelBranch`, held as ``attns`` and ``ffns``, timm's names).
+    ``alpha`` is ``branch_scale_init`` or ``1/total_depth``); ``drop_path``; ``local_mixer`` (a module called as
+    ``(x, layout)``, held as ``local_mp`` with ``norm3``, ``ls3``); ``tokens_norm`` (``"prefix_xcit"`` only).
+    Attribute names (``norm1, attn, ls1, norm2, mlp, ls2``) are timm's.  Lists of mixers and MLPs make a block
+    of parallel branches (:class:`ParallelBranch`, held as ``attns`` and ``ffns``, timm's names).
     """
 
     def __init__(self, dim: int, mixer: Mixers, mlp: Mixers, norm: str = "layernorm", norm_eps: float = 1e-6,
                  wiring: str = "pre", branch_scale: str = "plain", branch_scale_init: Optional[float] = None,
-                 total_depth: int = 1, featscale: bool = False, conv_units: bool = False, drop_path: float = 0.0):
+                 total_depth: int = 1, featscale: bool = False, conv_units: bool = False, drop_path: float = 0.0,
+                 local_mixer: Optional[nn.Module] = None, tokens_norm: bool = False):
         super().__init__()
         if wiring not in WIRINGS:
             raise ValueError(f"wiring must be one of {WIRINGS}, got {wiring!r}")
-        self.wiring = wiring
+        if (local_mixer is not None and wiring not in ("pre", "post")) or (tokens_norm and wiring != "prefix_xcit"):
+            raise ValueError(f"local_mixer needs wiring 'pre' or 'post' and tokens_norm wiring 'prefix_xcit'; got "
+                             f"wiring {wiring!r}")
+        self.wiring, self.tokens_norm, self.local_mp = wiring, tokens_norm, None
         if isinstance(mixer, (list, tuple)):  # parallel branches: their own norms and scales, no single halves
-            if wiring != "pre" or featscale or conv_units or len(mixer) != len(mlp):
+            if wiring != "pre" or featscale or conv_units or local_mixer is not None or len(mixer) != len(mlp):
                 raise ValueError(f"parallel branches ({len(mixer)} mixers, {len(mlp)} MLPs) need wiring 'pre', "
-                                 f"equal counts and no featscale/conv_units; got wiring {wiring!r}")
+                                 f"equal counts and no featscale/conv_units/local_mixer; got wiring {wiring!r}")
             side = dict(norm=norm, eps=norm_eps, scale=branch_scale, init=branch_scale_init, depth=total_depth,
                         drop_path=drop_path)
             self.attns = nn.ModuleList([ParallelBranch(dim, "attn", m, **side) for m in mixer])
@@ -96,10 +106,16 @@ class Block(nn.Module):
         self.featscale = FeatScale(dim) if featscale else None
         self.ls1 = create_shortcut(branch_scale, dim, branch_scale_init, depth=total_depth)
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = create_norm(norm, dim, eps=norm_eps)
-        self.mlp = mlp
-        self.ls2 = create_shortcut(branch_scale, dim, branch_scale_init, depth=total_depth)
-        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        if local_mixer is not None:  # XCiT: tokens meet their neighbours between attention and MLP
+            self.norm3 = create_norm(norm, dim, eps=norm_eps)
+            self.local_mp = local_mixer
+            self.ls3 = create_shortcut(branch_scale, dim, branch_scale_init, depth=total_depth)
+            self.drop_path3 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.mlp = mlp  # None: an attention-only block (ViViT's factorised self-attention, spatial half)
+        if mlp is not None or wiring == "end":
+            self.norm2 = create_norm(norm, dim, eps=norm_eps)
+            self.ls2 = create_shortcut(branch_scale, dim, branch_scale_init, depth=total_depth)
+            self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     @property
     def post_norm(self) -> bool:
@@ -124,15 +140,26 @@ class Block(nn.Module):
             p = layout.num_prefix
             cls = x[:, :p] + self.drop_path1(self.ls1(self.attn(self.norm1(x), layout)))
             return torch.cat([cls, x[:, p:]], dim=1)
+        if self.wiring == "prefix_xcit":  # the patch tokens' branch is their normalised value
+            xn = self.norm1(x)
+            return x + self.drop_path1(self.ls1(torch.cat([self.attn(xn, layout), xn[:, layout.num_prefix:]], 1)))
         y = self.attn(x if self.post_norm else self.norm1(x), layout)
         if self.featscale is not None:
             y = self.featscale(y)
         x = residual_add(x, self.drop_path1(self.ls1(y)), self.attn, self.featscale, self.ls1, self.drop_path1)
-        return self.norm1(x) if self.post_norm else x
+        x = self.norm1(x) if self.post_norm else x
+        return x if self.local_mp is None else self._local_half(x, layout)
+
+    def _local_half(self, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        """The third branch (XCiT's LPI): ``x + DropPath(ls3(local_mp(norm3(x))))`` (post-norm: norm after)."""
+        y = self.drop_path3(self.ls3(self.local_mp(x if self.post_norm else self.norm3(x), layout)))
+        return self.norm3(x + y) if self.post_norm else x + y
 
     def mlp_half(self, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
         if hasattr(self, "ffns"):
             return x + sum(b(x, layout) for b in self.ffns)
+        if self.mlp is None:
+            return x
         if self.wiring == "parallel":  # the MLP branch ran beside the attention in attn_half
             return x
         if self.wiring == "prefix":
@@ -140,6 +167,10 @@ class Block(nn.Module):
             cls = x[:, :p]
             cls = cls + self.drop_path2(self.ls2(self.mlp(self.norm2(cls))))
             return torch.cat([cls, x[:, p:]], dim=1)
+        if self.wiring == "prefix_xcit":  # the residual is the normalised class token; patches are doubled
+            p = layout.num_prefix
+            x = self.norm2(x) if self.tokens_norm else torch.cat([self.norm2(x[:, :p]), x[:, p:]], dim=1)
+            return x + self.drop_path2(torch.cat([self.ls2(self.mlp(x[:, :p])), x[:, p:]], dim=1))
         y = self.drop_path2(self.ls2(self.mlp(x if self.post_norm else self.norm2(x), layout)))
         x = residual_add(x, y, self.mlp, self.ls2, self.drop_path2)
         return self.norm2(x) if self.post_norm else x

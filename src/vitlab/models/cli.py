@@ -24,13 +24,13 @@ def count_macs(model: nn.Module, img_size: Optional[int] = None, in_chans: Optio
     from torch.utils.flop_counter import FlopCounterMode
 
     cfg = getattr(model, "default_cfg", {}) or {}
-    c, h, w = cfg.get("input_size", (3, 224, 224))
+    size = list(cfg.get("input_size", (3, 224, 224)))  # (C, H, W), or (C, T, H, W) for video
     if img_size is not None:
-        h = w = img_size
+        size[-2:] = [img_size, img_size]
     if in_chans is not None:
-        c = in_chans
+        size[0] = in_chans
     p = next(model.parameters())
-    x = torch.zeros(1, c, h, w, device=p.device, dtype=p.dtype)
+    x = torch.zeros(1, *size, device=p.device, dtype=p.dtype)
     was_training = model.training
     model.eval()
     try:
@@ -65,8 +65,8 @@ def model_table(pattern: str = "*", macs: bool = True) -> str:
     rows = ["| model | input | params (M) | GMACs |", "|---|---|---:|---:|"]
     for name in list_models(pattern):
         m, g = _build_and_count(name, macs)
-        c, h, w = m.default_cfg["input_size"]
-        rows.append(f"| {name} | {c}x{h}x{w} | {count_params(m) / 1e6:.2f} | {g} |")
+        size = "x".join(map(str, m.default_cfg["input_size"]))
+        rows.append(f"| {name} | {size} | {count_params(m) / 1e6:.2f} | {g} |")
         del m
     return "\n".join(rows)
 
@@ -75,6 +75,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'swin*' (default: all)")
     p.add_argument("--table", action="store_true", help="print a markdown table with parameters and GMACs")
     p.add_argument("--parts", action="store_true", help="print the markdown table of parts x families (docs/parts.md)")
+    p.add_argument("--catalogue", action="store_true", help="print the model catalogue (docs/catalogue.md)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -84,6 +85,10 @@ def run(args: argparse.Namespace) -> int:
         from vitlab.models.parts_table import parts_markdown
 
         print(parts_markdown(), end="")
+    elif args.catalogue:
+        from vitlab.models.catalogue import catalogue_markdown
+
+        print(catalogue_markdown(), end="")
     elif args.table:
         print(model_table(args.pattern))
     else:

@@ -13,16 +13,19 @@ State-dict keys follow timm's ``VisionTransformer`` (``patch_embed.proj``, ``cls
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
 
-from vitlab.layers import EMBEDS, Mlp, MixerSpec, TokenLayout, create_norm, init_weights, sincos_2d
-from vitlab.layers.pos_embed import POS_EMBEDS
+from vitlab.layers import EMBEDS, Mlp, MixerSpec, TokenLayout, create_norm, init_weights, sincos_1d, sincos_2d
+from vitlab.layers.mlp import CHANNEL_MIXERS
+from vitlab.layers.token_ops import PatchDropout, PatchMerger, TokenSubset
+from vitlab.layers.pos_embed import POS_EMBEDS, sincos_2d_big_vision
 from vitlab.models.backbone import Backbone
 from vitlab.models.block import Block, drop_path_rates
 from vitlab.models.base import make_default_cfg, register_recipe
+from vitlab.registry import check_kwargs
 
 __all__ = ["Block", "VisionTransformer"]  # Block re-exported from vitlab.models.block
 
@@ -34,13 +37,19 @@ class VisionTransformer(Backbone):
     | ``attnscale``), ``norm`` (``layernorm`` | ``center`` | ``rms``), ``shortcut`` (``plain`` |
     ``weighted`` | ``layerscale``; ``shortcut_init`` overrides its init), ``featscale``
     (bool), ``init`` (``trunc_normal`` | ``xavier`` | ``spectral``), ``pos_embed`` (``learned``
-    | ``sincos`` | ``none``), ``embed`` (``patch`` | ``conv``), ``global_pool`` (``token`` |
-    ``avg``), ``class_token``, ``reg_tokens`` (register tokens, Darcet et al., ICLR 2024), ``no_embed_class``
+    | ``sincos`` | ``sincos_1d`` | ``none``), ``embed`` (``patch`` | ``conv`` | ``t2t`` | ``cct``; ``embed_kwargs``
+    go to it), ``global_pool`` (``token`` | ``avg`` | ``seqpool``: CCT's sequence pooling), ``class_token``,
+    ``reg_tokens`` (register tokens, Darcet et al., ICLR 2024), ``no_embed_class``
     (the position table covers the patches only, added before the prefix tokens join: DeiT III, registers),
     ``post_norm`` (alias of ``wiring="post"``), ``wiring`` (``pre`` | ``post`` |
     ``end`` | ``parallel``), ``num_parallel`` (blocks of that many parallel attention and MLP branches, Touvron
-    et al., ECCV 2022), ``conv_units``, ``mixer_kwargs``, ``dynamic_img_size`` (any
-    input size divisible by the patch; the position table is resampled on the fly, as timm's).
+    et al., ECCV 2022), ``mlp`` (a :data:`~vitlab.layers.mlp.CHANNEL_MIXERS` name: ``mlp`` | ``localvit``),
+    ``block_modifiers`` (``{block index: modifiers}`` added to those blocks only, negative indices from the end),
+    ``attn_position`` (attention position parts in every block, e.g. ``("rope",)``), ``conv_units``,
+    ``mixer_kwargs``, ``dynamic_img_size`` (any
+    input size divisible by the patch; the position table is resampled on the fly, as timm's). ``patch_drop_rate``
+    (timm's PatchDropout in training, Liu et al., WACV 2023), ``patch_merger`` (``dict(after=k, num_tokens=M)``:
+    a :class:`~vitlab.layers.token_ops.PatchMerger` after block ``k``, Renggli et al., 2022).
     """
 
     stage_attr = "blocks"  # isotropic: one stage, every block a feature tap
@@ -57,11 +66,13 @@ class VisionTransformer(Backbone):
                  mixer_kwargs: Optional[Dict[str, Any]] = None, core: Optional[str] = None,
                  modifiers: Sequence[str] = (), branch_scale: Optional[str] = None, extra_tokens: int = 0,
                  reg_tokens: int = 0, no_embed_class: bool = False, dynamic_img_size: bool = False,
-                 num_parallel: int = 1,
+                 num_parallel: int = 1, mlp: str = "mlp", block_modifiers: Optional[Dict[int, Any]] = None,
+                 embed_kwargs: Optional[Dict[str, Any]] = None, attn_position: Sequence[Any] = (),
+                 patch_drop_rate: float = 0.0, patch_merger: Optional[Dict[str, Any]] = None,
                  architecture: str = "vit", default_cfg: Optional[Dict[str, Any]] = None):
         super().__init__()
-        if global_pool not in ("token", "avg"):
-            raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
+        if global_pool not in ("token", "avg", "seqpool"):
+            raise ValueError(f"global_pool must be 'token', 'avg' or 'seqpool', got {global_pool!r}")
         if global_pool == "token" and not class_token:
             raise ValueError("global_pool='token' needs class_token=True; use global_pool='avg' without a class token")
         if pos_embed not in POS_EMBEDS:
@@ -76,7 +87,7 @@ class VisionTransformer(Backbone):
         self.no_embed_class = no_embed_class
         spec = MixerSpec(mixer, core, tuple(modifiers), dict(mixer_kwargs or {}))
         self.patch_embed = EMBEDS.get(embed)(img_size, patch_size, in_chans, embed_dim,
-                                             dynamic_img_size=dynamic_img_size)
+                                             dynamic_img_size=dynamic_img_size, **(embed_kwargs or {}))
         self.grid_size = self.patch_embed.grid_size
         self.stem_reduction = patch_size if isinstance(patch_size, int) else patch_size[0]
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
@@ -84,28 +95,39 @@ class VisionTransformer(Backbone):
         self._position_table(pos_embed, 0 if no_embed_class else num_prefix, embed_dim)
         self.pos_drop = nn.Dropout(drop_rate)
         layout = TokenLayout(self.grid_size, num_prefix)
-        dpr = drop_path_rates(drop_path_rate, depth)
-        if num_parallel < 1:
-            raise ValueError(f"num_parallel must be >= 1, got {num_parallel}")
-        many = (lambda make: [make() for _ in range(num_parallel)]) if num_parallel > 1 else (lambda make: make())
-        self.blocks = nn.Sequential(*[
-            Block(embed_dim, many(lambda: spec.build(embed_dim, num_heads, layout, qkv_bias=qkv_bias,
-                                                     attn_drop=attn_drop_rate, proj_drop=drop_rate)),
-                  many(lambda: Mlp(embed_dim, int(embed_dim * mlp_ratio), drop=drop_rate)), norm=norm,
-                  norm_eps=norm_eps,
-                  wiring=wiring or ("post" if post_norm else "pre"), branch_scale=branch_scale or shortcut,
-                  branch_scale_init=shortcut_init, total_depth=depth, featscale=featscale, conv_units=conv_units,
-                  drop_path=dpr[i])
-            for i in range(depth)])
+        layouts = self._token_count_parts(patch_drop_rate, patch_merger, layout, depth, spec, norm, norm_eps)
+        self.blocks = self._build_blocks(
+            spec, layouts, num_heads, mlp, int(embed_dim * mlp_ratio), num_parallel,
+            _block_attention(block_modifiers, attn_position, depth),
+            dict(qkv_bias=qkv_bias, attn_drop=attn_drop_rate, proj_drop=drop_rate),
+            dict(norm=norm, norm_eps=norm_eps, wiring=wiring or ("post" if post_norm else "pre"),
+                 branch_scale=branch_scale or shortcut, branch_scale_init=shortcut_init, total_depth=depth,
+                 featscale=featscale, conv_units=conv_units), drop_rate, drop_path_rate)
         use_fc_norm = global_pool == "avg" if fc_norm is None else fc_norm
         self.norm = create_norm(norm, embed_dim, eps=norm_eps) if not use_fc_norm else nn.Identity()
         self.fc_norm = create_norm(norm, embed_dim, eps=norm_eps) if use_fc_norm else nn.Identity()
+        self.attention_pool = nn.Linear(embed_dim, 1) if global_pool == "seqpool" else None  # CCT's g(x_L)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.init_name = init
         self._init_weights(init)
         self.default_cfg = default_cfg or make_default_cfg(architecture, self.patch_embed.img_size[0], num_classes,
                                                            in_chans)
+
+    def _build_blocks(self, spec: MixerSpec, layouts: List[TokenLayout], heads: int, mlp: str, hidden: int,
+                      num_parallel: int, per_block: List[Dict[str, Any]], attn_kw: Dict[str, Any],
+                      block_kw: Dict[str, Any], drop_rate: float, drop_path_rate: float) -> nn.Sequential:
+        """The blocks: block ``i`` built for ``layouts[i]`` with the attention parts ``per_block[i]`` on top of
+        ``attn_kw``; ``num_parallel > 1`` gives each block that many attention and MLP branches."""
+        if num_parallel < 1:
+            raise ValueError(f"num_parallel must be >= 1, got {num_parallel}")
+        dim = self.embed_dim
+        many = (lambda make: [make() for _ in range(num_parallel)]) if num_parallel > 1 else (lambda make: make())
+        dpr = drop_path_rates(drop_path_rate, len(layouts))
+        return nn.Sequential(*[
+            Block(dim, many(lambda: spec.build(dim, heads, layouts[i], **attn_kw, **per_block[i])),
+                  many(lambda: CHANNEL_MIXERS.get(mlp)(dim, hidden, drop=drop_rate)), drop_path=dpr[i], **block_kw)
+            for i in range(len(layouts))])
 
     def _position_table(self, kind: str, num_prefix: int, dim: int) -> None:
         """``pos_embed``: learned ``(1, P + h*w, dim)``, fixed 2-D sin-cos (zero prefix rows) or None."""
@@ -114,6 +136,12 @@ class VisionTransformer(Backbone):
             self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + num_prefix, dim))
         elif kind == "sincos":
             table = torch.cat([torch.zeros(num_prefix, dim), sincos_2d(self.grid_size, dim)])
+            self.register_buffer("pos_embed", table[None], persistent=False)
+        elif kind == "sincos_big_vision":  # SimpleViT (Beyer et al., 2022): big_vision's frequencies
+            table = torch.cat([torch.zeros(num_prefix, dim), sincos_2d_big_vision(self.grid_size, dim)])
+            self.register_buffer("pos_embed", table[None], persistent=False)
+        elif kind == "sincos_1d":  # T2T-ViT, CCT 'sine': one sinusoid row per token, prefix tokens included
+            table = sincos_1d(self.patch_embed.num_patches + num_prefix, dim)
             self.register_buffer("pos_embed", table[None], persistent=False)
         else:
             self.pos_embed = None
@@ -126,6 +154,59 @@ class VisionTransformer(Backbone):
             if tok is not None:
                 nn.init.normal_(tok, std=1e-6)
         init_weights(self, init)
+
+    def _token_count_parts(self, patch_drop_rate: float, patch_merger: Optional[Dict[str, Any]],
+                           layout: TokenLayout, depth: int, spec: MixerSpec, norm: str, eps: float
+                           ) -> List[TokenLayout]:
+        """``patch_drop`` (timm's name and module) and the optional ``patch_merger`` (run after block
+        ``after_block``); returns the layout each block is built for."""
+        if not 0.0 <= patch_drop_rate < 1.0:
+            raise ValueError(f"patch_drop_rate must be in [0, 1), got {patch_drop_rate}")
+        if (patch_drop_rate or patch_merger) and spec.linear_cost:  # FLatten's depthwise conv reads the value map
+            raise ValueError(f"mixer {spec.mixer!r} (core {spec.core or spec.mixer!r}) convolves the token map, which "
+                             "patch_drop_rate / patch_merger take away; use a softmax-family mixer")
+        self.patch_drop = PatchDropout(patch_drop_rate, num_prefix_tokens=layout.num_prefix) if patch_drop_rate \
+            else nn.Identity()
+        merge_after, layouts = _merger_layouts(patch_merger, layout, depth)
+        if patch_merger is not None:
+            self.patch_merger = PatchMerger(self.embed_dim, norm=norm, norm_eps=eps,
+                                            **{k: v for k, v in patch_merger.items() if k != "after"})
+            self.after_block = {merge_after: "patch_merger"}
+        return layouts
+
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        groups = super().group_matcher(coarse)
+        if self.after_block:  # a PatchMerger joins the group of the block it follows
+            groups["blocks"] = [(r"^patch_merger", (next(iter(self.after_block)),))] + groups["blocks"]
+        return groups
+
+def _merger_layouts(cfg: Optional[Dict[str, Any]], layout: TokenLayout, depth: int):
+    """``patch_merger=dict(after=k, num_tokens=M)`` (Renggli et al., 2022: ViT-B/16 merges to 8 tokens
+    halfway, the default ``after``): the index of the block it follows and the layout each block is built
+    for (blocks after it see ``M`` tokens without a map, so grid parts refuse at build time)."""
+    if cfg is None:
+        return None, [layout] * depth
+    check_kwargs("patch_merger", cfg, ("after", "num_tokens"))
+    after = int(cfg.get("after", depth // 2))
+    if not 1 <= after < depth:
+        raise ValueError(f"patch_merger after={after} must be in 1..{depth - 1}: the number of blocks before it")
+    merged = TokenSubset.of(layout.num_prefix + int(cfg.get("num_tokens", 8)), layout.num_prefix, "a PatchMerger",
+                            layout.grid)
+    return after - 1, [layout if i < after else merged for i in range(depth)]
+
+
+def _block_attention(block_modifiers: Optional[Dict[int, Any]], position: Sequence[Any], depth: int
+                     ) -> List[Dict[str, Any]]:
+    """Per block, the attention parts beyond the mixer spec: ``block_modifiers`` ``{block index: modifier
+    specs}`` (negative indices count from the end; DeepViT's re-attention in the last blocks only) and the
+    position parts ``position`` (e.g. ``("rope",)``), the same in every block."""
+    per: List[Dict[str, Any]] = [dict(position=tuple(position)) if position else {} for _ in range(depth)]
+    for index, mods in (block_modifiers or {}).items():
+        if not -depth <= int(index) < depth:
+            raise ValueError(f"block_modifiers index {index} is out of range for depth {depth} "
+                             f"(valid: -{depth}..{depth - 1})")
+        per[int(index)]["modifiers"] = (mods,) if isinstance(mods, str) else tuple(mods)  # names or (name, kwargs)
+    return per
 
 # -- registered recipes -------------------------------------------------------------------------
 

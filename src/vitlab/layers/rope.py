@@ -1,0 +1,79 @@
+"""Axial rotary position embedding (``position=("rope",)``): a position part that rotates q and k.
+
+RoPE ("RoFormer: Enhanced Transformer with Rotary Position Embedding", Su et al., 2021, sec. 3.2) turns the
+``d/2`` channel pairs of q and k by angles proportional to the token's position, so ``q_m . k_n`` depends on
+``m - n`` only.  The axial 2-D form ("Rotary Position Embedding for Vision Transformer", Heo, Park, Han & Yun,
+ECCV 2024, sec. 3.2, "RoPE-Axial"; timm's ``RotaryEmbedding``) gives the first ``d/4`` pairs the column
+(x) and the next ``d/4`` the row (y), frequencies ``theta ** (-t / (d/4))`` with ``theta = 100``.  Here any
+grid rank works: the pairs are split evenly over the axes, last axis (x) first.  Prefix (class) tokens are
+not rotated (Heo et al.).  The part has no tensors, so it adds no state-dict keys.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Tuple
+
+import torch
+
+from vitlab.layers.attn_parts import POSITION_BIASES
+from vitlab.layers.position_bias import _Position
+
+__all__ = ["AxialRoPE", "axial_angles", "rotate_pairs", "queries_are_keys"]
+
+
+def queries_are_keys(host) -> bool:
+    """Whether each query token is also a key (global attention, windows, stripes): not so for class-token
+    queries (CaiT's class attention) or spatially reduced keys (PVT; the grouping registers ``sr`` on the host)."""
+    return not host.grouping.queries_prefix_only and getattr(host, "sr", None) is None
+
+
+def axial_angles(grid: Tuple[int, ...], head_dim: int, theta: float = 100.0) -> torch.Tensor:
+    """``(prod(grid), head_dim // 2)`` rotation angles of the grid tokens in raster order: pair block ``a``
+    (``head_dim / (2 * rank)`` pairs) rotates with the coordinate along axis ``rank - 1 - a``."""
+    rank = len(grid)
+    per_axis = head_dim // (2 * rank)
+    freqs = theta ** (-torch.arange(per_axis, dtype=torch.float32) / per_axis)
+    coords = torch.meshgrid(*[torch.arange(g, dtype=torch.float32) for g in grid], indexing="ij")
+    return torch.cat([coords[axis].reshape(-1, 1) * freqs for axis in reversed(range(rank))], dim=1)
+
+
+def rotate_pairs(t: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Rotate the interleaved channel pairs ``(t[2i], t[2i+1])`` of ``t (..., N, d)`` by ``angles (N, d/2)``."""
+    cos, sin = angles.cos().to(t.dtype), angles.sin().to(t.dtype)
+    a, b = t.unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2)
+
+
+@POSITION_BIASES.register("rope")
+class AxialRoPE(_Position):
+    """Axial RoPE on the grid tokens of every attention group (see the module docstring); ``rope_theta`` is the
+    frequency base (100 in Heo et al.; timm's ``RotaryEmbedding`` uses 10000 with another spacing)."""
+
+    def __init__(self, rope_theta: float = 100.0):
+        if rope_theta <= 1.0:
+            raise ValueError(f"rope_theta must be > 1, got {rope_theta}")
+        self.theta = float(rope_theta)
+
+    def setup(self, host) -> None:
+        if not host.core.forms_matrix:  # a kernel feature map is not rotation-equivariant (and stays >= 0)
+            raise ValueError(f"position bias 'rope' cannot be combined with core '{host.core.name}': it rotates q "
+                             "and k, which a linear-attention feature map does not preserve")
+        if not queries_are_keys(host):
+            raise ValueError(f"position bias 'rope' cannot be combined with grouping '{host.grouping.name}' here: "
+                             "its queries are not the keys, so q and k have no common positions")
+        rank = len(host.layout.grid) if host.layout is not None else 2
+        if host.head_dim % (2 * rank):
+            raise ValueError(f"rope needs head_dim divisible by {2 * rank} on a {rank}-D grid, got {host.head_dim}")
+
+    def on_qk(self, host, branch):
+        """The branch with its grid tokens' q and k rotated (prefix tokens kept)."""
+        if branch.grid is None:
+            raise ValueError("rope needs the grid of each attention group; this grouping gives none")
+        angles = axial_angles(branch.grid, host.head_dim, self.theta).to(branch.q.device)
+        p = branch.num_prefix
+
+        def rot(t: torch.Tensor) -> torch.Tensor:
+            return torch.cat([t[..., :p, :], rotate_pairs(t[..., p:, :], angles)], dim=-2) if p else \
+                rotate_pairs(t, angles)
+
+        return dataclasses.replace(branch, q=rot(branch.q), k=rot(branch.k))

@@ -1,0 +1,125 @@
+"""The model catalogue of ``docs/catalogue.md``, generated from the registry (``vitlab models --catalogue``).
+
+One row per registered model: its paper, the parts it is built from, its parameter count (counted here,
+on the ``meta`` device), the reference count it is checked against (timm's model, exactly, where timm has
+the name; otherwise the paper's table or the official code, as pinned by the family's tests), whether
+timm has it and the vit-pytorch class a vit-pytorch user would reach for.  The per-family facts are the
+:data:`ENTRIES` below (first matching pattern wins); a test checks that every registered model has an
+entry and that ``docs/catalogue.md`` is current.
+"""
+from __future__ import annotations
+
+import fnmatch
+from typing import Dict, List, NamedTuple, Optional, Tuple
+
+import torch
+
+__all__ = ["Entry", "ENTRIES", "REFERENCES", "entry_for", "catalogue_markdown"]
+
+
+class Entry(NamedTuple):
+    paper: str
+    parts: str
+    vit_pytorch: str = "-"
+
+
+_VIT_PARTS = "patch stem, class token, learned table, pre-norm softmax blocks"
+ENTRIES: List[Tuple[str, Entry]] = [
+    ("lipsformer_*", Entry("LipsFormer (Qi et al., ICLR 2023)", "core `cosine`, norm `center`, shortcut `weighted`, "
+                           "init `spectral`, wiring `post` + conv units (ViT) / as the family")),
+    ("flatten_*", Entry("FLatten Transformer (Han et al., ICCV 2023)", "core `focused_linear` in the family's "
+                        "blocks")),
+    ("attnscale_*", Entry("Anti-oversmoothing (Wang et al., ICLR 2022)", "modifier `attnscale`")),
+    ("featscale_*", Entry("Anti-oversmoothing (Wang et al., ICLR 2022)", "block `featscale`")),
+    ("deit3_*", Entry("DeiT III (Touvron et al., ECCV 2022)", "ViT + shortcut `layerscale`, patch-only position "
+                      "table", "vit.ViT")),
+    ("*_reg4_*", Entry("Vision Transformers Need Registers (Darcet et al., ICLR 2024)", "ViT + 4 register prefix "
+                       "tokens, patch-only table")),
+    ("*_18x2_*", Entry("Three things everyone should know about ViTs (Touvron et al., ECCV 2022)",
+                       "Block with 2 parallel attention + 2 parallel MLP branches, LayerScale",
+                       "parallel_vit.ViT")),
+    ("deit_*distilled*", Entry("DeiT (Touvron et al., ICML 2021)", _VIT_PARTS + ", distillation token + head",
+                               "distill.DistillableViT")),
+    ("deit_*", Entry("DeiT (Touvron et al., ICML 2021)", _VIT_PARTS, "vit.ViT")),
+    ("simple_vit_*", Entry("Better plain ViT baselines (Beyer et al., 2022)", "pos `sincos_big_vision`, no class "
+                           "token, average pool", "simple_vit.SimpleViT")),
+    ("deepvit_*", Entry("DeepViT (Zhou et al., 2021)", "stem `deepvit_conv`, modifier `reattention` in the last "
+                        "blocks", "deepvit.DeepViT")),
+    ("vit_small_data_*", Entry("ViT for small-size datasets (Lee et al., 2021)", "stem `spt` and/or modifier `lsa`",
+                               "vit_for_small_dataset.ViT")),
+    ("localvit_*", Entry("LocalViT (Li et al., 2021)", "channel mixer `localvit` (depthwise-conv MLP)",
+                         "local_vit.LocalViT")),
+    ("t2t_vit_*", Entry("Tokens-to-Token ViT (Yuan et al., ICCV 2021)", "stem `t2t` (soft split + performer / "
+                        "transformer token layers), pos `sincos_1d`", "t2t.T2TViT")),
+    ("cct_*", Entry("Compact Convolutional Transformers (Hassani et al., 2021)", "stem `cct`, pool `seqpool`, no "
+                    "class token", "cct.CCT")),
+    ("xcit_*", Entry("XCiT (El-Nouby et al., NeurIPS 2021)", "core `cross_covariance`, LPI local branch, Fourier "
+                     "position code, class-attention tail", "xcit.XCiT")),
+    ("navit_*", Entry("NaViT (Dehghani et al., NeurIPS 2023)", "packed sequences, block-diagonal masks, factorised "
+                      "position tables, attention pooling", "na_vit.NaViT")),
+    ("vivit_*_fe", Entry("ViViT (Arnab et al., ICCV 2021), model 2", "stem tubelet + frame class tokens, grouping "
+                         "`axial` (space), temporal stage", "vivit.ViT (factorized_encoder)")),
+    ("vivit_*_fsa", Entry("ViViT (Arnab et al., ICCV 2021), model 3", "stem tubelet, grouping `axial` space / time "
+                          "blocks", "vivit.ViT (factorized_self_attention)")),
+    ("vivit_*", Entry("ViViT (Arnab et al., ICCV 2021), model 1", "stem tubelet, global attention over 3-D grid",
+                      "vit_3d.ViT")),
+    ("vit3d_*", Entry("3-D ViT (ViViT model 1 on volumes)", "stem tubelet, global attention over 3-D grid",
+                      "vit_3d.ViT")),
+    ("cait_*", Entry("CaiT (Touvron et al., ICCV 2021)", "modifier `talking_heads`, LayerScale, class-attention "
+                     "tail (wiring `prefix`)", "cait.CaiT")),
+    ("swin_*", Entry("Swin (Liu et al., ICCV 2021)", "grouping `window` (shifted), relative table, patch merging")),
+    ("cswin_*", Entry("CSwin (Dong et al., CVPR 2022)", "grouping `stripes`, LePE, conv merge")),
+    ("pvt_v2_*", Entry("PVTv2 (Wang et al., CVM 2022)", "grouping `spatial_reduction` (or linear), overlapping "
+                       "conv stems, MLP with depthwise conv")),
+    ("pvt_*", Entry("PVT (Wang et al., ICCV 2021)", "grouping `spatial_reduction`, per-stage tables", "pvt.PvT")),
+    ("alternet*", Entry("How do ViTs work? AlterNet (Park & Kim, ICLR 2022)", "pre-activation ResNet with MSA "
+                        "blocks (grouping `window`) closing stages")),
+    ("*resnet*", Entry("ResNet (He et al., CVPR 2016) / pre-activation (He et al., ECCV 2016)", "convolutions")),
+    ("vit_*", Entry("ViT (Dosovitskiy et al., ICLR 2021)", _VIT_PARTS, "vit.ViT")),
+]
+
+# reference parameter counts of the models timm lacks: (count, source), as pinned by their family tests
+REFERENCES: Dict[str, Tuple[str, str]] = {
+    "t2t_vit_7": ("4.3M", "paper table 4 (with the frozen tables)"), "t2t_vit_14": ("21.5M", "paper table 4"),
+    "t2t_vit_19": ("39.2M", "paper table 4"), "t2t_vit_24": ("64.1M", "paper table 4"),
+    "cct_7_3x1_32": ("3.76M", "official code and README"), "cct_14_7x2_224": ("22.37M", "official code"),
+    "deepvit_s": ("27M", "paper; official code exact"), "deepvit_l": ("58.9M", "official code"),
+    "vit_small_data_patch4_32": ("2.69M", "official code"), "vit_small_data_sl_patch4_32": ("2.73M", "official code"),
+    "localvit_tiny": ("5.98M", "official code (+4,608: vitlab keeps the block's norm2)"),
+    "simple_vit_small_patch16_224": ("21.97M", "timm ViT-S/16 without class token and table"),
+}
+
+
+def entry_for(name: str) -> Optional[Entry]:
+    return next((e for pat, e in ENTRIES if fnmatch.fnmatch(name, pat)), None)
+
+
+def _count(name: str) -> int:
+    from vitlab.models.factory import create_model
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in create_model(name).parameters())
+
+
+def catalogue_markdown() -> str:
+    import timm
+
+    from vitlab.models.factory import list_models
+
+    out = ["# Model catalogue", "",
+           "Generated by `vitlab models --catalogue` (`vitlab.models.catalogue`); do not edit by hand.  Parameters are",
+           "counted on the `meta` device at the default size.  *timm*: `yes` means timm has the name; its parameter",
+           "count is equal (tests/test_param_counts.py) and its weights load strictly (logits compared with every",
+           "parameter randomised in the family's parity tests).  *reference*: the paper's or official code's count",
+           "for models timm lacks.", "",
+           "| model | paper | parts | params (M) | reference | timm | vit-pytorch |", "|---|---|---|---:|---|---|---|"]
+    for name in list_models():
+        e = entry_for(name)
+        if e is None:
+            raise ValueError(f"model {name!r} has no catalogue entry; add a pattern to vitlab.models.catalogue.ENTRIES")
+        ref = REFERENCES.get(name)
+        in_timm = "yes" if timm.list_models(name) == [name] else "no"
+        out.append(f"| `{name}` | {e.paper} | {e.parts} | {_count(name) / 1e6:.2f} | "
+                   f"{'= timm' if in_timm == 'yes' else (f'{ref[0]} ({ref[1]})' if ref else '-')} | {in_timm} | "
+                   f"{e.vit_pytorch} |")
+    return "\n".join(out) + "\n"
