@@ -105,6 +105,13 @@ REFUSED = {
     # CaiT's self-attention talks across heads (talking heads) unless talking_heads=False
     ("cait", "core", "focused_linear"): ("talking_heads", "never forms the attention matrix"),
     ("cait", "mixer", "focused_linear"): ("talking_heads", "never forms the attention matrix"),
+    # XCiT's cross-covariance attention is over channels: token-attention modifiers are refused
+    ("xcit", "modifiers", "*"): ("attends over channels",),
+    ("xcit", "wiring", "parallel"): ("local_mixer",),  # XCiT's LPI branch sits between attention and MLP
+    # tokens without a 2-D map (a video's 3-D grid; NaViT's packed sequences): map convolutions and pooling
+    **{(fam, kind, name): ("lie on a", "-D grid") for fam in ("video", "navit")
+       for kind, name in (("mixer", "pooling"), ("mixer", "dwconv_test"), ("mixer", "focused_linear"),
+                          ("core", "focused_linear"))},
 }
 
 NEW_PARTS = [dict(core="l2_test"), dict(modifiers=("head_temp_test",)), dict(mixer="dwconv_test"),

@@ -45,6 +45,7 @@ class AttentionPart:
     Capabilities (class attributes, read by :func:`check_compatible`):
 
     * core: ``forms_matrix`` (False: never forms the N x N matrix, e.g. linear attention),
+      ``token_modifiers`` (False: no modifier applies, e.g. XCiT's channel attention),
       ``takes_bias`` (accepts an additive logit bias or mask), ``linear_cost`` (families that
       adapt their grouping to linear-cost cores read it);
     * modifier: ``needs_matrix`` (must see the explicit matrix), ``mixes_heads`` (couples heads);
@@ -113,6 +114,9 @@ def check_compatible(core: AttentionPart, grouping: AttentionPart, modifiers: Se
                      positions: Sequence[AttentionPart], num_prefix: int = 0) -> None:
     """The one place where attention parts are checked against each other (capabilities)."""
     for m in modifiers:
+        if not getattr(core, "token_modifiers", True):
+            _refuse(core, m, f"{core.name} attends over channels (a d x d map per head); {m.name} acts on the "
+                             "attention between tokens")
         if m.needs_matrix and not core.forms_matrix:
             _refuse(core, m, f"{core.name} never forms the attention matrix; {m.name} needs it")
         if m.mixes_heads and not grouping.same_shape:

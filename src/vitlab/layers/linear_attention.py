@@ -140,6 +140,8 @@ class FocusedLinearCore(Core):
     linear in N once the tensors outgrow the cache.
     """
 
+    map_rank = 2  # the depthwise conv on V (dwc) reads a 2-D value map
+
     forms_matrix = False
     takes_bias = False
     linear_cost = True

@@ -111,6 +111,21 @@ class MixerSpec:
         core = self.core_part
         return bool(core is not None and core.linear_cost)
 
+    def check_grid(self, layout: TokenLayout) -> None:
+        """A mixer that convolves or pools a 2-D token map (a non-attention mixer, unless it declares
+        ``any_grid = True``; a core with ``map_rank = 2``, e.g. FLatten's depthwise conv) cannot run on tokens
+        laid out otherwise (a video's 3-D grid, NaViT's packed sequences): one clear refusal."""
+        rank = len(layout.grid)
+        core = self.core_part
+        if not self.attention and not getattr(MIXERS.get(self.mixer), "any_grid", False):
+            what = f"mixer '{self.mixer}' mixes tokens on a 2-D map"
+        elif core is not None and getattr(core, "map_rank", None) not in (None, rank):
+            what = f"core '{self.core or MIXERS.get(self.mixer).core_name}' convolves a {core.map_rank}-D token map"
+        else:
+            return
+        raise ValueError(f"{what}; this model's tokens lie on a {rank}-D grid {tuple(layout.grid)} (use an "
+                         "attention mixer such as softmax)")
+
     def part_keys(self, modifiers: Sequence = (), **attention: Any) -> List[str]:
         """The keyword arguments the parts of this mixer (in a family asking ``attention``) accept."""
         fn = MIXERS.get(self.mixer)
@@ -125,6 +140,8 @@ class MixerSpec:
         """The mixer; ``attention`` (grouping, projection, position, qkv_bias, drops, ...) and the
         family's ``modifiers`` apply to attention mixers only.  ``lenient``: hand the mixer only the
         keyword arguments its parts take (a family whose stages differ checks the union itself)."""
+        if layout is not None and len(layout.grid) != 2:
+            self.check_grid(layout)
         kwargs = self.kwargs
         if lenient:
             keys = set(self.part_keys(modifiers, **attention))

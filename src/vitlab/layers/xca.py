@@ -49,6 +49,7 @@ class CrossCovarianceCore(Core):
     forms_matrix = False
     takes_bias = False
     linear_cost = True
+    token_modifiers = False  # its map is channels x channels: no modifier of token attention applies
 
     def setup(self, host) -> None:
         if getattr(host.grouping, "queries_prefix_only", False):

@@ -207,7 +207,8 @@ class NaViT(Backbone):
     or (height, width): sizes the position tables; default ``img_size``), ``max_len`` (tokens per packed sequence when the model
     packs a list itself; default one largest image), ``token_drop`` (a rate or ``(H, W) -> rate``, training
     only), ``mixer`` / ``core`` / ``modifiers`` / ``mixer_kwargs`` (any attention that takes a mask, e.g.
-    ``mixer_kwargs=dict(qk_norm=True)``), ``norm``, ``init``."""
+    ``mixer_kwargs=dict(qk_norm=True)``), ``norm``, ``init``, and the Block's ``branch_scale`` /
+    ``shortcut_init``, ``featscale``, ``wiring`` as in every family."""
 
     stage_attr = "blocks"
     global_pool = "map"
@@ -221,7 +222,9 @@ class NaViT(Backbone):
                  token_drop: TokenDrop = 0.0, mixer: str = "softmax", core: Optional[str] = None,
                  modifiers: Sequence[str] = (), mixer_kwargs: Optional[Dict[str, Any]] = None,
                  norm: str = "layernorm", norm_eps: float = 1e-6, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
-                 drop_path_rate: float = 0.0, init: str = "trunc_normal", architecture: str = "navit",
+                 drop_path_rate: float = 0.0, init: str = "trunc_normal", branch_scale: str = "plain",
+                 shortcut_init: Optional[float] = None, featscale: bool = False, wiring: str = "pre",
+                 architecture: str = "navit",
                  default_cfg: Optional[Dict[str, Any]] = None):
         super().__init__()
         max_img_size = to_2tuple(max_img_size or img_size)
@@ -231,6 +234,7 @@ class NaViT(Backbone):
         if not callable(token_drop) and not 0.0 <= token_drop < 1.0:
             raise ValueError(f"token_drop must be in [0, 1) or a callable (H, W) -> rate, got {token_drop}")
         spec = MixerSpec(mixer, core, tuple(modifiers), dict(mixer_kwargs or {}))
+        spec.check_grid(TokenLayout((1,)))  # packed sequences have no 2-D map to convolve or pool
         core_part = spec.core_part
         if core_part is None or not core_part.takes_bias:
             raise ValueError(f"NaViT masks attention between packed images; mixer {mixer!r} / core {core!r} takes no "
@@ -248,7 +252,8 @@ class NaViT(Backbone):
             Block(embed_dim, spec.build(embed_dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop_rate,
                                         proj_drop=drop_rate),
                   Mlp(embed_dim, int(embed_dim * mlp_ratio), drop=drop_rate), norm=norm, norm_eps=norm_eps,
-                  drop_path=dpr[i]) for i in range(depth)])
+                  drop_path=dpr[i], branch_scale=branch_scale, branch_scale_init=shortcut_init, total_depth=depth,
+                  featscale=featscale, wiring=wiring) for i in range(depth)])
         self.norm = create_norm(norm, embed_dim, eps=norm_eps)
         self.attn_pool = AttentionPool(embed_dim, num_heads, mlp_ratio, norm, norm_eps, qkv_bias)
         self.head_drop = nn.Dropout(drop_rate)

@@ -58,14 +58,25 @@ class _VideoBase(Backbone):
         return dict(cfg, input_size=(in_chans, num_frames, img_size, img_size))
 
     def _make_block(self, spec: MixerSpec, dim: int, heads: int, layout: TokenLayout, mlp: bool, drop_path: float,
-               kw: Dict[str, Any], grouping: Optional[Tuple[str, Dict[str, Any]]] = None) -> Block:
+                    kw: Dict[str, Any], grouping: Optional[Tuple[str, Dict[str, Any]]] = None) -> Block:
+        """One Block; ``kw`` holds the attention options and ``kw["block"]`` the Block's (norm, wiring,
+        branch scale, FeatScale), the same on every family."""
         attn = spec.build(dim, heads, layout, qkv_bias=kw["qkv_bias"], attn_drop=kw["attn_drop_rate"],
                           proj_drop=kw["drop_rate"], **({"grouping": grouping} if grouping else {}))
         ffn = Mlp(dim, int(dim * kw["mlp_ratio"]), drop=kw["drop_rate"]) if mlp else None
-        return Block(dim, attn, ffn, norm_eps=kw["norm_eps"], drop_path=drop_path)
+        if ffn is None and kw["block"]["wiring"] == "parallel":
+            raise ValueError("wiring 'parallel' runs attention and MLP side by side; the factorised self-attention's "
+                             "spatial blocks have no MLP")
+        return Block(dim, attn, ffn, norm_eps=kw["norm_eps"], drop_path=drop_path, **kw["block"])
 
-    def _head(self, embed_dim: int, num_classes: int, drop_rate: float) -> None:
-        self.norm = create_norm("layernorm", embed_dim, eps=1e-6)
+    @staticmethod
+    def _block_options(norm: str, branch_scale: str, shortcut_init: Optional[float], featscale: bool, wiring: str,
+                       depth: int) -> Dict[str, Any]:
+        return dict(norm=norm, branch_scale=branch_scale, branch_scale_init=shortcut_init, featscale=featscale,
+                    wiring=wiring, total_depth=depth)
+
+    def _head(self, embed_dim: int, num_classes: int, drop_rate: float, norm: str = "layernorm") -> None:
+        self.norm = create_norm(norm, embed_dim, eps=1e-6)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
@@ -84,7 +95,9 @@ class VideoViT(_VideoBase):
                  pos_embed: str = "learned", drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
                  drop_path_rate: float = 0.0, norm_eps: float = 1e-6, mixer: str = "softmax",
                  core: Optional[str] = None, modifiers: Sequence[str] = (),
-                 mixer_kwargs: Optional[Dict[str, Any]] = None, architecture: str = "vivit",
+                 mixer_kwargs: Optional[Dict[str, Any]] = None, norm: str = "layernorm", branch_scale: str = "plain",
+                 shortcut_init: Optional[float] = None, featscale: bool = False, wiring: str = "pre",
+                 architecture: str = "vivit",
                  default_cfg: Optional[Dict[str, Any]] = None):
         super().__init__()
         if factorisation not in FACTORISATIONS:
@@ -107,7 +120,8 @@ class VideoViT(_VideoBase):
         spec = MixerSpec(mixer, core, tuple(modifiers), dict(mixer_kwargs or {}))
         layout = TokenLayout(self.grid_size, 0 if factorised else 1)
         kw = dict(qkv_bias=qkv_bias, attn_drop_rate=attn_drop_rate, drop_rate=drop_rate, mlp_ratio=mlp_ratio,
-                  norm_eps=norm_eps)
+                  norm_eps=norm_eps, block=self._block_options(norm, branch_scale, shortcut_init, featscale, wiring,
+                                                               depth))
         dpr = drop_path_rates(drop_path_rate, depth)
         blocks = []
         for i in range(depth):
@@ -117,7 +131,7 @@ class VideoViT(_VideoBase):
             blocks.append(self._make_block(spec, embed_dim, num_heads, layout, True, dpr[i], kw,
                                       ("axial", dict(axes=(0,))) if factorised else None))
         self.blocks = nn.Sequential(*blocks)
-        self._head(embed_dim, num_classes, drop_rate)
+        self._head(embed_dim, num_classes, drop_rate, norm)
         self.fc_norm = nn.Identity()
         if isinstance(self.pos_embed, nn.Parameter):
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
@@ -173,7 +187,9 @@ class ViViTFactorisedEncoder(_VideoBase):
                  drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
                  norm_eps: float = 1e-6, mixer: str = "softmax", core: Optional[str] = None,
                  modifiers: Sequence[str] = (), mixer_kwargs: Optional[Dict[str, Any]] = None,
-                 architecture: str = "vivit_fe", default_cfg: Optional[Dict[str, Any]] = None):
+                 norm: str = "layernorm", branch_scale: str = "plain", shortcut_init: Optional[float] = None,
+                 featscale: bool = False, wiring: str = "pre", architecture: str = "vivit_fe",
+                 default_cfg: Optional[Dict[str, Any]] = None):
         super().__init__()
         self.num_classes = num_classes
         self._stem(img_size, num_frames, patch_size, tubelet_size, in_chans, embed_dim)
@@ -181,7 +197,8 @@ class ViViTFactorisedEncoder(_VideoBase):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         spec = MixerSpec(mixer, core, tuple(modifiers), dict(mixer_kwargs or {}))
         kw = dict(qkv_bias=qkv_bias, attn_drop_rate=attn_drop_rate, drop_rate=drop_rate, mlp_ratio=mlp_ratio,
-                  norm_eps=norm_eps)
+                  norm_eps=norm_eps, block=self._block_options(norm, branch_scale, shortcut_init, featscale, wiring,
+                                                               depth + temporal_depth))
         dpr = drop_path_rates(drop_path_rate, depth + temporal_depth)
         t = self.grid_size[0]
         frames = TokenLayout(self.patch_embed.grid_size)
@@ -191,9 +208,9 @@ class ViViTFactorisedEncoder(_VideoBase):
                     for i in range(temporal_depth)]
         self.stages = nn.ModuleList([
             Stage(spatial, embed_dim, patch_size, self.patch_embed.grid_size,
-                  norm=create_norm("layernorm", embed_dim, eps=norm_eps)),
+                  norm=create_norm(norm, embed_dim, eps=norm_eps)),
             Stage(temporal, embed_dim, patch_size, (t,), downsample=FrameClassTokens())])
-        self._head(embed_dim, num_classes, drop_rate)
+        self._head(embed_dim, num_classes, drop_rate, norm)
         for tok in (self.cls_token, self.patch_embed.cls_token):
             nn.init.normal_(tok, std=1e-6)
         nn.init.trunc_normal_(self.patch_embed.pos_embed, std=0.02)

@@ -44,7 +44,8 @@ class Xcit(Backbone):
     ``drop_path_rate`` (the same in every XCA block), ``cls_attn_layers``, ``use_pos_embed``, ``eta``,
     ``tokens_norm``, ``global_pool`` ``token`` | ``avg``), plus the parts: ``mixer`` (default
     ``cross_covariance``), ``core``, ``modifiers``, ``mixer_kwargs`` (the XCA blocks' mixer; the class attention
-    stays softmax), ``norm``, ``norm_eps``, ``branch_scale`` (``layerscale``, init ``eta``), ``init``.
+    stays softmax), ``norm``, ``norm_eps``, ``branch_scale`` (``layerscale``, init ``eta``), ``featscale`` and
+    ``wiring`` (``pre`` | ``post`` of the XCA blocks), ``init``.
     """
 
     stage_attr, tail_attr = "blocks", "cls_attn_blocks"  # feature taps: the XCA blocks
@@ -59,7 +60,8 @@ class Xcit(Backbone):
                  cls_attn_layers: int = 2, use_pos_embed: bool = True, eta: float = 1.0, tokens_norm: bool = False,
                  mixer: str = "cross_covariance", core: Optional[str] = None, modifiers: Sequence[str] = (),
                  mixer_kwargs: Optional[Dict[str, Any]] = None, norm: str = "layernorm", norm_eps: float = 1e-6,
-                 branch_scale: str = "layerscale", init: str = "trunc_normal", architecture: str = "xcit",
+                 branch_scale: str = "layerscale", featscale: bool = False, wiring: str = "pre",
+                 init: str = "trunc_normal", architecture: str = "xcit",
                  default_cfg: Optional[Dict[str, Any]] = None):
         super().__init__()
         if depth < 1 or cls_attn_layers < 1 or embed_dim < 1 or num_heads < 1:
@@ -82,7 +84,8 @@ class Xcit(Backbone):
         mlp = lambda: Mlp(embed_dim, int(embed_dim * mlp_ratio), drop=proj_drop_rate)  # noqa: E731
         self.blocks = nn.Sequential(*[
             Block(embed_dim, spec.build(embed_dim, num_heads, TokenLayout(self.grid_size), **attention), mlp(),
-                  local_mixer=LocalPatchInteraction(embed_dim), drop_path=drop_path_rate, **common)
+                  local_mixer=LocalPatchInteraction(embed_dim), drop_path=drop_path_rate, featscale=featscale,
+                  wiring=wiring, **common)
             for _ in range(depth)])
         ca = MixerSpec("softmax")  # class attention: the class token asks, every token answers
         self.cls_attn_blocks = nn.ModuleList([
