@@ -16,7 +16,7 @@ from vitlab.layers import CORES, MIXERS, MODIFIERS, NORMS, TokenLayout
 from vitlab.layers.cores import Core
 from vitlab.layers.modifiers import _Modifier
 
-from vitlab.models.parts_table import FAMILY_EXAMPLES as FAMILIES  # noqa: E402
+from vitlab.models.parts_table import FAMILY_EXAMPLES as FAMILIES, PART_OPTIONS  # noqa: E402
 
 
 # -- parts a user writes in a few lines ---------------------------------------------------------------
@@ -107,7 +107,11 @@ REFUSED = {
     ("cait", "mixer", "focused_linear"): ("talking_heads", "never forms the attention matrix"),
     # XCiT's cross-covariance attention is over channels: token-attention modifiers are refused
     ("xcit", "modifiers", "*"): ("attends over channels",),
-    ("xcit", "wiring", "parallel"): ("local_mixer",),  # XCiT's LPI branch sits between attention and MLP
+    ("xcit", "wiring", "parallel"): ("local_mixer",),
+    **{("cait", kind, "cross_covariance"): ("attends over channels", "talking_heads") for kind in ("core", "mixer")},
+    **{("navit", kind, "cross_covariance"): ("takes no attention mask",) for kind in ("core", "mixer")},
+    # PVT's spatially reduced keys: a query has no key of its own, so LSA has no diagonal to mask
+    **{(fam, "modifiers", "lsa"): ("spatial_reduction", "no diagonal") for fam in ("pvt", "pvt_v2")},  # XCiT's LPI branch sits between attention and MLP
     # tokens without a 2-D map (a video's 3-D grid; NaViT's packed sequences): map convolutions and pooling
     **{(fam, kind, name): ("lie on a", "-D grid") for fam in ("video", "navit")
        for kind, name in (("mixer", "pooling"), ("mixer", "dwconv_test"), ("mixer", "focused_linear"),
@@ -159,12 +163,10 @@ def assert_uses(model, parts):
     assert checks[kind](), f"{parts} not found in {type(model).__name__}"
 
 
-BUILT_IN = ([dict(core=c) for c in ("softmax", "cosine", "focused_linear")]
-            + [dict(modifiers=(m,)) for m in ("attnscale", "talking_heads", "reattention")]
-            + [dict(mixer=m) for m in ("softmax", "cosine", "focused_linear", "attnscale", "pooling")]
-            + [dict(norm=n) for n in ("layernorm", "center", "rms")]
-            + [dict(branch_scale=b) for b in ("plain", "weighted", "layerscale")] + [dict(featscale=True)]
-            + [dict(wiring=w) for w in ("pre", "post", "parallel")])
+# every registered part of every kind a model takes by name (a new part is in this list by registering it)
+BUILT_IN = ([{key: ((name,) if key == "modifiers" else name)} for key, reg in PART_OPTIONS.items()
+             for name in reg.names()]
+            + [dict(featscale=True)] + [dict(wiring=w) for w in ("pre", "post", "parallel")])
 
 
 @pytest.mark.parametrize("family", FAMILIES)
