@@ -10,7 +10,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SCRIPTS = ["vit_vs_peers.py", "bf16.py", "mixers.py", "linear_attention_scaling.py", "hierarchical.py",
-           "catalogue.py"]
+           "catalogue.py", "navit_packing.py"]
 
 
 def main() -> int:
