@@ -18,7 +18,7 @@ __all__ = ["add_arguments", "run", "config_from_args"]
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run")
-    g.add_argument("--method", choices=["mae", "simmim", "dino", "mpp"], help="pretraining method (default mae)")
+    g.add_argument("--method", choices=["mae", "simmim", "dino", "mpp", "mp3"], help="pretraining method (default mae)")
     g.add_argument("--model", help="registered backbone (default: vitlab train's digits ViT with a patchify stem)")
     g.add_argument("--model-kwargs", type=_kwargs, help="model arguments, e.g. 'depth=6,embed_dim=192' (replace the "
                                                         "default model's)")
@@ -46,7 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _optim_arguments(g) -> None:
-    g.add_argument("--epochs", type=int, help="epochs (default: mae 30, simmim 30, dino 20, mpp 30)")
+    g.add_argument("--epochs", type=int, help="epochs (default: mae 30, simmim 30, dino 20, mpp 30, mp3 30)")
     g.add_argument("--batch-size", type=int, help="batch size per process (default 64)")
     g.add_argument("--lr", type=float, help="peak learning rate (AdamW, cosine, linear warmup)")
     g.add_argument("--min-lr", type=float, help="final learning rate (default 1e-6)")
@@ -59,7 +59,7 @@ def _optim_arguments(g) -> None:
 
 
 def _method_arguments(m, d) -> None:
-    m.add_argument("--mask-ratio", type=float, help="fraction of masked patches (MAE 0.75, SimMIM 0.6, MPP 0.5)")
+    m.add_argument("--mask-ratio", type=float, help="fraction of masked patches (MAE 0.75, SimMIM 0.6, MPP 0.5; MP3: hidden from the keys, 0.75)")
     m.add_argument("--mpp-bits", type=int, help="MPP: bits per channel of the mean-colour target (default 3)")
     m.add_argument("--norm-pix-loss", **FLAG, help="MAE: per-patch normalised pixel targets")
     m.add_argument("--decoder-dim", type=int, help="MAE decoder width (default 64)")

@@ -13,7 +13,7 @@ from vitlab.errors import UserError
 
 __all__ = ["PretrainConfig", "METHODS", "METHOD_DEFAULTS", "DEFAULT_MODEL_KWARGS"]
 
-METHODS = ("mae", "simmim", "dino", "mpp")
+METHODS = ("mae", "simmim", "dino", "mpp", "mp3")
 EVALS = ("knn", "none")
 
 # vitlab train's default digits ViT, with a patchify stem (MAE refuses the overlapping conv stem)
@@ -30,6 +30,10 @@ METHOD_DEFAULTS: Dict[str, Dict[str, Any]] = {
                  clip_grad=3.0, drop_path=0.1),
     # ViT paper, B.1.2: Adam (here AdamW), 50% corrupted patches, global-norm clipping at 1
     "mpp": dict(epochs=30, lr=1e-3, weight_decay=0.05, betas=[0.9, 0.999], warmup_epochs=2.0, mask_ratio=0.5,
+                clip_grad=1.0, drop_path=0.0),
+    # MP3 (Zhai et al., ICML 2022): 75% of the patches hidden from the keys (vit-pytorch's README value); the
+    # optimiser as MPP's here (the paper's ImageNet recipe is not used at this budget)
+    "mp3": dict(epochs=30, lr=1e-3, weight_decay=0.05, betas=[0.9, 0.999], warmup_epochs=2.0, mask_ratio=0.75,
                 clip_grad=1.0, drop_path=0.0),
 }
 

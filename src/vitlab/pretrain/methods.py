@@ -1,4 +1,4 @@
-"""Build a method (MAE, SimMIM, DINO, MPP) around encoders built by ``vitlab.engine.build.build_model``,
+"""Build a method (MAE, SimMIM, DINO, MPP, MP3) around encoders built by ``vitlab.engine.build.build_model``,
 and the data transform it trains on."""
 from __future__ import annotations
 
@@ -97,6 +97,11 @@ def build_method(cfg: PretrainConfig, settings: Dict[str, Any], steps_per_epoch:
 
         enc, kw = build_encoder(cfg, settings, cfg.drop_path)
         return MPP(enc, cfg.model, img, chans, settings["mean"], settings["std"], cfg.mask_ratio, cfg.mpp_bits), kw
+    if cfg.method == "mp3":
+        from vitlab.pretrain.mp3 import MP3
+
+        enc, kw = build_encoder(cfg, settings, cfg.drop_path)
+        return MP3(enc, cfg.model, img, chans, cfg.mask_ratio), kw
     from vitlab.pretrain.crops import default_local_size
     from vitlab.pretrain.dino import DINO
 
