@@ -53,6 +53,17 @@ def register_identity_converter(model_cls: Type[nn.Module]) -> None:
     register_timm_converter(model_cls)(IdentityConverter)
 
 
+def register_rename_converter(model_cls: Type[nn.Module], from_timm: Tuple[str, str], to_timm: Tuple[str, str]
+                              ) -> None:
+    """A converter that only renames keys: ``from_timm`` and ``to_timm`` are ``(pattern, replacement)`` pairs
+    of :func:`re.sub` applied to every key (e.g. timm's ``gamma_1`` -> vitlab's ``ls1.gamma`` and back)."""
+    import re
+
+    fwd, bwd = (re.compile(from_timm[0]), from_timm[1]), (re.compile(to_timm[0]), to_timm[1])
+    _CONVERTERS.insert(0, (model_cls, lambda sd, model: {fwd[0].sub(fwd[1], k): v for k, v in sd.items()},
+                           lambda sd, model: {bwd[0].sub(bwd[1], k): v for k, v in sd.items()}))
+
+
 def _converter(model: nn.Module):
     _ensure_loaded()
     for cls, fwd, bwd in _CONVERTERS:

@@ -55,6 +55,21 @@ def _leaking_tokens(encoder: nn.Module, x: torch.Tensor, tokens: torch.Tensor, l
     return int((diff[1:] > 1e-6 * (1 + tokens.abs().max())).sum())
 
 
+def refuse_leaking_stem(encoder: nn.Module, method: str, name: str, img_size: int, in_chans: int) -> TokenLayout:
+    """The stem's token layout, or a one-line refusal when the stem mixes neighbouring patches (an
+    overlapping conv: corrupted or hidden pixels would reach other tokens, padding marks the border)."""
+    was = encoder.training
+    with torch.no_grad():
+        x = torch.randn(2, in_chans, img_size, img_size, generator=torch.Generator().manual_seed(0))
+        tokens, layout = encoder.eval().forward_stem(x)
+        leaks = _leaking_tokens(encoder, x, tokens, layout) if len(layout.grid) == 2 else 1
+    encoder.train(was)
+    if leaks:
+        raise UserError(f"{method} cannot pretrain model {name}: its stem mixes neighbouring patches; use a patchify "
+                        f"stem (--model-kwargs ...,embed=patch) or --method simmim")
+    return layout
+
+
 def check_token_dropping(encoder: nn.Module, name: str, img_size: int, in_chans: int) -> TokenLayout:
     """Refuse (one-line :class:`UserError` naming SimMIM) an encoder MAE cannot use; returns the
     stem's layout.  Checks, on a dry run in eval mode: a :class:`Backbone`, isotropic, its blocks run

@@ -48,7 +48,7 @@ class MP3(nn.Module):
 
     def __init__(self, encoder: nn.Module, name: str, img_size: int, in_chans: int, mask_ratio: float = 0.75):
         super().__init__()
-        from vitlab.pretrain.mae import _leaking_tokens
+        from vitlab.pretrain.mae import refuse_leaking_stem
 
         if not isinstance(encoder, Backbone) or not encoder.is_isotropic:
             raise UserError(f"MP3 needs an isotropic transformer backbone (one token per patch to the end); model "
@@ -61,17 +61,10 @@ class MP3(nn.Module):
             raise UserError(f"MP3 must not see positions, but model {name} adds a fixed position code; build it with "
                             "--model-kwargs pos_embed=learned (zeroed and frozen while pretraining) or pos_embed=none")
         self.encoder, self.mask_ratio = encoder, check_ratio(mask_ratio)
-        with torch.no_grad():
-            if table is not None:
+        if table is not None:
+            with torch.no_grad():
                 table.zero_().requires_grad_(False)
-            was = encoder.training
-            x = torch.randn(2, in_chans, img_size, img_size, generator=torch.Generator().manual_seed(0))
-            tokens, layout = encoder.eval().forward_stem(x)
-            leaks = _leaking_tokens(encoder, x, tokens, layout) if len(layout.grid) == 2 else 1
-            encoder.train(was)
-        if leaks:
-            raise UserError(f"MP3 cannot pretrain model {name}: its stem mixes neighbouring patches (its padding marks "
-                            "the border patches); use a patchify stem (--model-kwargs ...,embed=patch)")
+        layout = refuse_leaking_stem(encoder, "MP3", name, img_size, in_chans)  # padding would mark the border
         self.num_positions = layout.num_grid
         self.head = nn.Linear(encoder.num_features, self.num_positions)
         self.last: Dict[str, torch.Tensor] = {}

@@ -79,7 +79,7 @@ class MPP(nn.Module):
     def __init__(self, encoder: nn.Module, name: str, img_size: int, in_chans: int, mean: Sequence[float],
                  std: Sequence[float], mask_ratio: float = 0.5, bits: int = 3):
         super().__init__()
-        from vitlab.pretrain.mae import _leaking_tokens
+        from vitlab.pretrain.mae import refuse_leaking_stem
 
         if not isinstance(encoder, Backbone) or not encoder.is_isotropic:
             raise UserError(f"MPP needs an isotropic transformer backbone (one token per patch to the end); model "
@@ -88,16 +88,7 @@ class MPP(nn.Module):
             raise UserError(f"--mpp-bits {bits!r}: expected 1 to 8 bits per channel")
         self.encoder, self.mask_ratio, self.bits = encoder, check_ratio(mask_ratio), int(bits)
         self.mean, self.std = [float(v) for v in mean], [float(v) for v in std]
-        was = encoder.training
-        with torch.no_grad():
-            x = torch.randn(2, in_chans, img_size, img_size, generator=torch.Generator().manual_seed(0))
-            tokens, layout = encoder.eval().forward_stem(x)
-            leaks = _leaking_tokens(encoder, x, tokens, layout) if len(layout.grid) == 2 else 1
-        encoder.train(was)
-        if leaks:
-            raise UserError(f"MPP cannot pretrain model {name}: its stem mixes neighbouring patches, so corrupted "
-                            f"pixels would leak; use a patchify stem (--model-kwargs ...,embed=patch) or --method "
-                            f"simmim")
+        layout = refuse_leaking_stem(encoder, "MPP", name, img_size, in_chans)  # corrupted pixels would leak
         self.grid, self.patch, self.in_chans = layout.hw, img_size // layout.hw[0], in_chans
         self.mask_patch = nn.Parameter(torch.randn(1, 1, self.patch ** 2 * in_chans))  # vit-pytorch: randn
         self.head = nn.Linear(encoder.num_features, 2 ** (self.bits * in_chans))
