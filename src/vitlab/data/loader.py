@@ -149,17 +149,18 @@ def _loader_kwargs(workers: int, pin_memory: bool):
 
 def build_train_loader(dataset: Dataset, transform, batch_size: int, seed: int, world_size: int = 1,
                        rank: int = 0, workers: int = 0, repeats: int = 1, pin_memory: bool = False,
-                       drop_last: bool = False) -> DataLoader:
+                       drop_last: bool = False, collate_fn=None) -> DataLoader:
     """Training loader: ``loader.sampler`` is an :class:`EpochSampler` (call
-    ``set_position(epoch, start)`` before iterating an epoch)."""
+    ``set_position(epoch, start)`` before iterating an epoch); ``collate_fn`` (e.g. packing) must be
+    deterministic, as the order and the transforms are."""
     sampler = EpochSampler(len(dataset), world_size, rank, seed=seed, repeats=repeats)  # type: ignore[arg-type]
     ds = TransformDataset(dataset, SeededTransform(transform, seed))
-    return DataLoader(ds, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
+    return DataLoader(ds, batch_size=batch_size, sampler=sampler, drop_last=drop_last, collate_fn=collate_fn,
                       **_loader_kwargs(workers, pin_memory))
 
 
 def build_eval_loader(dataset: Dataset, transform, batch_size: int, world_size: int = 1, rank: int = 0,
-                      workers: int = 0, pin_memory: bool = False) -> DataLoader:
+                      workers: int = 0, pin_memory: bool = False, collate_fn=None) -> DataLoader:
     ds = TransformDataset(dataset, transform)
     return DataLoader(ds, batch_size=batch_size, sampler=ShardSampler(len(dataset), world_size, rank),  # type: ignore
-                      shuffle=False, **_loader_kwargs(workers, pin_memory))
+                      shuffle=False, collate_fn=collate_fn, **_loader_kwargs(workers, pin_memory))

@@ -79,18 +79,58 @@ def data_settings(cfg: TrainConfig) -> Dict[str, Any]:
         size = cfg.img_size or int(mcfg.get("input_size", (3, natural, natural))[-1])
     else:
         size = cfg.img_size or natural
+    packing = None if kind == "clips" else _packing(cfg, size, info["in_chans"])
     small = size <= 64
     use_model_norm = bool(mcfg) and cfg.pretrained is not None
     return dict(
         kind=kind, img_size=size, in_chans=info["in_chans"],
         mean=_per_channel(cfg.mean or (mcfg["mean"] if use_model_norm else info["mean"]), info["in_chans"]),
         std=_per_channel(cfg.std or (mcfg["std"] if use_model_norm else info["std"]), info["in_chans"]),
-        crop=cfg.crop or ("affine" if kind == "digits" else "pad" if small else "rrc"),
+        crop=cfg.crop or ("none" if packing else "affine" if kind == "digits" else "pad" if small else "rrc"),
         padding=cfg.padding if cfg.padding is not None else (2 if kind == "digits" else max(1, size // 8)),
         hflip=cfg.hflip if cfg.hflip is not None else (0.0 if info["in_chans"] == 1 else 0.5),
-        crop_pct=cfg.crop_pct or (1.0 if small else float(mcfg.get("crop_pct", 0.875))),
-        model_kwargs=model_kwargs, **(_clip_settings(cfg, mcfg) if kind == "clips" else {}),
+        crop_pct=cfg.crop_pct or (1.0 if small or packing else float(mcfg.get("crop_pct", 0.875))),
+        model_kwargs=model_kwargs, packing=packing, **(_clip_settings(cfg, mcfg) if kind == "clips" else {}),
     )
+
+
+def _packing(cfg: TrainConfig, img_size: int, in_chans: int) -> Optional[Dict[str, Any]]:
+    """The packing geometry (:func:`vitlab.data.packing.packing_geometry`) of a model with the ``packs``
+    capability (NaViT), built on the meta device; None for other models.  A capability, not a name test: any
+    model that takes :class:`~vitlab.models.navit.PackedBatch` inputs declares it and is fed the same way."""
+    from vitlab.data.packing import packing_geometry
+    from vitlab.models.factory import create_model, model_entrypoint
+
+    try:
+        cls = getattr(model_entrypoint(cfg.model), "model_cls", None)
+        if cls is not None and not getattr(cls, "packs", False):  # most models: no build needed
+            return None
+        with torch.device("meta"):
+            model = create_model(cfg.model, **_model_kwargs(cfg, dict(img_size=img_size, in_chans=in_chans)))
+    except Exception:  # a bad name or argument is reported when the real model is built
+        return None
+    geometry = packing_geometry(model)
+    if geometry is not None:
+        _check_packed_flags(cfg)
+    return geometry
+
+
+def _check_packed_flags(cfg: TrainConfig) -> None:
+    """Packed training feeds native-size images as sequences: refuse what needs one image size or a tensor batch."""
+    why = {"--mixup": (cfg.mixup > 0, "mixes whole images of one size"),
+           "--cutmix": (cfg.cutmix > 0, "pastes boxes between images of one size"),
+           "--channels-last": (cfg.channels_last, "formats a (B, C, H, W) batch"),
+           "--distill": (cfg.distill not in (None, "none"), "feeds the batch to a teacher that takes no packed input"),
+           "--randaug": (bool(cfg.randaug), "translates by a fixed number of pixels"),
+           "--reprob": (cfg.reprob > 0, "is not implemented for packed batches"),
+           "--color-jitter": (cfg.color_jitter > 0, "is not implemented for packed batches")}
+    for flag, (on, reason) in why.items():
+        if on:
+            raise UserError(f"{flag} cannot be used with {cfg.model}, which trains on packed native-size images: "
+                            f"it {reason}")
+    if cfg.crop not in (None, "none", "rrc"):
+        raise UserError(f"--crop {cfg.crop}: {cfg.model} trains on native-size images; use --crop none (default) or "
+                        "rrc (a random resize of each image, area factor in [--scale-min, 1])")
 
 
 def _clip_settings(cfg: TrainConfig, mcfg: Dict[str, Any]) -> Dict[str, Any]:
@@ -167,7 +207,7 @@ def build_data(cfg: TrainConfig, world_size: int, rank: int, pin: bool) -> Data:
     from vitlab.data import build_dataset_pair, build_eval_loader, build_eval_transform, build_train_loader, \
         build_train_transform
 
-    ds = data_settings(cfg)
+    ds, collate, eval_collate = data_settings(cfg), None, None
     train_set, val_set, classes = build_dataset_pair(cfg.data, cfg.data_dir, cfg.download, cfg.skip_broken)
     if ds["kind"] == "clips":
         from vitlab.data.clips import build_clip_transform
@@ -176,6 +216,12 @@ def build_data(cfg: TrainConfig, world_size: int, rank: int, pin: bool) -> Data:
                                         cfg.scale_min)
         eval_tf = build_clip_transform(ds["num_frames"], ds["img_size"], ds["mean"], ds["std"], False,
                                        crop_pct=ds["crop_pct"])
+    elif ds.get("packing"):  # NaViT: native sizes, packed by the collate (vitlab.data.packing)
+        from vitlab.data.packing import packed_transforms
+
+        scale = (cfg.scale_min, 1.0) if ds["crop"] == "rrc" else None
+        train_tf, eval_tf, collate, eval_collate = packed_transforms(
+            ds["packing"], ds["mean"], ds["std"], ds["in_chans"], ds["hflip"], scale, ds["packing"]["token_drop"])
     else:
         train_tf = build_train_transform(ds["img_size"], ds["in_chans"], ds["mean"], ds["std"], crop=ds["crop"],
                                          scale_min=cfg.scale_min, padding=ds["padding"], hflip=ds["hflip"],
@@ -186,8 +232,9 @@ def build_data(cfg: TrainConfig, world_size: int, rank: int, pin: bool) -> Data:
                                        cfg.interpolation)
     drop_last = cfg.mixup > 0 or cfg.cutmix > 0
     train_loader = build_train_loader(train_set, train_tf, cfg.batch_size, cfg.seed, world_size, rank, cfg.workers,
-                                      cfg.repeated_aug, pin, drop_last=drop_last)
-    val_loader = build_eval_loader(val_set, eval_tf, cfg.batch_size * 2, world_size, rank, cfg.workers, pin)
+                                      cfg.repeated_aug, pin, drop_last=drop_last, collate_fn=collate)
+    val_loader = build_eval_loader(val_set, eval_tf, cfg.batch_size * 2, world_size, rank, cfg.workers, pin,
+                                   collate_fn=eval_collate)
     steps = len(train_loader) // cfg.accum_steps  # optimizer updates per epoch
     if steps < 1:
         raise UserError(f"batch-size {cfg.batch_size} x accum-steps {cfg.accum_steps} exceeds the "

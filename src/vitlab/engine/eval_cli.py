@@ -49,6 +49,7 @@ def evaluate_checkpoint(checkpoint: str, data=None, data_dir=None, out=None, ema
     """Evaluate ``checkpoint``; returns ``(metrics, out_dir)``."""
     from vitlab.engine.metrics import calibration_metrics, plot_reliability_diagram
     from vitlab.data import build_eval_dataset, build_eval_loader, build_eval_transform
+    from vitlab.data.packing import packed_transforms, packing_geometry
     from vitlab.engine.checkpoint import load_checkpoint
     from vitlab.engine.config import TrainConfig
     from vitlab.engine.amp import resolve_amp
@@ -75,8 +76,11 @@ def evaluate_checkpoint(checkpoint: str, data=None, data_dir=None, out=None, ema
         raise ValueError(f"{checkpoint} holds no EMA weights (train with --ema)")
     model.load_state_dict(state)
     model.to(dev)
-    d = ckpt["data"]
-    if d.get("kind") == "clips":
+    d, collate = ckpt["data"], None
+    geometry = packing_geometry(model)
+    if geometry is not None:  # NaViT: native sizes packed by the collate, as the run's own evaluation
+        _, tf, _, collate = packed_transforms(geometry, d["mean"], d["std"], int(ckpt["in_chans"]))
+    elif d.get("kind") == "clips":
         from vitlab.data.clips import build_clip_transform
 
         tf = build_clip_transform(d["num_frames"], int(ckpt["img_size"]), d["mean"], d["std"], False,
@@ -84,7 +88,8 @@ def evaluate_checkpoint(checkpoint: str, data=None, data_dir=None, out=None, ema
     else:
         tf = build_eval_transform(int(ckpt["img_size"]), int(ckpt["in_chans"]), d["mean"], d["std"], d["crop_pct"],
                                   cfg.interpolation)
-    loader = build_eval_loader(val_set, tf, batch_size, workers=workers, pin_memory=dev.type == "cuda")
+    loader = build_eval_loader(val_set, tf, batch_size, workers=workers, pin_memory=dev.type == "cuda",
+                               collate_fn=collate)
     amp = resolve_amp(amp, dev, model)
     probs, labels = predict(model, loader, dev, amp=amp)
     metrics = calibration_metrics(probs, labels, n_bins=bins)

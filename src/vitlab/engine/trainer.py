@@ -87,10 +87,14 @@ def _prepare(cfg: TrainConfig, info: DistInfo, log) -> Run:
         rundir.write_jsonl(os.path.join(run_dir, "metrics.jsonl"), run.history)
         n = sum(p.numel() for p in parts.model.parameters())
         log(f"model {cfg.model} ({n / 1e6:.2f} M params) on {cfg.data}: {len(data.train_set)} train / "
-            f"{len(data.val_set)} val images at {data.settings['img_size']} px, {parts.num_classes} classes, "
+            f"{len(data.val_set)} val images at {_size_text(data.settings)}, {parts.num_classes} classes, "
             f"{cfg.epochs + cfg.cooldown_epochs} epochs x {data.steps_per_epoch} steps, global batch "
             f"{parts.global_batch}, lr {parts.lr:.3g}, amp {run.amp}, world size {info.world_size}, device {info.device}")
     return run
+
+
+def _size_text(ds: Dict[str, Any]) -> str:
+    return "native sizes (packed)" if ds.get("packing") else f"{ds['img_size']} px"
 
 
 def _no_pretrained(cfg: TrainConfig) -> TrainConfig:

@@ -125,18 +125,20 @@ def _image_tokens(img: torch.Tensor, patch: int, rate: float, generator) -> Tupl
 
 
 def pack_images(images: Sequence[torch.Tensor], patch_size: int, max_len: int, token_drop: TokenDrop = 0.0,
-                labels: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None) -> PackedBatch:
-    """Patchify ``(C, H, W)`` images of any sizes, drop tokens (``token_drop``: a rate or ``(h, w) -> rate``)
-    and pack them first fit into sequences of ``max_len`` tokens (NaViT, sec. 2.3)."""
+                labels: Optional[torch.Tensor] = None,
+                generator: Union[None, torch.Generator, Sequence[torch.Generator]] = None) -> PackedBatch:
+    """Patchify ``(C, H, W)`` images of any sizes, drop tokens (``token_drop``: a rate or ``(h, w) -> rate``;
+    ``generator``: one, or one per image) and pack them first fit into sequences of ``max_len`` tokens (NaViT,
+    sec. 2.3)."""
     if not len(images):
         raise ValueError("pack_images needs at least one image, got an empty list")
     toks, poss, grids = [], [], []
-    for img in images:
+    for k, img in enumerate(images):
         h, w = img.shape[-2] // patch_size, img.shape[-1] // patch_size
         rate = float(token_drop(h * patch_size, w * patch_size) if callable(token_drop) else token_drop)
         if not 0.0 <= rate < 1.0:
             raise ValueError(f"token_drop must give a rate in [0, 1), got {rate} for a {h}x{w} patch grid")
-        t, p = _image_tokens(img, patch_size, rate, generator)
+        t, p = _image_tokens(img, patch_size, rate, generator[k] if isinstance(generator, (list, tuple)) else generator)
         toks.append(t), poss.append(p), grids.append((h, w))
     bins = first_fit([t.shape[0] for t in toks], max_len)
     ref = toks[0]
@@ -211,6 +213,7 @@ class NaViT(Backbone):
     ``shortcut_init``, ``featscale``, ``wiring`` as in every family."""
 
     stage_attr = "blocks"
+    packs = True  # capability: trainers feed it PackedBatch inputs of native-size images (vitlab.data.packing)
     global_pool = "map"
     _global_pools = ("map",)
     _no_weight_decay_keys = ("pos_embed", "latent")
@@ -245,6 +248,7 @@ class NaViT(Backbone):
         grid = tuple(s // patch_size for s in max_img_size)
         self.grid_size = (img_size // patch_size,) * 2
         self.max_len = max_len or grid[0] * grid[1]
+        self.max_img_size = (grid[0] * patch_size, grid[1] * patch_size)  # largest image the position tables take
         self.embeds = FactorizedEmbed(patch_size, in_chans, embed_dim, grid)
         self.pos_drop = nn.Dropout(drop_rate)
         dpr = drop_path_rates(drop_path_rate, depth)
