@@ -57,6 +57,10 @@ SMALL: Dict[str, Callable[[nn.Module], Dict[str, Any]]] = {
                                                  num_heads=(1, 1, 1, 1)),
     "ResNet": lambda m: dict(img_size=32, layers=(1, 2, 1, 1)),
     "PreActResNet": lambda m: dict(img_size=16, layers=(1, 2, 1, 1)),
+    "Twins": lambda m: dict(img_size=32, embed_dims=(8, 16, 24, 32), depths=(2, 2, 1, 1), num_heads=(1, 1, 1, 1)),
+    "PoolingVisionTransformer": lambda m: dict(img_size=32, patch_size=8, stride=4, base_dims=(8, 8, 8),
+                                               depth=(1, 1, 1), heads=(2, 2, 4)),
+    "Nest": lambda m: dict(img_size=32, embed_dims=(16, 32, 32), num_heads=(2, 2, 4), depths=(1, 2, 1)),
     "AlterNet": lambda m: dict(img_size=64, layers=(1, 2, 2, 2), msa_counts=(0, 1, 1, 1), window_size=2),
 }
 CNNS = ("ResNet", "PreActResNet")  # no attention to record
@@ -99,7 +103,8 @@ def test_small_size_step_intermediates_and_attention(name):
     assert not bad, f"{name}: non-finite gradients in {bad[:4]}"
     m.eval()
     with torch.no_grad():
-        feats = m.forward_intermediates(x, intermediates_only=True)
+        sampled = bool(getattr(m, "in_block", None))  # ATS: tokens after sampling form no map (NLC only)
+        feats = m.forward_intermediates(x, intermediates_only=True, output_fmt="NLC" if sampled else "NCHW")
         assert len(feats) >= 1 and all(torch.isfinite(f).all() for f in feats), name
         if type(m).__name__ in CNNS:
             return

@@ -182,3 +182,20 @@ def test_parallel_branch_block_bound_is_one_plus_the_sum_of_branches():
     assert bounder.block(blk, "blocks.0") == pytest.approx(attn * mlp, rel=1e-9)
     rep = lipschitz_bound_report(m)
     assert rep["unbounded"] == [] and 0 < lipschitz_estimate(m, torch.randn(2, 3, 16, 16), iters=10) <= rep["bound"]
+
+
+def test_peg_position_code_enters_the_bound_as_one_plus_its_conv():
+    """Twins' PEG is ``x + dwconv(x)`` after a stage's first block: the bound's factor is 1 + Lip(conv), with
+    the conv bounded as every conv (checked against power iteration above)."""
+    from vitlab import create_model
+    from vitlab.analysis.lipschitz import _Bounder
+
+    torch.manual_seed(0)
+    m = create_model("twins_pcpvt_small", img_size=32, embed_dims=(8, 16, 24, 32), depths=(1, 1, 1, 1),
+                     num_heads=(1, 1, 1, 1), num_classes=10).eval()
+    rep = lipschitz_bound_report(m)
+    pegs = {f["name"]: f["bound"] for f in rep["factors"] if f["name"].endswith("pos_block")}
+    assert sorted(pegs) == [f"stages.{i}.pos_block" for i in range(4)]
+    for i, stage in enumerate(m.stages):
+        conv = _Bounder(m).part(stage.pos_block.proj[0], "c")
+        assert pegs[f"stages.{i}.pos_block"] == pytest.approx(1 + conv, rel=1e-12) and conv > 0

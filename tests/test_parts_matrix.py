@@ -111,7 +111,7 @@ REFUSED = {
     **{("cait", kind, "cross_covariance"): ("attends over channels", "talking_heads") for kind in ("core", "mixer")},
     **{("navit", kind, "cross_covariance"): ("takes no attention mask",) for kind in ("core", "mixer")},
     # PVT's spatially reduced keys: a query has no key of its own, so LSA has no diagonal to mask
-    **{(fam, "modifiers", "lsa"): ("spatial_reduction", "no diagonal") for fam in ("pvt", "pvt_v2")},  # XCiT's LPI branch sits between attention and MLP
+    **{(fam, "modifiers", "lsa"): ("spatial_reduction", "no diagonal") for fam in ("pvt", "pvt_v2", "twins")},  # XCiT's LPI branch sits between attention and MLP
     # tokens without a 2-D map (a video's 3-D grid; NaViT's packed sequences): map convolutions and pooling
     **{(fam, kind, name): ("lie on a", "-D grid") for fam in ("video", "navit")
        for kind, name in (("mixer", "pooling"), ("mixer", "dwconv_test"), ("mixer", "focused_linear"),

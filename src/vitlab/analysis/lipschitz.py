@@ -249,8 +249,12 @@ class _Bounder:
         for name, prefix, stage in m.named_stages():
             if stage.downsample is not None and not isinstance(stage.downsample, nn.Identity):
                 self._add(logs, f"{name}.downsample", self._embed(stage.downsample, f"{name}.downsample"))
+            peg = getattr(stage, "pos_block", None)
             for j, blk in enumerate(stage.blocks):
                 logs.append(self.block(blk, f"{prefix}.{j}"))
+                if peg is not None and j == stage.pos_block_after:  # x + conv(x) (PEG): 1 + Lip(conv)
+                    conv = self.part(peg.proj[0], f"{name}.pos_block")
+                    self._add(logs, f"{name}.pos_block", 1 + conv if peg.stride == 1 else conv)
             if stage.norm is not None and not isinstance(stage.norm, nn.Identity):
                 self._add(logs, f"{name}.norm", self.part(stage.norm, f"{name}.norm"))
         self._add(logs, "norm", self.part(getattr(m, "norm", None), "norm"))

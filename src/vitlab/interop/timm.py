@@ -77,6 +77,9 @@ def _ensure_loaded() -> None:
     # each converter module imports its model family (interop depends on models, never the reverse)
     from vitlab.interop import timm_cait, timm_deit, timm_pvt_v2, timm_resnet, timm_swin, timm_vit  # noqa: F401
     from vitlab.interop import timm_xcit  # noqa: F401
+    from vitlab.interop import timm_twins  # noqa: F401
+    from vitlab.interop import timm_pit  # noqa: F401
+    from vitlab.interop import timm_nest  # noqa: F401
 
 
 def load_timm_weights(model: nn.Module, timm_state_dict: StateDict) -> nn.Module:

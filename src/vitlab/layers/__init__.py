@@ -7,6 +7,7 @@
 * initialisers (:data:`INITS`): ``trunc_normal``, ``xavier``, ``spectral``
 * patch embeddings (:data:`EMBEDS`): ``patch``, ``conv``, ``t2t``, ``cct`` (:mod:`vitlab.layers.tokenizers`);
   position encodings ``learned``, ``sincos``, ``sincos_1d``, ``none``
+* conditional position codes (:data:`POS_CODES`): ``peg`` (:mod:`vitlab.layers.peg`)
 * :class:`FeatScale`, :class:`Mlp`, :class:`DropPath`, :class:`DWConvUnit`; channel mixers
   (:data:`CHANNEL_MIXERS`): ``mlp``, ``localvit``, ``localvit_se``; also ``embed="spt"`` / ``"deepvit_conv"``,
   modifier ``lsa`` (:mod:`vitlab.layers.spt`), position part ``rope`` (:mod:`vitlab.layers.rope`)
@@ -34,6 +35,7 @@ from vitlab.layers import rope as _rope, spt as _spt  # noqa: F401 (register pos
 from vitlab.layers.mlp import CHANNEL_MIXERS, Mlp
 from vitlab.layers.norm import NORMS, CenterNorm, create_norm
 from vitlab.layers.patch_embed import EMBEDS, ConvStem, PatchEmbed, to_2tuple
+from vitlab.layers.peg import PEG, POS_CODES, create_pos_code  # conditional position codes (CPVT, Twins)
 from vitlab.layers.pos_embed import POS_EMBEDS, resample_pos_embed, sincos_1d, sincos_2d
 from vitlab.layers.tokenizers import CCTTokenizer, T2TEmbed  # registers embed="t2t" / "cct"
 from vitlab.layers.recording import AttentionRecorder, RecordsAttention, record_attention
@@ -47,5 +49,5 @@ __all__ = [
     "sincos_2d", "resample_pos_embed",
     "record_attention", "RecordsAttention", "AttentionRecorder", "MultiHeadAttention", "TokenLayout", "MixerSpec",
     "Pooling", "AttentionPart", "CORES", "GROUPINGS", "MODIFIERS", "POSITION_BIASES", "PROJECTIONS",
-    "CHANNEL_MIXERS",
+    "CHANNEL_MIXERS", "PEG", "POS_CODES", "create_pos_code",
 ]

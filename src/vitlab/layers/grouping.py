@@ -78,18 +78,20 @@ class WindowGrouping(_Grouping):
     """Non-overlapping ``window_size`` windows, optionally cyclically shifted by half a window
     ("Swin Transformer", Liu et al., ICCV 2021).  As in the official code, the window shrinks to the
     map (and the shift is dropped) when the map is not larger; maps that are not multiples of the
-    window are zero-padded (as timm does).  The shift mask is ``attn_mask`` on the host."""
+    window are zero-padded (as timm does).  ``fit_map=False`` keeps the window on a smaller map and
+    zero-pads it too (Twins' locally-grouped attention, Chu et al., NeurIPS 2021, sec. 2.2, as its official
+    code).  The shift mask is ``attn_mask`` on the host."""
 
     takes_prefix = False
 
-    def __init__(self, window_size: int = 7, shift: bool = False):
+    def __init__(self, window_size: int = 7, shift: bool = False, fit_map: bool = True):
         if window_size < 1:
             raise ValueError(f"window_size must be >= 1, got {window_size}")
-        self.window_size, self.shift = window_size, shift
+        self.window_size, self.shift, self.fit_map = window_size, shift, fit_map
 
     def setup(self, host) -> None:
         h, w = require_layout(host, self).hw
-        ws = tuple(min(r, self.window_size) for r in (h, w))
+        ws = tuple(min(r, self.window_size) if self.fit_map else self.window_size for r in (h, w))
         half = self.window_size // 2 if self.shift else 0
         self.window = ws
         self.shift_size = tuple(0 if r <= k else half for r, k in zip((h, w), ws))

@@ -109,7 +109,10 @@ def inverse_transform_sample(scores: torch.Tensor, u: torch.Tensor) -> Tuple[tor
     valid index and are marked invalid."""
     n = scores.shape[-1]
     cdf = scores.cumsum(dim=-1)
-    idx = torch.searchsorted(cdf.contiguous(), u.to(cdf.dtype).contiguous(), right=True).clamp_(max=n - 1)
+    idx = torch.searchsorted(cdf.contiguous(), u.to(cdf.dtype).contiguous(), right=True)
+    # a point past a rounded-down total takes the last token with any score, never a zero-score one (padding)
+    last = torch.where(scores > 0, torch.arange(n, device=scores.device), 0).amax(dim=-1, keepdim=True)
+    idx = torch.minimum(idx, last)
     idx, _ = idx.sort(dim=-1)
     valid = torch.ones_like(idx, dtype=torch.bool)
     valid[:, 1:] = idx[:, 1:] != idx[:, :-1]  # sorted: a repeat equals its left neighbour
@@ -129,12 +132,22 @@ def ats_points(batch: int, k: int, device=None, generator: Optional[torch.Genera
     return ((torch.arange(k, device=device, dtype=torch.float32) * 2 + 1) / (2 * k)).expand(batch, k)
 
 
+def _class_row_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The class token's row of a layout's attention ``mask`` (``(B, N)`` or ``(B, N, N)``, boolean or additive)
+    as an additive ``(B, 1, 1, N)`` logit bias (0: attend, -inf: not)."""
+    m = mask[:, None, None, :] if mask.ndim == 2 else mask[:, None, :1]
+    if m.dtype == torch.bool:
+        return torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill_(~m, float("-inf"))
+    return m.to(dtype)
+
+
 class AdaptiveTokenSampler(nn.Module):
     """ATS in one attention layer (Fayyaz et al., ECCV 2022, sec. 3): the significance of every token from
     the class token's row of ``attn``'s own softmax attention over the normed tokens ``xn`` (only that
     row is formed: one query), then at most ``num_tokens`` unique tokens by inverse transform sampling.
     Returns ``(idx, valid)`` as :func:`inverse_transform_sample`, indices over the non-prefix tokens.
-    Not yet placed in a model: the rows ``idx`` of the layer's output are the tokens ATS keeps."""
+    In a model (the ViT's ``ats=`` argument, :mod:`vitlab.models.ats`) :meth:`run_block` runs a whole block
+    with the sampling inside it: the rows ``idx`` of the attention's output are the tokens ATS keeps."""
 
     def __init__(self, num_tokens: int):
         super().__init__()
@@ -147,10 +160,41 @@ class AdaptiveTokenSampler(nn.Module):
         if layout.num_prefix < 1:
             raise ValueError("adaptive token sampling needs a class token (num_prefix >= 1), got none")
         q, k, v = attn.core.prepare(attn, *attn.projection(attn, xn[:, :1], xn))
-        probs = attn.core.normalize(attn, attn.core.logits(attn, q, k))  # (B, H, 1, N)
-        return ats_significance(probs, v, layout.num_prefix)
+        logits = attn.core.logits(attn, q, k)  # (B, H, 1, N)
+        if layout.mask is not None:  # padding left by an earlier sampling step gets no attention: never sampled
+            logits = logits + _class_row_bias(layout.mask, logits.dtype)
+        return ats_significance(attn.core.normalize(attn, logits), v, layout.num_prefix)
 
     def forward(self, attn: nn.Module, xn: torch.Tensor, layout: TokenLayout,
                 u: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         u = ats_points(xn.shape[0], self.num_tokens, xn.device) if u is None else u
         return inverse_transform_sample(self.scores(attn, xn, layout), u)
+
+    def take(self, x: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor, layout: TokenLayout
+             ) -> Tuple[torch.Tensor, TokenLayout]:
+        """The prefix tokens, then the grid rows ``idx`` of ``x``: ``(B, P + K, C)`` with ``K`` the most tokens an
+        image of the batch keeps; a row's other slots are padding (zeros), which the returned
+        :class:`TokenSubset` layout's key-padding ``mask (B, P + K)`` keeps out of every later attention
+        (no mask when no image pads).  On the ``meta`` device (shapes only) ``K`` is its bound, every point."""
+        p, meta = layout.num_prefix, valid.device.type == "meta"
+        k = valid.shape[1] if meta else int(valid.sum(dim=-1).max())  # one sync: the batch's token count
+        idx, valid = idx[:, :k], valid[:, :k]
+        rows = x[:, p:].gather(1, idx[..., None].expand(-1, -1, x.shape[-1])).masked_fill(~valid[..., None], 0)
+        keep = torch.cat([valid.new_ones(valid.shape[0], p), valid], dim=1)
+        sub = TokenSubset.of(p + k, p, "adaptive token sampling", getattr(layout, "full_grid", ()) or layout.grid)
+        return torch.cat([x[:, :p], rows], dim=1), sub.with_mask(keep if meta or not bool(valid.all()) else None)
+
+    def run_block(self, blk: nn.Module, x: torch.Tensor, layout: TokenLayout) -> Tuple[torch.Tensor, TokenLayout]:
+        """Block ``blk`` with ATS inside it (sec. 3, fig. 2): significance scores from the block's own attention
+        over its (normed) input, its attention half on every token, then only the kept tokens (prefix first)
+        through its MLP half: ``(B, N, C) -> (B, P + K, C)`` and their layout; padding rows leave as zeros."""
+        if hasattr(blk, "attns") or blk.wiring not in ("pre", "post"):
+            raise ValueError(f"adaptive token sampling needs a block with wiring 'pre' or 'post' and one attention "
+                             f"branch; got wiring {blk.wiring!r} with {blk.num_parallel} branch(es)")
+        idx, valid = self(blk.attn, x if blk.post_norm else blk.norm1(x), layout)
+        x, layout = self.take(blk.attn_half(x, layout), idx, valid, layout)
+        x = blk.mlp_half(x, layout)
+        return (x if layout.mask is None else x.masked_fill(~layout.mask[..., None], 0)), layout
+
+    def extra_repr(self) -> str:
+        return f"num_tokens={self.num_tokens}"

@@ -35,7 +35,10 @@ __all__ = ["Stage", "Backbone", "Downsample", "ConvPatchEmbed"]
 class Downsample(nn.Module):
     """The downsampler protocol: ``forward(tokens, layout) -> (tokens, (h, w))`` on grid tokens (no
     prefix tokens); subclasses implement :meth:`on_map` on a ``(B, C, H, W)`` map, returning a map
-    (the tokens are taken from its channels) or ``(tokens, (h, w))``."""
+    (the tokens are taken from its channels) or ``(tokens, (h, w))``.  A downsampler with ``takes_prefix = True``
+    gets the prefix tokens too and returns them first, as many as it got (PiT's pooling maps them by a Linear)."""
+
+    takes_prefix: bool = False
 
     def on_map(self, fm: torch.Tensor):  # pragma: no cover - per downsampler
         raise NotImplementedError
@@ -71,15 +74,22 @@ class Stage(nn.Module):
     """One stage: ``downsample`` (none for a stage that keeps the map), an optional learned position
     table ``pos_embed`` ``(1, P + h*w, dim)`` (PVT), ``blocks`` and a closing ``norm`` (PVTv2).  Absent
     parts leave no state-dict keys.  ``dim`` and ``reduction`` (input stride) describe the output;
-    ``grid_size`` is its map at the model's image size."""
+    ``grid_size`` is its map at the model's image size.  An optional conditional position code
+    ``pos_block`` (a :data:`~vitlab.layers.POS_CODES` module called as ``(x, layout)``, e.g. CPVT's and
+    Twins' PEG) runs after block ``pos_block_after``."""
 
     def __init__(self, blocks: Sequence[nn.Module], dim: int, reduction: int, grid_size: Tuple[int, int],
-                 downsample: Optional[nn.Module] = None, norm: Optional[nn.Module] = None, pos_tokens: int = 0):
+                 downsample: Optional[nn.Module] = None, norm: Optional[nn.Module] = None, pos_tokens: int = 0,
+                 pos_block: Optional[nn.Module] = None, pos_block_after: int = 0):
         super().__init__()
+        if pos_block is not None and not 0 <= pos_block_after < len(blocks):
+            raise ValueError(f"pos_block_after must index one of the stage's {len(blocks)} blocks, "
+                             f"got {pos_block_after}")
         self.dim, self.reduction, self.grid_size = int(dim), int(reduction), tuple(grid_size)
         self.downsample = downsample if downsample is not None else nn.Identity()
         self.pos_embed = nn.Parameter(torch.zeros(1, pos_tokens, dim)) if pos_tokens else None
         self.blocks = nn.Sequential(*blocks)
+        self.pos_block, self.pos_block_after = pos_block, pos_block_after
         self.norm = norm if norm is not None else nn.Identity()
 
 
@@ -94,6 +104,11 @@ class StageView(NamedTuple):
 
 def _present(m: Optional[nn.Module]) -> bool:
     return m is not None and not isinstance(m, nn.Identity)
+
+
+def _pos_block_at(stage: Any, j: int) -> bool:
+    """Whether the stage's conditional position code (PEG) runs after its block ``j``."""
+    return getattr(stage, "pos_block", None) is not None and j == stage.pos_block_after
 
 
 class Backbone(VitlabModel):
@@ -215,7 +230,7 @@ class Backbone(VitlabModel):
         """Stage ``i`` up to its blocks: downsample, prefix tokens joining here, its position table."""
         if _present(stage.downsample):
             x, hw = stage.downsample(x, layout)
-            layout = TokenLayout(hw)
+            layout = TokenLayout(hw, layout.num_prefix if getattr(stage.downsample, "takes_prefix", False) else 0)
             if out is not None:
                 out.append(self._entry(f"{name}.downsample", "downsample", x, layout, i))
         if i == self.token_stage and i > 0:
@@ -226,8 +241,9 @@ class Backbone(VitlabModel):
 
     def _run(self, i: int, stage: Any, x: torch.Tensor, layout: TokenLayout) -> Tuple[torch.Tensor, TokenLayout]:
         x, layout = self._enter(i, stage, x, layout)
-        for blk in stage.blocks:
+        for j, blk in enumerate(stage.blocks):
             x = self._block(blk, x, layout)
+            x = stage.pos_block(x, layout) if _pos_block_at(stage, j) else x
         return (stage.norm(x) if _present(stage.norm) else x), layout
 
     def _feature_units(self) -> Sequence[Any]:
@@ -236,7 +252,7 @@ class Backbone(VitlabModel):
     def _feature_unit(self, i: int, unit: Any, x: torch.Tensor, layout: TokenLayout):
         if self.stage_attr == "blocks":  # a token op after block i - 1 opens unit i: taps stay block outputs
             x, layout = self._after_block(i - 1, x, layout)
-            return self._block(unit, x, layout), layout
+            return self._in_block(i, unit, x, layout)
         return self._run(i, unit, x, layout)
 
     # token ops run between two blocks of an isotropic model: {block index: attribute}, e.g. a PatchMerger
@@ -246,9 +262,22 @@ class Backbone(VitlabModel):
         name = self.after_block.get(i)
         return getattr(self, name)(x, layout) if name is not None else (x, layout)
 
+    # token ops that run a block of an isotropic model themselves, as they read its input and attention:
+    # {block index: submodule name}, e.g. adaptive token sampling ("ats.0", ...)
+    in_block: Dict[int, str] = {}
+
+    def _in_block(self, i: int, blk: nn.Module, x: torch.Tensor, layout: TokenLayout
+                  ) -> Tuple[torch.Tensor, TokenLayout]:
+        """Block ``i`` (checkpointed by :meth:`_block`), or ``op.run_block(blk, x, layout) -> (x, layout)`` of the
+        token op ``in_block[i]`` (not checkpointed)."""
+        name = self.in_block.get(i)
+        if name is None:
+            return self._block(blk, x, layout), layout
+        return self.get_submodule(name).run_block(blk, x, layout)
+
     def _feature_end(self, x: torch.Tensor, layout: TokenLayout, complete: bool) -> torch.Tensor:
         if not complete and self.stage_attr != "blocks":  # a hierarchical model stopped early: no final norm
-            return x
+            return layout.to_map(x) if self.features_fmt == "NCHW" else x
         n = 1 if self.stage_attr == "blocks" else len(getattr(self, self.stage_attr))
         for k, stage in enumerate(self.tail_list() if complete else ()):
             x, layout = self._run(n + k, stage, x, layout)
@@ -270,6 +299,10 @@ class Backbone(VitlabModel):
         for i, (name, prefix, stage) in enumerate(named):
             x, layout = self._enter(i, stage, x, layout, out, name)
             for j, blk in enumerate(stage.blocks):
+                if self.stage_attr == "blocks" and j in self.in_block:  # token sampling inside: no map after it
+                    x, layout = self._in_block(j, blk, x, layout)
+                    out.append(self._entry(f"{prefix}.{j}", "block", x, layout, i))
+                    continue
                 x = blk.attn_half(x, layout)
                 if getattr(blk, "wiring", None) == "parallel":  # no separable halves: one entry
                     out.append(self._entry(f"{prefix}.{j}", "block", x, layout, i))
@@ -277,6 +310,9 @@ class Backbone(VitlabModel):
                     out.append(self._entry(f"{prefix}.{j}.attn", "attn", x, layout, i))
                     x = blk.mlp_half(x, layout)
                     out.append(self._entry(f"{prefix}.{j}.mlp", "mlp", x, layout, i))
+                if _pos_block_at(stage, j):  # a conditional position code (PEG) after this block
+                    x = stage.pos_block(x, layout)
+                    out.append(self._entry(f"{name}.pos_block", "position", x, layout, i))
                 if self.stage_attr == "blocks" and j in self.after_block:  # a PatchMerger: its map refuses
                     x, layout = self._after_block(j, x, layout)
                     out.append(self._entry(self.after_block[j], "downsample", x, layout, i))
@@ -294,6 +330,9 @@ class Backbone(VitlabModel):
         super()._set_global_pool(global_pool)
         if global_pool == "token" and self.num_prefix_tokens == 0:
             raise ValueError("global_pool='token' needs a class token; this model has none")
+        if global_pool != "token" and self.in_block:  # padded rows after token sampling: the class token pools
+            raise ValueError(f"global_pool={global_pool!r} would pool the padding of adaptive token sampling; use "
+                             "global_pool='token'")
         if global_pool == "seqpool" and getattr(self, "attention_pool", None) is None:
             raise ValueError("global_pool='seqpool' needs an attention_pool Linear(dim, 1); build the model with "
                              "global_pool='seqpool'")
@@ -334,5 +373,5 @@ class Backbone(VitlabModel):
                         blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
         s = self.stage_attr
         return dict(stem=r"^patch_embed|^pos_embed|^cls_token", blocks=rf"^{s}\.(\d+)" if coarse else [
-            (rf"^{s}\.(\d+)\.(?:downsample|pos_embed)", (0,)), (rf"^{s}\.(\d+)\.\w+\.(\d+)", None),
+            (rf"^{s}\.(\d+)\.(?:downsample|pos_embed|pos_block)", (0,)), (rf"^{s}\.(\d+)\.\w+\.(\d+)", None),
             (r"^norm", (99999,))])

@@ -38,6 +38,8 @@ ENTRIES: List[Tuple[str, Entry]] = [
     ("*_18x2_*", Entry("Three things everyone should know about ViTs (Touvron et al., ECCV 2022)",
                        "Block with 2 parallel attention + 2 parallel MLP branches, LayerScale",
                        "parallel_vit.ViT")),
+    ("ats_*", Entry("ATS (Fayyaz et al., ECCV 2022)", "ViT/DeiT + adaptive token sampling in the last 3/4 of the "
+                    "blocks (`ats=`)", "ats_vit.ViT")),
     ("deit_*distilled*", Entry("DeiT (Touvron et al., ICML 2021)", _VIT_PARTS + ", distillation token + head",
                                "distill.DistillableViT")),
     ("deit_*", Entry("DeiT (Touvron et al., ICML 2021)", _VIT_PARTS, "vit.ViT")),
@@ -69,6 +71,14 @@ ENTRIES: List[Tuple[str, Entry]] = [
                      "tail (wiring `prefix`)", "cait.CaiT")),
     ("swin_*", Entry("Swin (Liu et al., ICCV 2021)", "grouping `window` (shifted), relative table, patch merging")),
     ("cswin_*", Entry("CSwin (Dong et al., CVPR 2022)", "grouping `stripes`, LePE, conv merge")),
+    ("pit_*", Entry("PiT (Heo et al., ICCV 2021)", "conv stem, class token carried through depthwise-conv pooling "
+                    "(fc on prefix tokens) between 3 stages; distilled: + distillation token and head", "pit.PiT")),
+    ("nest_*", Entry("NesT (Zhang et al., AAAI 2022)", "grouping `window` over image blocks (one table per level), "
+                     "block aggregation (conv, norm, max-pool) between levels", "nest.NesT")),
+    ("twins_pcpvt_*", Entry("Twins (Chu et al., NeurIPS 2021), PCPVT", "grouping `spatial_reduction`, PEG position "
+                            "code after each stage's first block, mean pool")),
+    ("twins_svt_*", Entry("Twins (Chu et al., NeurIPS 2021), SVT", "grouping `window` (LSA, padded, no shift) "
+                          "alternating with `spatial_reduction` (GSA), PEG, mean pool", "twins_svt.TwinsSVT")),
     ("pvt_v2_*", Entry("PVTv2 (Wang et al., CVM 2022)", "grouping `spatial_reduction` (or linear), overlapping "
                        "conv stems, MLP with depthwise conv")),
     ("pvt_*", Entry("PVT (Wang et al., ICCV 2021)", "grouping `spatial_reduction`, per-stage tables", "pvt.PvT")),

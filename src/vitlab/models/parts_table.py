@@ -40,6 +40,12 @@ FAMILY_EXAMPLES: Dict[str, Tuple[str, Dict[str, Any], Tuple[int, int, int]]] = {
     "navit": ("navit_tiny_patch4", dict(img_size=32, depth=2, embed_dim=32, num_heads=2), (3, 32, 32)),
     "video": ("vivit_base_st", dict(img_size=16, num_frames=4, patch_size=4, tubelet_size=2, depth=2, embed_dim=24,
                                     num_heads=2, num_classes=10), (3, 4, 16, 16)),
+    "twins": ("twins_svt_small", dict(img_size=32, depths=(2, 2), embed_dims=(16, 32), num_heads=(1, 2),
+                                      mlp_ratios=(2, 2), sr_ratios=(2, 1), wss=(2, 2), num_classes=10), (3, 32, 32)),
+    "pit": ("pit_ti_224", dict(img_size=32, patch_size=8, stride=4, base_dims=(8, 8, 8), depth=(1, 1, 1),
+                               heads=(2, 2, 4), num_classes=10), (3, 32, 32)),
+    "nest": ("nest_tiny", dict(img_size=32, embed_dims=(16, 32), num_heads=(2, 2), depths=(1, 1), num_classes=10),
+             (3, 32, 32)),
     "alternet": ("alternet50_cifar", dict(layers=(1, 1, 2, 2), msa_counts=(0, 0, 1, 1), heads=(1, 1, 2, 2),
                                           head_dim=8, window_size=2, num_classes=10), (3, 32, 32)),
 }

@@ -13,14 +13,14 @@ State-dict keys follow timm's ``VisionTransformer`` (``patch_embed.proj``, ``cls
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from vitlab.layers import EMBEDS, Mlp, MixerSpec, TokenLayout, create_norm, init_weights, sincos_1d, sincos_2d
 from vitlab.layers.mlp import CHANNEL_MIXERS
-from vitlab.layers.token_ops import PatchDropout, PatchMerger, TokenSubset
+from vitlab.layers.token_ops import AdaptiveTokenSampler, PatchDropout, PatchMerger, TokenSubset
 from vitlab.layers.pos_embed import POS_EMBEDS, sincos_2d_big_vision
 from vitlab.models.backbone import Backbone
 from vitlab.models.block import Block, drop_path_rates
@@ -49,7 +49,9 @@ class VisionTransformer(Backbone):
     ``mixer_kwargs``, ``dynamic_img_size`` (any
     input size divisible by the patch; the position table is resampled on the fly, as timm's). ``patch_drop_rate``
     (timm's PatchDropout in training, Liu et al., WACV 2023), ``patch_merger`` (``dict(after=k, num_tokens=M)``:
-    a :class:`~vitlab.layers.token_ops.PatchMerger` after block ``k``, Renggli et al., 2022).
+    a :class:`~vitlab.layers.token_ops.PatchMerger` after block ``k``, Renggli et al., 2022), ``ats``
+    (``dict(blocks=(i, ...), max_tokens=K)``: adaptive token sampling inside those blocks, Fayyaz et al., ECCV 2022;
+    see :func:`_ats_layouts` and :mod:`vitlab.models.ats`).
     """
 
     stage_attr = "blocks"  # isotropic: one stage, every block a feature tap
@@ -69,6 +71,7 @@ class VisionTransformer(Backbone):
                  num_parallel: int = 1, mlp: str = "mlp", block_modifiers: Optional[Dict[int, Any]] = None,
                  embed_kwargs: Optional[Dict[str, Any]] = None, attn_position: Sequence[Any] = (),
                  patch_drop_rate: float = 0.0, patch_merger: Optional[Dict[str, Any]] = None,
+                 ats: Optional[Dict[str, Any]] = None,
                  architecture: str = "vit", default_cfg: Optional[Dict[str, Any]] = None):
         super().__init__()
         if global_pool not in ("token", "avg", "seqpool"):
@@ -79,8 +82,7 @@ class VisionTransformer(Backbone):
             raise ValueError(f"unknown pos_embed {pos_embed!r}; valid: {', '.join(POS_EMBEDS)}")
         if depth < 1 or embed_dim < 1 or num_heads < 1:
             raise ValueError(f"depth, embed_dim and num_heads must be positive, got {depth}, {embed_dim}, {num_heads}")
-        self.num_classes = num_classes
-        self.in_chans = in_chans
+        self.num_classes, self.in_chans = num_classes, in_chans
         self.num_features = self.embed_dim = embed_dim
         self.global_pool = global_pool
         num_prefix = int(class_token) + reg_tokens + extra_tokens  # extra: prefix tokens a subclass adds
@@ -95,7 +97,7 @@ class VisionTransformer(Backbone):
         self._position_table(pos_embed, 0 if no_embed_class else num_prefix, embed_dim)
         self.pos_drop = nn.Dropout(drop_rate)
         layout = TokenLayout(self.grid_size, num_prefix)
-        layouts = self._token_count_parts(patch_drop_rate, patch_merger, layout, depth, spec, norm, norm_eps)
+        layouts = self._token_count_parts(patch_drop_rate, patch_merger, layout, depth, spec, norm, norm_eps, ats)
         self.blocks = self._build_blocks(
             spec, layouts, num_heads, mlp, int(embed_dim * mlp_ratio), num_parallel,
             _block_attention(block_modifiers, attn_position, depth),
@@ -156,15 +158,26 @@ class VisionTransformer(Backbone):
         init_weights(self, init)
 
     def _token_count_parts(self, patch_drop_rate: float, patch_merger: Optional[Dict[str, Any]],
-                           layout: TokenLayout, depth: int, spec: MixerSpec, norm: str, eps: float
-                           ) -> List[TokenLayout]:
-        """``patch_drop`` (timm's name and module) and the optional ``patch_merger`` (run after block
-        ``after_block``); returns the layout each block is built for."""
+                           layout: TokenLayout, depth: int, spec: MixerSpec, norm: str, eps: float,
+                           ats: Optional[Dict[str, Any]] = None) -> List[TokenLayout]:
+        """``patch_drop`` (timm's name and module), the optional ``patch_merger`` (run after block
+        ``after_block``) and the optional adaptive token samplers ``ats`` (run inside the blocks ``in_block``);
+        returns the layout each block is built for."""
         if not 0.0 <= patch_drop_rate < 1.0:
             raise ValueError(f"patch_drop_rate must be in [0, 1), got {patch_drop_rate}")
-        if (patch_drop_rate or patch_merger) and spec.linear_cost:  # FLatten's depthwise conv reads the value map
+        if (patch_drop_rate or patch_merger or ats is not None) and spec.linear_cost:  # FLatten's DWC: the map
             raise ValueError(f"mixer {spec.mixer!r} (core {spec.core or spec.mixer!r}) convolves the token map, which "
-                             "patch_drop_rate / patch_merger take away; use a softmax-family mixer")
+                             "patch_drop_rate / patch_merger / ats take away; use a softmax-family mixer")
+        if ats is not None:
+            if patch_merger is not None or self.cls_token is None or self.global_pool != "token":
+                raise ValueError("ats (adaptive token sampling) scores tokens by the class token's attention and "
+                                 "pools that token: it needs class_token=True, global_pool='token' and no "
+                                 f"patch_merger; got class_token={self.cls_token is not None}, "
+                                 f"global_pool={self.global_pool!r}, patch_merger={patch_merger!r}")
+            per_block, layouts = _ats_layouts(ats, layout, depth)
+            self.ats = nn.ModuleList([AdaptiveTokenSampler(k - layout.num_prefix) for k in per_block.values()])
+            self.in_block = {i: f"ats.{n}" for n, i in enumerate(per_block)}
+            return layouts
         self.patch_drop = PatchDropout(patch_drop_rate, num_prefix_tokens=layout.num_prefix) if patch_drop_rate \
             else nn.Identity()
         merge_after, layouts = _merger_layouts(patch_merger, layout, depth)
@@ -193,6 +206,29 @@ def _merger_layouts(cfg: Optional[Dict[str, Any]], layout: TokenLayout, depth: i
     merged = TokenSubset.of(layout.num_prefix + int(cfg.get("num_tokens", 8)), layout.num_prefix, "a PatchMerger",
                             layout.grid)
     return after - 1, [layout if i < after else merged for i in range(depth)]
+
+
+def _ats_layouts(cfg: Dict[str, Any], layout: TokenLayout, depth: int) -> Tuple[Dict[int, int], List[TokenLayout]]:
+    """``ats=dict(blocks=(i, ...), max_tokens=K)`` ("Adaptive Token Sampler for Efficient Vision Transformers",
+    Fayyaz et al., ECCV 2022, sec. 4.1: DeiT-S samples in its blocks 4-12, at most ``K = 197`` tokens, the class
+    token included): ``{block index: K}`` (``max_tokens`` one int or one per block; default: all the tokens, the
+    paper's ``K = N``, which still drops tokens as repeated samples count once) and the layout each block is built
+    for (blocks after the first sampling one see at most ``K`` tokens without a map).  ``blocks`` default: the
+    last three quarters, ``depth // 4 ..`` (indices 3..11 of DeiT-S's 12); negative indices count from the end."""
+    check_kwargs("ats", cfg, ("blocks", "max_tokens"))
+    given = [int(i) for i in cfg.get("blocks", range(depth // 4, depth))]
+    blocks = [i % depth for i in given]
+    if not blocks or any(not -depth <= i < depth for i in given) or len(set(blocks)) < len(blocks):
+        raise ValueError(f"ats blocks {given} must be distinct block indices in -{depth}..{depth - 1}, at least one")
+    k = cfg.get("max_tokens", layout.num_tokens)
+    ks = [int(t) for t in k] if isinstance(k, (list, tuple)) else [int(k)] * len(blocks)
+    if len(ks) != len(blocks) or min(ks) <= layout.num_prefix:
+        raise ValueError(f"ats max_tokens={k!r} must be one int or one per block ({len(blocks)}), each more than the "
+                         f"{layout.num_prefix} prefix token(s)")
+    per_block = dict(sorted(zip(blocks, ks)))
+    sampled = TokenSubset.of(min(max(ks), layout.num_tokens), layout.num_prefix, "adaptive token sampling",
+                             layout.grid)
+    return per_block, [layout if i <= min(blocks) else sampled for i in range(depth)]
 
 
 def _block_attention(block_modifiers: Optional[Dict[int, Any]], position: Sequence[Any], depth: int
