@@ -23,12 +23,10 @@ STUDIES: Dict[str, str] = {
     "lipsformer_no_warmup": "vitlab.studies.lipsformer_no_warmup",
     "focused_linear": "vitlab.studies.focused_linear",
     "msa_vs_conv": "vitlab.studies.msa_vs_conv",
+    "small_data": "vitlab.studies.small_data",
 }
 # named in the issue, not buildable yet: name -> reason
-UNAVAILABLE: Dict[str, str] = {
-    "small_data": "unavailable: needs the shifted patch tokenization (SPT), locality self-attention (LSA) and "
-                  "CCT parts (Lee et al. 2021, Hassani et al. 2021), which vitlab does not have yet",
-}
+UNAVAILABLE: Dict[str, str] = {}
 
 
 def get_study(name: str) -> ModuleType:
