@@ -4,8 +4,8 @@
     python benchmarks/catalogue.py --all              # every catalogue name timm has (hours on 2 cores)
     python benchmarks/catalogue.py --models xcit_nano_12_p16_224 --train
 
-The catalogue is issue 14's list of isotropic and token-level variants (DeiT III, register tokens,
-parallel blocks, XCiT, ...).  By default one size of each architecture runs at its default input size
+The catalogue is issues 14 and 15's list of variants timm also has (DeiT III, register tokens, parallel
+blocks, XCiT, PiT, Twins, NesT, ...).  By default one size of each architecture runs at its default input size
 (the register ViTs of DINOv2 at 224 px instead of 518: 1,370 tokens are minutes per step here).  Models
 vitlab has not registered yet are listed as not run.  Steps alternate vitlab/timm.
 """
@@ -17,8 +17,10 @@ import _common as C  # noqa: I001
 
 # one per architecture: vitlab name == timm name
 DEFAULT = ["deit3_small_patch16_224", "vit_base_patch16_reg4_gap_256", "vit_small_patch14_reg4_dinov2",
-           "vit_small_patch16_18x2_224", "xcit_nano_12_p16_224", "xcit_tiny_12_p8_224"]
-PATTERNS = ["deit3_*", "vit_*_reg4_*", "vit_*_18x2_*", "xcit_*"]  # --all: every vitlab name matching these
+           "vit_small_patch16_18x2_224", "xcit_nano_12_p16_224", "xcit_tiny_12_p8_224", "pit_s_224",
+           "twins_svt_small", "twins_pcpvt_small", "nest_tiny"]
+# --all: every vitlab name matching these (issue 14's isotropic models, issue 15's hierarchical ones)
+PATTERNS = ["deit3_*", "vit_*_reg4_*", "vit_*_18x2_*", "xcit_*", "pit_*", "twins_*", "nest_*"]
 
 
 def _all_names():

@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import json
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
@@ -234,6 +235,16 @@ def peak_step_memory(step: Callable[[], None], device: str = "cpu") -> int:
     return _cpu_peak_from_profiler(step)
 
 
+def _flops_or_none(key: str, model: nn.Module, spec: "StepSpec") -> Optional[int]:
+    """:func:`count_flops`, or None (said on stderr) for a model the counter's module tracker cannot follow
+    (e.g. timm's PiT, whose stages pass tuples): the timing does not depend on it."""
+    try:
+        return count_flops(model, spec.input_size, spec.train, spec.device)
+    except (AssertionError, RuntimeError) as exc:
+        print(f"{key}: FLOPs not counted ({type(exc).__name__}: {str(exc).splitlines()[0]})", file=sys.stderr)
+        return None
+
+
 def count_flops(model: nn.Module, input_size: Tuple[int, int, int], train: bool = False,
                 device: str = "cpu") -> int:
     """FLOPs (not MACs) for one image: forward, or forward + backward when ``train``.
@@ -308,7 +319,7 @@ def compare(models: Dict[str, nn.Module], spec: StepSpec, runs: int = 5, warmup:
     for key, model in models.items():
         s = specs[key]
         model = model.to(s.device)
-        f = count_flops(model, s.input_size, s.train, s.device) if flops else None
+        f = _flops_or_none(key, model, s) if flops else None
         steps[key] = make_step(model, s)
         results[key] = BenchResult(key, s.mode, s.device, s.batch_size, tuple(s.input_size), s.amp,
                                    sum(p.numel() for p in model.parameters()), f, None)

@@ -64,6 +64,15 @@ def register_rename_converter(model_cls: Type[nn.Module], from_timm: Tuple[str, 
                            lambda sd, model: {bwd[0].sub(bwd[1], k): v for k, v in sd.items()}))
 
 
+def rename_first(key: str, rules) -> str:
+    """``key`` rewritten by the first ``(compiled pattern, replacement)`` of ``rules`` that matches it."""
+    for pattern, repl in rules:
+        new, n = pattern.subn(repl, key)
+        if n:
+            return new
+    return key
+
+
 def _converter(model: nn.Module):
     _ensure_loaded()
     for cls, fwd, bwd in _CONVERTERS:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 from typing import List, Tuple
 
-from vitlab.interop.timm import register_timm_converter
+from vitlab.interop.timm import register_timm_converter, rename_first
 from vitlab.models.nest import Nest, blocks_to_raster, raster_to_blocks
 from vitlab.models.resize import resize_size_dependent
 
@@ -70,24 +70,16 @@ def _to_timm_tensor(model, key: str, v):
     return _proj_to_timm(v, _heads(model, key)) if _PROJ.match(key) else v
 
 
-def _rename(key: str, rules: _Rules) -> str:
-    for pattern, repl in rules:  # the first rule that matches (at most one does)
-        new, n = pattern.subn(repl, key)
-        if n:
-            return new
-    return key
-
-
 @register_timm_converter(Nest)
 class NestConverter:
     @staticmethod
     def from_timm(sd, model):
         out = {}
         for k, v in sd.items():
-            k = _rename(k, _FROM_TIMM)
+            k = rename_first(k, _FROM_TIMM)
             out[k] = _from_timm_tensor(model, k, v)
         return resize_size_dependent(model, out)
 
     @staticmethod
     def to_timm(sd, model):
-        return {_rename(k, _TO_TIMM): _to_timm_tensor(model, k, v) for k, v in sd.items()}
+        return {rename_first(k, _TO_TIMM): _to_timm_tensor(model, k, v) for k, v in sd.items()}

@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from typing import List, Tuple
 
-from vitlab.interop.timm import register_timm_converter
+from vitlab.interop.timm import register_timm_converter, rename_first
 from vitlab.models.twins import Twins
 
 _Rules = List[Tuple["re.Pattern[str]", str]]
@@ -39,20 +39,12 @@ _TO_TIMM: _Rules = [(re.compile(p), r) for p, r in (
 )]
 
 
-def _rename(key: str, rules: _Rules) -> str:
-    for pattern, repl in rules:  # the first rule that matches (at most one does)
-        new, n = pattern.subn(repl, key)
-        if n:
-            return new
-    return key
-
-
 @register_timm_converter(Twins)
 class TwinsConverter:
     @staticmethod
     def from_timm(sd, model):
-        return {_rename(k, _FROM_TIMM): v for k, v in sd.items()}
+        return {rename_first(k, _FROM_TIMM): v for k, v in sd.items()}
 
     @staticmethod
     def to_timm(sd, model):
-        return {_rename(k, _TO_TIMM): v for k, v in sd.items()}
+        return {rename_first(k, _TO_TIMM): v for k, v in sd.items()}

@@ -7,7 +7,7 @@ from torch import nn
 
 from vitlab.registry import Registry
 
-__all__ = ["INITS", "init_weights", "spectral_init_", "spectral_norm_of"]
+__all__ = ["INITS", "init_weights", "spectral_init_", "spectral_norm_of", "conv_fan_out_init_"]
 
 INITS = Registry("init")
 
@@ -58,3 +58,17 @@ def spectral_init_(module: nn.Module) -> None:
 def init_weights(module: nn.Module, name: str = "trunc_normal") -> None:
     """Apply the named initialiser to every Linear (and, for ``spectral``, Conv2d) of ``module``."""
     INITS.get(name)(module)
+
+
+@torch.no_grad()
+def conv_fan_out_init_(module: nn.Module) -> None:
+    """Every ``Conv2d`` of ``module``: weights normal with std ``sqrt(2 / fan_out)`` (He et al., 2015, fan-out
+    mode; ``fan_out`` divided by the groups), bias zero -- the conv init of PVTv2's and Twins' official code."""
+    import math
+
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+            nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)

@@ -19,13 +19,13 @@ timm conversion is the identity (:mod:`vitlab.interop.timm_pvt_v2`).
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Dict, Optional, Sequence
 
 import torch
 from torch import nn
 
 from vitlab.layers import create_norm, init_weights
+from vitlab.layers.init import conv_fan_out_init_
 from vitlab.layers import MixerSpec, TokenLayout
 from vitlab.models.backbone import Backbone, ConvPatchEmbed, Stage
 from vitlab.models.base import make_default_cfg, register_recipe
@@ -102,13 +102,7 @@ class PyramidVisionTransformerV2(Backbone):
 
     @torch.no_grad()
     def _init_weights(self, init: str) -> None:
-        # PVTv2's conv init (normal, std sqrt(2 / fan_out)), then the named Linear initialiser
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        conv_fan_out_init_(self)  # the official conv init, then the named Linear initialiser
         init_weights(self, init)
 
     def check_input(self, x: torch.Tensor) -> None:

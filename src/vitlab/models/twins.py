@@ -26,13 +26,13 @@ State-dict keys: ``patch_embed.{proj,norm}``, ``stages.{i}.downsample.{proj,norm
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from vitlab.layers import Mlp, MixerSpec, TokenLayout, create_norm, create_pos_code, init_weights
+from vitlab.layers.init import conv_fan_out_init_
 from vitlab.layers.mixers import check_stage_kwargs
 from vitlab.models.backbone import Backbone, ConvPatchEmbed, Stage
 from vitlab.models.base import VitlabModel, make_default_cfg, register_recipe
@@ -145,13 +145,7 @@ class Twins(Backbone):
 
     @torch.no_grad()
     def _init_weights(self, init: str) -> None:
-        # the official (and timm's) conv init, normal with std sqrt(2 / fan_out), then the named Linear init
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        conv_fan_out_init_(self)  # the official conv init, then the named Linear initialiser
         init_weights(self, init)
 
     def check_input(self, x: torch.Tensor) -> None:
