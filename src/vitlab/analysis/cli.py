@@ -5,8 +5,9 @@
     vitlab analyze --compare runs/an_vit runs/an_featscale --out runs/cmp
 
 Writes ``OUT/analysis.json`` (every number), the PNGs and ``OUT/report.html`` (one self-contained
-page).  Every instrument can be switched with ``--only`` / ``--skip``; heavy ones take size
-options and print their cost.  ``--compare`` takes earlier analyze output folders (or
+page).  Every instrument can be switched with ``--only`` / ``--skip``, takes size options and
+prints its cost before it starts; the sizes not given shrink to fit ``--budget`` seconds
+(:mod:`vitlab.analysis.instruments.budget`).  ``--compare`` takes earlier analyze output folders (or
 checkpoints / model names, analysed on the fly into ``OUT/runs/``) and overlays them.
 
 This module only composes: the common options (:mod:`vitlab.analysis.options`), one module per

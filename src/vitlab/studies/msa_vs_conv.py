@@ -21,7 +21,7 @@ NAME = "msa_vs_conv"
 TITLE = "MSAs low-pass and flatten, convs high-pass"
 PAPER = "Park and Kim, ICLR 2022"
 COST = ("about 15 min on 2 idle CPU cores: a 6-block ViT-Ti (width 96), a pre-activation ResNet (1,1,2,2 bottleneck "
-        "blocks) and its AlterNet trained 2 epochs on 1,000 CIFAR-10 images; Fourier, Hessian (6 Lanczos + 6 SLQ steps on 8 "
+        "blocks) and its AlterNet trained 2 epochs on 1,000 CIFAR-10 images; Fourier, Hessian (30 Lanczos + 6 SLQ steps on 8 "
         "images) and band noise (5 frequencies) on 64 images; --quick: under a minute")
 ORDER = ("vit", "resnet", "alternet")
 NUMBER_KEYS = ("top1", "hf_change_attn", "hf_change_conv", "var_change_attn", "var_change_conv", "hessian_max_abs",
@@ -48,7 +48,7 @@ def settings(ctx: Context) -> Dict[str, Any]:
                                img_size=16))
     return dict(per_class_train=100, per_class_val=100, images=128, noise_images=64,
                 noise_frequencies=[0.1, 0.3, 0.5, 0.7, 0.9], hessian_models=list(ORDER),
-                hessian=dict(hessian_k=3, hessian_iters=6, hessian_batch_size=8, hessian_density_steps=6),
+                hessian=dict(hessian_k=3, hessian_iters=30, hessian_batch_size=8, hessian_density_steps=6),
                 train=dict(epochs=ctx.budget(2), batch_size=32, lr=1e-3, warmup_epochs=0.5, weight_decay=0.05))
 
 

@@ -1,8 +1,10 @@
 """The instruments of ``vitlab analyze``, one module each.
 
 Every module offers ``KEY`` (its entry in ``analysis.json``), ``NAMES`` (what ``--only`` /
-``--skip`` call it), ``add_arguments(group)`` (its size options), ``run(model, data, args,
-out_dir) -> dict`` and ``report(runs, out_dir, run_dirs) -> [(title, html fragments)]``.
+``--skip`` call it), ``add_arguments(group)`` (its size options), ``SIZES`` and ``WEIGHT`` (its
+sizes' ladders and its share of ``--budget``, :mod:`.budget`), ``work(args, data)`` (units of work
+per timed pass kind), ``cost_line(args, data, model)`` (printed before it runs), ``run(model, data,
+args, out_dir) -> dict`` and ``report(runs, out_dir, run_dirs) -> [(title, html fragments)]``.
 The CLI composes them in the order of :data:`MODULES`.
 """
 from __future__ import annotations

@@ -7,15 +7,34 @@ from typing import Dict, List, Tuple
 
 from vitlab.analysis import report as html
 from vitlab.analysis.data import normalize
+from vitlab.analysis.instruments.budget import Size, full
 from vitlab.analysis.instruments.common import figure_path, has_contract, progress, successful
 from vitlab.analysis.options import positive_int
 
 KEY, NAMES = "attention", ("attention",)
+SIZES = (Size("attention_images", (32, 16, 8, 4)),)  # the full default first
+WEIGHT = 0.5  # share of --budget
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--attention-images", type=positive_int, default=32,
-                   help="images for attention statistics (explicit N x N maps per block)")
+    p.add_argument("--attention-images", type=positive_int, default=None,
+                   help="images for attention statistics (explicit N x N maps per block); default: 32, fewer "
+                        "if --budget needs")
+
+
+def _images(args, data) -> int:
+    return min(args.attention_images, len(data.eval_x))
+
+
+def work(args, data) -> Dict[str, float]:
+    """Units of work per probe kind; 3 single-image passes: the layout and the overlay."""
+    return {"attention": _images(args, data), "forward": 3}
+
+
+def cost_line(args, data, model) -> str:
+    n = _images(args, data)
+    return (f"explicit attention matrices over {n} images (--attention-images) + 3 single-image passes (token "
+            f"layout, overlay) = {n + 3} image forward passes")
 
 
 def run(model, data, args, out_dir) -> Dict:
@@ -23,6 +42,7 @@ def run(model, data, args, out_dir) -> Dict:
     from vitlab.layers.recording import attention_modules
     if not list(attention_modules(model)):
         return {"skipped": f"{type(model).__name__} has no attention modules to record"}
+    args = full(args, SIZES)
     x = normalize(data.eval_x[: args.attention_images], data.norm)
     res = am.attention_statistics(model, x, batch_size=min(args.batch_size, 32), max_images=args.attention_images,
                                   progress=progress(args))

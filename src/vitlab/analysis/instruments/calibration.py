@@ -9,21 +9,43 @@ import torch
 
 from vitlab.analysis import report as html
 from vitlab.analysis.data import normalize
+from vitlab.analysis.instruments.budget import Size, full
 from vitlab.analysis.instruments.common import successful
+from vitlab.analysis.options import positive_int
 
 KEY, NAMES = "calibration", ("calibration",)
 METRICS = ["top1", "top5", "nll", "ece", "signed_ece", "brier", "acc90", "unc90", "freq90", "iou", "iou90"]
+# the full default first; a user-given --num-images counts as --calibration-images
+SIZES = (Size("calibration_images", (256, 128, 64, 32, 16), inherit="num_images"),)
+WEIGHT = 0.5  # share of --budget
 
 
 def add_arguments(p) -> None:
-    """Sizes: ``--num-images`` and ``--batch-size`` (common options)."""
+    p.add_argument("--calibration-images", type=positive_int, default=None,
+                   help="evaluation images (one forward pass each); default: --num-images if given, else 256, "
+                        "fewer if --budget needs")
+
+
+def _images(args, data) -> int:
+    return min(args.calibration_images, len(data.eval_x))
+
+
+def work(args, data) -> Dict[str, float]:
+    """Units of work per probe kind."""
+    return {"forward": _images(args, data)}
+
+
+def cost_line(args, data, model) -> str:
+    n = _images(args, data)
+    return f"one forward pass over {n} images (--calibration-images) = {n} image forward passes"
 
 
 @torch.no_grad()
 def run(model, data, args, out_dir) -> Dict:
     from vitlab.analysis.calibration import calibration_metrics, plot_reliability_diagram, reliability_bins
-    x = normalize(data.eval_x[: args.num_images], data.norm)
-    y = data.eval_y[: args.num_images]
+    args = full(args, SIZES)
+    x = normalize(data.eval_x[: args.calibration_images], data.norm)
+    y = data.eval_y[: args.calibration_images]
     probs = torch.cat([model(x[i:i + args.batch_size]).softmax(-1) for i in range(0, len(x), args.batch_size)])
     m = calibration_metrics(probs, y, n_bins=15)
     bins = reliability_bins(probs, y, 15)

@@ -8,19 +8,39 @@ from typing import Dict, List, Tuple
 
 from vitlab.analysis import report as html
 from vitlab.analysis.data import normalize
+from vitlab.analysis.instruments.budget import Size, full
 from vitlab.analysis.instruments.common import figure_path, has_contract, successful
 
 KEY, NAMES = "features", ("fourier", "oversmoothing")
+# --num-images (a common option): the full default first, then what the budget may choose
+SIZES = (Size("num_images", (256, 128, 64, 32, 16)),)
+WEIGHT = 1.0  # share of --budget
 
 
 def add_arguments(p) -> None:
     """Sizes: ``--num-images`` and ``--batch-size`` (common options)."""
 
 
+def _images(args, data) -> int:
+    return min(args.num_images, len(data.eval_x))
+
+
+def work(args, data) -> Dict[str, float]:
+    """Units of work per probe kind (:data:`vitlab.analysis.instruments.budget.PROBES`)."""
+    return {"features": _images(args, data)}
+
+
+def cost_line(args, data, model) -> str:
+    n = _images(args, data)
+    return (f"forward_halves keeping every block's output, then a 2-D FFT of each feature map, over {n} images "
+            f"(--num-images) = {n} image forward passes")
+
+
 def run(model, data, args, out_dir) -> Dict:
     from vitlab.analysis.features import feature_statistics
     if not has_contract(model):
         return {"skipped": f"{type(model).__name__} does not implement the vitlab model contract (forward_halves)"}
+    args = full(args, SIZES)
     x = normalize(data.eval_x[: args.num_images], data.norm)
     return feature_statistics(model, x, batch_size=args.batch_size, max_images=args.num_images)
 

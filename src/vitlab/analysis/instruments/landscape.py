@@ -2,11 +2,11 @@
 (Li et al., "Visualizing the Loss Landscape of Neural Nets", NeurIPS 2018; Park & Kim 2022 §6)."""
 from __future__ import annotations
 
-import sys
 from typing import Dict, List, Tuple
 
 from vitlab.analysis import report as html
 from vitlab.analysis.data import augmented_batches
+from vitlab.analysis.instruments.budget import Size, full
 from vitlab.analysis.instruments.common import figure_path, num_classes, progress, successful
 from vitlab.analysis.options import positive_int
 
@@ -16,22 +16,43 @@ FLOAT32 = ("loss differences between neighbouring grid points near the weights a
            "logits")
 
 
+# the full defaults first, then what the budget may choose (images shrink first)
+SIZES = (Size("landscape_images", (32, 16, 8, 4, 2)), Size("landscape_steps", (11, 9, 7, 5)))
+WEIGHT = 2.0  # share of --budget
+
+
 def add_arguments(p) -> None:
-    p.add_argument("--landscape-steps", type=positive_int, default=11,
-                   help="grid side; cost steps^2 forward passes over --landscape-images")
+    p.add_argument("--landscape-steps", type=positive_int, default=None,
+                   help="grid side; cost steps^2 + 1 forward passes over --landscape-images; default: 11, fewer "
+                        "if --budget needs")
     p.add_argument("--landscape-span", type=float, default=1.0)
-    p.add_argument("--landscape-images", type=positive_int, default=32, help="augmented training images")
+    p.add_argument("--landscape-images", type=positive_int, default=None,
+                   help="augmented training images; default: 32, fewer if --budget needs")
     p.add_argument("--landscape-norm", choices=("filter", "dim0", "layer"), default="filter",
                    help="direction normalisation: per output filter (Li et al.), along dim 0 (Park & Kim code), layer")
 
 
+def _images(args, data) -> int:
+    return min(args.landscape_images, len(data.train_x))
+
+
+def work(args, data) -> Dict[str, float]:
+    """Units of work per probe kind (the grid, then the centre once more)."""
+    return {"forward": (args.landscape_steps ** 2 + 1) * _images(args, data)}
+
+
+def cost_line(args, data, model) -> str:
+    s, n = args.landscape_steps, _images(args, data)
+    return (f"{s}x{s} grid (--landscape-steps) + the centre again = {s * s + 1} evaluations x {n} augmented "
+            f"training images (--landscape-images) = {(s * s + 1) * n} image forward passes")
+
+
 def run(model, data, args, out_dir) -> Dict:
     from vitlab.analysis.landscape import loss_landscape
+    args = full(args, SIZES)
     n = args.landscape_images
     batches = augmented_batches(data.train_x[:n], data.train_y[:n], num_classes(model, data), args.batch_size,
                                 args.seed, data.norm)
-    print(f"  landscape: {args.landscape_steps}x{args.landscape_steps} grid x {n} augmented images "
-          f"= {args.landscape_steps ** 2 * n} image forward passes", file=sys.stderr)
     return loss_landscape(model, batches, steps=args.landscape_steps, span=args.landscape_span,
                           weight_decay=args.weight_decay, l2=args.l2, norm=args.landscape_norm, seed=args.seed,
                           progress=progress(args))
