@@ -236,8 +236,7 @@ def peak_step_memory(step: Callable[[], None], device: str = "cpu") -> int:
 
 
 def _flops_or_none(key: str, model: nn.Module, spec: "StepSpec") -> Optional[int]:
-    """:func:`count_flops`, or None (said on stderr) for a model the counter's module tracker cannot follow
-    (e.g. timm's PiT, whose stages pass tuples): the timing does not depend on it."""
+    """:func:`count_flops`, or None (said on stderr) where the counter cannot follow the model (timm's PiT)."""
     try:
         return count_flops(model, spec.input_size, spec.train, spec.device)
     except (AssertionError, RuntimeError) as exc:
