@@ -25,7 +25,20 @@ from vitlab.models.base import make_default_cfg
 from vitlab.models.vit import _SIZES, VisionTransformer
 from vitlab.models.factory import register_model
 
-__all__ = ["DistilledVisionTransformer"]
+__all__ = ["DistilledVisionTransformer", "distilled_head"]
+
+
+def distilled_head(model, x: torch.Tensor, pre_logits: bool = False
+                   ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    """DeiT's two heads on the class and distillation tokens ``x[:, 0]``, ``x[:, 1]``: their mean, or both
+    while training with ``distilled_training`` (``model`` holds ``head``, ``head_dist``, ``head_drop``)."""
+    x_cls, x_dist = model.head_drop(x[:, 0]), model.head_drop(x[:, 1])
+    if pre_logits:
+        return (x_cls + x_dist) / 2
+    x_cls, x_dist = model.head(x_cls), model.head_dist(x_dist)
+    if model.distilled_training and model.training:
+        return x_cls, x_dist
+    return (x_cls + x_dist) / 2
 
 
 class DistilledVisionTransformer(VisionTransformer):
@@ -54,13 +67,7 @@ class DistilledVisionTransformer(VisionTransformer):
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False
                      ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
-        x_cls, x_dist = self.head_drop(x[:, 0]), self.head_drop(x[:, 1])
-        if pre_logits:
-            return (x_cls + x_dist) / 2
-        x_cls, x_dist = self.head(x_cls), self.head_dist(x_dist)
-        if self.distilled_training and self.training:
-            return x_cls, x_dist
-        return (x_cls + x_dist) / 2
+        return distilled_head(self, x, pre_logits)
 
     _global_pools = ("token",)
 

@@ -196,13 +196,9 @@ class PoolingVisionTransformer(Backbone):
                      ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
         if self.head_dist is None:
             return super().forward_head(x, pre_logits)
-        x_cls, x_dist = self.head_drop(x[:, 0]), self.head_drop(x[:, 1])
-        if pre_logits:
-            return (x_cls + x_dist) / 2
-        x_cls, x_dist = self.head(x_cls), self.head_dist(x_dist)
-        if self.distilled_training and self.training:
-            return x_cls, x_dist
-        return (x_cls + x_dist) / 2
+        from vitlab.models.deit import distilled_head
+
+        return distilled_head(self, x, pre_logits)
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         """Fresh ``head`` (and ``head_dist``) for ``num_classes`` (0: none)."""
