@@ -246,6 +246,23 @@ def test_focused_linear_refuses_logit_bias_and_shift_mask():
                            layout=TokenLayout((4, 4)))
 
 
+@pytest.mark.parametrize("part", [dict(core="focused_linear"), dict(position="lepe")])
+@pytest.mark.parametrize("grouping,prefix", [(("spatial_reduction", {"sr_ratio": 2}), 0),
+                                             (("spatial_reduction", {"linear": True}), 0), ("class_query", 1),
+                                             (("spatial_reduction", {"sr_ratio": 1}), 0)])
+def test_value_map_parts_need_keys_that_are_the_queries(part, grouping, prefix):
+    # the DWC / LePE term is computed on V's map and added to the query rows: with reduced keys this was a raw
+    # shape error, with class queries a silently broadcast (N + 1)-row output
+    from vitlab.layers import MultiHeadAttention
+
+    build = lambda: MultiHeadAttention(16, 2, grouping=grouping, layout=TokenLayout((8, 8), prefix), **part)
+    if grouping[1] == {"sr_ratio": 1}:
+        assert build()(torch.randn(2, 64, 16)).shape == (2, 64, 16)
+        return
+    with pytest.raises(ValueError, match="adds a term from the value map to each query row"):
+        build()
+
+
 def test_softmax_uses_sdpa_fast_path_only_when_not_recording(monkeypatch):
     calls = []
     real = F.scaled_dot_product_attention

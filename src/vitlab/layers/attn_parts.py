@@ -48,15 +48,19 @@ class AttentionPart:
       ``token_modifiers`` (False: no modifier applies, e.g. XCiT's channel attention),
       ``takes_bias`` (accepts an additive logit bias or mask), ``linear_cost`` (families that
       adapt their grouping to linear-cost cores read it);
+    * core or position: ``value_map`` (adds a term computed on the value map to the output rows, so
+      queries and keys must be the same tokens);
     * modifier: ``needs_matrix`` (must see the explicit matrix), ``mixes_heads`` (couples heads);
     * grouping: ``same_shape`` (every group has the same token count: heads can be mixed),
       ``same_geometry`` (every group has the same grid: one relative table fits), ``takes_prefix``
-      (can hold class tokens), ``has_mask`` (adds a mask to the logits), ``queries_prefix_only``;
+      (can hold class tokens), ``has_mask`` (adds a mask to the logits), ``queries_prefix_only``,
+      ``keys_are_queries`` (keys and values are the query tokens themselves, not reduced or other tokens);
     * position: ``logit_bias`` (adds to the logits).
     """
 
     name: str = "?"
     kind: str = "part"
+    value_map = False
 
     def setup(self, host) -> None:
         """Register this part's parameters and buffers on ``host``."""
@@ -127,6 +131,10 @@ def check_compatible(core: AttentionPart, grouping: AttentionPart, modifiers: Se
             _refuse(core, p, f"{core.name} takes no additive logit bias")
         if p.logit_bias and not grouping.same_geometry:
             _refuse(grouping, p, f"{p.name} needs groups of one grid; {grouping.name} has several here")
+    for p in (core, *positions):
+        if p.value_map and not grouping.keys_are_queries:
+            _refuse(grouping, p, f"{p.name} adds a term from the value map to each query row, but "
+                                 f"{grouping.name} takes keys and values from other tokens than the queries here")
     if grouping.has_mask and not core.takes_bias:
         _refuse(core, grouping, f"{core.name} cannot take the shifted-window mask (no additive logit bias)")
     if num_prefix and not grouping.takes_prefix:

@@ -41,6 +41,7 @@ class _Grouping(AttentionPart):
     takes_prefix = True
     has_mask = False
     queries_prefix_only = False
+    keys_are_queries = True
     shift_size: Tuple[int, ...] = (0, 0)  # groupings without a cyclic shift
 
     def inputs(self, host, x: torch.Tensor, layout: TokenLayout) -> Tuple[torch.Tensor, torch.Tensor, Any]:
@@ -240,6 +241,10 @@ class SpatialReduction(_Grouping):
             t = host.act(t)
         return x, (torch.cat([x[:, :p], t], dim=1) if p else t), None
 
+    @property
+    def keys_are_queries(self) -> bool:
+        return not self.linear and self.sr_ratio == 1
+
     def key_grid(self, layout):
         if layout is None:
             return None, 0
@@ -255,6 +260,7 @@ class ClassQuery(_Grouping):
     Touvron et al., ICCV 2021).  The output holds the prefix tokens only."""
 
     queries_prefix_only = True
+    keys_are_queries = False
 
     def inputs(self, host, x, layout):
         if layout is None or layout.num_prefix < 1:

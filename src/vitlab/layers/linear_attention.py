@@ -141,6 +141,7 @@ class FocusedLinearCore(Core):
     """
 
     map_rank = 2  # the depthwise conv on V (dwc) reads a 2-D value map
+    value_map = True  # ... and adds it to the query rows
 
     forms_matrix = False
     takes_bias = False

@@ -67,6 +67,8 @@ class LePE(_Position):
     (``lepe.{b}``), added to the attention output.  ``div_heads`` divides the sum by
     ``sqrt(heads per branch)`` (LipsFormer-CSwin's released code)."""
 
+    value_map = True
+
     def __init__(self, lepe_kernel: int = 3, div_heads: bool = False):
         self.kernel, self.div_heads = lepe_kernel, div_heads
 
