@@ -127,21 +127,25 @@ def test_clip_grad_clips_the_total_norm():
 @pytest.mark.parametrize("max_steps,mid", [(2, True), (3, False)])
 def test_max_steps_stops_and_saves_only_mid_epoch(monkeypatch, max_steps, mid):
     saved = []
-    monkeypatch.setattr(loop, "save_checkpoint", lambda run, name, e, s, acc: saved.append((name, e, s)) or name)
+    monkeypatch.setattr(loop, "save_checkpoint",
+                        lambda r, name, e, s, acc: saved.append((r, name, e, s, dict(acc))) or name)
     run = make_run(batches(3), spe=3, max_steps=max_steps)
     out = loop.train_epoch(run, 0, Recorder())
     assert run.global_step == max_steps and out["stopped"] and out["mid_epoch"] == mid
-    assert saved == ([("last.pt", 0, 2)] if mid else [])
+    assert 0 <= out["seconds"] < 60
+    assert [s[1:4] for s in saved] == ([("last.pt", 0, 2)] if mid else [])
+    if mid:  # the run itself and the epoch's running sums, so that a resume continues them
+        assert saved[0][0] is run and saved[0][4] == out["acc"] and saved[0][4]["n"] == 2 * BS
     assert run.last_good == ("last.pt" if mid else None)
 
 
 def test_checkpoint_every_steps_inside_the_epoch_only(monkeypatch):
     saved = []
-    monkeypatch.setattr(loop, "save_checkpoint", lambda run, name, e, s, acc: saved.append((name, e, s, acc["n"]))
+    monkeypatch.setattr(loop, "save_checkpoint", lambda r, name, e, s, acc: saved.append((r, name, e, s, acc["n"]))
                         or f"ck{s}")
-    run = make_run(batches(5), spe=5, ckpt_every_steps=2)
-    loop.train_epoch(run, 0, Recorder())
-    assert saved == [("last.pt", 0, 2, 2 * BS), ("last.pt", 0, 4, 4 * BS)] and run.last_good == "ck4"
+    run = make_run(batches(4), spe=4, ckpt_every_steps=2)
+    loop.train_epoch(run, 0, Recorder())  # step 4 ends the epoch: the epoch's own checkpoint covers it
+    assert [s[1:] for s in saved] == [("last.pt", 0, 2, 2 * BS)] and saved[0][0] is run and run.last_good == "ck2"
 
 
 @pytest.mark.parametrize("last_good", [None, "runs/x/checkpoints/last.pt"])
@@ -173,18 +177,50 @@ def test_mixup_and_distillation_take_the_loss_and_accuracy_is_not_counted_with_m
 
 
 def test_ddp_syncs_on_the_last_micro_batch_only():
-    entered = []
+    events = []
 
     class FakeDDP:
         @contextlib.contextmanager
         def no_sync(self):
-            entered.append(True)
+            events.append("no_sync")
             yield
 
     run = make_run(batches(6), spe=2, accum=3)
     run.ddp = FakeDDP()
+    forward = run.train_model.forward
+    run.train_model.forward = lambda x: events.append("forward") or forward(x)
     loop.train_epoch(run, 0, Recorder())
-    assert len(entered) == 2 * 2  # micro-batches 1 and 2 of each step, never the third
+    # micro-batches 1 and 2 of each step skip the gradient sync, the third syncs
+    assert events == ["no_sync", "forward", "no_sync", "forward", "forward"] * 2
+
+
+def test_ema_gets_the_trained_model_and_amp_reaches_the_model():
+    run = make_run(batches(2), spe=2)
+    run.amp = "bf16"
+    dtypes = []
+    forward = run.train_model.forward
+    run.train_model.forward = lambda x: dtypes.append(forward(x).dtype) or forward(x)
+    loop.train_epoch(run, 0, Recorder())
+    assert dtypes == [torch.bfloat16, torch.bfloat16]  # autocast on the run's device
+    assert all(c[1] == (run.parts.model,) for c in run.parts.ema.calls)
+
+
+def test_clip_acts_on_unscaled_gradients_with_a_grad_scaler():
+    data = batches(4)
+    run = make_run(data, spe=2, accum=2, clip_grad=0.05, lr=1.0)
+    run.parts.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    loop.train_epoch(run, 0, Recorder())
+    ref, _, _ = by_hand(data, 2, accum=2, clip=0.05, lr=1.0)
+    torch.testing.assert_close(run.parts.model.weight, ref.weight, rtol=0, atol=1e-5)
+
+
+def test_step_log_counts_every_rank_and_batch_one_loss():
+    run = make_run([(x[:1], y[:1]) for x, y in batches(2)], spe=2, batch_size=1)
+    run.info = SimpleNamespace(device=torch.device("cpu"), is_main=True, world_size=4, enabled=False, rank=0)
+    log = Recorder()
+    out = loop.train_epoch(run, 0, log)
+    assert [c[1][4] for c in log.calls] == [4, 4]  # images per step over 4 ranks
+    assert sum(c[1][2] for c in log.calls) == pytest.approx(out["acc"]["loss"], rel=1e-6)  # batch 1: mean = sum
 
 
 def test_channels_last_and_progress_lines(capsys):
@@ -201,10 +237,18 @@ def test_channels_last_and_progress_lines(capsys):
 
     g = torch.Generator().manual_seed(1)
     data = [(torch.randn(BS, 2, 3, 3, generator=g), torch.tensor([0, 1])) for _ in range(2)]
-    run = make_run(data, spe=2, channels_last=True, progress=True, log_interval=1)
+    run = make_run(data, spe=3, channels_last=True, progress=True, log_interval=2, cooldown_epochs=1)
+    data.append(data[0])
     run.parts.model = run.train_model = Conv()
     run.parts.optimizer = torch.optim.SGD(run.train_model.parameters(), lr=0.1)
     loop.train_epoch(run, 0, Recorder())
-    assert seen == [True, True]
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert [line.split(" loss")[0] for line in lines] == ["epoch 1/1 step 1/2", "epoch 1/1 step 2/2"]
+    assert seen == [True, True, True]
+    lines = capsys.readouterr().err.strip().splitlines()  # every 2nd step and the last; epochs + cooldown
+    assert [line.split(" loss")[0] for line in lines] == ["epoch 1/2 step 2/3", "epoch 1/2 step 3/3"]
+    for is_main, progress in [(False, True), (True, False)]:  # other ranks and --no-progress print nothing
+        run = make_run(data, spe=3, progress=progress)
+        run.parts.model = run.train_model = Conv()
+        run.parts.optimizer = torch.optim.SGD(run.train_model.parameters(), lr=0.1)
+        run.info = SimpleNamespace(device=torch.device("cpu"), is_main=is_main, world_size=1, enabled=False)
+        loop.train_epoch(run, 0, Recorder())
+        assert capsys.readouterr().err == ""
