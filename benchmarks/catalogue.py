@@ -18,9 +18,11 @@ import _common as C  # noqa: I001
 # one per architecture: vitlab name == timm name
 DEFAULT = ["deit3_small_patch16_224", "vit_base_patch16_reg4_gap_256", "vit_small_patch14_reg4_dinov2",
            "vit_small_patch16_18x2_224", "xcit_nano_12_p16_224", "xcit_tiny_12_p8_224", "pit_s_224",
-           "twins_svt_small", "twins_pcpvt_small", "nest_tiny"]
+           "twins_svt_small", "twins_pcpvt_small", "nest_tiny", "levit_128s", "maxvit_tiny_tf_224", "mobilevit_s",
+           "crossvit_9_240"]
 # --all: every vitlab name matching these (issue 14's isotropic models, issue 15's hierarchical ones)
-PATTERNS = ["deit3_*", "vit_*_reg4_*", "vit_*_18x2_*", "xcit_*", "pit_*", "twins_*", "nest_*"]
+PATTERNS = ["deit3_*", "vit_*_reg4_*", "vit_*_18x2_*", "xcit_*", "pit_*", "twins_*", "nest_*", "levit_*", "maxvit_*",
+            "mobilevit_*", "crossvit_*"]
 
 
 def _all_names():

@@ -61,6 +61,25 @@ SMALL: Dict[str, Callable[[nn.Module], Dict[str, Any]]] = {
     "PoolingVisionTransformer": lambda m: dict(img_size=32, patch_size=8, stride=4, base_dims=(8, 8, 8),
                                                depth=(1, 1, 1), heads=(2, 2, 4)),
     "Nest": lambda m: dict(img_size=32, embed_dims=(16, 32, 32), num_heads=(2, 2, 4), depths=(1, 2, 1)),
+    "Levit": lambda m: dict(img_size=32, embed_dim=(32, 48), key_dim=8, num_heads=(2, 3), depth=(1, 1)),
+    "ConvolutionalVisionTransformer": lambda m: dict(img_size=32, embed_dims=(16, 32, 32), depths=(1, 1, 1),
+                                                     num_heads=(1, 2, 2)),
+    "MobileViT": lambda m: dict(img_size=32, stem_chs=8, channels=(8, 16, 16), depths=(1, 1, 1), strides=(1, 2, 2),
+                                transformer_dims=(0, 16, 32), transformer_depths=(0, 1, 1), num_heads=2,
+                                num_features=32),
+    "CrossFormer": lambda m: dict(img_size=32, embed_dim=16, group_size=2, drop_path_rate=0.0, **_STAGES4),
+    "ScalableViT": lambda m: dict(img_size=32, embed_dims=(8, 16, 24, 32), wss=(2, 2, 2, 1), head_hidden=32,
+                                  drop_path_rate=0.0, **_STAGES4),
+    "SepViT": lambda m: dict(img_size=32, embed_dims=(16, 32), num_heads=(2, 2), depths=(2, 2), mlp_ratios=(2, 2),
+                             window_size=((2,), (2, 4))),
+    "RegionViT": lambda m: dict(img_size=32, embed_dims=(16, 32), depths=(1, 1), num_heads=(2, 2), window_size=2),
+    "LookupViT": lambda m: dict(img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2, compressed_size=3),
+    "MaxViT": lambda m: dict(img_size=64, embed_dim=(16, 16, 32, 32), depths=(1, 2, 1, 1), stem_width=8, dim_head=8,
+                             drop_path_rate=0.0),
+    "CrossVit": lambda m: dict(embed_dim=(16, 32), depth=((1, 1, 0), (1, 1, 0)), num_heads=(2, 2),
+                               **(dict(img_size=120, patch_size=(12, 16))  # dagger stems: 12/16 px only
+                                  if isinstance(m.patch_embed[0].proj, nn.Sequential)
+                                  else dict(img_size=30, patch_size=(3, 4)))),
     "AlterNet": lambda m: dict(img_size=64, layers=(1, 2, 2, 2), msa_counts=(0, 1, 1, 1), window_size=2),
 }
 CNNS = ("ResNet", "PreActResNet")  # no attention to record

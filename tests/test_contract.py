@@ -40,6 +40,9 @@ FAMILIES = {
     "resnet": ("resnet50", dict(img_size=32, layers=(1, 2, 1, 1))),
     "preact_resnet": ("preact_resnet50_cifar", dict(img_size=16, layers=(1, 2, 1, 1))),
     "alternet": ("alternet50_cifar", dict(img_size=32, layers=(1, 2, 2, 2), msa_counts=(0, 1, 1, 1))),
+    "cvt": ("cvt_13_224", dict(img_size=64, embed_dims=(16, 32, 48), depths=(1, 2, 1), num_heads=(1, 2, 3))),
+    "maxvit": ("maxvit_tiny_tf_224", dict(img_size=32, embed_dim=(16, 16, 32, 32), depths=(1, 2, 1, 1), stem_width=8,
+                                          head_hidden_size=32, dim_head=8, drop_path_rate=0.0)),
 }
 
 

@@ -125,3 +125,65 @@ def test_create_pretrained_reads_the_model_directory(tmp_path):
     assert _same(got, src) and not rep.adapted and not rep.new
     got, rep = create_pretrained(None, str(tmp_path / "d"), num_classes=3)  # user kwargs win over config.json
     assert got.num_classes == 3 and rep.new == ["head.bias", "head.weight"]
+
+
+def test_load_weights_strict_and_not(tmp_path):
+    from vitlab.interop.checkpoint import load_weights
+
+    src = _model(1)
+    torch.save(src.state_dict(), tmp_path / "w.pth")
+    dst = _model(2)
+    assert load_weights(dst, str(tmp_path / "w.pth")) is dst and _same(dst, src)
+    other = _model(3, num_classes=4)
+    with pytest.raises(RuntimeError, match="size mismatch for head"):  # strict: a head of another size is an error
+        load_weights(other, str(tmp_path / "w.pth"))
+    assert load_weights(other, str(tmp_path / "w.pth"), strict=False) is other  # not strict: a new head
+    sd = other.state_dict()
+    assert all(torch.equal(sd[k], v) for k, v in src.state_dict().items() if not k.startswith("head."))
+
+
+def test_a_pickle_with_code_is_refused_with_the_first_line_of_the_reason(tmp_path):
+    from vitlab.interop.checkpoint import safe_torch_load
+
+    torch.save({"fn": _model}, tmp_path / "code.pth")  # a function: unpickling would import and run code
+    with pytest.raises(UserError) as err:
+        safe_torch_load(str(tmp_path / "code.pth"))
+    msg = str(err.value)
+    assert msg.startswith(f"cannot read {tmp_path / 'code.pth'} as a weights file without running code from it: ")
+    assert "\n" not in msg and "Weights only load failed" in msg
+    (tmp_path / "empty.pth").write_bytes(b"")
+    with pytest.raises(UserError, match="without running code from it: .+"):
+        safe_torch_load(str(tmp_path / "empty.pth"))
+
+
+def test_model_files_hold_timm_keys_and_a_complete_config(tmp_path):
+    import json
+
+    from safetensors.torch import load_file
+
+    from vitlab.interop.checkpoint import save_model_files
+
+    torch.manual_seed(0)
+    kw = dict(img_size=32, patch_size=8, depth=1, depth_token_only=1, embed_dim=32, num_heads=2, num_classes=3)
+    cait = vitlab.create_model("cait_xxs24_224", **kw)
+    weights, config = save_model_files(cait, str(tmp_path / "d"), "cait_xxs24_224", kw, classes=["a", "b", "c"],
+                                       extra_cfg={"mean": [0.5]})
+    timm = pytest.importorskip("timm")
+    ref = timm.create_model("cait_xxs24_224", **kw)
+    assert set(load_file(weights)) == set(ref.state_dict())  # timm's layout, so timm can read the file
+    cfg = json.loads(open(config).read())
+    assert cfg["architecture"] == "cait_xxs24_224" and cfg["num_classes"] == 3 and cfg["num_features"] == 32
+    assert cfg["model_args"] == kw and cfg["label_names"] == ["a", "b", "c"]
+    assert cfg["pretrained_cfg"]["input_size"] == [3, 32, 32] and cfg["pretrained_cfg"]["mean"] == [0.5]
+    vit = _model(1)
+    weights, config = save_model_files(vit, str(tmp_path / "v"), "vit_tiny_patch16_224", KW)
+    assert json.loads(open(config).read())["label_names"] is None
+    back, _ = create_pretrained(None, str(tmp_path / "v"))
+    assert _same(back, vit)
+
+
+def test_create_pretrained_takes_the_ema_weights(tmp_path):
+    model, ema = _model(1), _model(2)
+    torch.save({"model": model.state_dict(), "state_dict_ema": ema.state_dict()}, tmp_path / "c.pth")
+    got, _ = create_pretrained("vit_tiny_patch16_224", str(tmp_path / "c.pth"), ema=True, **KW)
+    assert _same(got, ema)

@@ -112,6 +112,15 @@ REFUSED = {
     **{("navit", kind, "cross_covariance"): ("takes no attention mask",) for kind in ("core", "mixer")},
     # PVT's spatially reduced keys: a query has no key of its own, so LSA has no diagonal to mask
     **{(fam, "modifiers", "lsa"): ("spatial_reduction", "no diagonal") for fam in ("pvt", "pvt_v2", "twins")},  # XCiT's LPI branch sits between attention and MLP
+    # LeViT: no norm outside the branches (post = pre), an additive offset bias, subsampled queries
+    ("levit", "wiring", "post"): ("no norm outside their branches",),
+    **{("levit", kind, name): ("offset", "no additive logit bias") for kind in ("core", "mixer")
+       for name in ("focused_linear", "cross_covariance")},
+    ("levit", "modifiers", "lsa"): ("subsample", "no diagonal"),
+    ("cvt", "modifiers", "lsa"): ("projection 'conv'", "needs every query to be a key"),
+    ("scalablevit", "modifiers", "lsa"): ("scalable_reduction", "no diagonal"),
+    **{("regionvit", kind, name): ("regional_relative", "no additive logit bias") for kind in ("core", "mixer")
+       for name in ("focused_linear", "cross_covariance")},
     # tokens without a 2-D map (a video's 3-D grid; NaViT's packed sequences): map convolutions and pooling
     **{(fam, kind, name): ("lie on a", "-D grid") for fam in ("video", "navit")
        for kind, name in (("mixer", "pooling"), ("mixer", "dwconv_test"), ("mixer", "focused_linear"),

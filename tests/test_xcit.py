@@ -96,7 +96,9 @@ def test_cross_covariance_core_in_every_family(family):
     or CaiT's one-line refusal (its talking heads need the matrix)."""
     name, small, size = FAMILY_EXAMPLES[family]
     refusals = {"cait": "cross_covariance attends over channels .*; talking_heads acts on the attention between tokens",
-                "navit": "core 'cross_covariance' takes no attention mask"}  # NaViT masks across packed images
+                "navit": "core 'cross_covariance' takes no attention mask",  # NaViT masks across packed images
+                "levit": "cross_covariance takes no additive logit bias",  # LeViT's offset bias
+                "regionvit": "cross_covariance takes no additive logit bias"}  # RegionViT's relative table
     if family in refusals:
         with pytest.raises(ValueError, match=refusals[family]):
             vitlab.create_model(name, **small, core="cross_covariance")
@@ -108,7 +110,8 @@ def test_cross_covariance_core_in_every_family(family):
     out.square().mean().backward()
     assert not [n for n, p in m.named_parameters() if p.grad is None]
     cores = [mod.core.name for mod in m.modules() if isinstance(mod, MultiHeadAttention)]
-    own = {"cross_covariance", "softmax"} if family == "xcit" else {"cross_covariance"}  # + XCiT's class attention
+    # + XCiT's class attention, CrossViT's class-token fusion
+    own = {"cross_covariance", "softmax"} if family in ("xcit", "crossvit") else {"cross_covariance"}
     assert cores and "cross_covariance" in cores and set(cores) <= own, cores
 
 

@@ -199,6 +199,10 @@ class _Bounder:
                        * self.part(b.ls, f"{name}.{j}.ls") for j, b in enumerate(branches))
 
     def block(self, blk, name) -> float:
+        from vitlab.models.block import Block
+
+        if not isinstance(blk, Block):  # a family's own composite block (MaxViT, MobileViT, LookupViT)
+            return self._unbounded(name, f"no Lipschitz rule for block {type(blk).__name__}")
         if getattr(blk, "num_parallel", 1) > 1:
             half1, half2 = self._branches(blk.attns, name + ".attns"), self._branches(blk.ffns, name + ".ffns")
             self.factors.append({"name": name + " (parallel attention branches)", "bound": half1})
@@ -245,7 +249,9 @@ class _Bounder:
         the pooling (a mean over ``n`` tokens: 1/sqrt(n); reading the class token: 1), ``fc_norm`` and
         the head."""
         logs: List[float] = []
-        self._add(logs, "patch_embed", self._embed(m.patch_embed, "patch_embed"))
+        stem = getattr(m, "patch_embed", None)
+        self._add(logs, "patch_embed", self._embed(stem, "patch_embed") if stem is not None else
+                  self._unbounded("patch_embed", f"no Lipschitz rule for the stem of {type(m).__name__}"))
         for name, prefix, stage in m.named_stages():
             if stage.downsample is not None and not isinstance(stage.downsample, nn.Identity):
                 self._add(logs, f"{name}.downsample", self._embed(stage.downsample, f"{name}.downsample"))
@@ -258,9 +264,10 @@ class _Bounder:
             if stage.norm is not None and not isinstance(stage.norm, nn.Identity):
                 self._add(logs, f"{name}.norm", self.part(stage.norm, f"{name}.norm"))
         self._add(logs, "norm", self.part(getattr(m, "norm", None), "norm"))
-        n = m.patch_embed.num_patches if m.stage_attr == "blocks" else math.prod(m.stage_list()[-1].grid_size)
+        n = (getattr(stem, "num_patches", None) if m.stage_attr == "blocks"
+             else math.prod(m.stage_list()[-1].grid_size))
         token = m.global_pool == "token" and m.features_fmt == "NLC"
-        self._add(logs, "pool", 1.0 if token else 1 / math.sqrt(n))
+        self._add(logs, "pool", 1.0 if token or not n else 1 / math.sqrt(n))  # 1 still bounds a mean of unknown size
         self._add(logs, "fc_norm", self.part(getattr(m, "fc_norm", None), "fc_norm"))
         self._add(logs, "head", self.part(m.head, "head"))
         return logs

@@ -89,6 +89,10 @@ def _ensure_loaded() -> None:
     from vitlab.interop import timm_twins  # noqa: F401
     from vitlab.interop import timm_pit  # noqa: F401
     from vitlab.interop import timm_nest  # noqa: F401
+    from vitlab.interop import timm_maxvit  # noqa: F401
+    from vitlab.interop import timm_levit  # noqa: F401
+    from vitlab.interop import timm_mobilevit  # noqa: F401
+    from vitlab.interop import timm_crossvit  # noqa: F401
 
 
 def load_timm_weights(model: nn.Module, timm_state_dict: StateDict) -> nn.Module:

@@ -31,8 +31,16 @@ from vitlab.layers import cores as _cores, grouping as _grouping, modifiers as _
 from vitlab.layers import position_bias as _position, projection as _projection  # noqa: F401 (register)
 from vitlab.layers.video import AxialGrouping, TubeletEmbed, sincos_nd  # noqa: F401 (registers 'axial')
 from vitlab.layers import memory as _memory  # noqa: F401 (registers projection "memory")
+from vitlab.layers import conv_projection as _conv_projection  # noqa: F401 (registers projection "conv", CvT)
 from vitlab.layers import rope as _rope, spt as _spt  # noqa: F401 (register position "rope", embed "spt", "lsa")
+from vitlab.layers import regional as _regional  # noqa: F401 (registers grouping "regional", RegionViT)
+from vitlab.layers import separable as _separable  # noqa: F401 (registers grouping "separable", SepViT)
+from vitlab.layers import unfold as _unfold  # noqa: F401 (registers grouping "unfold", MobileViT)
+from vitlab.layers import dilated as _dilated, dynamic_position as _dpb  # noqa: F401 ("dilated", "dynamic": CrossFormer)
+from vitlab.layers import scalable_attention as _ssa  # noqa: F401 ("scalable_reduction", "scalable", "lim", ScalableViT)
+from vitlab.layers import grid as _grid  # noqa: F401 (registers grouping "grid", MaxViT)
 from vitlab.layers.mlp import CHANNEL_MIXERS, Mlp
+from vitlab.layers import linear_norm as _lnorm, offset_bias as _offset  # noqa: F401 (LeViT's parts)
 from vitlab.layers.norm import NORMS, CenterNorm, create_norm
 from vitlab.layers.patch_embed import EMBEDS, ConvStem, PatchEmbed, to_2tuple
 from vitlab.layers.peg import PEG, POS_CODES, create_pos_code  # conditional position codes (CPVT, Twins)

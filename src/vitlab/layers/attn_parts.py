@@ -54,7 +54,8 @@ class AttentionPart:
     * grouping: ``same_shape`` (every group has the same token count: heads can be mixed),
       ``same_geometry`` (every group has the same grid: one relative table fits), ``takes_prefix``
       (can hold class tokens), ``has_mask`` (adds a mask to the logits), ``queries_prefix_only``,
-      ``keys_are_queries`` (keys and values are the query tokens themselves, not reduced or other tokens);
+      ``keys_are_queries`` (keys and values are the query tokens themselves, not reduced or other tokens),
+      ``needs_matrix`` (the grouping forms the core's attention matrix itself, e.g. SepViT's across windows);
     * position: ``logit_bias`` (adds to the logits).
     """
 
@@ -135,6 +136,9 @@ def check_compatible(core: AttentionPart, grouping: AttentionPart, modifiers: Se
         if p.value_map and not grouping.keys_are_queries:
             _refuse(grouping, p, f"{p.name} adds a term from the value map to each query row, but "
                                  f"{grouping.name} takes keys and values from other tokens than the queries here")
+    if getattr(grouping, "needs_matrix", False) and not core.forms_matrix:
+        _refuse(core, grouping, f"{core.name} never forms the attention matrix; {grouping.name} needs it to attend "
+                                "across its groups")
     if grouping.has_mask and not core.takes_bias:
         _refuse(core, grouping, f"{core.name} cannot take the shifted-window mask (no additive logit bias)")
     if num_prefix and not grouping.takes_prefix:

@@ -28,7 +28,8 @@ class Core(AttentionPart):
     linear_cost = False
 
     def scale(self, host) -> float:
-        return host.head_dim ** -0.5
+        qk_scale = getattr(host, "qk_scale", None)  # the host's override (CvT's official dim ** -0.5)
+        return host.head_dim ** -0.5 if qk_scale is None else qk_scale
 
     def prepare(self, host, q, k, v) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Split-head ``q, k, v`` as the kernel needs them (default: unchanged)."""

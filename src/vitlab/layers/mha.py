@@ -41,14 +41,21 @@ class MultiHeadAttention(RecordsAttention, nn.Module):
     def __init__(self, dim: int, num_heads: int = 8, *, projection: PartSpec = "linear",
                  grouping: PartSpec = "global", core: PartSpec = "softmax", modifiers: Sequence[PartSpec] = (),
                  position: Sequence[PartSpec] = (), head_dim: Optional[int] = None, out_dim: Optional[int] = None,
-                 attn_drop: float = 0.0, proj_drop: float = 0.0, proj_bias: bool = True,
-                 layout: Optional[TokenLayout] = None, num_tokens: Optional[int] = None, **part_kwargs: Any):
+                 value_dim: Optional[int] = None, attn_drop: float = 0.0, proj_drop: float = 0.0,
+                 proj_bias: bool = True,
+                 layout: Optional[TokenLayout] = None, num_tokens: Optional[int] = None,
+                 qk_scale: Optional[float] = None, **part_kwargs: Any):
         super().__init__()
+        if qk_scale is not None and not qk_scale > 0:
+            raise ValueError(f"qk_scale must be a positive float or None, got {qk_scale!r}")
+        self.qk_scale = qk_scale  # replaces head_dim ** -0.5 for the softmax family (timm's former qk_scale)
         if head_dim is None and dim % num_heads:
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
         self.dim, self.num_heads = dim, num_heads
         self.head_dim = head_dim or dim // num_heads
         self.inner, self.out_dim = self.num_heads * self.head_dim, out_dim or dim
+        self.value_dim = value_dim or self.head_dim  # per-head width of V (LeViT: attn_ratio x the key width)
+        self.value_inner = self.num_heads * self.value_dim
         self.layout, self.num_tokens = layout, num_tokens if layout is None else layout.num_tokens
         modifiers, position = _as_specs(modifiers), _as_specs(position)
         valid = part_keys(projection, grouping, core, modifiers, position)
@@ -63,15 +70,32 @@ class MultiHeadAttention(RecordsAttention, nn.Module):
         self.grouping.setup(self)
         check_compatible(self.core, self.grouping, self.modifiers, self.positions,
                          layout.num_prefix if layout is not None else 0)
+        self._check_value_width()
         for part in (self.projection, self.core, *self.modifiers, *self.positions):
             part.setup(self)
         self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(self.inner, self.out_dim, bias=proj_bias)
+        out = getattr(self.projection, "output", None)  # a projection may own the output projection (LeViT's)
+        self.proj = (out(self, proj_bias) if out is not None
+                     else nn.Linear(self.value_inner, self.out_dim, bias=proj_bias))
         self.proj_drop = nn.Dropout(proj_drop)
         self._needs_matrix = any(m.needs_matrix for m in self.modifiers)
         self.plain_global = (self.grouping.name == "global" and self.projection.name == "linear"
                              and not getattr(self.projection, "qk_norm", False) and not self.modifiers
                              and not self.positions and self.inner == self.dim == self.out_dim)
+
+    def _check_value_width(self) -> None:
+        """Values wider than the keys (``value_dim``) need a projection that sizes them and parts that never
+        assume the key width on V (a value-map conv, a channel attention map)."""
+        if self.value_dim == self.head_dim:
+            return
+        if not getattr(self.projection, "sizes_values", False):
+            raise ValueError(f"projection '{self.projection.name}' makes values as wide as the keys; value_dim="
+                             f"{self.value_dim} (head_dim {self.head_dim}) needs one that sizes them (linear_norm)")
+        for p in (self.core, *self.positions):
+            if p.value_map or not getattr(p, "token_modifiers", True):
+                raise ValueError(f"{p.kind} '{p.name}' needs values as wide as the keys ({self.head_dim} per head); "
+                                 f"this attention's values are {self.value_dim} wide (value_dim, e.g. LeViT's "
+                                 "attn_ratio): use a softmax-family core (softmax, cosine)")
 
     def extra_repr(self) -> str:
         parts = [self.projection, self.grouping, self.core, *self.modifiers, *self.positions]
@@ -90,8 +114,10 @@ class MultiHeadAttention(RecordsAttention, nn.Module):
         if y is not None:
             return y
         xq, xkv, state = self.grouping.inputs(self, x, layout)
-        q, k, v = self.core.prepare(self, *self.projection(self, xq, xkv))
+        on_map = getattr(self.projection, "takes_layout", False)  # a projection that convolves the map (CvT)
+        q, k, v = self.core.prepare(self, *self.projection(self, xq, xkv, *((layout,) if on_map else ())))
         branches = self.grouping.branches(self, q, k, v, layout, state)
+        branches = self.projection.on_branches(self, branches) if on_map else branches  # e.g. strided keys' grid
         for p in self.positions:  # position parts that move q and k before the core (RoPE)
             branches = [p.on_qk(self, b) for b in branches] if hasattr(p, "on_qk") else branches
         outs = self._attend_branches(branches, mask)

@@ -1,6 +1,8 @@
 """Normalisation parts, selectable by name: ``layernorm``, ``center``, ``rms``."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -47,6 +49,9 @@ NORMS.register("center")(CenterNorm)
 NORMS.register("rms")(nn.RMSNorm)
 
 
-def create_norm(name: str, dim: int, eps: float = 1e-6) -> nn.Module:
-    """Build a norm by name over the channel (last) axis."""
+def create_norm(name: Optional[str], dim: int, eps: float = 1e-6) -> nn.Module:
+    """Build a norm by name over the channel (last) axis; ``None``: no norm (blocks whose branches carry their
+    own norms, as LeViT's)."""
+    if name is None:
+        return nn.Identity()
     return NORMS.get(name)(dim, eps=eps)

@@ -24,7 +24,8 @@ __all__ = ["AxialRoPE", "axial_angles", "rotate_pairs", "queries_are_keys"]
 def queries_are_keys(host) -> bool:
     """Whether each query token is also a key (global attention, windows, stripes): not so for class-token
     queries (CaiT's class attention) or spatially reduced keys (PVT; the grouping registers ``sr`` on the host)."""
-    return not host.grouping.queries_prefix_only and getattr(host, "sr", None) is None
+    g = host.grouping  # keys_are_queries: False for subsampled queries (LeViT) too
+    return not g.queries_prefix_only and g.keys_are_queries and getattr(host, "sr", None) is None
 
 
 def axial_angles(grid: Tuple[int, ...], head_dim: int, theta: float = 100.0) -> torch.Tensor:

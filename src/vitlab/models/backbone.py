@@ -229,8 +229,9 @@ class Backbone(VitlabModel):
                name: str = "") -> Tuple[torch.Tensor, TokenLayout]:
         """Stage ``i`` up to its blocks: downsample, prefix tokens joining here, its position table."""
         if _present(stage.downsample):
-            x, hw = stage.downsample(x, layout)
-            layout = TokenLayout(hw, layout.num_prefix if getattr(stage.downsample, "takes_prefix", False) else 0)
+            x, hw = stage.downsample(x, layout)  # a TokenLayout when the prefix count changes (RegionViT's regions)
+            layout = hw if isinstance(hw, TokenLayout) else TokenLayout(
+                hw, layout.num_prefix if getattr(stage.downsample, "takes_prefix", False) else 0)
             if out is not None:
                 out.append(self._entry(f"{name}.downsample", "downsample", x, layout, i))
         if i == self.token_stage and i > 0:

@@ -79,6 +79,33 @@ ENTRIES: List[Tuple[str, Entry]] = [
                             "code after each stage's first block, mean pool")),
     ("twins_svt_*", Entry("Twins (Chu et al., NeurIPS 2021), SVT", "grouping `window` (LSA, padded, no shift) "
                           "alternating with `spatial_reduction` (GSA), PEG, mean pool", "twins_svt.TwinsSVT")),
+    ("levit_*", Entry("LeViT (Graham et al., ICCV 2021)", "conv stem (BN + hard-swish), projection and MLP "
+                      "`linear_norm`, position `offset`, shrinking attention (grouping `subsample`) between 3 stages, "
+                      "BN + Linear head + distillation head", "levit.LeViT")),
+    ("cvt_*", Entry("CvT (Wu et al., ICCV 2021)", "projection `conv` (depthwise 3x3 conv + BN; k/v stride 2), conv "
+                    "token embeddings, no position table, class token in the last stage", "cvt.CvT")),
+    ("mobilevit_*", Entry("MobileViT (Mehta & Rastegari, ICLR 2022)", "conv stem, MV2 inverted residuals; MobileViT "
+                          "blocks: 3x3 + 1x1 conv, grouping `unfold` (2x2 patches), conv fusion", "mobile_vit.MobileViT")),
+    ("crossformer_*", Entry("CrossFormer (Wang et al., ICLR 2022)", "cross-scale embedding stem and merges, grouping "
+                            "`window` (SDA) alternating with `dilated` (LDA), position `dynamic` (DPB)",
+                            "crossformer.CrossFormer")),
+    ("scalablevit_*", Entry("ScalableViT (Yang et al., ECCV 2022)", "grouping `window` + position `lim` (IWSA) "
+                            "alternating with grouping `scalable_reduction` + projection `scalable` (SSA), PEG, MLP head",
+                            "scalable_vit.ScalableViT")),
+    ("sepvit_*", Entry("SepViT (Li et al., 2022)", "grouping `separable` (window tokens; attention inside, then across "
+                       "windows), overlapping conv embeddings, PEG", "sep_vit.SepViT")),
+    ("regionvit_*", Entry("RegionViT (Chen et al., ICLR 2022)", "regional tokens as the prefix of their local windows: "
+                          "grouping `regional` (regional self-attention, then regional-to-local), position "
+                          "`regional_relative`", "regionvit.RegionViT")),
+    ("lookupvit_*", Entry("LookupViT (Koner et al., ECCV 2024)", "compressed tokens (Block) and lookup tokens joined by "
+                          "a bidirectional cross-attention sharing one logit matrix", "look_vit.LookViT")),
+    ("maxvit_*", Entry("MaxViT (Tu et al., ECCV 2022)", "conv stem (BN + GELU), MBConv + SE (downsampler and per "
+                       "block); grouping `window` (block attention) then `grid` (grid attention), each with position "
+                       "`relative`; LayerNorm + Linear-tanh pre-logits head", "max_vit.MaxViT")),
+    ("crossvit_*", Entry("CrossViT (Chen et al., ICCV 2021)", "two branches of Blocks (small and large patches), each "
+                         "with a class token; fusion: the projected class token is the one query (projection "
+                         "`separate`, grouping `class_query`) over the other branch's patches; dagger: 3-conv stem; "
+                         "mean of the two heads", "cross_vit.CrossViT")),
     ("pvt_v2_*", Entry("PVTv2 (Wang et al., CVM 2022)", "grouping `spatial_reduction` (or linear), overlapping "
                        "conv stems, MLP with depthwise conv")),
     ("pvt_*", Entry("PVT (Wang et al., ICCV 2021)", "grouping `spatial_reduction`, per-stage tables", "pvt.PvT")),
@@ -97,6 +124,23 @@ REFERENCES: Dict[str, Tuple[str, str]] = {
     "vit_small_data_patch4_32": ("2.69M", "official code"), "vit_small_data_sl_patch4_32": ("2.73M", "official code"),
     "localvit_tiny": ("5.98M", "official code (+4,608: vitlab keeps the block's norm2)"),
     "simple_vit_small_patch16_224": ("21.97M", "timm ViT-S/16 without class token and table"),
+    "cvt_13_224": ("20M", "paper table 2; official code 19,997,480 exact"),
+    "cvt_13_384": ("20M", "paper table 2; official code 19,997,480 exact"),
+    "cvt_21_224": ("32M", "paper table 2; official code 31,622,696 exact"),
+    "cvt_21_384": ("32M", "paper table 2; official code 31,622,696 exact"),
+    "cvt_w24_384": ("277M", "paper table 2; official code 277,196,392 exact"),
+    "crossformer_tiny": ("27.8M", "paper table"), "crossformer_small": ("30.7M", "paper table"),
+    "crossformer_base": ("52.0M", "paper table"), "crossformer_large": ("92.0M", "paper table"),
+    "scalablevit_small": ("32.4M", "paper/README; official code 32.0M, followed"),
+    "scalablevit_base": ("81.9M", "README; official code equal"),
+    "scalablevit_large": ("104.9M", "paper/README; official code 109.3M, followed"),
+    "sepvit_tiny": ("31.2M", "paper table; official code exact"), "sepvit_small": ("46.6M", "paper table; official code "
+                                                                                           "exact"),
+    "sepvit_base": ("82.3M", "paper table; official code 82.38M, followed"), "sepvit_lite": ("3.66M", "official code"),
+    "regionvit_tiny": ("13.8M", "paper table 1; official code exact"),
+    "regionvit_small": ("30.6M", "paper table 1; official code exact"),
+    "regionvit_medium": ("41.2M", "paper table 1; official code exact"),
+    "regionvit_base": ("72.7M", "paper table 1; official code exact"),
 }
 
 

@@ -18,7 +18,9 @@ def register_model(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 # one module per family; each registers its recipes on import
 FAMILIES = ("vit", "deit", "cait", "swin", "cswin", "pvt", "pvt_v2", "resnet", "alternet", "t2t", "cct",
-            "vit_variants", "navit", "xcit", "video", "twins", "ats", "pit", "nest")
+            "vit_variants", "navit", "xcit", "video", "twins", "ats", "pit", "nest",
+            "mobilevit", "sepvit", "regionvit", "lookupvit", "levit", "cvt", "crossformer", "scalablevit",
+            "maxvit", "crossvit")
 
 
 def load_families() -> None:

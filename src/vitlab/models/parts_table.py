@@ -46,6 +46,29 @@ FAMILY_EXAMPLES: Dict[str, Tuple[str, Dict[str, Any], Tuple[int, int, int]]] = {
                                heads=(2, 2, 4), num_classes=10), (3, 32, 32)),
     "nest": ("nest_tiny", dict(img_size=32, embed_dims=(16, 32), num_heads=(2, 2), depths=(1, 1), num_classes=10),
              (3, 32, 32)),
+    "levit": ("levit_128s", dict(img_size=32, embed_dim=(32, 48), key_dim=8, num_heads=(2, 3), depth=(1, 1),
+                                 num_classes=10), (3, 32, 32)),
+    "cvt": ("cvt_13_224", dict(img_size=32, embed_dims=(16, 32, 32), depths=(1, 1, 1), num_heads=(1, 2, 2), mlp_ratios=2,
+                               num_classes=10), (3, 32, 32)),
+    "mobilevit": ("mobilevit_xxs", dict(img_size=32, stem_chs=8, channels=(8, 16, 16), depths=(1, 1, 1),
+                                        strides=(1, 2, 2), transformer_dims=(0, 16, 32), transformer_depths=(0, 1, 1),
+                                        num_heads=2, num_features=32, num_classes=10), (3, 32, 32)),
+    "crossformer": ("crossformer_tiny", dict(img_size=32, embed_dim=16, depths=(2, 2), num_heads=(2, 2), group_size=2,
+                                             num_classes=10), (3, 32, 32)),
+    "scalablevit": ("scalablevit_small", dict(img_size=32, embed_dims=(16, 32), depths=(2, 2), num_heads=(2, 2),
+                                              sr_ratios=(2, 1), wss=(2, 2), c_ratios=(1.25, 1.0), head_hidden=0,
+                                              num_classes=10), (3, 32, 32)),
+    "sepvit": ("sepvit_tiny", dict(img_size=32, embed_dims=(16, 32), num_heads=(2, 2), depths=(2, 2), mlp_ratios=(2, 2),
+                                   window_size=((2,), (2, 4)), num_classes=10), (3, 32, 32)),
+    "regionvit": ("regionvit_tiny", dict(img_size=32, embed_dims=(16, 32), depths=(1, 1), num_heads=(2, 2),
+                                         window_size=2, num_classes=10), (3, 32, 32)),
+    "lookupvit": ("lookupvit_base_patch16_224", dict(img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2,
+                                                     compressed_size=3, num_classes=10), (3, 32, 32)),
+    "maxvit": ("maxvit_tiny_tf_224", dict(img_size=32, embed_dim=(16, 32), depths=(1, 1), stem_width=8,
+                                          head_hidden_size=16, dim_head=8, window_size=2, grid_size=2, num_classes=10),
+               (3, 32, 32)),
+    "crossvit": ("crossvit_9_240", dict(img_size=30, patch_size=(3, 4), embed_dim=(16, 32), depth=((1, 1, 0), (1, 1, 0)),
+                                        num_heads=(2, 2), num_classes=10), (3, 30, 30)),
     "alternet": ("alternet50_cifar", dict(layers=(1, 1, 2, 2), msa_counts=(0, 0, 1, 1), heads=(1, 1, 2, 2),
                                           head_dim=8, window_size=2, num_classes=10), (3, 32, 32)),
 }
@@ -79,13 +102,15 @@ def parts_matrix() -> List[Tuple[str, str, Dict[str, str]]]:
 
 def _capabilities() -> List[str]:
     lines = ["| kind | part | capabilities |", "|---|---|---|"]
-    flags = {"core": ("forms_matrix", "takes_bias", "linear_cost"), "modifier": ("needs_matrix", "mixes_heads"),
-             "grouping": ("same_shape", "same_geometry", "takes_prefix", "queries_prefix_only"),
-             "position bias": ("logit_bias",), "projection": ()}
+    flags = {"core": ("forms_matrix", "takes_bias", "linear_cost", "value_map"),
+             "modifier": ("needs_matrix", "mixes_heads"),
+             "grouping": ("same_shape", "same_geometry", "takes_prefix", "queries_prefix_only", "keys_are_queries"),
+             "position bias": ("logit_bias", "value_map"), "projection": ()}
+    shown = lambda v: "per instance" if isinstance(v, property) else v  # noqa: E731 (set from the part's options)
     for registry in (PROJECTIONS, GROUPINGS, CORES, MODIFIERS, POSITION_BIASES):
         for name in registry.names():
             cls = registry.get(name)
-            caps = ", ".join(f"{f}={getattr(cls, f)}" for f in flags[registry.kind])
+            caps = ", ".join(f"{f}={shown(getattr(cls, f))}" for f in flags[registry.kind])
             lines.append(f"| {registry.kind} | `{name}` | {caps or '-'} |")
     return lines
 

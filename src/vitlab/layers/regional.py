@@ -1,0 +1,124 @@
+"""Regional-to-local attention: the grouping ``regional`` and its position part ``regional_relative``.
+
+"RegionViT: Regional-to-Local Attention for Vision Transformers" (Chen, Panda & Fan, ICLR 2022, sec. 3.2).
+The tokens are two streams laid out as one sequence: the regional tokens first (the layout's prefix, one per
+region, regions in raster order), then the local tokens of the map.  Each region covers a ``window_size``
+square of local tokens, so the local map is ``window_size`` times the regional grid.
+
+* Called on such a sequence, the grouping puts every regional token in front of its window of local tokens:
+  ``B * regions`` groups of ``1 + window_size**2`` tokens (the paper's local self-attention, LSA).
+* Called on the regional tokens alone (a layout without prefix tokens), every regional token attends to every
+  other (the paper's regional self-attention, RSA), so one attention module, with one set of weights, serves
+  both steps as in the paper and the official code.
+
+``regional_relative`` is the official code's ``rel_pos``: a learned bias per head and relative offset inside a
+window, ``(heads, (2w-1)**2)``, on the local-to-local logits of the LSA groups only (the regional token's row and
+column and the RSA get none).  Its index is the official one (offsets ``key - query + w // 2``, wrapped modulo
+``2w - 1``), so the official weights load without reordering.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitlab.layers.attn_parts import GROUPINGS, POSITION_BIASES, require_layout
+from vitlab.layers.grouping import Branch, _Grouping
+from vitlab.layers.layout import TokenLayout
+from vitlab.layers.position_bias import _Position
+from vitlab.layers.window import window_partition, window_reverse
+
+__all__ = ["RegionalToLocal", "RegionalRelativeBias", "regional_index", "regional_grid"]
+
+
+def regional_grid(layout: TokenLayout, window: int) -> Tuple[int, int]:
+    """The regional grid of a two-stream ``layout`` (local map ``window`` times the regions); a clear error
+    when the local map and the prefix count do not fit."""
+    h, w = layout.hw
+    rh, rw = h // window, w // window
+    if h % window or w % window or rh * rw != layout.num_prefix:
+        raise ValueError(f"regional-to-local attention needs a local map of window_size ({window}) times the "
+                         f"regional grid with one regional token per region; got a {h}x{w} map and "
+                         f"{layout.num_prefix} regional tokens")
+    return rh, rw
+
+
+def regional_index(window: int) -> torch.Tensor:
+    """``(w*w, w*w)`` index into the ``(2w-1)**2`` offsets: query ``(y, x)``, key ``(y', x')`` ->
+    ``((y' - y + w//2) mod (2w-1)) * (2w-1) + (x' - x + w//2) mod (2w-1)`` (the official code's order)."""
+    side = 2 * window - 1
+    ys, xs = torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")
+    ys, xs = ys.flatten(), xs.flatten()
+    dy = (ys[None, :] - ys[:, None] + window // 2) % side
+    dx = (xs[None, :] - xs[:, None] + window // 2) % side
+    return dy * side + dx
+
+
+@GROUPINGS.register("regional")
+class RegionalToLocal(_Grouping):
+    """Each regional token with its ``window_size`` window of local tokens (RegionViT's LSA), or the regional
+    tokens among themselves when called without prefix tokens (RSA); see the module docstring."""
+
+    takes_prefix = True  # the prefix tokens are the regional tokens
+
+    def __init__(self, window_size: int = 7):
+        if window_size < 1:
+            raise ValueError(f"window_size must be >= 1, got {window_size}")
+        self.window_size = window_size
+
+    def setup(self, host) -> None:
+        self.window = (self.window_size, self.window_size)
+
+    def key_grid(self, layout):
+        return self.window, 1
+
+    def inputs(self, host, x, layout):
+        if layout.num_prefix == 0:  # the regional tokens alone: one group (RSA)
+            return x, x, None
+        regional_grid(layout, self.window_size)
+        b, n, c = x.shape
+        p = layout.num_prefix
+        local = window_partition(x[:, p:].reshape(b, *layout.hw, c), self.window)  # windows in region order
+        groups = torch.cat([x[:, :p].reshape(b * p, 1, c), local], dim=1)
+        return groups, groups, (b, p, layout.hw)
+
+    def branches(self, host, q, k, v, layout, state):
+        if state is None:
+            return [Branch(q, k, v, slice(0, host.num_heads), layout.grid, 0)]
+        return [Branch(q, k, v, slice(0, host.num_heads), self.window, 1)]
+
+    def outputs(self, host, y, state):
+        if state is None:
+            return y
+        b, p, (h, w) = state
+        local = window_reverse(y[:, 1:], self.window, h, w).reshape(b, h * w, -1)
+        return torch.cat([y[:, 0].reshape(b, p, -1), local], dim=1)
+
+
+@POSITION_BIASES.register("regional_relative")
+class RegionalRelativeBias(_Position):
+    """RegionViT's relative position bias (Chen et al., ICLR 2022, sec. 3.2; the official ``rel_pos``,
+    ``(heads, (2w-1)**2)``, trunc-normal 0.02): on the local-to-local logits of each regional-to-local group
+    only.  Needs the ``regional`` grouping."""
+
+    logit_bias = True
+
+    def setup(self, host) -> None:
+        if not isinstance(host.grouping, RegionalToLocal):
+            raise ValueError(f"position bias 'regional_relative' needs grouping 'regional', got "
+                             f"'{host.grouping.name}'")
+        require_layout(host, self)
+        w = host.grouping.window_size
+        table = torch.empty(host.num_heads, (2 * w - 1) ** 2)
+        nn.init.trunc_normal_(table, std=0.02)
+        host.rel_pos = nn.Parameter(table)
+        host.register_buffer("rel_pos_index", regional_index(w), persistent=False)
+
+    def bias(self, host, branch):
+        if branch.num_prefix != 1:  # the regional self-attention: no window, no bias
+            return None
+        idx = host.rel_pos_index
+        b = host.rel_pos[branch.heads][:, idx].unsqueeze(0)  # (1, h, w*w, w*w)
+        return F.pad(b, (1, 0, 1, 0))
