@@ -18,6 +18,7 @@ from typing import Tuple, Union
 import torch
 
 from vitlab.layers.attn_parts import GROUPINGS
+from vitlab.layers.dilated import dilated_partition, dilated_reverse
 from vitlab.layers.grouping import _Grouping
 from vitlab.layers.layout import TokenLayout
 
@@ -42,21 +43,18 @@ def _check(hw: Pair, patch: Pair) -> None:
 
 def unfold_patches(x: torch.Tensor, hw: Pair, patch: Pair) -> torch.Tensor:
     """``(B, H*W, C)`` tokens in raster order -> ``(B * ph * pw, N, C)``: row ``b * P + p`` holds the ``N``
-    tokens at position ``p`` of every ``ph x pw`` patch of image ``b``, patches in raster order."""
+    tokens at position ``p`` of every ``ph x pw`` patch of image ``b``, patches in raster order (the dilated
+    partition with the patch as its interval)."""
     _check(hw, patch)
-    b, _, c = x.shape
     (h, w), (ph, pw) = hw, patch
-    x = x.reshape(b, h // ph, ph, w // pw, pw, c).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(b * ph * pw, (h // ph) * (w // pw), c)
+    return dilated_partition(x.reshape(x.shape[0], h, w, x.shape[-1]), (h // ph, w // pw), (ph, pw))
 
 
 def fold_patches(y: torch.Tensor, hw: Pair, patch: Pair) -> torch.Tensor:
     """Inverse of :func:`unfold_patches`: ``(B * ph * pw, N, C)`` -> ``(B, H*W, C)``."""
     _check(hw, patch)
     (h, w), (ph, pw) = hw, patch
-    c = y.shape[-1]
-    y = y.reshape(-1, ph, pw, h // ph, w // pw, c).permute(0, 3, 1, 4, 2, 5)
-    return y.reshape(-1, h * w, c)
+    return dilated_reverse(y, (h // ph, w // pw), (ph, pw)).reshape(-1, h * w, y.shape[-1])
 
 
 @GROUPINGS.register("unfold")

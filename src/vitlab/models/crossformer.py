@@ -32,7 +32,8 @@ from vitlab.models.backbone import Backbone
 from vitlab.models.base import make_default_cfg, register_recipe
 from vitlab.models.swin import _per_stage, build_stages, check_stage_sizes, stage_attn_types
 
-__all__ = ["CrossFormer", "crossformer_attention", "crossformer_from_official", "fit_window_groupings"]
+__all__ = ["CrossFormer", "crossformer_attention", "crossformer_from_official", "fit_input_size",
+           "fit_window_groupings"]
 
 
 def crossformer_attention(spec: MixerSpec, group_size: int, long_distance: bool, dpb_residual: bool = False,
@@ -46,6 +47,17 @@ def crossformer_attention(spec: MixerSpec, group_size: int, long_distance: bool,
         return dict(attention)
     grouping = ("dilated", dict(group_size=group_size)) if long_distance else ("window", dict(window_size=group_size))
     return dict(attention, grouping=grouping, position=(("dynamic", dict(dpb_residual=dpb_residual)),))
+
+
+def fit_input_size(model: Backbone, x: torch.Tensor) -> None:
+    """With ``dynamic_img_size`` re-fit the window groupings to ``x``'s size; otherwise ``x`` must be the model's
+    ``img_size`` (one clear error)."""
+    hw = tuple(x.shape[-2:])
+    if model.dynamic_img_size:
+        fit_window_groupings(model, hw)
+    elif hw != (model.img_size, model.img_size):
+        raise ValueError(f"input image size {hw[0]}x{hw[1]} does not match the model's img_size {model.img_size}; "
+                         f"create the model with img_size={hw[1]} or dynamic_img_size=True")
 
 
 def fit_window_groupings(model: Backbone, hw: Tuple[int, int]) -> None:
@@ -140,12 +152,7 @@ class CrossFormer(Backbone):
 
     def check_input(self, x: torch.Tensor) -> None:
         super().check_input(x)
-        hw = tuple(x.shape[-2:])
-        if self.dynamic_img_size:
-            fit_window_groupings(self, hw)
-        elif hw != (self.img_size, self.img_size):
-            raise ValueError(f"input image size {hw[0]}x{hw[1]} does not match the model's img_size {self.img_size}; "
-                             f"create the model with img_size={hw[1]} or dynamic_img_size=True")
+        fit_input_size(self, x)
 
 
 # -- the official repository's state-dict layout ---------------------------------------------------

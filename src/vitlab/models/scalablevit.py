@@ -32,7 +32,7 @@ from vitlab.layers import MixerSpec, create_norm, create_pos_code, init_weights
 from vitlab.layers.init import conv_fan_out_init_
 from vitlab.models.backbone import Backbone, ConvPatchEmbed
 from vitlab.models.base import make_default_cfg, register_recipe
-from vitlab.models.crossformer import fit_window_groupings
+from vitlab.models.crossformer import fit_input_size
 from vitlab.models.swin import _per_stage, build_stages, check_stage_sizes, stage_attn_types
 
 __all__ = ["ScalableViT", "scalablevit_attention", "scalablevit_from_official"]
@@ -142,12 +142,7 @@ class ScalableViT(Backbone):
 
     def check_input(self, x: torch.Tensor) -> None:
         super().check_input(x)
-        hw = tuple(x.shape[-2:])
-        if self.dynamic_img_size:
-            fit_window_groupings(self, hw)
-        elif hw != (self.img_size, self.img_size):
-            raise ValueError(f"input image size {hw[0]}x{hw[1]} does not match the model's img_size {self.img_size}; "
-                             f"create the model with img_size={hw[1]} or dynamic_img_size=True")
+        fit_input_size(self, x)
 
 
 def scalablevit_from_official(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
