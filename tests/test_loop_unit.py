@@ -139,13 +139,15 @@ def test_max_steps_stops_and_saves_only_mid_epoch(monkeypatch, max_steps, mid):
     assert run.last_good == ("last.pt" if mid else None)
 
 
-def test_checkpoint_every_steps_inside_the_epoch_only(monkeypatch):
+@pytest.mark.parametrize("spe", [4, 5])
+def test_checkpoint_every_steps_inside_the_epoch_only(monkeypatch, spe):
     saved = []
     monkeypatch.setattr(loop, "save_checkpoint", lambda r, name, e, s, acc: saved.append((r, name, e, s, acc["n"]))
                         or f"ck{s}")
-    run = make_run(batches(4), spe=4, ckpt_every_steps=2)
-    loop.train_epoch(run, 0, Recorder())  # step 4 ends the epoch: the epoch's own checkpoint covers it
-    assert [s[1:] for s in saved] == [("last.pt", 0, 2, 2 * BS)] and saved[0][0] is run and run.last_good == "ck2"
+    run = make_run(batches(spe), spe=spe, ckpt_every_steps=2)
+    loop.train_epoch(run, 0, Recorder())  # the step ending the epoch: the epoch's own checkpoint covers it
+    want = [("last.pt", 0, s, s * BS) for s in (2, 4) if s < spe]
+    assert [s[1:] for s in saved] == want and saved[0][0] is run and run.last_good == f"ck{want[-1][2]}"
 
 
 @pytest.mark.parametrize("last_good", [None, "runs/x/checkpoints/last.pt"])

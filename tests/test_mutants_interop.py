@@ -138,6 +138,9 @@ def test_load_weights_strict_and_not(tmp_path):
     with pytest.raises(RuntimeError, match="size mismatch for head"):  # strict: a head of another size is an error
         load_weights(other, str(tmp_path / "w.pth"))
     assert load_weights(other, str(tmp_path / "w.pth"), strict=False) is other  # not strict: a new head
+    torch.save({k: v for k, v in src.state_dict().items() if k != "norm.bias"}, tmp_path / "part.pth")
+    with pytest.raises(RuntimeError, match="Missing key.*norm.bias"):  # strict: nothing may be missing
+        load_weights(_model(4), str(tmp_path / "part.pth"))
     sd = other.state_dict()
     assert all(torch.equal(sd[k], v) for k, v in src.state_dict().items() if not k.startswith("head."))
 
@@ -187,3 +190,33 @@ def test_create_pretrained_takes_the_ema_weights(tmp_path):
     torch.save({"model": model.state_dict(), "state_dict_ema": ema.state_dict()}, tmp_path / "c.pth")
     got, _ = create_pretrained("vit_tiny_patch16_224", str(tmp_path / "c.pth"), ema=True, **KW)
     assert _same(got, ema)
+
+
+def test_distilled_heads_both_start_afresh_and_vitlab_keys_pass_the_converter_by(tmp_path):
+    kw = dict(img_size=32, patch_size=8, depth=1, embed_dim=32, num_heads=2)
+    torch.manual_seed(0)
+    src = vitlab.create_model("deit_tiny_distilled_patch16_224", num_classes=10, **kw)
+    torch.save(src.state_dict(), tmp_path / "d.pth")
+    dst = vitlab.create_model("deit_tiny_distilled_patch16_224", num_classes=4, **kw)
+    rep = load_pretrained(dst, str(tmp_path / "d.pth"))  # the classifier is a (head, head_dist) pair
+    assert rep.new == ["head.bias", "head.weight", "head_dist.bias", "head_dist.weight"]
+    cait_kw = dict(img_size=32, patch_size=8, depth=1, depth_token_only=1, embed_dim=32, num_heads=2)
+    cait = vitlab.create_model("cait_xxs24_224", **cait_kw)
+    torch.save(dict(cait.state_dict(), junk=torch.zeros(1)), tmp_path / "c.pth")  # vitlab's keys plus one
+    back = vitlab.create_model("cait_xxs24_224", **cait_kw)
+    rep = load_pretrained(back, str(tmp_path / "c.pth"))
+    assert rep.ignored == ["junk"] and _same(back, cait)
+
+
+def test_model_files_of_a_model_timm_lacks_keep_vitlab_keys(tmp_path):
+    from safetensors import safe_open
+
+    from vitlab.interop.checkpoint import save_model_files
+
+    kw = dict(img_size=32, embed_dims=(16, 32, 32), depths=(1, 1, 1), num_heads=(1, 2, 2))
+    cvt = vitlab.create_model("cvt_13_224", **kw)
+    weights, _ = save_model_files(cvt, str(tmp_path / "d"), "cvt_13_224", kw)
+    with safe_open(weights, "pt") as f:
+        assert set(f.keys()) == set(cvt.state_dict()) and f.metadata() == {"format": "pt"}
+    back, rep = create_pretrained(None, str(tmp_path / "d"))
+    assert _same(back, cvt) and not rep.new
