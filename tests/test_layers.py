@@ -515,3 +515,26 @@ def test_relative_position_table_starts_as_trunc_normal_0_02():
     m = MultiHeadAttention(8, 2, grouping="window", window_size=7, position="relative", layout=TokenLayout((14, 14)))
     t = m.relative_position_bias_table
     assert t.shape == (13 * 13, 2) and 0.015 < t.std().item() < 0.025  # std 0.02 (not 1: a default init)
+
+
+def test_small_biased_attention_is_written_out_and_equals_sdpa(monkeypatch):
+    """Below EXPLICIT_BIAS_LOGITS a CPU attention with a relative table skips SDPA (faster there); the output is
+    SDPA's to float rounding, and a larger map, or no bias, still takes SDPA."""
+    import vitlab.layers.mha as mha
+    from vitlab.layers import MultiHeadAttention
+
+    calls, real = [], F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    m = MultiHeadAttention(16, 2, position="relative", layout=TokenLayout((4, 4))).eval()
+    torch.nn.init.normal_(m.relative_position_bias_table)
+    x = torch.randn(2, 16, 16)
+    small = m(x)
+    assert not calls
+    monkeypatch.setattr(mha, "EXPLICIT_BIAS_LOGITS", 0)  # force SDPA on the same module
+    torch.testing.assert_close(m(x), small, rtol=1e-5, atol=1e-6)
+    assert calls
+    calls.clear()
+    monkeypatch.setattr(mha, "EXPLICIT_BIAS_LOGITS", 196 * 196)
+    MultiHeadAttention(16, 2).eval()(x)  # no bias: SDPA
+    assert calls
