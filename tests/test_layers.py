@@ -518,7 +518,7 @@ def test_relative_position_table_starts_as_trunc_normal_0_02():
 
 
 def test_small_biased_attention_is_written_out_and_equals_sdpa(monkeypatch):
-    """Below EXPLICIT_BIAS_LOGITS a CPU attention with a relative table skips SDPA (faster there); the output is
+    """Up to EXPLICIT_BIAS_LOGITS a CPU attention with a relative table skips SDPA (faster there); the output is
     SDPA's to float rounding, and a larger map, or no bias, still takes SDPA."""
     import vitlab.layers.mha as mha
     from vitlab.layers import MultiHeadAttention
@@ -531,7 +531,7 @@ def test_small_biased_attention_is_written_out_and_equals_sdpa(monkeypatch):
     x = torch.randn(2, 16, 16)
     small = m(x)
     assert not calls
-    monkeypatch.setattr(mha, "EXPLICIT_BIAS_LOGITS", 0)  # force SDPA on the same module
+    monkeypatch.setattr(mha, "EXPLICIT_BIAS_LOGITS", 15)  # force SDPA on the same module (16 x 16 logits)
     torch.testing.assert_close(m(x), small, rtol=1e-5, atol=1e-6)
     assert calls
     calls.clear()

@@ -29,16 +29,17 @@ def _as_specs(specs) -> tuple:
     return tuple(specs)
 
 
-# Below this many logits per head, a CPU attention with an additive bias (relative tables, LeViT's offsets, windows)
+# Up to this many logits per head, a CPU attention with an additive bias (relative tables, LeViT's offsets, windows)
 # runs faster written out than through SDPA, whose CPU path with a float mask adds a masked-row check (all / where
-# / isneginf); measured 1.6-1.9x on 49x49 and 49x196 maps, equal at 196x196 (this project's 2-core CPU).
+# / isneginf); measured 1.6-1.9x on 49x49 and 49x196 maps, equal at 196x196 on its own and faster inside LeViT
+# (this project's 2-core CPU).
 EXPLICIT_BIAS_LOGITS = 196 * 196
 
 
 def _explicit_is_faster(br: Branch, bias: Optional[torch.Tensor], keep: Optional[torch.Tensor]) -> bool:
     """Small biased attention on a CPU, without a layout mask (whose fully masked rows only SDPA handles)."""
     return (bias is not None and keep is None and br.q.device.type == "cpu"
-            and br.q.shape[-2] * br.k.shape[-2] < EXPLICIT_BIAS_LOGITS)
+            and br.q.shape[-2] * br.k.shape[-2] <= EXPLICIT_BIAS_LOGITS)
 
 
 class MultiHeadAttention(RecordsAttention, nn.Module):
