@@ -55,8 +55,12 @@ def spectral_init_(module: nn.Module) -> None:
             m.weight.div_(spectral_norm_of(m.weight).to(m.weight.dtype))
 
 
-def init_weights(module: nn.Module, name: str = "trunc_normal") -> None:
-    """Apply the named initialiser to every Linear (and, for ``spectral``, Conv2d) of ``module``."""
+def init_weights(module: nn.Module, name: str = "trunc_normal", conv_fan_out: bool = False) -> None:
+    """Apply the named initialiser to every Linear (and, for ``spectral``, Conv2d) of ``module``; with
+    ``conv_fan_out`` every Conv2d first gets :func:`conv_fan_out_init_` (the official code of PVTv2, Twins, SepViT,
+    ScalableViT, MaxViT and MobileViT)."""
+    if conv_fan_out:
+        conv_fan_out_init_(module)
     INITS.get(name)(module)
 
 

@@ -30,7 +30,6 @@ import torch
 from torch import nn
 
 from vitlab.layers import Mlp, MixerSpec, TokenLayout, create_norm, init_weights
-from vitlab.layers.init import conv_fan_out_init_
 from vitlab.layers.mbconv import BatchNormAct2d, MBConv, SameConv2d
 from vitlab.layers.mixers import check_stage_kwargs
 from vitlab.models.backbone import Backbone, Downsample, Stage
@@ -201,8 +200,7 @@ class MaxViT(Backbone):
 
     @torch.no_grad()
     def _init_weights(self, init: str) -> None:
-        conv_fan_out_init_(self)  # EfficientNet's fan-out conv init (the official code's), then the Linears
-        init_weights(self, init)
+        init_weights(self, init, conv_fan_out=True)  # the official code's fan-out conv init
 
     # -- the contract: the stem is feature tap 0, then the four stages (timm's) ------------------------
     def _feature_stem(self, x: torch.Tensor) -> Tuple[torch.Tensor, None]:

@@ -32,7 +32,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitlab.layers import DropPath, Mlp, MixerSpec, TokenLayout, create_norm, init_weights
-from vitlab.layers.init import conv_fan_out_init_
 from vitlab.layers.unfold import patch_pair
 from vitlab.models.backbone import Backbone, Downsample, Stage
 from vitlab.models.base import Intermediate, make_default_cfg, register_recipe
@@ -232,8 +231,7 @@ class MobileViT(Backbone):
 
     @torch.no_grad()
     def _init_weights(self, init: str) -> None:
-        conv_fan_out_init_(self)  # the official code's He (fan-out) conv init, then the named Linear initialiser
-        init_weights(self, init)
+        init_weights(self, init, conv_fan_out=True)  # the official code's fan-out conv init
 
     # -- the contract: the last stage's tap includes final_conv (timm's) -------------------------------
     def _feature_unit(self, i: int, unit: Any, x: torch.Tensor, layout: TokenLayout):

@@ -25,7 +25,6 @@ import torch
 from torch import nn
 
 from vitlab.layers import create_norm, init_weights
-from vitlab.layers.init import conv_fan_out_init_
 from vitlab.layers import MixerSpec, TokenLayout
 from vitlab.models.backbone import Backbone, ConvPatchEmbed, Stage
 from vitlab.models.base import make_default_cfg, register_recipe
@@ -102,8 +101,7 @@ class PyramidVisionTransformerV2(Backbone):
 
     @torch.no_grad()
     def _init_weights(self, init: str) -> None:
-        conv_fan_out_init_(self)  # the official conv init, then the named Linear initialiser
-        init_weights(self, init)
+        init_weights(self, init, conv_fan_out=True)  # the official code's fan-out conv init
 
     def check_input(self, x: torch.Tensor) -> None:
         super().check_input(x)

@@ -29,7 +29,6 @@ import torch
 from torch import nn
 
 from vitlab.layers import MixerSpec, create_norm, create_pos_code, init_weights
-from vitlab.layers.init import conv_fan_out_init_
 from vitlab.models.backbone import Backbone, ConvPatchEmbed
 from vitlab.models.base import make_default_cfg, register_recipe
 from vitlab.models.crossformer import fit_input_size
@@ -128,8 +127,7 @@ class ScalableViT(Backbone):
         self.head = self._make_head(num_classes, head_hidden, norm, norm_eps)
         self.init_name = init
         with torch.no_grad():
-            conv_fan_out_init_(self)  # the official conv init, then the named Linear initialiser
-            init_weights(self, init)
+            init_weights(self, init, conv_fan_out=True)  # the official code's fan-out conv init
         self.default_cfg = default_cfg or make_default_cfg(architecture, img, num_classes, in_chans, crop_pct=0.875)
 
     def _make_head(self, num_classes: int, hidden: int, norm: str, eps: float) -> nn.Module:

@@ -32,7 +32,6 @@ import torch
 from torch import nn
 
 from vitlab.layers import Mlp, MixerSpec, TokenLayout, create_norm, create_pos_code, init_weights
-from vitlab.layers.init import conv_fan_out_init_
 from vitlab.layers.mixers import check_stage_kwargs
 from vitlab.models.backbone import Backbone, ConvPatchEmbed, Stage
 from vitlab.models.base import VitlabModel, make_default_cfg, register_recipe
@@ -145,8 +144,7 @@ class Twins(Backbone):
 
     @torch.no_grad()
     def _init_weights(self, init: str) -> None:
-        conv_fan_out_init_(self)  # the official conv init, then the named Linear initialiser
-        init_weights(self, init)
+        init_weights(self, init, conv_fan_out=True)  # the official code's fan-out conv init
 
     def check_input(self, x: torch.Tensor) -> None:
         super().check_input(x)
