@@ -408,3 +408,61 @@ def test_spatial_reduction_linear_pool_and_recorded_key_grid():
     torch.testing.assert_close(m2(x), m2(x, TokenLayout((4, 4))))  # no layout: the square 4 x 4 grid
     m3 = MultiHeadAttention(8, 2, grouping="spatial_reduction", sr_ratio=1, core="focused_linear").eval()
     torch.testing.assert_close(m3(x), m3(x, TokenLayout((4, 4))))
+
+
+# -- survivors of a mutation run over layers/dilated.py, unfold.py, offset_bias.py (2026-11-24) --------------
+def test_unfold_takes_patch_one_and_non_square_patches():
+    from vitlab.layers.layout import TokenLayout as Layout
+    from vitlab.layers.unfold import UnfoldGrouping, fold_patches, patch_pair, unfold_patches
+
+    assert patch_pair(1) == (1, 1) and patch_pair((1, 3)) == (1, 3)
+    for bad in (0, (1, 0), (0, 2)):
+        with pytest.raises(ValueError, match="patch_size must be positive"):
+            patch_pair(bad)
+    x = torch.randn(2, 6 * 8, 5)
+    torch.testing.assert_close(unfold_patches(x, (6, 8), (1, 1)), x, rtol=0, atol=0)  # one group: the whole map
+    g = unfold_patches(x, (6, 8), (3, 4))  # row b * 12 + (a * 4 + c): tokens (3i + a, 4j + c)
+    want = torch.stack([x[b].view(6, 8, 5)[a::3, c::4].reshape(-1, 5) for b in range(2) for a in range(3)
+                        for c in range(4)])
+    torch.testing.assert_close(g, want, rtol=0, atol=0)
+    torch.testing.assert_close(fold_patches(g, (6, 8), (3, 4)), x, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="a 6x8 map cannot be unfolded into 4x3 patches"):
+        unfold_patches(x, (6, 8), (4, 3))
+    assert UnfoldGrouping((3, 4)).key_grid(Layout((6, 8))) == ((2, 2), 0)
+    assert UnfoldGrouping(2).key_grid(None) == (None, 0)
+
+
+@pytest.mark.parametrize("grid", [(7, 7), (5, 6), (4, 4)])
+def test_subsample_out_grid_is_the_query_map(grid):
+    from vitlab.layers.offset_bias import SubsampleQueries
+
+    g = SubsampleQueries(2)
+    x = torch.randn(1, grid[0] * grid[1], 3)
+    xq, xkv, _ = g.inputs(None, x, TokenLayout(grid))
+    out = g.out_grid(grid)
+    assert out == tuple(-(-n // 2) for n in grid) and xq.shape[1] == out[0] * out[1] and xkv is x
+    if grid[0] == grid[1]:  # no layout: a square map is assumed
+        torch.testing.assert_close(g.inputs(None, x, None)[0], xq)
+
+
+def test_offset_bias_with_a_class_token_and_the_subsampled_indices():
+    from vitlab.layers import MultiHeadAttention
+    from vitlab.layers.offset_bias import offset_index
+
+    m = MultiHeadAttention(8, 2, position="offset", layout=TokenLayout((3, 3), 1))
+    torch.nn.init.normal_(m.attention_biases)
+    from vitlab.layers.grouping import Branch
+
+    q = torch.zeros(1, 2, 10, 4)
+    b = m.positions[0].bias(m, Branch(q, q, q, slice(0, 2), (3, 3), 1))
+    assert b.shape == (1, 2, 10, 10)
+    assert torch.equal(b[0, :, 0], torch.zeros(2, 10)) and torch.equal(b[0, :, :, 0], torch.zeros(2, 10))
+    for i in range(9):  # against a loop over offsets
+        for j in range(9):
+            k = abs(i // 3 - j // 3) * 3 + abs(i % 3 - j % 3)
+            assert torch.equal(b[0, :, 1 + i, 1 + j], m.attention_biases[:, k])
+    idx = offset_index((4, 5), 2)  # queries at (2r, 2c) of the 4x5 key map
+    assert idx.shape == (2 * 3, 20)
+    assert idx[4, 0] == 2 * 5 + 2 and idx[5, 19] == abs(2 - 3) * 5 + abs(4 - 4)
+    with pytest.raises(ValueError, match="needs the token layout"):
+        MultiHeadAttention(8, 2, position="offset")
