@@ -64,6 +64,13 @@ def register_rename_converter(model_cls: Type[nn.Module], from_timm: Tuple[str, 
                            lambda sd, model: {bwd[0].sub(bwd[1], k): v for k, v in sd.items()}))
 
 
+def register_rules_converter(model_cls: Type[nn.Module], from_timm, to_timm) -> None:
+    """A converter that renames every key by the first matching rule (:func:`rename_first`): ``from_timm`` and
+    ``to_timm`` are lists of ``(compiled pattern, replacement)`` (Twins, MobileViT)."""
+    _CONVERTERS.insert(0, (model_cls, lambda sd, model: {rename_first(k, from_timm): v for k, v in sd.items()},
+                           lambda sd, model: {rename_first(k, to_timm): v for k, v in sd.items()}))
+
+
 def rename_first(key: str, rules) -> str:
     """``key`` rewritten by the first ``(compiled pattern, replacement)`` of ``rules`` that matches it."""
     for pattern, repl in rules:

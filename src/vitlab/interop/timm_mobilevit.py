@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 
-from vitlab.interop.timm import register_timm_converter, rename_first
+from vitlab.interop.timm import register_rules_converter
 from vitlab.models.mobilevit import MobileViT
 
 
@@ -42,12 +42,4 @@ _TO_TIMM = [(re.compile(p), r) for p, r in (
 )]
 
 
-@register_timm_converter(MobileViT)
-class MobileViTConverter:
-    @staticmethod
-    def from_timm(sd, model):
-        return {rename_first(k, _FROM_TIMM): v for k, v in sd.items()}
-
-    @staticmethod
-    def to_timm(sd, model):
-        return {rename_first(k, _TO_TIMM): v for k, v in sd.items()}
+register_rules_converter(MobileViT, _FROM_TIMM, _TO_TIMM)

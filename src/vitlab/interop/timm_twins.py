@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from typing import List, Tuple
 
-from vitlab.interop.timm import register_timm_converter, rename_first
+from vitlab.interop.timm import register_rules_converter
 from vitlab.models.twins import Twins
 
 _Rules = List[Tuple["re.Pattern[str]", str]]
@@ -39,12 +39,4 @@ _TO_TIMM: _Rules = [(re.compile(p), r) for p, r in (
 )]
 
 
-@register_timm_converter(Twins)
-class TwinsConverter:
-    @staticmethod
-    def from_timm(sd, model):
-        return {rename_first(k, _FROM_TIMM): v for k, v in sd.items()}
-
-    @staticmethod
-    def to_timm(sd, model):
-        return {rename_first(k, _TO_TIMM): v for k, v in sd.items()}
+register_rules_converter(Twins, _FROM_TIMM, _TO_TIMM)
