@@ -18,7 +18,7 @@ class TrainConfig:
     model: str = "vit_tiny_patch4_28"
     model_kwargs: Dict[str, Any] = field(default_factory=lambda: dict(
         embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0, patch_size=4, embed="conv", global_pool="avg",
-        class_token=False))
+        class_token=False, mlp="localvit"))
     num_classes: Optional[int] = None  # None: from the data set
     img_size: Optional[int] = None  # None: the data set's natural size (28 digits, 32 CIFAR, 224 folders)
     drop_path: float = 0.0
