@@ -45,6 +45,22 @@ def test_a_named_model_takes_its_default_cfg_size(tmp_path):
     assert data_settings(TrainConfig(data=folder, img_size=40))["img_size"] == 40  # the flag wins
 
 
+def test_folder_epochs_follow_the_number_of_training_images(tmp_path, monkeypatch):
+    from vitlab.engine.config import FOLDER_MAX_EPOCHS, FOLDER_MIN_STEPS, folder_epochs, resolve_config
+
+    # 4,000 images at batch 32: 125 steps an epoch, 20 epochs already make FOLDER_MIN_STEPS steps
+    assert folder_epochs(4000, 32) == 20 and folder_epochs(100_000, 32) == 20
+    assert folder_epochs(1000, 32) == -(-FOLDER_MIN_STEPS // 32) and folder_epochs(3000, 64) == -(-FOLDER_MIN_STEPS // 47)
+    assert folder_epochs(10, 32) == FOLDER_MAX_EPOCHS and folder_epochs(1000, 16, accum_steps=2) == folder_epochs(1000, 32)
+    folder = _folder(tmp_path / "f", 8, "L", per_class=5)  # 10 training images: one step an epoch
+    assert resolve_config(None, dict(data=folder)).epochs == FOLDER_MAX_EPOCHS
+    assert resolve_config(None, dict(data=folder, epochs=3)).epochs == 3  # a flag wins
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("epochs: 4\n")
+    assert resolve_config(str(recipe), dict(data=folder)).epochs == 4  # so does a recipe
+    assert resolve_config(None, dict()).epochs == TrainConfig().epochs  # the digits keep the main job's
+
+
 def test_progress_writes_plain_lines_without_carriage_returns_to_a_log():
     from vitlab.engine.progress import Progress
 

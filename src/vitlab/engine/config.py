@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-__all__ = ["TrainConfig", "load_recipe", "recipe_dir", "list_recipes", "resolve_config"]
+__all__ = ["TrainConfig", "load_recipe", "recipe_dir", "list_recipes", "resolve_config", "folder_epochs"]
 
 
 @dataclass
@@ -232,10 +232,34 @@ def load_recipe(name_or_path: str) -> Dict[str, Any]:
     return d
 
 
+# An ImageFolder run of the default length takes at least as many optimizer steps as the main job
+# (4,000 digits x 20 epochs at batch 32), so a small folder gets more epochs, capped at FOLDER_MAX_EPOCHS.
+FOLDER_MIN_STEPS = 2500
+FOLDER_MAX_EPOCHS = 100
+
+
+def folder_epochs(num_images: int, batch_size: int, accum_steps: int = 1, base: int = 20) -> int:
+    """Default epochs for an ImageFolder of ``num_images`` training images: ``base``, or more (up to
+    ``FOLDER_MAX_EPOCHS``) so the run makes at least ``FOLDER_MIN_STEPS`` optimizer steps."""
+    steps_per_epoch = max(1, -(-num_images // (batch_size * accum_steps)))
+    return max(base, min(FOLDER_MAX_EPOCHS, -(-FOLDER_MIN_STEPS // steps_per_epoch)))
+
+
 def resolve_config(recipe: Optional[str], overrides: Dict[str, Any]) -> TrainConfig:
     cfg = TrainConfig()
+    given = set()
     if recipe:
-        cfg.update(load_recipe(recipe), source=f"recipe {recipe}")
-    cfg.update({k: v for k, v in overrides.items() if v is not None}, source="command line")
+        settings = load_recipe(recipe)
+        cfg.update(settings, source=f"recipe {recipe}")
+        given |= {k.replace("-", "_") for k in settings}
+    flags = {k: v for k, v in overrides.items() if v is not None}
+    cfg.update(flags, source="command line")
+    given |= {k.replace("-", "_") for k in flags}
     cfg.validate()
+    if "epochs" not in given and os.path.isdir(cfg.data):  # the epochs follow the folder's size
+        from vitlab.data import dataset_info
+
+        n = dataset_info(cfg.data).get("num_images")
+        if n:
+            cfg.epochs = folder_epochs(int(n), cfg.batch_size, cfg.accum_steps, cfg.epochs)
     return cfg
