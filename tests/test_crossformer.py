@@ -25,6 +25,20 @@ def _randomize(module, seed=0):
     return module
 
 
+def official_layout(state_dict):
+    """vitlab keys written out by hand in the official code's layout: the downsampler closing stage i,
+    "reductions" instead of "projs", and an index buffer the official code saves."""
+    official = {}
+    for k, v in state_dict.items():
+        parts = k.split(".")
+        if parts[0] == "layers" and parts[2] == "downsample":
+            k = ".".join(["layers", str(int(parts[1]) - 1), "downsample", parts[3].replace("projs", "reductions")]
+                         + parts[4:])
+        official[k] = v
+    official["layers.0.blocks.0.attn.biases"] = torch.zeros(9, 2)
+    return official
+
+
 # -- the dilated grouping: explicit index lists ----------------------------------------------------------
 @pytest.mark.parametrize("hw,g", [((6, 6), 3), ((4, 6), 2), ((3, 5), 7), ((5, 7), 2)])
 def test_dilated_groups_are_the_papers_index_lists(hw, g):
@@ -167,15 +181,7 @@ def test_contract_intermediates_recording_and_official_layout():
     assert maps["layers.0.blocks.1.attn"].shape == (2 * 16, 2, 4, 4)  # LDA: 16 dilated groups of 2x2
     torch.testing.assert_close(y, m(x))
     assert m.group_matcher()["blocks"] and "head.bias" in m.no_weight_decay()
-    # the official layout: the downsampler closing stage i, "reductions" instead of "projs", index buffers
-    official = {}
-    for k, v in m.state_dict().items():
-        parts = k.split(".")
-        if parts[0] == "layers" and parts[2] == "downsample":
-            k = ".".join(["layers", str(int(parts[1]) - 1), "downsample", parts[3].replace("projs", "reductions")]
-                         + parts[4:])
-        official[k] = v
-    official["layers.0.blocks.0.attn.biases"] = torch.zeros(9, 2)
+    official = official_layout(m.state_dict())
     fresh = vitlab.create_model("crossformer_tiny", **SMALL).eval()
     fresh.load_state_dict(crossformer_from_official(official))
     torch.testing.assert_close(fresh(x), y)

@@ -27,6 +27,23 @@ def _lin(t, layer):
     return t @ layer.weight.T + layer.bias
 
 
+def official_layout(state_dict):
+    """vitlab keys written out by hand in the official code's layout."""
+    official = {}
+    for k, v in state_dict.items():
+        p = k.split(".")
+        if p[0] == "patch_embed":
+            k = "patch_embeds.0." + ".".join(p[1:])
+        elif p[0] == "stages" and p[2] == "downsample":
+            k = f"patch_embeds.{p[1]}." + ".".join(p[3:])
+        elif p[0] == "stages" and p[2] == "pos_block":
+            k = f"pos_block.{p[1]}." + ".".join(p[3:])
+        elif p[0] == "stages":
+            k = f"stages.{p[1]}." + ".".join(p[3:])
+        official[k] = v
+    return official
+
+
 # -- SSA: spatial reduction + channel scaling, by hand ---------------------------------------------------------
 @pytest.mark.parametrize("record", [False, True])
 def test_scalable_self_attention_equals_einsum(record):
@@ -151,18 +168,7 @@ def test_contract_intermediates_recording_and_official_layout():
     m.reset_classifier(3)
     assert m(x).shape == (2, 3)
     ref = vitlab.create_model("scalablevit_small", **SMALL).eval()
-    official = {}
-    for k, v in ref.state_dict().items():  # the official layout, written out by hand
-        p = k.split(".")
-        if p[0] == "patch_embed":
-            k = "patch_embeds.0." + ".".join(p[1:])
-        elif p[0] == "stages" and p[2] == "downsample":
-            k = f"patch_embeds.{p[1]}." + ".".join(p[3:])
-        elif p[0] == "stages" and p[2] == "pos_block":
-            k = f"pos_block.{p[1]}." + ".".join(p[3:])
-        elif p[0] == "stages":
-            k = f"stages.{p[1]}." + ".".join(p[3:])
-        official[k] = v
+    official = official_layout(ref.state_dict())
     fresh = vitlab.create_model("scalablevit_small", **SMALL).eval()
     fresh.load_state_dict(scalablevit_from_official({"model": official}))
     torch.testing.assert_close(fresh(x), ref(x))

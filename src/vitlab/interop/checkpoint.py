@@ -118,11 +118,12 @@ def read_state_dict(path: str, ema: bool = False) -> StateDict:
 def load_weights(model: nn.Module, path: str, strict: bool = True) -> nn.Module:
     """Load local weights into ``model`` (strict by default; position tables are resized by
     the model's own ``load_state_dict`` where it supports that).  Use :func:`load_pretrained`
-    to fine-tune with a new head or another number of input channels."""
+    to fine-tune with a new head or another number of input channels.  timm's keys, and the official keys of
+    families timm lacks (:mod:`vitlab.interop.official`), are renamed first."""
     if not strict:
         load_pretrained(model, path)
         return model
-    model.load_state_dict(read_state_dict(path), strict=True)
+    model.load_state_dict(_maybe_from_timm(model, read_state_dict(path), model.state_dict()), strict=True)
     return model
 
 

@@ -12,7 +12,7 @@ from typing import Callable, Dict, List, Tuple, Type
 import torch
 from torch import nn
 
-__all__ = ["register_timm_converter", "register_identity_converter", "IdentityConverter", "load_timm_weights", "to_timm_state_dict", "TimmKeyError"]
+__all__ = ["register_timm_converter", "register_identity_converter", "register_official_converter", "IdentityConverter", "load_timm_weights", "to_timm_state_dict", "TimmKeyError"]
 
 StateDict = Dict[str, torch.Tensor]
 _CONVERTERS: List[Tuple[Type[nn.Module], Callable, Callable]] = []
@@ -71,6 +71,17 @@ def register_rules_converter(model_cls: Type[nn.Module], from_timm, to_timm) -> 
                            lambda sd, model: {rename_first(k, to_timm): v for k, v in sd.items()}))
 
 
+def register_official_converter(model_cls: Type[nn.Module], is_official, from_official) -> None:
+    """For a family timm lacks: the converter slot reads the official code's checkpoints (recognised by
+    ``is_official(sd)``, renamed by ``from_official(sd)``); vitlab keys pass through, and saving to timm's keys
+    is a ``ValueError`` (there are none), so saved model files keep vitlab's keys."""
+    def to_timm(sd: StateDict, model: nn.Module) -> StateDict:
+        raise ValueError(f"timm has no {type(model).__name__}: its state dict keeps vitlab's keys")
+
+    _CONVERTERS.insert(0, (model_cls, lambda sd, model: from_official(sd) if is_official(sd) else dict(sd),
+                           to_timm))
+
+
 def rename_first(key: str, rules) -> str:
     """``key`` rewritten by the first ``(compiled pattern, replacement)`` of ``rules`` that matches it."""
     for pattern, repl in rules:
@@ -99,6 +110,7 @@ def _ensure_loaded() -> None:
     from vitlab.interop import timm_maxvit  # noqa: F401
     from vitlab.interop import timm_levit  # noqa: F401
     from vitlab.interop import timm_mobilevit  # noqa: F401
+    from vitlab.interop import official  # noqa: F401  (families timm lacks: their official checkpoints' keys)
     from vitlab.interop import timm_crossvit  # noqa: F401
 
 
