@@ -21,7 +21,7 @@ DEFAULT = ["deit3_small_patch16_224", "vit_base_patch16_reg4_gap_256", "vit_smal
            "twins_svt_small", "twins_pcpvt_small", "nest_tiny", "levit_128s", "maxvit_tiny_tf_224", "mobilevit_s",
            "crossvit_9_240"]
 # --all: every vitlab name matching these (issue 14's isotropic models, issue 15's hierarchical ones)
-PATTERNS = ["deit3_*", "vit_*_reg4_*", "vit_*_18x2_*", "xcit_*", "pit_*", "twins_*", "nest_*", "levit_*", "maxvit_*",
+PATTERNS = ["deit3_*", "vit_*_reg[14]_*", "vit_*_18x2_*", "xcit_*", "pit_*", "twins_*", "nest_*", "levit_*", "maxvit_*",
             "mobilevit_*", "crossvit_*"]
 
 

@@ -217,6 +217,46 @@ def test_fusion_depth_keeps_the_patches_as_keys():
     assert rec.last()["blocks.0.fusion.0.1.attn"].shape == (1, 2, 1, 50)
 
 
+# -- a checkpoint of another image size: both position tables resized on load ----------------------------------
+@pytest.mark.parametrize("name,loaded,as_dir", [
+    ("crossvit_9_240", dict(img_size=360), True),  # grids 20 / 14 -> 30 / 21; timm-keyed model directory
+    ("crossvit_9_240", dict(img_size=120), False),  # -> 10 / 7
+    ("crossvit_15_dagger_408", dict(img_size=240, img_scale=(1.0, 224 / 240)), False),  # 34 / 24 -> 20 / 14
+])
+def test_checkpoint_of_another_image_size_resizes_both_position_tables(tmp_path, name, loaded, as_dir):
+    """Weights saved at the recipe's size, loaded at another through the public paths (``create_pretrained`` from a
+    file or a timm-keyed model directory, and the strict ``load_weights``): each ``pos_embed_{b}`` is timm's
+    ``resample_abs_pos_embed`` of the saved one to its branch's grid, class row kept; every other tensor unchanged;
+    the model runs at the new size."""
+    from timm.layers import resample_abs_pos_embed
+
+    from vitlab.interop.checkpoint import create_pretrained, load_weights, save_model_files
+
+    kw = dict(embed_dim=(16, 32), depth=((1, 1, 0),), num_heads=(2, 2), num_classes=10)
+    src = vitlab.create_model(name, **kw)
+    path = str(tmp_path / "w.pth")
+    if as_dir:
+        save_model_files(src, path, name, kw)  # timm's keys (the fusion's wq/wk/wv), config.json
+    else:
+        torch.save(src.state_dict(), path)
+    model, rep = create_pretrained(None if as_dir else name, path, **({} if as_dir else kw), **loaded)
+    assert sorted(rep.adapted) == ["pos_embed_0", "pos_embed_1"] and not rep.new
+    for b, grid in enumerate(model.pos_embed_grids):
+        old = getattr(src, f"pos_embed_{b}").detach()
+        side = math.isqrt(old.shape[1] - 1)
+        want = resample_abs_pos_embed(old, list(grid), [side, side], num_prefix_tokens=1)
+        assert want.shape[1] == 1 + grid[0] * grid[1] != old.shape[1]
+        assert torch.equal(getattr(model, f"pos_embed_{b}").detach(), want) and torch.equal(want[:, 0], old[:, 0])
+    own = model.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in src.state_dict().items() if not k.startswith("pos_embed_"))
+    if not as_dir:  # the strict path, on the vitlab-keyed file
+        again = load_weights(vitlab.create_model(name, **kw, **loaded), path)
+        assert all(torch.equal(v, own[k]) for k, v in again.state_dict().items())
+    side = model.default_cfg["input_size"][-1]
+    out = model.eval()(torch.randn(2, 3, side, side))
+    assert side == loaded["img_size"] and out.shape == (2, 10) and torch.isfinite(out).all()
+
+
 def test_vit_pytorch_readme_example_with_only_the_import_changed():
     from vit_pytorch.cross_vit import CrossViT as Reference
 

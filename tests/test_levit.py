@@ -1,5 +1,6 @@
 """LeViT ("LeViT: a Vision Transformer in ConvNet's Clothing for Faster Inference", Graham et al., ICCV 2021): timm
-parity for every size (linear and 1x1-conv layouts), parameter counts vs timm and the paper, the offset bias and the
+parity for every size (linear and 1x1-conv layouts; timm's stride-8, wider and deeper SiLU experiments too), parameter
+counts vs timm and the paper, the offset bias and the
 subsampling attention against loops and einsum, the token BatchNorm, the distilled head, the contract, the parts
 every family takes, and vit-pytorch's class."""
 import pytest
@@ -17,6 +18,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 SIZES = ("128s", "128", "192", "256", "384")
 NAMES = [f"levit_{s}" for s in SIZES] + [f"levit_conv_{s}" for s in SIZES]
+EXPERIMENTS = ("384_s8", "512_s8", "512", "256d", "512d")  # timm's untrained stride-8 / wider / deeper models
+NEW_NAMES = [f"levit_{s}" for s in EXPERIMENTS] + [f"levit_conv_{s}" for s in EXPERIMENTS]
 # a 2x2 -> 1x1 map (32 px, stride 16), two stages
 SMALL = dict(img_size=32, embed_dim=(32, 48), key_dim=8, num_heads=(2, 3), depth=(1, 1), num_classes=10)
 
@@ -41,7 +44,21 @@ def test_timm_parity_every_size(name):
     assert len(rep.intermediates) == 4 and not rep.notes  # forward_features + the 3 stage maps compared
 
 
-@pytest.mark.parametrize("name", NAMES)
+# the smallest of each kind of experiment, both layouts; 256d keeps a deeper middle stage
+@pytest.mark.parametrize("name,depth", [(n, (1, 2, 1) if n.endswith("d") else (1, 1, 1)) for n in NEW_NAMES
+                                        if n.endswith(("384_s8", "_512", "256d"))])
+def test_timm_parity_experiments(name, depth):
+    from parity import check_parity
+
+    rep = check_parity(name, img_size=64, depth=depth)
+    assert len(rep.intermediates) == 4 and not rep.notes
+
+
+def test_every_timm_levit_name_is_registered():
+    assert sorted(NAMES + NEW_NAMES) == vitlab.list_models("levit_*") == timm.list_models("levit_*")
+
+
+@pytest.mark.parametrize("name", NAMES + NEW_NAMES)
 def test_param_counts_equal_timm(name):
     with torch.device("meta"):
         ours = sum(p.numel() for p in vitlab.create_model(name).parameters())
@@ -74,6 +91,42 @@ def test_forward_intermediates_features_and_info_equal_timm():
     assert ours.group_matcher() == ref.group_matcher() and ours.group_matcher(True) == ref.group_matcher(True)
     pre = ours.forward_head(ours.forward_features(x), pre_logits=True)
     assert float((pre - ref.forward_head(ref.forward_features(x), pre_logits=True)).abs().max()) < 1e-5
+
+
+@torch.no_grad()
+def test_stride8_stem_and_activations_equal_timm():
+    """levit_384_s8: three stem convs to a stride-8 map (28 x 28 at 224, so attention biases over 784 offsets), the
+    stages at strides 8 / 16 / 32; SiLU wherever timm's experiments put it (stem, MLPs, before each attention's
+    output projection) and no hard-swish left; ``attn_act_layer`` only changes the attention's."""
+    from parity import timm_pair
+
+    ref, ours = timm_pair("levit_384_s8", img_size=64, depth=(1, 1, 1))
+    assert [n for n, _ in ours.stem.named_children()] == ["conv1", "act1", "conv2", "act2", "conv3"]
+    x = torch.randn(2, 3, 64, 64)
+    assert ours.forward_intermediates(x, intermediates_only=True)[0].shape == (2, 384, 8, 8)
+    assert ours.feature_info == ref.feature_info and [f["reduction"] for f in ours.feature_info] == [8, 16, 32]
+    with torch.device("meta"):
+        full = vitlab.create_model("levit_384_s8")
+    assert full.stages[0].blocks[0].attn.attention_biases.shape == (6, 28 * 28)
+
+    def acts(model):
+        return sorted(type(m).__name__ for m in model.modules() if isinstance(m, (nn.SiLU, nn.Hardswish)))
+
+    assert acts(ours) == acts(ref) and set(acts(ours)) == {"SiLU"}
+    kw = dict(img_size=64, depth=(1, 1, 1), attn_act_layer="hard_swish")
+    ref, ours = timm_pair("levit_256d", **kw)
+    assert torch.allclose(ours(x), ref(x), atol=1e-4)
+    assert {type(m.proj.act) for m in ours.modules() if isinstance(m, MultiHeadAttention)} == {nn.Hardswish}
+    assert acts(ours) == acts(ref)
+
+
+@pytest.mark.parametrize("kw,words", [(dict(stem_type="s4"), ("stem_type", "'s4'", "'s16'")),
+                                      (dict(act_layer="swish"), ("act_layer='swish'", "silu")),
+                                      (dict(stem_type="s8", img_size=36), ("stride 8", "multiple of 8", "36"))])
+def test_stem_and_activation_refusals(kw, words):
+    with pytest.raises(ValueError) as err:
+        _small(**kw)
+    assert all(w in str(err.value) for w in words), str(err.value)
 
 
 def test_layer_decay_and_weight_decay_equal_timm():

@@ -1,5 +1,6 @@
 """MaxViT (Tu et al., ECCV 2022): timm parity of every registered size (every parameter and BatchNorm statistic
-randomised, eval mode) and its ``forward_intermediates``, exact parameter counts against timm and the paper,
+randomised, eval mode) and its ``forward_intermediates``, at 384 px with 12 x 12 windows too, exact parameter
+counts and data configs of every timm name (224 / 384 / 512, XL included) against timm and the paper,
 the ``grid`` and ``window`` partitions against explicit index lists, the relative-table conversion against
 timm's TF lookup, MBConv's TF SAME padding at odd sizes against timm, vitlab's part options and refusals, the
 model contract, and vit-pytorch's README example through the compat class."""
@@ -55,6 +56,49 @@ def test_param_counts_equal_timm_and_the_paper(name):
         ref = sum(p.numel() for p in timm.create_model(name).parameters())
     assert ours == ref
     assert abs(ours / 1e6 - paper[name.split("_")[1]]) < 0.6  # B: 119.47 M, which the paper gives as 120
+
+
+ALL = vitlab.list_models("maxvit_*")
+
+
+def test_every_timm_maxvit_tf_name_is_registered():
+    assert ALL == timm.list_models("maxvit_*_tf_*") and len(ALL) == 15
+
+
+@torch.no_grad()
+def test_parity_with_timm_at_384_with_windows_of_12():
+    """The 384 recipe at its own size (maps 96, 48, 24, 12: windows and grids of 384 // 32 = 12 on every
+    stage) with narrow stages; smooth images, as random pixels average out over a 12 x 12 map."""
+    kw = dict(embed_dim=(32, 32, 32, 32), depths=(1, 1, 1, 1), stem_width=8, head_hidden_size=16, num_classes=10)
+    x = torch.nn.functional.interpolate(torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(1)),
+                                        size=384, mode="bilinear") * 2
+    rep = check_parity("maxvit_tiny_tf_384", x=x, **kw)
+    assert len(rep.intermediates) == 1 + 5 and not rep.notes
+    attn = vitlab.create_model("maxvit_tiny_tf_384", **kw).stages[3].blocks[0].attn_grid.attn
+    assert attn.relative_position_bias_table.shape == ((2 * 12 - 1) ** 2, 1)
+
+
+@pytest.mark.parametrize("name", [n for n in ALL if n not in NAMES])
+def test_param_counts_equal_timm_and_the_paper_at_every_resolution(name):
+    paper = {"tiny": 31, "small": 69, "base": 120, "large": 212}  # Table 2 at 384 / 512, millions, rounded
+    with torch.device("meta"):
+        ours = sum(p.numel() for p in vitlab.create_model(name).parameters())
+        ref = sum(p.numel() for p in timm.create_model(name).parameters())
+    assert ours == ref  # only the relative tables grow with the window: (2 * img / 32 - 1)^2 per head
+    size = name.split("_")[1]
+    if size in paper:
+        assert abs(ours / 1e6 - paper[size]) < 0.6
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_data_config_equals_timms_default_tag(name):
+    """Input size, classes (XL at 224: the ImageNet-21K model), normalisation and crop of timm's default tag."""
+    with torch.device("meta"):
+        ours, ref = vitlab.create_model(name).default_cfg, timm.create_model(name).pretrained_cfg
+    for key in ("input_size", "mean", "std"):
+        assert tuple(ours[key]) == tuple(ref[key]), (key, ours[key], ref[key])
+    assert (ours["num_classes"], ours["crop_pct"], ours.get("crop_mode", "center")) == (
+        ref["num_classes"], ref["crop_pct"], ref["crop_mode"])
 
 
 # -- the grid and window partitions: explicit index lists ---------------------------------------------------

@@ -33,8 +33,9 @@ ENTRIES: List[Tuple[str, Entry]] = [
     ("featscale_*", Entry("Anti-oversmoothing (Wang et al., ICLR 2022)", "block `featscale`")),
     ("deit3_*", Entry("DeiT III (Touvron et al., ECCV 2022)", "ViT + shortcut `layerscale`, patch-only position "
                       "table", "vit.ViT")),
-    ("*_reg4_*", Entry("Vision Transformers Need Registers (Darcet et al., ICLR 2024)", "ViT + 4 register prefix "
-                       "tokens, patch-only table")),
+    ("vit_*_reg[14]_*", Entry("Vision Transformers Need Registers (Darcet et al., ICLR 2024)", "ViT + 1 or 4 "
+                              "register prefix tokens, patch-only table (so150m*: the table covers the registers "
+                              "too); giant: channel mixer `swiglu_packed`; `*_map_*`: attention-pooling head")),
     ("*_18x2_*", Entry("Three things everyone should know about ViTs (Touvron et al., ECCV 2022)",
                        "Block with 2 parallel attention + 2 parallel MLP branches, LayerScale",
                        "parallel_vit.ViT")),
@@ -79,6 +80,12 @@ ENTRIES: List[Tuple[str, Entry]] = [
                             "code after each stage's first block, mean pool")),
     ("twins_svt_*", Entry("Twins (Chu et al., NeurIPS 2021), SVT", "grouping `window` (LSA, padded, no shift) "
                           "alternating with `spatial_reduction` (GSA), PEG, mean pool", "twins_svt.TwinsSVT")),
+    ("levit_*s8", Entry("LeViT (Graham et al., ICCV 2021), timm's stride-8 variant", "as levit_* with a 3-conv "
+                        "stride-8 stem (`stem_type='s8'`) and SiLU; 512_s8 without distillation head", "levit.LeViT")),
+    ("levit_*512", Entry("LeViT (Graham et al., ICCV 2021), timm's wider variant", "as levit_* with SiLU, no "
+                         "distillation head", "levit.LeViT")),
+    ("levit_*d", Entry("LeViT (Graham et al., ICCV 2021), timm's deeper variant", "as levit_* with depths (4, 8, 6), "
+                       "SiLU, no distillation head", "levit.LeViT")),
     ("levit_*", Entry("LeViT (Graham et al., ICCV 2021)", "conv stem (BN + hard-swish), projection and MLP "
                       "`linear_norm`, position `offset`, shrinking attention (grouping `subsample`) between 3 stages, "
                       "BN + Linear head + distillation head", "levit.LeViT")),

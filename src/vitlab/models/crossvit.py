@@ -237,6 +237,11 @@ class CrossVit(VitlabModel):
                                           fusion_kw["norm_eps"]))
         return nn.ModuleList(blocks)
 
+    @property
+    def pos_embed_grids(self) -> List[Tuple[int, int]]:
+        """The patch grid of each ``pos_embed_{b}`` (the one resizer fits a checkpoint's tables to them)."""
+        return [pe.grid_size for pe in self.patch_embed]
+
     # -- running --------------------------------------------------------------------------------------------------
     def _branch(self, b: int, name: str) -> torch.Tensor:
         return getattr(self, f"{name}_{b}")

@@ -27,8 +27,7 @@ State-dict keys equal timm's ``Levit`` / ``LevitDistilled`` (``stem.conv{1-4}.{l
 """
 from __future__ import annotations
 
-from collections import OrderedDict
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Type, Union
 
 import torch
 from torch import nn
@@ -42,21 +41,35 @@ from vitlab.models.base import VitlabModel, make_default_cfg
 from vitlab.models.block import Block
 from vitlab.models.factory import register_model
 
-__all__ = ["LevitStem", "LevitDownsample", "Levit"]
+__all__ = ["LevitStem", "LevitDownsample", "Levit", "ACTIVATIONS"]
+
+# timm's names of the activations LeViT's configs use (hard-swish: the paper's; silu: timm's later experiments)
+ACTIVATIONS: Dict[str, Type[nn.Module]] = {"hard_swish": nn.Hardswish, "silu": nn.SiLU, "gelu": nn.GELU,
+                                           "relu": nn.ReLU}
+_STEM_STRIDES = {"s16": 16, "s8": 8}
+
+
+def _activation(name: str, what: str) -> Type[nn.Module]:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"{what}={name!r} is not one of LeViT's activations: expected one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
 
 
 class LevitStem(nn.Sequential):
     """LeViT's stem (Graham et al., ICCV 2021, sec. 4.2): four 3x3 stride-2 conv + BatchNorm units widening to
-    ``dim / 8, dim / 4, dim / 2, dim``, hard-swish between them; image -> ``(tokens, (h, w))`` at stride 16.
-    Names as timm's ``Stem16``."""
+    ``dim / 8, dim / 4, dim / 2, dim``, ``act`` (hard-swish) between them; image -> ``(tokens, (h, w))`` at stride
+    16.  ``stride=8``: three units widening to ``dim / 4, dim / 2, dim`` (timm's stride-8 experiments).  Names as
+    timm's ``Stem16`` / ``Stem8``."""
 
-    def __init__(self, in_chans: int, dim: int):
+    def __init__(self, in_chans: int, dim: int, stride: int = 16, act: Type[nn.Module] = nn.Hardswish):
         super().__init__()
-        widths = (in_chans, dim // 8, dim // 4, dim // 2, dim)
-        for i in range(4):
+        n = {8: 3, 16: 4}[stride]
+        widths = (in_chans,) + tuple(dim // 2 ** (n - 1 - i) for i in range(n))
+        self.stride = stride
+        for i in range(n):
             self.add_module(f"conv{i + 1}", ConvNorm(widths[i], widths[i + 1]))
-            if i < 3:
-                self.add_module(f"act{i + 1}", nn.Hardswish())
+            if i < n - 1:
+                self.add_module(f"act{i + 1}", act())
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
         x = super().forward(x)
@@ -92,7 +105,9 @@ class Levit(Backbone):
     names are timm's: ``embed_dim``, ``depth``, ``num_heads`` (per stage), ``key_dim``, ``attn_ratio`` and
     ``mlp_ratio`` (per stage or one value); ``distilled`` adds ``head_dist``; ``head_norm=False`` drops the head's
     norm (a plain Linear); ``use_conv`` returns ``(B, C, H, W)`` maps from ``forward_features`` (timm's
-    ``levit_conv_*``)."""
+    ``levit_conv_*``); ``stem_type`` ``"s16"`` (the paper's) or ``"s8"`` (a three-conv stride-8 stem); ``act_layer``
+    the activation of the stem, the MLPs and (unless ``attn_act_layer``) before every attention's output
+    projection (``"hard_swish"``, the paper's; timm's ``*_s8``, ``levit_512`` and ``*d`` use ``"silu"``)."""
 
     stage_attr = "stages"
     global_pool = "avg"
@@ -103,9 +118,11 @@ class Levit(Backbone):
                  embed_dim: Sequence[int] = (192,), key_dim: int = 64, depth: Sequence[int] = (12,),
                  num_heads: Union[int, Sequence[int]] = (3,), attn_ratio: Union[float, Sequence[float]] = 2.0,
                  mlp_ratio: Union[float, Sequence[float]] = 2.0, distilled: bool = True, head_norm: bool = True,
-                 use_conv: bool = False, global_pool: str = "avg", mixer: str = "softmax", core: Optional[str] = None,
-                 modifiers: Sequence[str] = (), mixer_kwargs: Optional[Dict[str, Any]] = None,
-                 mlp: str = "linear_norm", norm: str = "batchnorm", shortcut: str = "plain",
+                 use_conv: bool = False, stem_type: str = "s16", act_layer: str = "hard_swish",
+                 attn_act_layer: Optional[str] = None, global_pool: str = "avg", mixer: str = "softmax",
+                 core: Optional[str] = None, modifiers: Sequence[str] = (),
+                 mixer_kwargs: Optional[Dict[str, Any]] = None, mlp: str = "linear_norm", norm: str = "batchnorm",
+                 shortcut: str = "plain",
                  branch_scale: Optional[str] = None, shortcut_init: Optional[float] = None, featscale: bool = False,
                  wiring: str = "pre", init: Optional[str] = None, drop_rate: float = 0.0,
                  attn_drop_rate: float = 0.0, proj_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
@@ -121,19 +138,24 @@ class Levit(Backbone):
         n = len(dims)
         depth = _per_stage(depth, n, "depth")
         heads, ratios = _per_stage(num_heads, n, "num_heads"), _per_stage(attn_ratio, n, "attn_ratio")
+        if stem_type not in _STEM_STRIDES:
+            raise ValueError(f"stem_type must be one of {sorted(_STEM_STRIDES)}, got {stem_type!r}")
+        stride, act = _STEM_STRIDES[stem_type], _activation(act_layer, "act_layer")
         img = img_size if isinstance(img_size, int) else img_size[0]
-        if img < 16 or img % 16:
-            raise ValueError(f"LeViT's stem has stride 16: img_size must be a positive multiple of 16, got {img_size}")
+        if img < stride or img % stride:
+            raise ValueError(f"LeViT's stem has stride {stride}: img_size must be a positive multiple of {stride}, "
+                             f"got {img_size}")
         self.num_classes, self.in_chans, self.img_size, self.norm_name = num_classes, in_chans, img, norm
         self.num_features = self.head_hidden_size = dims[-1]
         self.embed_dim, self.drop_rate, self.head_norm = dims, drop_rate, head_norm
         self.features_fmt = "NCHW" if use_conv else "NLC"
-        self.stem = LevitStem(in_chans, dims[0])
-        self.grid_size = (img // 16, img // 16)
+        self.stem = LevitStem(in_chans, dims[0], stride, act)
+        self.grid_size = (img // stride, img // stride)
         spec = MixerSpec(mixer, core, tuple(modifiers), dict(mixer_kwargs or {}))
         sizes = dict(dims=dims, depth=depth, heads=heads, ratios=ratios, key_dim=key_dim,
-                     mlp_ratios=_per_stage(mlp_ratio, n, "mlp_ratio"))
-        parts = dict(mlp=mlp, norm=norm, wiring=wiring, branch_scale=branch_scale or shortcut,
+                     mlp_ratios=_per_stage(mlp_ratio, n, "mlp_ratio"), stride=stride)
+        parts = dict(act=act, attn_act=_activation(attn_act_layer, "attn_act_layer") if attn_act_layer else act,
+                     mlp=mlp, norm=norm, wiring=wiring, branch_scale=branch_scale or shortcut,
                      shortcut_init=shortcut_init, featscale=featscale, attn_drop=attn_drop_rate,
                      proj_drop=proj_drop_rate, drop_path=drop_path_rate)
         self.stages = nn.Sequential(*self._build_stages(spec, sizes, parts))
@@ -157,10 +179,13 @@ class Levit(Backbone):
         if shrink is not None:
             att.update(grouping=("subsample", dict(query_stride=2)), out_dim=shrink)
             spec = spec if spec.attention else MixerSpec(kwargs=spec.kwargs)  # only attention shrinks the map
-        return spec.build(dim, heads, TokenLayout(tuple(grid)), lenient=True, **att)
+        attn = spec.build(dim, heads, TokenLayout(tuple(grid)), lenient=True, **att)
+        if isinstance(getattr(getattr(attn, "proj", None), "act", None), nn.Hardswish):
+            attn.proj.act = parts["attn_act"]()  # the linear_norm projection builds the paper's hard-swish
+        return attn
 
     def _mlp(self, parts, dim: int, ratio: float) -> nn.Module:
-        kw = dict(norm=parts["norm"]) if parts["mlp"] == "linear_norm" else {}
+        kw = dict(norm=parts["norm"], act_layer=parts["act"]) if parts["mlp"] == "linear_norm" else {}
         return CHANNEL_MIXERS.get(parts["mlp"])(dim, int(dim * ratio), drop=parts["proj_drop"], **kw)
 
     def _build_stages(self, spec: MixerSpec, sizes: Dict[str, Any], parts: Dict[str, Any]):
@@ -181,7 +206,7 @@ class Levit(Backbone):
                             self._mlp(parts, dim, sizes["mlp_ratios"][i]), **block_kw)
                       for _ in range(sizes["depth"][i])]
             checked.append((spec, (), dict(projection="linear_norm", position=("offset",))))
-            stages.append(Stage(blocks, dim, 16 * 2 ** i, grid, downsample=down))
+            stages.append(Stage(blocks, dim, sizes["stride"] * 2 ** i, grid, downsample=down))
         check_stage_kwargs(spec.kwargs, checked)
         return stages
 
@@ -260,7 +285,24 @@ def _register(name: str, defaults: Dict[str, Any], doc: str) -> None:
     register_model(factory)
 
 
+# timm's untrained experiments beyond the paper (no weights): stride-8 stem, wider, deeper; SiLU throughout, and
+# only levit_384_s8 keeps the distillation head
+_EXPERIMENTS = {
+    "384_s8": dict(_SIZES["384"], act_layer="silu", stem_type="s8"),
+    "512_s8": dict(embed_dim=(512, 640, 896), key_dim=64, num_heads=(8, 10, 14), depth=(4, 4, 4), act_layer="silu",
+                   stem_type="s8", distilled=False),
+    "512": dict(embed_dim=(512, 768, 1024), key_dim=64, num_heads=(8, 12, 16), depth=(4, 4, 4), act_layer="silu",
+                distilled=False),
+    "256d": dict(_SIZES["256"], depth=(4, 8, 6), act_layer="silu", distilled=False),
+    "512d": dict(embed_dim=(512, 640, 768), key_dim=64, num_heads=(8, 10, 12), depth=(4, 8, 6), act_layer="silu",
+                 distilled=False),
+}
+
 for _size, _cfg in _SIZES.items():
     _register(f"levit_{_size}", _cfg, f"LeViT-{_size.upper()} (Graham et al., ICCV 2021), distilled, timm's sizes.")
     _register(f"levit_conv_{_size}", dict(_cfg, use_conv=True),
               f"LeViT-{_size.upper()} (Graham et al., ICCV 2021), timm's 1x1-conv layout: (B, C, H, W) features.")
+for _size, _cfg in _EXPERIMENTS.items():
+    _what = f"timm's LeViT experiment {_size} (Graham et al., ICCV 2021, scaled by timm; untrained), SiLU"
+    _register(f"levit_{_size}", _cfg, _what + ".")
+    _register(f"levit_conv_{_size}", dict(_cfg, use_conv=True), _what + ", 1x1-conv layout: (B, C, H, W) features.")

@@ -278,9 +278,27 @@ _SIZES = {  # drop_path_rate: 1 - survival_prob of the official ImageNet-1K conf
                  drop_path_rate=0.4),
     "large": dict(embed_dim=(128, 256, 512, 1024), depths=(2, 6, 14, 2), stem_width=128, head_hidden_size=1024,
                   drop_path_rate=0.6),
+    # XL (Table 2) was released ImageNet-21K-pretrained only: no ImageNet-1K drop-path rate, timm's 0
+    "xlarge": dict(embed_dim=(192, 384, 768, 1536), depths=(2, 6, 14, 2), stem_width=192, head_hidden_size=1536),
 }
+_MINUS_ONE_TO_ONE = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))  # the TF weights' [-1, 1] inputs
 
-for _size, _cfg in _SIZES.items():
-    register_recipe(MaxViT, f"maxvit_{_size}_tf_224", _cfg,
-                    f"MaxViT-{_size[0].upper()} (Tu et al., ECCV 2022), the official TensorFlow models' sizes "
-                    "and numerics (timm's maxvit_*_tf).", crop_pct=0.95)
+
+def _recipe(size: str, img: int) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """(model defaults, data config) of ``maxvit_{size}_tf_{img}`` as timm's default tag: windows and grids are
+    ``img // 32`` (7, 12, 16; sec. 4.1's 384 and 512 fine-tuning); 384 and 512 take inputs in [-1, 1], squashed
+    whole; XL at 224 is the ImageNet-21K model (21843 classes), the only one released at that size."""
+    defaults = dict(_SIZES[size], img_size=img)
+    if img != 224:
+        return defaults, dict(_MINUS_ONE_TO_ONE, crop_pct=1.0, crop_mode="squash")
+    if size == "xlarge":
+        return dict(defaults, num_classes=21843), dict(_MINUS_ONE_TO_ONE, crop_pct=0.95)
+    return defaults, dict(crop_pct=0.95)
+
+
+for _size in _SIZES:
+    for _img in (224, 384, 512):
+        _defaults, _data = _recipe(_size, _img)
+        register_recipe(MaxViT, f"maxvit_{_size}_tf_{_img}", _defaults,
+                        f"MaxViT-{'XL' if _size == 'xlarge' else _size[0].upper()} at {_img} px (Tu et al., ECCV "
+                        "2022), the official TensorFlow models' sizes and numerics (timm's maxvit_*_tf).", **_data)

@@ -5,6 +5,7 @@ When a checkpoint trained at one image size (or window) is loaded into a model b
 
 * learned position tables ``pos_embed`` ``(1, P + h*w, C)`` of the model or of a stage: the grid rows
   are resampled bicubically to the owner's ``grid_size``, prefix rows kept (ViT, Dosovitskiy et al.);
+  one table per token stream, ``pos_embed_{b}`` (CrossViT), to the owner's ``pos_embed_grids[b]``;
 * relative position tables ``((2w-1)^2, heads)``: resized to the owning attention's window
   (``"timm"``: timm's ``checkpoint_filter_fn``; ``"bicubic"``: the official Swin code);
 * FLatten's key position codes ``attn.pos_enc`` ``(1, P + h*w, C)``: resampled to the attention's key grid.
@@ -14,6 +15,7 @@ Buffers that older checkpoints saved (``relative_position_index``, ``attn_mask``
 from __future__ import annotations
 
 import math
+import re
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -23,6 +25,8 @@ from vitlab.layers.pos_embed import resample_pos_embed
 from vitlab.layers.window import resize_relative_position_table
 
 __all__ = ["resize_size_dependent"]
+
+_STREAM_TABLE = re.compile(r"(?:.*\.)?pos_embed_(\d+)")  # CrossViT's pos_embed_{b}, one per token stream
 
 
 def _owner(model: nn.Module, key: str, leaf: str) -> nn.Module:
@@ -57,6 +61,9 @@ def resize_size_dependent(model: nn.Module, state_dict: Dict[str, torch.Tensor],
             state_dict[key] = resize_relative_position_table(val, owner.rel_pos_window, method=method)
         elif key.endswith("pos_embed"):
             state_dict[key] = _resample(key, val, own[key], _owner(model, key, "pos_embed").grid_size)
+        elif (stream := _STREAM_TABLE.fullmatch(key)) is not None:
+            owner = _owner(model, key, key.rsplit(".", 1)[-1])
+            state_dict[key] = _resample(key, val, own[key], owner.pos_embed_grids[int(stream.group(1))])
         elif key.endswith("pos_enc"):
             owner = _owner(model, key, "pos_enc")
             grid, _ = owner.grouping.key_grid(owner.layout)

@@ -8,7 +8,7 @@ attention", Touvron et al., ICML 2021).  Every part is an argument: ``mixer``, `
 State-dict keys follow timm's ``VisionTransformer`` (``patch_embed.proj``, ``cls_token``,
 ``pos_embed``, ``blocks.{i}.norm1``, ``blocks.{i}.attn.qkv``, ``blocks.{i}.attn.proj``,
 ``blocks.{i}.ls1.gamma``, ``blocks.{i}.norm2``, ``blocks.{i}.mlp.fc1``/``fc2``, ``norm``,
-``fc_norm``, ``head``); vitlab-only parts add ``blocks.{i}.featscale.{s,t}``,
+``fc_norm``, ``attn_pool`` (MAP head), ``head``); vitlab-only parts add ``blocks.{i}.featscale.{s,t}``,
 ``blocks.{i}.attn.attn_scale.omega``, ``blocks.{i}.conv_units.{0,1}.*``.
 """
 from __future__ import annotations
@@ -24,6 +24,7 @@ from vitlab.layers.token_ops import AdaptiveTokenSampler, PatchDropout, PatchMer
 from vitlab.layers.pos_embed import POS_EMBEDS, sincos_2d_big_vision
 from vitlab.models.backbone import Backbone
 from vitlab.models.block import Block, drop_path_rates
+from vitlab.models.navit import AttentionPool
 from vitlab.models.base import make_default_cfg, register_recipe
 from vitlab.registry import check_kwargs
 
@@ -38,7 +39,8 @@ class VisionTransformer(Backbone):
     ``weighted`` | ``layerscale``; ``shortcut_init`` overrides its init), ``featscale``
     (bool), ``init`` (``trunc_normal`` | ``xavier`` | ``spectral``), ``pos_embed`` (``learned``
     | ``sincos`` | ``sincos_1d`` | ``none``), ``embed`` (``patch`` | ``conv`` | ``t2t`` | ``cct``; ``embed_kwargs``
-    go to it), ``global_pool`` (``token`` | ``avg`` | ``seqpool``: CCT's sequence pooling), ``class_token``,
+    go to it), ``global_pool`` (``token`` | ``avg`` | ``seqpool``: CCT's sequence pooling | ``map``: attention pooling
+    of the patch tokens, timm's ``AttentionPoolLatent``), ``class_token``,
     ``reg_tokens`` (register tokens, Darcet et al., ICLR 2024), ``no_embed_class``
     (the position table covers the patches only, added before the prefix tokens join: DeiT III, registers),
     ``post_norm`` (alias of ``wiring="post"``), ``wiring`` (``pre`` | ``post`` |
@@ -74,8 +76,8 @@ class VisionTransformer(Backbone):
                  ats: Optional[Dict[str, Any]] = None,
                  architecture: str = "vit", default_cfg: Optional[Dict[str, Any]] = None):
         super().__init__()
-        if global_pool not in ("token", "avg", "seqpool"):
-            raise ValueError(f"global_pool must be 'token', 'avg' or 'seqpool', got {global_pool!r}")
+        if global_pool not in ("token", "avg", "seqpool", "map"):
+            raise ValueError(f"global_pool must be 'token', 'avg', 'seqpool' or 'map', got {global_pool!r}")
         if global_pool == "token" and not class_token:
             raise ValueError("global_pool='token' needs class_token=True; use global_pool='avg' without a class token")
         if pos_embed not in POS_EMBEDS:
@@ -109,6 +111,8 @@ class VisionTransformer(Backbone):
         self.norm = create_norm(norm, embed_dim, eps=norm_eps) if not use_fc_norm else nn.Identity()
         self.fc_norm = create_norm(norm, embed_dim, eps=norm_eps) if use_fc_norm else nn.Identity()
         self.attention_pool = nn.Linear(embed_dim, 1) if global_pool == "seqpool" else None  # CCT's g(x_L)
+        self.attn_pool = AttentionPool(embed_dim, num_heads, mlp_ratio, norm, norm_eps) if global_pool == "map" \
+            else None  # MAP head
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.init_name = init
@@ -156,6 +160,8 @@ class VisionTransformer(Backbone):
             if tok is not None:
                 nn.init.normal_(tok, std=1e-6)
         init_weights(self, init)
+        if self.attn_pool is not None:
+            nn.init.trunc_normal_(self.attn_pool.latent, std=self.embed_dim ** -0.5)  # timm's MAP latent
 
     def _token_count_parts(self, patch_drop_rate: float, patch_merger: Optional[Dict[str, Any]],
                            layout: TokenLayout, depth: int, spec: MixerSpec, norm: str, eps: float,
@@ -186,6 +192,20 @@ class VisionTransformer(Backbone):
                                             **{k: v for k, v in patch_merger.items() if k != "after"})
             self.after_block = {merge_after: "patch_merger"}
         return layouts
+
+    _global_pools = ("token", "avg", "seqpool", "map")
+
+    def _set_global_pool(self, global_pool: str) -> None:
+        if global_pool == "map" and self.attn_pool is None:
+            raise ValueError("global_pool='map' needs the attention-pooling head (attn_pool); build the model with "
+                             "global_pool='map'")
+        super()._set_global_pool(global_pool)
+
+    def _pool(self, x: torch.Tensor) -> torch.Tensor:
+        if self.global_pool == "map":  # MAP head (big_vision, timm's AttentionPoolLatent): the patch tokens only
+            x = x[:, self.num_prefix_tokens:]
+            return self.attn_pool(x, x.new_zeros(x.shape[:2], dtype=torch.long), 1)[:, 0]
+        return super()._pool(x)
 
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
         groups = super().group_matcher(coarse)
@@ -325,3 +345,6 @@ _register_vit("vit_base_patch16_reg4_gap_256", "base", 16, 256,
 for _size in ("small", "base"):
     _register_vit(f"vit_{_size}_patch16_18x2_224", _size, 16, 224,
                   dict(depth=18, num_parallel=2, branch_scale="layerscale", shortcut_init=1e-5))
+# timm's other vit_*_reg* recipes have their own file (vit.py stays under 400 lines); imported last, as they need
+# VisionTransformer, and here because the families load by module (factory.FAMILIES) while vitlab.models stays lazy
+from vitlab.models import vit_registers as _vit_registers  # noqa: E402,F401
