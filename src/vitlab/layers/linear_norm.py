@@ -102,13 +102,14 @@ class LinearNormProjection(_Projection):
     after head, ``[q (head_dim), k (head_dim), v (value_dim)]``; where the grouping's keys are not the queries
     (LeViT's subsampling attention), ``q.ln`` for the queries and ``kv`` (``[k, v]`` per head) for the rest.  Values
     are ``host.value_dim`` wide per head (LeViT: ``attn_ratio`` x the key width).  The output projection is
-    hard-swish then a LinearNorm ``proj.act``, ``proj.ln`` (its norm starts at 0 with ``zero_out``).  Names as
-    timm's ``levit.Attention`` / ``AttentionDownsample``; ``proj_norm`` picks the norm of every LinearNorm."""
+    hard-swish (``act_layer``: timm's SiLU variants) then a LinearNorm ``proj.act``, ``proj.ln`` (its norm starts at
+    0 with ``zero_out``).  Names as timm's ``levit.Attention`` / ``AttentionDownsample``; ``proj_norm`` picks the
+    norm of every LinearNorm."""
 
     sizes_values = True  # reads host.value_dim: values may be wider than queries and keys
 
-    def __init__(self, proj_norm: str = "batchnorm", zero_out: bool = True):
-        self.proj_norm, self.zero_out = proj_norm, zero_out
+    def __init__(self, proj_norm: str = "batchnorm", zero_out: bool = True, act_layer: Type[nn.Module] = nn.Hardswish):
+        self.proj_norm, self.zero_out, self.act_layer = proj_norm, zero_out, act_layer
 
     def setup(self, host) -> None:
         h, d, dv = host.num_heads, host.head_dim, host.value_dim
@@ -131,7 +132,7 @@ class LinearNormProjection(_Projection):
 
     def output(self, host, bias: bool = True) -> nn.Module:
         """The output projection ``(B, N, heads * value_dim) -> (B, N, out_dim)`` (its norm's shift is the bias)."""
-        return nn.Sequential(OrderedDict(act=nn.Hardswish(), ln=LinearNorm(
+        return nn.Sequential(OrderedDict(act=self.act_layer(), ln=LinearNorm(
             host.value_inner, host.out_dim, self.proj_norm, norm_init=0.0 if self.zero_out else 1.0)))
 
 

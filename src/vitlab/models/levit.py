@@ -173,16 +173,14 @@ class Levit(Backbone):
                    shrink: Optional[int] = None) -> nn.Module:
         """One attention of LeViT with the user's parts: LinearNorm projections, the offset bias; ``shrink``
         (the output width) makes it the shrinking attention (subsampled queries, no zero-init output norm)."""
-        att = dict(projection=("linear_norm", dict(proj_norm=parts["norm"], zero_out=shrink is None)),
+        att = dict(projection=("linear_norm", dict(proj_norm=parts["norm"], zero_out=shrink is None,
+                                                   act_layer=parts["attn_act"])),
                    position=("offset",), head_dim=key_dim, value_dim=int(ratio * key_dim),
                    attn_drop=parts["attn_drop"], proj_drop=parts["proj_drop"])
         if shrink is not None:
             att.update(grouping=("subsample", dict(query_stride=2)), out_dim=shrink)
             spec = spec if spec.attention else MixerSpec(kwargs=spec.kwargs)  # only attention shrinks the map
-        attn = spec.build(dim, heads, TokenLayout(tuple(grid)), lenient=True, **att)
-        if isinstance(getattr(getattr(attn, "proj", None), "act", None), nn.Hardswish):
-            attn.proj.act = parts["attn_act"]()  # the linear_norm projection builds the paper's hard-swish
-        return attn
+        return spec.build(dim, heads, TokenLayout(tuple(grid)), lenient=True, **att)
 
     def _mlp(self, parts, dim: int, ratio: float) -> nn.Module:
         kw = dict(norm=parts["norm"], act_layer=parts["act"]) if parts["mlp"] == "linear_norm" else {}
