@@ -203,6 +203,38 @@ def test_levit_attention_against_einsum(stride):
     assert [tuple(m.shape) for m in rec.last().values()] == [(2, heads, len(qpos), h * w)]
 
 
+def test_offset_bias_cache_follows_every_change_of_the_table():
+    """Without autograd the gathered bias is cached (timm's eval cache); an in-place change, a new state dict or a
+    training step must invalidate it, and a forward with gradients must never read it."""
+    from parity import randomize_
+
+    # maps 8x8, 4x4, 2x2; randomised, so the zero-initialised branch-closing norms let the biases matter
+    m = randomize_(vitlab.create_model("levit_128s", img_size=128, num_classes=5), seed=1).eval()
+    fresh = vitlab.create_model("levit_128s", img_size=128, num_classes=5).eval()
+    x = torch.randn(2, 3, 128, 128)
+    tables = [t for n, t in m.named_parameters() if n.endswith("attention_biases")]
+    with torch.no_grad():
+        m(x)  # fills the caches
+        for t in tables:
+            t.copy_(torch.randn_like(t))  # in place: same tensor, new version
+        fresh.load_state_dict(m.state_dict())
+        torch.testing.assert_close(m(x), fresh(x))
+        changed = {k: torch.randn_like(v) if k.endswith("attention_biases") else v for k, v in m.state_dict().items()}
+        m.load_state_dict(changed)
+        fresh.load_state_dict(changed)
+        torch.testing.assert_close(m(x), fresh(x))
+    with torch.inference_mode():
+        want = fresh(x)
+        torch.testing.assert_close(m(x), want)
+    loss = m(x).std()  # with autograd: the gather is recorded, the table gets its gradient
+    loss.backward()
+    assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in tables)
+    torch.optim.SGD(m.parameters(), lr=0.1).step()
+    fresh.load_state_dict(m.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), fresh(x))
+
+
 def test_token_batchnorm_uses_every_token_of_the_batch():
     bn = TokenBatchNorm(6).train()
     x = torch.randn(3, 5, 6) * 2 + 1

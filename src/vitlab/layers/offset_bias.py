@@ -58,9 +58,24 @@ class OffsetBias(_Position):
                              persistent=False)
 
     def bias(self, host, branch):
-        b = host.attention_biases[branch.heads][:, host.attention_bias_idxs].unsqueeze(0)
-        p = branch.num_prefix
-        return F.pad(b, (p, 0, p, 0)) if p else b
+        p, table = branch.num_prefix, host.attention_biases
+        # without autograd the gathered table is reused until the parameter changes: timm's eval-mode cache, but
+        # keyed on the tensor's identity and version, so a new load_state_dict or optimizer step invalidates it
+        cached = not ((torch.is_grad_enabled() and table.requires_grad) or torch.jit.is_tracing()
+                      or torch.compiler.is_compiling())
+        if cached:
+            state = (table.data_ptr(), table._version, table.device, table.dtype)
+            cache = host.__dict__.get("_offset_bias_cache")
+            if cache is None or cache[0] != state:
+                cache = host.__dict__["_offset_bias_cache"] = (state, {})
+            key = (branch.heads.start, branch.heads.stop, branch.heads.step, p)
+            if key in cache[1]:
+                return cache[1][key]
+        b = table[branch.heads][:, host.attention_bias_idxs].unsqueeze(0)
+        b = F.pad(b, (p, 0, p, 0)) if p else b
+        if cached:
+            cache[1][key] = b
+        return b
 
 
 @GROUPINGS.register("subsample")
