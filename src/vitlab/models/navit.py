@@ -29,14 +29,14 @@ id 0 (they attend to the first image).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-from vitlab.layers import Mlp, MixerSpec, MultiHeadAttention, TokenLayout, create_norm, init_weights, to_2tuple
+from vitlab.layers import Mlp, MixerSpec, TokenLayout, create_norm, init_weights, to_2tuple
+from vitlab.layers.attention_pool import AttentionPool
 from vitlab.models.backbone import Backbone
 from vitlab.models.base import make_default_cfg, register_recipe
 from vitlab.models.block import Block, drop_path_rates
@@ -176,31 +176,6 @@ class FactorizedEmbed(nn.Module):
     def forward(self, patches: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """``(B, N, p*p*C)`` patches at ``(N, 2)`` or ``(B, N, 2)`` (row, column) -> ``(B, N, dim)``."""
         return self.proj(patches) + self.pos_embed_y[0, positions[..., 0]] + self.pos_embed_x[0, positions[..., 1]]
-
-
-class AttentionPool(MultiHeadAttention):
-    """Multi-head attention pooling (MAP, big_vision's ``MAPHead``; "Set Transformer", Lee et al., ICML 2019),
-    masked per image as NaViT's pooling (sec. 2.1): a learned query ``latent`` per image attends to that
-    image's tokens only, then ``y + mlp(norm(y))``.  Built from vitlab's attention (``q_kv`` projection,
-    ``class_query`` grouping: the queries join as prefix tokens, masked out as keys); names as timm's
-    ``AttentionPoolLatent``."""
-
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, norm: str = "layernorm",
-                 norm_eps: float = 1e-6, qkv_bias: bool = True):
-        super().__init__(dim, num_heads, projection="q_kv", grouping="class_query", qkv_bias=qkv_bias)
-        self.latent = nn.Parameter(torch.zeros(1, 1, dim))
-        self.norm = create_norm(norm, dim, eps=norm_eps)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
-
-    def forward(self, x: torch.Tensor, image_ids: torch.Tensor, slots: int) -> torch.Tensor:
-        """``(S, L, C)`` tokens whose image slots are ``image_ids (S, L)`` -> ``(S, slots, C)``, one per slot."""
-        s, n, _ = x.shape
-        own = image_ids[:, None, :] == torch.arange(slots, device=x.device)[None, :, None]  # (S, slots, L)
-        own = own | ~own.any(-1, keepdim=True)  # a slot without an image reads everything (its output is dropped)
-        keys = torch.cat([own.new_zeros(s, slots, slots), own], dim=-1)  # never the queries themselves
-        y = super().forward(torch.cat([self.latent.expand(s, slots, -1), x], dim=1),
-                            TokenLayout((n,), slots, mask=keys))
-        return y + self.mlp(self.norm(y))
 
 
 # -- the model ---------------------------------------------------------------------------------------------------

@@ -18,13 +18,13 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from vitlab.layers import EMBEDS, Mlp, MixerSpec, TokenLayout, create_norm, init_weights, sincos_1d, sincos_2d
+from vitlab.layers import EMBEDS, MixerSpec, TokenLayout, create_norm, init_weights, sincos_1d, sincos_2d
 from vitlab.layers.mlp import CHANNEL_MIXERS
 from vitlab.layers.token_ops import AdaptiveTokenSampler, PatchDropout, PatchMerger, TokenSubset
+from vitlab.layers.attention_pool import AttentionPool
 from vitlab.layers.pos_embed import POS_EMBEDS, sincos_2d_big_vision
 from vitlab.models.backbone import Backbone
 from vitlab.models.block import Block, drop_path_rates
-from vitlab.models.navit import AttentionPool
 from vitlab.models.base import make_default_cfg, register_recipe
 from vitlab.registry import check_kwargs
 
