@@ -28,22 +28,20 @@ NEW = [
 ]
 BEFORE = ["vit_small_patch14_reg4_dinov2", "vit_base_patch14_reg4_dinov2", "vit_base_patch16_reg4_gap_256"]
 # timm names not registered, and why (see vitlab.models.vit_registers)
-NOT_EXPRESSIBLE = {
-    "vit_dwee_patch16_reg1_gap_256": "differential attention (timm DiffAttention): no vitlab core",
-    "vit_dlittle_patch16_reg1_gap_256": "differential attention (timm DiffAttention): no vitlab core",
-    "vit_dpwee_patch16_reg1_gap_256": "fused parallel block with differential attention",
-    "vit_pwee_patch16_reg1_gap_256": "timm ParallelScalingBlock: one shared norm and one LayerScale for both branches",
-    "vit_medium_patch16_rope_reg1_gap_256": "timm Eva: rope with reference-grid scaling, y-first bands, k_bias buffer",
-    "vit_mediumd_patch16_rope_reg1_gap_256": "timm Eva: rope with reference-grid scaling, y-first bands",
-    "vit_betwixt_patch16_rope_reg4_gap_256": "timm Eva: rope with reference-grid scaling, y-first bands, k_bias buffer",
-    "vit_base_patch16_rope_reg1_gap_256": "timm Eva: rope with reference-grid scaling, y-first bands, k_bias buffer",
-}
+NOT_EXPRESSIBLE: dict = {}
+# differential attention and ViT-22B's parallel block: counts, keys (the parallel ones through
+# vitlab.interop.timm_vit), data configs and parity in tests/test_vit_diff_parallel.py
+DIFF_PARALLEL = ["vit_dwee_patch16_reg1_gap_256", "vit_dlittle_patch16_reg1_gap_256", "vit_pwee_patch16_reg1_gap_256",
+                 "vit_dpwee_patch16_reg1_gap_256"]
+# timm's Eva class: counts, keys (through vitlab.interop.timm_eva), data configs and parity in tests/test_vit_rope_eva.py
+ROPE_EVA = ["vit_medium_patch16_rope_reg1_gap_256", "vit_mediumd_patch16_rope_reg1_gap_256",
+            "vit_betwixt_patch16_rope_reg4_gap_256", "vit_base_patch16_rope_reg1_gap_256"]
 
 
 def test_every_timm_register_name_is_registered_or_listed_as_not_expressible():
     timm_names = set(timm.list_models("vit_*reg*"))
-    assert timm_names == set(NEW) | set(BEFORE) | set(NOT_EXPRESSIBLE)
-    assert all(vitlab.is_model(n) for n in NEW + BEFORE)
+    assert timm_names == set(NEW) | set(BEFORE) | set(NOT_EXPRESSIBLE) | set(ROPE_EVA) | set(DIFF_PARALLEL)
+    assert all(vitlab.is_model(n) for n in NEW + BEFORE + ROPE_EVA + DIFF_PARALLEL)
     assert not any(vitlab.is_model(n) for n in NOT_EXPRESSIBLE)
 
 
@@ -165,3 +163,19 @@ def test_swiglu_packed_in_every_family_that_takes_a_channel_mixer(family):
     out = m(torch.randn(2, *shape))
     (sum(out) if isinstance(out, tuple) else out).square().mean().backward()
     assert not [n for n, p in m.named_parameters() if p.requires_grad and p.grad is None]
+
+
+def test_register_tokens_get_no_weight_decay_as_in_timm():
+    """timm's optimizer groups (param_groups_weight_decay with the model's no_weight_decay) are the same: the register
+    tokens, the position table and every 1-D tensor without decay."""
+    from timm.optim._param_groups import param_groups_weight_decay
+
+    def no_decay(model):
+        groups = param_groups_weight_decay(model, 0.05, no_weight_decay_list=model.no_weight_decay())
+        ids = {id(p) for g in groups if g["weight_decay"] == 0.0 for p in g["params"]}
+        return {n for n, p in model.named_parameters() if id(p) in ids}
+
+    name = "vit_small_patch14_reg4_dinov2"
+    ours = vitlab.create_model(name, depth=1, img_size=28)
+    ref = timm.create_model(name, depth=1, img_size=28)
+    assert "reg_token" in no_decay(ours) and no_decay(ours) == no_decay(ref)

@@ -115,7 +115,8 @@ class VitlabModel(nn.Module):
     _global_pools: Tuple[str, ...] = ("avg",)  # what reset_classifier(global_pool=...) accepts
 
     # substrings of parameter names that never get weight decay (besides all 1-D tensors)
-    _no_weight_decay_keys: Tuple[str, ...] = ("pos_embed", "cls_token", "dist_token", "relative_position_bias_table")
+    _no_weight_decay_keys: Tuple[str, ...] = ("pos_embed", "cls_token", "reg_token", "dist_token",
+                                             "relative_position_bias_table")
 
     # -- data config ------------------------------------------------------------------------
     @property
