@@ -184,6 +184,27 @@ def test_parallel_branch_block_bound_is_one_plus_the_sum_of_branches():
     assert rep["unbounded"] == [] and 0 < lipschitz_estimate(m, torch.randn(2, 3, 16, 16), iters=10) <= rep["bound"]
 
 
+def test_parallel_scaling_block_bound_shares_one_norm_and_one_scale():
+    """ViT-22B's block (wiring ``parallel_scaling``): ``x + ls(f(n(x)) + g(n(x)))`` is bounded by
+    ``1 + |ls| Lip(n) (Lip f + Lip g)``; written out from the parts and never below the Jacobian estimate."""
+    from vitlab import create_model
+    from vitlab.analysis.lipschitz import _Bounder
+
+    torch.manual_seed(0)
+    m = create_model("vit_tiny_patch4_32", depth=2, embed_dim=16, num_heads=2, img_size=16, wiring="parallel_scaling",
+                     mixer="cosine", norm="center", branch_scale="layerscale", shortcut_init=0.3,
+                     mixer_kwargs=dict(tau=10.0, normalize_v=True, eps=0.05)).eval()
+    blk, bounder = m.blocks[1], _Bounder(m)
+    assert not hasattr(blk, "norm2") and not hasattr(blk, "ls2")
+    cn = 16 / 15 * float(blk.norm1.weight.detach().abs().max())  # CenterNorm: D/(D-1) max|gamma|
+    spec = lambda lin: float(torch.linalg.matrix_norm(lin.weight.detach().double(), ord=2))  # noqa: E731
+    mlp = spec(blk.mlp.fc1) * GELU_LIPSCHITZ * spec(blk.mlp.fc2)
+    want = 1 + float(blk.ls1.gamma.detach().abs().max()) * cn * (bounder.part(blk.attn, "a") + mlp)
+    assert bounder.block(blk, "blocks.1") == pytest.approx(want, rel=1e-9)
+    rep = lipschitz_bound_report(m)
+    assert rep["unbounded"] == [] and 0 < lipschitz_estimate(m, torch.randn(2, 3, 16, 16), iters=10) <= rep["bound"]
+
+
 def test_peg_position_code_enters_the_bound_as_one_plus_its_conv():
     """Twins' PEG is ``x + dwconv(x)`` after a stage's first block: the bound's factor is 1 + Lip(conv), with
     the conv bounded as every conv (checked against power iteration above)."""

@@ -102,6 +102,13 @@ REFUSED = {
     ("alternet", "norm", "*"): ("BatchNorm",),
     ("alternet", "wiring", "post"): ("pre-activation",),
     ("alternet", "wiring", "parallel"): ("pre-activation",),
+    ("alternet", "wiring", "parallel_scaling"): ("pre-activation",),
+    # ViT-22B's one-norm parallel block: CSwin's norm layouts, XCiT's LPI branch and LeViT's norm-free blocks refuse it
+    ("cswin", "wiring", "parallel_scaling"): ("norm_layout must be one of",),
+    ("xcit", "wiring", "parallel_scaling"): ("local_mixer",),
+    ("levit", "wiring", "parallel_scaling"): ("no norm outside their branches",),
+    # differential attention holds two logit maps per head: CaiT's talking heads cannot mix them
+    ("cait", "core", "differential"): ("talking_heads", "two logit maps per head"),
     # CaiT's self-attention talks across heads (talking heads) unless talking_heads=False
     ("cait", "core", "focused_linear"): ("talking_heads", "never forms the attention matrix"),
     ("cait", "mixer", "focused_linear"): ("talking_heads", "never forms the attention matrix"),
@@ -175,7 +182,7 @@ def assert_uses(model, parts):
 # every registered part of every kind a model takes by name (a new part is in this list by registering it)
 BUILT_IN = ([{key: ((name,) if key == "modifiers" else name)} for key, reg in PART_OPTIONS.items()
              for name in reg.names()]
-            + [dict(featscale=True)] + [dict(wiring=w) for w in ("pre", "post", "parallel")])
+            + [dict(featscale=True)] + [dict(wiring=w) for w in ("pre", "post", "parallel", "parallel_scaling")])
 
 
 @pytest.mark.parametrize("family", FAMILIES)

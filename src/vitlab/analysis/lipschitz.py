@@ -208,6 +208,12 @@ class _Bounder:
             self.factors.append({"name": name + " (parallel attention branches)", "bound": half1})
             self.factors.append({"name": name + " (parallel MLP branches)", "bound": half2})
             return half1 * half2
+        if blk.wiring == "parallel_scaling":  # x + ls1(f(n(x)) + g(n(x))): Lip <= 1 + Lip ls1 Lip n (Lip f + Lip g)
+            inner = self.part(blk.attn, name + ".attn") * self.part(blk.featscale, name + ".featscale")
+            inner += self.part(blk.mlp, name + ".mlp")
+            whole = 1 + self.part(blk.norm1, name + ".norm1") * self.part(blk.ls1, name + ".ls1") * inner
+            self.factors.append({"name": name + " (parallel scaling block)", "bound": whole})
+            return whole
         lip_attn = self.part(blk.norm1 if not blk.post_norm else None, name + ".norm1")
         lip_attn *= self.part(blk.attn, name + ".attn")
         lip_attn *= self.part(blk.featscale, name + ".featscale") * self.part(blk.ls1, name + ".ls1")

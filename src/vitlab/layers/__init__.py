@@ -41,6 +41,7 @@ from vitlab.layers import scalable_attention as _ssa  # noqa: F401 ("scalable_re
 from vitlab.layers import grid as _grid  # noqa: F401 (registers grouping "grid", MaxViT)
 from vitlab.layers.mlp import CHANNEL_MIXERS, Mlp
 from vitlab.layers import glu as _glu  # noqa: F401 (registers channel mixer "swiglu_packed", DINOv2-g)
+from vitlab.layers import differential as _differential  # noqa: F401 (registers core "differential")
 from vitlab.layers import linear_norm as _lnorm, offset_bias as _offset  # noqa: F401 (LeViT's parts)
 from vitlab.layers.norm import NORMS, CenterNorm, create_norm
 from vitlab.layers.patch_embed import EMBEDS, ConvStem, PatchEmbed, to_2tuple

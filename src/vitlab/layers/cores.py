@@ -48,6 +48,10 @@ class Core(AttentionPart):
         """A term added to the branch output, ``(B', h, Nq, d)`` (e.g. FLatten's depthwise conv)."""
         return None
 
+    def finish(self, host, out: torch.Tensor, branch) -> torch.Tensor:
+        """The branch output ``(B', h, Nq, d)`` after the value terms, before position parts' ``finish``."""
+        return out
+
     def fast_forward(self, host, x: torch.Tensor, layout) -> Optional[torch.Tensor]:
         """A whole-module shortcut for plain configurations (``None``: use the general path)."""
         return None

@@ -72,5 +72,5 @@ class MemoryReadout(RecordsAttention, nn.Module):
         q, k, v = host.core.prepare(host, *host.projection(host, xq, with_memory(xkv, self.tokens)))
         probs = host.core.normalize(host, host.core.logits(host, q, k))
         self._record(probs)
-        out = host.attn_drop(probs) @ v
+        out = host.core.finish(host, host.attn_drop(probs) @ v, None)  # a core's output step (differential)
         return host.proj_drop(host.proj(out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1)))

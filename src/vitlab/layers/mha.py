@@ -201,7 +201,7 @@ class MultiHeadAttention(RecordsAttention, nn.Module):
             t = part.value_term(self, br)
             if t is not None:
                 out = out + t
-        for p in self.positions:
+        for p in (self.core, *self.positions):  # a core's own output step (differential attention's sub-norm)
             out = p.finish(self, out, br)
         return out
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from vitlab.layers.attn_parts import PROJECTIONS, AttentionPart
 
-__all__ = ["LinearProjection", "QKVProjection", "SeparateProjection", "split_heads"]
+__all__ = ["LinearProjection", "QKVProjection", "QVBiasProjection", "SeparateProjection", "split_heads"]
 
 Tensors = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -90,3 +90,34 @@ class SeparateProjection(_Projection):
     def __call__(self, host, xq, xkv):
         h = host.num_heads
         return split_heads(host.q(xq), h), split_heads(host.k(xkv), h), split_heads(host.v(xkv), h)
+
+
+@PROJECTIONS.register("linear_qv_bias")
+class QVBiasProjection(LinearProjection):
+    """One bias-free ``qkv`` Linear plus biases on q and v only, ``q_bias`` / ``v_bias`` with a fixed zero
+    ``k_bias`` buffer (not saved): BEiT's attention ("BEiT: BERT Pre-Training of Image Transformers", Bao, Dong,
+    Piao & Wei, ICLR 2022, code) kept by EVA/EVA-02 (Fang et al., 2023); names as timm's ``EvaAttention`` /
+    ``beit.Attention``.  A key bias only adds ``q . b_k`` to a whole row of logits, so softmax ignores it unless
+    q and k are rotated (RoPE); ``qkv_bias=False`` is the plain bias-free ``linear``."""
+
+    def setup(self, host) -> None:
+        host.qkv = nn.Linear(host.dim, 3 * host.inner, bias=False)
+        host.q_norm = nn.LayerNorm(host.head_dim) if self.qk_norm else nn.Identity()
+        host.k_norm = nn.LayerNorm(host.head_dim) if self.qk_norm else nn.Identity()
+        if self.qkv_bias:
+            host.q_bias = nn.Parameter(torch.zeros(host.inner))
+            host.register_buffer("k_bias", torch.zeros(host.inner), persistent=False)
+            host.v_bias = nn.Parameter(torch.zeros(host.inner))
+
+    def __call__(self, host, xq, xkv):
+        h, d, w = host.num_heads, host.head_dim, host.qkv.weight
+        bias = torch.cat([host.q_bias, host.k_bias, host.v_bias]) if self.qkv_bias else None
+        if xq is xkv:
+            b, n, _ = xq.shape
+            q, k, v = F.linear(xq, w, bias).reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+        else:  # queries and keys from different tokens: the same weights, split
+            wq, wkv = w.split([host.inner, 2 * host.inner])
+            bq, bkv = bias.split([host.inner, 2 * host.inner]) if bias is not None else (None, None)
+            q = split_heads(F.linear(xq, wq, bq), h)
+            k, v = (split_heads(t, h) for t in F.linear(xkv, wkv, bkv).chunk(2, dim=-1))
+        return host.q_norm(q), host.k_norm(k), v

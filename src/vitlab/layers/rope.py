@@ -7,11 +7,17 @@ ECCV 2024, sec. 3.2, "RoPE-Axial"; timm's ``RotaryEmbedding``) gives the first `
 (x) and the next ``d/4`` the row (y), frequencies ``theta ** (-t / (d/4))`` with ``theta = 100``.  Here any
 grid rank works: the pairs are split evenly over the axes, last axis (x) first.  Prefix (class) tokens are
 not rotated (Heo et al.).  The part has no tensors, so it adds no state-dict keys.
+
+Two options give EVA's form ("EVA-02: A Visual Representation for Neon Genesis", Fang, Sun, Wang, Huang, Wang &
+Cao, 2023, sec. 2; timm's ``RotaryEmbeddingCat`` with ``in_pixels=False``, used by timm's ``Eva``):
+``rope_order="yx"`` gives the first pairs to the first grid axis (rows, y) and ``rope_ref_grid=(h, w)`` rescales
+each coordinate ``c`` of a ``g``-token axis to ``c / g * ref`` (positions in units of the reference grid the model
+was trained on).  The frequencies ``theta ** (-t / (d/4))`` are timm's with ``rope_theta=10000``.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -28,14 +34,21 @@ def queries_are_keys(host) -> bool:
     return not g.queries_prefix_only and g.keys_are_queries and getattr(host, "sr", None) is None
 
 
-def axial_angles(grid: Tuple[int, ...], head_dim: int, theta: float = 100.0) -> torch.Tensor:
+def axial_angles(grid: Tuple[int, ...], head_dim: int, theta: float = 100.0, order: str = "xy",
+                 ref_grid: Optional[Tuple[float, ...]] = None) -> torch.Tensor:
     """``(prod(grid), head_dim // 2)`` rotation angles of the grid tokens in raster order: pair block ``a``
-    (``head_dim / (2 * rank)`` pairs) rotates with the coordinate along axis ``rank - 1 - a``."""
+    (``head_dim / (2 * rank)`` pairs) rotates with the coordinate along axis ``rank - 1 - a`` (``order="xy"``)
+    or axis ``a`` (``order="yx"``); with ``ref_grid`` the coordinate ``c`` along axis ``i`` is
+    ``c / grid[i] * ref_grid[i]`` (EVA-02's resizing, timm's ``ref_feat_shape``)."""
     rank = len(grid)
     per_axis = head_dim // (2 * rank)
     freqs = theta ** (-torch.arange(per_axis, dtype=torch.float32) / per_axis)
-    coords = torch.meshgrid(*[torch.arange(g, dtype=torch.float32) for g in grid], indexing="ij")
-    return torch.cat([coords[axis].reshape(-1, 1) * freqs for axis in reversed(range(rank))], dim=1)
+    axes = [torch.arange(g, dtype=torch.float32) for g in grid]
+    if ref_grid is not None:  # in the operation order of timm's _build_grid (same float rounding)
+        axes = [c / g * r for c, g, r in zip(axes, grid, ref_grid)]
+    coords = torch.meshgrid(*axes, indexing="ij")
+    order_axes = range(rank) if order == "yx" else reversed(range(rank))
+    return torch.cat([coords[axis].reshape(-1, 1) * freqs for axis in order_axes], dim=1)
 
 
 def rotate_pairs(t: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
@@ -48,12 +61,22 @@ def rotate_pairs(t: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
 @POSITION_BIASES.register("rope")
 class AxialRoPE(_Position):
     """Axial RoPE on the grid tokens of every attention group (see the module docstring); ``rope_theta`` is the
-    frequency base (100 in Heo et al.; timm's ``RotaryEmbedding`` uses 10000 with another spacing)."""
+    frequency base (100 in Heo et al.; timm's ``RotaryEmbedding`` uses 10000 with another spacing),
+    ``rope_order`` ``"xy"`` (x pairs first) or ``"yx"`` (grid-axis order: y first, EVA/timm ``Eva``),
+    ``rope_ref_grid`` an int or one size per grid axis to rescale coordinates to (None: token indices)."""
 
-    def __init__(self, rope_theta: float = 100.0):
+    def __init__(self, rope_theta: float = 100.0, rope_order: str = "xy",
+                 rope_ref_grid: Union[None, float, Sequence[float]] = None):
         if rope_theta <= 1.0:
             raise ValueError(f"rope_theta must be > 1, got {rope_theta}")
-        self.theta = float(rope_theta)
+        if rope_order not in ("xy", "yx"):
+            raise ValueError(f"rope_order must be 'xy' (last axis first) or 'yx' (first axis first), "
+                             f"got {rope_order!r}")
+        ref = (rope_ref_grid,) if isinstance(rope_ref_grid, (int, float)) else rope_ref_grid
+        if ref is not None and (not ref or any(not isinstance(r, (int, float)) or r <= 0 for r in ref)):
+            raise ValueError(f"rope_ref_grid must be a positive size or one per grid axis, got {rope_ref_grid!r}")
+        self.theta, self.order = float(rope_theta), rope_order
+        self.ref_grid = None if ref is None else tuple(float(r) for r in ref)
 
     def setup(self, host) -> None:
         if not host.core.forms_matrix:  # a kernel feature map is not rotation-equivariant (and stays >= 0)
@@ -65,12 +88,16 @@ class AxialRoPE(_Position):
         rank = len(host.layout.grid) if host.layout is not None else 2
         if host.head_dim % (2 * rank):
             raise ValueError(f"rope needs head_dim divisible by {2 * rank} on a {rank}-D grid, got {host.head_dim}")
+        if self.ref_grid is not None and len(self.ref_grid) not in (1, rank):
+            raise ValueError(f"rope_ref_grid {self.ref_grid} must give one size or one per axis of the {rank}-D grid")
 
     def on_qk(self, host, branch):
         """The branch with its grid tokens' q and k rotated (prefix tokens kept)."""
         if branch.grid is None:
             raise ValueError("rope needs the grid of each attention group; this grouping gives none")
-        angles = axial_angles(branch.grid, host.head_dim, self.theta).to(branch.q.device)
+        ref = self.ref_grid * len(branch.grid) if self.ref_grid is not None and len(self.ref_grid) == 1 \
+            else self.ref_grid
+        angles = axial_angles(branch.grid, host.head_dim, self.theta, self.order, ref).to(branch.q.device)
         p = branch.num_prefix
 
         def rot(t: torch.Tensor) -> torch.Tensor:

@@ -305,7 +305,7 @@ class Backbone(VitlabModel):
                     out.append(self._entry(f"{prefix}.{j}", "block", x, layout, i))
                     continue
                 x = blk.attn_half(x, layout)
-                if getattr(blk, "wiring", None) == "parallel":  # no separable halves: one entry
+                if getattr(blk, "fused_halves", False):  # no separable halves: one entry
                     out.append(self._entry(f"{prefix}.{j}", "block", x, layout, i))
                 else:
                     out.append(self._entry(f"{prefix}.{j}.attn", "attn", x, layout, i))

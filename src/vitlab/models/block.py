@@ -7,7 +7,9 @@ the branches and one norm at the end of the block (``norm2``); ``"prefix"`` (Cai
 only the prefix (class) tokens are updated, by a mixer whose queries are the prefix tokens;
 ``"parallel"`` (ViT-22B, Dehghani et al., ICML 2023, sec. 2; GPT-J / PaLM): both branches read the same
 input, ``x + DropPath(ls1(mixer(norm1(x)))) + DropPath(ls2(mlp(norm2(x))))``, so the block has no
-separable halves (:meth:`Block.attn_half` is the whole block, :meth:`Block.mlp_half` the identity).  Optional
+separable halves (:meth:`Block.attn_half` is the whole block, :meth:`Block.mlp_half` the identity);
+``"parallel_scaling"`` is ViT-22B's block exactly (sec. 2, timm ``ParallelScalingBlock``): one norm and one branch
+scale for both, ``x + DropPath(ls1(mixer(norm1(x)) + mlp(norm1(x))))`` (no ``norm2``/``ls2``).  Optional
 ``conv_units`` (LipsFormer's depthwise-conv residual units) run before the attention half.  An optional
 ``local_mixer`` (XCiT's local patch interaction, El-Nouby et al., NeurIPS 2021, sec. 3.3) is a third residual
 branch between attention and MLP, ``x + DropPath(ls3(local_mp(norm3(x))))``, part of the attention half.
@@ -32,7 +34,7 @@ from vitlab.layers.layout import TokenLayout
 
 __all__ = ["Block", "ParallelBranch", "WIRINGS", "drop_path_rates"]
 
-WIRINGS = ("pre", "post", "end", "prefix", "parallel", "prefix_xcit")
+WIRINGS = ("pre", "post", "end", "prefix", "parallel", "prefix_xcit", "parallel_scaling")
 
 
 def drop_path_rates(rate: float, depth: int) -> List[float]:
@@ -83,6 +85,8 @@ class Block(nn.Module):
         super().__init__()
         if wiring not in WIRINGS:
             raise ValueError(f"wiring must be one of {WIRINGS}, got {wiring!r}")
+        if wiring == "parallel_scaling" and mlp is None:
+            raise ValueError("wiring 'parallel_scaling' runs the MLP beside the attention; this block has no MLP")
         if (local_mixer is not None and wiring not in ("pre", "post")) or (tokens_norm and wiring != "prefix_xcit"):
             raise ValueError(f"local_mixer needs wiring 'pre' or 'post' and tokens_norm wiring 'prefix_xcit'; got "
                              f"wiring {wiring!r}")
@@ -112,7 +116,7 @@ class Block(nn.Module):
             self.ls3 = create_shortcut(branch_scale, dim, branch_scale_init, depth=total_depth)
             self.drop_path3 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.mlp = mlp  # None: an attention-only block (ViViT's factorised self-attention, spatial half)
-        if mlp is not None or wiring == "end":
+        if (mlp is not None or wiring == "end") and wiring != "parallel_scaling":  # ViT-22B: one norm, one scale
             self.norm2 = create_norm(norm, dim, eps=norm_eps)
             self.ls2 = create_shortcut(branch_scale, dim, branch_scale_init, depth=total_depth)
             self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
@@ -127,6 +131,12 @@ class Block(nn.Module):
         """Parallel attention (and MLP) branches: 1 unless built with lists of mixers."""
         return len(self.attns) if hasattr(self, "attns") else 1
 
+    @property
+    def fused_halves(self) -> bool:
+        """True for the parallel wirings: both branches read the block's input, so there is no map between an
+        attention half and an MLP half (``attn_half`` is the whole block)."""
+        return self.wiring in ("parallel", "parallel_scaling")
+
     def attn_half(self, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
         if hasattr(self, "attns"):
             return x + sum(b(x, layout) for b in self.attns)
@@ -136,6 +146,11 @@ class Block(nn.Module):
             y = self.attn(self.norm1(x), layout)
             y = self.featscale(y) if self.featscale is not None else y
             return x + self.drop_path1(self.ls1(y)) + self.drop_path2(self.ls2(self.mlp(self.norm2(x), layout)))
+        if self.wiring == "parallel_scaling":
+            xn = self.norm1(x)
+            y = self.attn(xn, layout)
+            y = self.featscale(y) if self.featscale is not None else y
+            return x + self.drop_path1(self.ls1(y + self.mlp(xn, layout)))
         if self.wiring == "prefix":
             p = layout.num_prefix
             cls = x[:, :p] + self.drop_path1(self.ls1(self.attn(self.norm1(x), layout)))
@@ -160,7 +175,7 @@ class Block(nn.Module):
             return x + sum(b(x, layout) for b in self.ffns)
         if self.mlp is None:
             return x
-        if self.wiring == "parallel":  # the MLP branch ran beside the attention in attn_half
+        if self.fused_halves:  # the MLP branch ran beside the attention in attn_half
             return x
         if self.wiring == "prefix":
             p = layout.num_prefix

@@ -33,6 +33,14 @@ ENTRIES: List[Tuple[str, Entry]] = [
     ("featscale_*", Entry("Anti-oversmoothing (Wang et al., ICLR 2022)", "block `featscale`")),
     ("deit3_*", Entry("DeiT III (Touvron et al., ECCV 2022)", "ViT + shortcut `layerscale`, patch-only position "
                       "table", "vit.ViT")),
+    ("vit_*_rope_reg[14]_*", Entry("Vision Transformers Need Registers (Darcet et al., ICLR 2024) + EVA-02 RoPE "
+                                   "(Fang et al., 2023)", "ViT + 1 or 4 registers, no position table, position "
+                                   "`rope` (`rope_order='yx'`, `rope_ref_grid=(16, 16)`), projection "
+                                   "`linear_qv_bias`, LayerScale, average pooling (timm's Eva)")),
+    ("vit_d*_reg1_gap_*", Entry("Differential Transformer (Ye et al., ICLR 2025) + registers", "ViT + 1 register, "
+                                "core `differential`; dpwee: + wiring `parallel_scaling`")),
+    ("vit_pwee_*", Entry("ViT-22B parallel block (Dehghani et al., ICML 2023) + registers", "ViT + 1 register, "
+                         "wiring `parallel_scaling` (one norm, one LayerScale over both branches)")),
     ("vit_*_reg[14]_*", Entry("Vision Transformers Need Registers (Darcet et al., ICLR 2024)", "ViT + 1 or 4 "
                               "register prefix tokens, patch-only table (so150m*: the table covers the registers "
                               "too); giant: channel mixer `swiglu_packed`; `*_map_*`: attention-pooling head")),

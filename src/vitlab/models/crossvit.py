@@ -350,7 +350,7 @@ class CrossVit(VitlabModel):
             for b, blocks in enumerate(msb.blocks):
                 for j, blk in enumerate(blocks):
                     name, t = f"blocks.{i}.blocks.{b}.{j}", blk.attn_half(xs[b], msb.layouts[b])
-                    if blk.wiring == "parallel":
+                    if blk.fused_halves:
                         xs[b] = t
                         entry(b, name, "block", t)
                         continue

@@ -82,6 +82,9 @@ def create_model(name: str, pretrained: bool = False, features_only: bool = Fals
     if out_indices is not None and not features_only:
         raise ValueError(f"out_indices={out_indices!r} needs features_only=True")
     model = fn(**kwargs)
+    from vitlab.layers.differential import number_differential_layers
+
+    number_differential_layers(model)  # differential attention: lambda_init from each block's depth, any family
     return feature_extractor(model, out_indices) if features_only else model
 
 

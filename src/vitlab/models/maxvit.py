@@ -254,7 +254,7 @@ class MaxViT(Backbone):
                 for sub in ("attn_block", "attn_grid"):
                     b, at = getattr(blk, sub), f"{prefix}.{j}.{sub}"
                     x = b.attn_half(x, layout)
-                    if b.wiring == "parallel":
+                    if b.fused_halves:
                         out.append(self._entry(at, "block", x, layout, i))
                         continue
                     out.append(self._entry(f"{at}.attn", "attn", x, layout, i))

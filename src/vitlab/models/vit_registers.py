@@ -8,21 +8,31 @@ learnable register tokens join the class token as prefix tokens and are dropped 
   ``swiglu_packed``), 4 registers, LayerScale 1e-5, feature extractors without a classifier;
 * TIPSv2 (timm's ``*_reg1_tipsv2``): DINOv2-style, 1 register, LayerScale initialised at 1.0, 448 px;
 * timm's "searching for better baselines" (``sbb``) ViTs: no class token, 1 or 4 registers, average pooling of
-  the patch tokens (``gap``) or attention pooling (``map``), in timm's sizes wee ... so150m2.
-
-Not registered (no exact vitlab equivalent): ``vit_dwee``/``vit_dlittle``/``vit_dpwee`` (differential attention,
-Ye et al., 2024), ``vit_pwee`` (timm's ``ParallelScalingBlock``: one norm and one LayerScale shared by both branches,
-vitlab's parallel wiring has two of each), and the ``*_rope_*`` ones (timm's ``Eva``: rope frequencies per axis in
-y-then-x order on coordinates rescaled to a reference grid, a fixed zero key bias; vitlab's ``rope`` differs).
+  the patch tokens (``gap``) or attention pooling (``map``), in timm's sizes wee ... so150m2;
+* the sbb ``*_rope_reg*`` ones (timm's ``Eva`` class, :class:`Eva` here): no position table, EVA-02's RoPE
+  (Fang et al., 2023, sec. 2; part ``rope`` with ``rope_theta=10000, rope_order="yx", rope_ref_grid=(16, 16)``)
+  and BEiT's q/v-only qkv bias (projection ``linear_qv_bias``); timm's keys through vitlab.interop.timm_eva.
+* the sbb ``vit_dwee``/``vit_dlittle`` (differential attention, "Differential Transformer", Ye et al., ICLR 2025:
+  core ``differential``), ``vit_pwee`` (ViT-22B's parallel block, timm's ``ParallelScalingBlock``: wiring
+  ``parallel_scaling``) and ``vit_dpwee`` (both); the parallel ones' keys through vitlab.interop.timm_vit.
 """
 from __future__ import annotations
 
 from typing import Any, Dict
 
+from timm.data import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
 from vitlab.models.base import register_recipe
 from vitlab.models.vit import VisionTransformer
 
-__all__ = ["SIZES"]
+__all__ = ["SIZES", "Eva"]
+
+
+class Eva(VisionTransformer):
+    """A :class:`VisionTransformer` saved in the key layout of timm's ``Eva`` ("EVA-02: A Visual Representation
+    for Neon Genesis", Fang et al., 2023): LayerScale as ``blocks.{i}.gamma_1`` / ``gamma_2`` (the converter in
+    :mod:`vitlab.interop.timm_eva` dispatches on this class); the model itself is built from the usual parts."""
+
 
 # timm's model_args: width, depth, heads and the MLP width as a ratio of the width (fc1's width, both halves, for
 # SwiGLU); extra keys are the size's fixed choices
@@ -73,3 +83,27 @@ _register("so150m", 16, "reg4_map", 256, dict(class_token=False, reg_tokens=4, g
 for _img in (256, 384, 448):
     _register("so150m2", 16, "reg1_gap", _img, dict(class_token=False, reg_tokens=1, global_pool="avg", **_LS),
               crop_pct=1.0, **_HALF, **({"crop_mode": "squash"} if _img == 448 else {}))
+
+
+# sbb ViTs with differential attention (core "differential"; timm's attn_layer='diff') and with ViT-22B's parallel
+# block (wiring "parallel_scaling"; timm's ParallelScalingBlock; the differential one fuses the two output
+# projections, so the attention's has no bias and the MLP's fc2 holds the one bias)
+_DIFF, _PAR = dict(core="differential"), dict(wiring="parallel_scaling", depth=16)
+for _tag, _size, _model in (("d", "wee", _DIFF), ("d", "little", _DIFF), ("p", "wee", _PAR),
+                            ("dp", "wee", dict(_DIFF, **_PAR, mixer_kwargs=dict(proj_bias=False)))):
+    _name = f"vit_{_tag}{_size}_patch16_reg1_gap_256"
+    _defaults = dict(SIZES[_size], patch_size=16, img_size=256, **dict(_GAP, reg_tokens=1, **_model))
+    register_recipe(VisionTransformer, _name, _defaults,
+                    f"{_name}: ViT-{_size}/16 with 1 register at 256x256 ({_defaults}); timm's {_name}.",
+                    crop_pct=0.95, **_HALF)
+# timm's sbb ViTs with RoPE (timm's Eva, qkv_fused=True): no position table, rope on a 16x16 reference grid (timm's
+# ref_feat_shape, "224/14"), LayerScale 1e-5, average pooling; betwixt keeps timm's Eva default (CLIP) normalisation
+_EVA_ROPE = dict(_GAP, pos_embed="none", mixer_kwargs=dict(projection="linear_qv_bias"),
+                 attn_position=(("rope", dict(rope_theta=10000.0, rope_order="yx", rope_ref_grid=(16, 16))),))
+for _size, _regs, _bias, _norm in (("medium", 1, True, _HALF), ("mediumd", 1, False, _HALF),
+                                   ("betwixt", 4, True, dict(mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD)),
+                                   ("base", 1, True, _HALF)):
+    _name = f"vit_{_size}_patch16_rope_reg{_regs}_gap_256"
+    _defaults = dict(SIZES[_size], patch_size=16, img_size=256, **dict(_EVA_ROPE, reg_tokens=_regs, qkv_bias=_bias))
+    register_recipe(Eva, _name, _defaults, f"{_name}: ViT-{_size}/16 with {_regs} register(s) and EVA-02 RoPE at "
+                    f"256x256 ({_defaults}); timm's {_name}.", crop_pct=0.95, **_norm)
