@@ -201,3 +201,15 @@ def check_parity(timm_name: str, vitlab_name: Optional[str] = None, seed: int = 
 def describe(rep: ParityReport) -> Dict[str, float]:
     return {"logits": rep.logits, "scale": rep.logits_scale, "back": rep.back,
             "intermediates": max(rep.intermediates, default=0.0)}
+
+
+def on_meta(create, name: str, **kwargs) -> nn.Module:
+    """``create(name, **kwargs)`` (timm's or vitlab's ``create_model``) built on the ``meta`` device: parameter
+    counts and shapes of any size at no memory or init cost."""
+    with torch.device("meta"):
+        return create(name, **kwargs)
+
+
+def meta_count(create, name: str, **kwargs) -> int:
+    """The parameter count of :func:`on_meta`'s model."""
+    return sum(p.numel() for p in on_meta(create, name, **kwargs).parameters())

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import vitlab
+from parity import meta_count
 from vitlab.layers import MultiHeadAttention, TokenLayout, record_attention
 from vitlab.layers.pos_embed import resample_pos_embed
 from vitlab.models.nest import BlockAggregation, blocks_to_raster, raster_to_blocks
@@ -20,15 +21,10 @@ PAPER_M = {"tiny": 17, "small": 38, "base": 68}  # Zhang et al., 2022, Table 2 (
 SMALL = dict(img_size=32, embed_dims=(16, 32), num_heads=(2, 2), depths=(1, 2), num_classes=10)
 
 
-def _meta_count(create, name):
-    with torch.device("meta"):
-        return sum(p.numel() for p in create(name).parameters())
-
-
 @pytest.mark.parametrize("name", NAMES)
 def test_param_counts_equal_timm_and_the_paper(name):
-    n = _meta_count(vitlab.create_model, name)
-    assert n == _meta_count(timm.create_model, name)
+    n = meta_count(vitlab.create_model, name)
+    assert n == meta_count(timm.create_model, name)
     assert round(n / 1e6) == PAPER_M[name.split("_")[1]], n
 
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import vitlab
 from vitlab.layers.mlp import CHANNEL_MIXERS
-from parity import check_parity
+from parity import check_parity, on_meta
 
 timm = pytest.importorskip("timm")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -45,14 +45,9 @@ def test_every_timm_register_name_is_registered_or_listed_as_not_expressible():
     assert not any(vitlab.is_model(n) for n in NOT_EXPRESSIBLE)
 
 
-def _meta(create, name):
-    with torch.device("meta"):
-        return create(name)
-
-
 @pytest.mark.parametrize("name", NEW)
 def test_default_size_counts_keys_and_shapes_equal_timm(name):
-    ours, ref = _meta(vitlab.create_model, name), _meta(timm.create_model, name)
+    ours, ref = on_meta(vitlab.create_model, name), on_meta(timm.create_model, name)
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in ref.parameters())
     want = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
     assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == want
@@ -60,7 +55,7 @@ def test_default_size_counts_keys_and_shapes_equal_timm(name):
 
 @pytest.mark.parametrize("name", NEW)
 def test_data_config_equals_timms(name):
-    ours, ref = _meta(vitlab.create_model, name).default_cfg, _meta(timm.create_model, name).pretrained_cfg
+    ours, ref = on_meta(vitlab.create_model, name).default_cfg, on_meta(timm.create_model, name).pretrained_cfg
     for key in ("input_size", "num_classes", "crop_pct", "interpolation"):
         assert ours[key] == ref[key], (key, ours[key], ref[key])
     for key in ("mean", "std"):
@@ -102,7 +97,7 @@ def test_swiglu_packed_is_silu_of_the_first_half_times_the_second():
 
 def test_giant_mlp_widths_follow_dinov2():
     """DINOv2's SwiGLU hidden for ViT-g: (int(4 * 1536 * 2 / 3) + 7) // 8 * 8 = 4096 per half."""
-    blk = _meta(vitlab.create_model, "vit_giant_patch14_reg4_dinov2").blocks[0]
+    blk = on_meta(vitlab.create_model, "vit_giant_patch14_reg4_dinov2").blocks[0]
     assert (blk.mlp.fc1.out_features, blk.mlp.fc2.in_features) == (2 * 4096, (int(4 * 1536 * 2 / 3) + 7) // 8 * 8)
 
 

@@ -13,7 +13,7 @@ import vitlab
 from vitlab.interop import load_timm_weights, to_timm_state_dict
 from vitlab.layers import MultiHeadAttention, TokenLayout, record_attention
 from vitlab.layers.rope import axial_angles, rotate_pairs
-from parity import check_parity, randomize_, timm_pair
+from parity import check_parity, randomize_, timm_pair, on_meta
 
 timm = pytest.importorskip("timm")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -110,14 +110,9 @@ def test_qv_bias_projection_with_eva_rope_equals_attention_written_out():
     assert {n for n, _ in plain.named_parameters()} == {"qkv.weight", "proj.weight", "proj.bias"}
 
 
-def _meta(create, name):
-    with torch.device("meta"):
-        return create(name)
-
-
 @pytest.mark.parametrize("name", NAMES)
 def test_default_size_counts_keys_and_data_config_equal_timm(name):
-    ours, ref = _meta(vitlab.create_model, name), _meta(timm.create_model, name)
+    ours, ref = on_meta(vitlab.create_model, name), on_meta(timm.create_model, name)
     assert type(ours).__name__ == "Eva"
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in ref.parameters())
     want = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
