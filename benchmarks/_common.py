@@ -152,7 +152,8 @@ def header(args, command: str, started: str, load_before: str) -> str:
             f"Load average (1, 5, 15 min) before: {load_before}; after: {loadavg()}  \n"
             f"Settings: batch {args.batch_size}, {args.amp if args.amp != 'none' else 'float32'}, "
             f"{'torch.compile, ' if args.compile else ''}device {args.device}, {args.runs} timed steps per model "
-            f"after {args.warmup} warm-up steps, models alternating step by step; medians; C allocator "
+            f"after {args.warmup} warm-up steps, models alternating step by step (order reversed every other "
+            f"round); medians; C allocator "
             f"{'tuned by vitlab.runtime for all models (no mmap, no heap trimming)' if getattr(args, 'malloc_tuned', False) else 'at its defaults'}; "
             "training steps use torch's AdamW with its fused kernel (as `vitlab train`), the same for every model.\n")
 
