@@ -53,7 +53,7 @@ def test_default_size_counts_keys_and_shapes_equal_timm(name):
     assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == want
 
 
-@pytest.mark.parametrize("name", NEW)
+@pytest.mark.parametrize("name", NEW + BEFORE)
 def test_data_config_equals_timms(name):
     ours, ref = on_meta(vitlab.create_model, name).default_cfg, on_meta(timm.create_model, name).pretrained_cfg
     for key in ("input_size", "num_classes", "crop_pct", "interpolation"):

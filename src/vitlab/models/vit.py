@@ -339,7 +339,8 @@ _DINOV2_REG = dict(reg_tokens=4, no_embed_class=True, branch_scale="layerscale",
 for _size in ("small", "base"):
     _register_vit(f"vit_{_size}_patch14_reg4_dinov2", _size, 14, 518, _DINOV2_REG, crop_pct=1.0)
 _register_vit("vit_base_patch16_reg4_gap_256", "base", 16, 256,
-              dict(reg_tokens=4, no_embed_class=True, class_token=False, global_pool="avg"), crop_pct=0.95)
+              dict(reg_tokens=4, no_embed_class=True, class_token=False, global_pool="avg"), crop_pct=0.9,
+              mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))  # timm's data config for this name
 # Parallel blocks ("Three things everyone should know about Vision Transformers", Touvron et al., ECCV 2022,
 # sec. 3): 18 blocks of 2 parallel attention + 2 parallel MLP branches, LayerScale 1e-5 (timm's names)
 for _size in ("small", "base"):
