@@ -295,9 +295,8 @@ MM_KEY = "torch.mm"
 def compare(models: Dict[str, nn.Module], spec: StepSpec, runs: int = 5, warmup: int = 1, flops: bool = True,
             memory: bool = True, specs: Optional[Dict[str, StepSpec]] = None,
             mm_size: Optional[int] = None) -> Dict[str, BenchResult]:
-    """Measure several models in one run, *alternating*: each timed round runs one step of every
-    model in turn (in reverse order every other round), so that changes in machine load affect all of them
-    alike and no model always runs right after the same other one.  ``specs`` may give
+    """Measure several models in one run, *alternating*: each timed round runs one step of every model in turn
+    (reversed every other round), so load changes affect all alike and no model always follows the same one.  ``specs`` may give
     a model its own step spec (e.g. a different input size); ``spec`` is the default.
 
     With ``mm_size=n`` a ``torch.mm`` of two ``n x n`` matrices (in the autocast dtype) takes part
@@ -329,9 +328,8 @@ def compare(models: Dict[str, nn.Module], spec: StepSpec, runs: int = 5, warmup:
         _sync(specs[key].device)
         if memory and key != MM_KEY:
             results[key].peak_mem_bytes = peak_step_memory(step, specs[key].device)
-    order = list(steps.items())
-    for r in range(runs):  # the order flips every round: no model always follows the same one
-        for key, step in (order if r % 2 == 0 else order[::-1]):
+    for r in range(runs):
+        for key, step in (list(steps.items()) if r % 2 == 0 else list(steps.items())[::-1]):
             results[key].times_s.extend(time_steps(step, runs=1, warmup=0, device=specs[key].device))
     return results
 
