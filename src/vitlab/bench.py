@@ -296,8 +296,8 @@ def compare(models: Dict[str, nn.Module], spec: StepSpec, runs: int = 5, warmup:
             memory: bool = True, specs: Optional[Dict[str, StepSpec]] = None,
             mm_size: Optional[int] = None) -> Dict[str, BenchResult]:
     """Measure several models in one run, *alternating*: each timed round runs one step of every model in turn
-    (reversed every other round), so load changes affect all alike and no model always follows the same one.  ``specs`` may give
-    a model its own step spec (e.g. a different input size); ``spec`` is the default.
+    (reversed every other round), so load changes affect all alike and no model always follows the same one.
+    ``specs`` may give a model its own step spec (e.g. a different input size); ``spec`` is the default.
 
     With ``mm_size=n`` a ``torch.mm`` of two ``n x n`` matrices (in the autocast dtype) takes part
     in the rounds too, as the result ``"torch.mm"`` (batch 1, ``2 n^3`` FLOPs): the roofline

@@ -9,8 +9,8 @@ its model or in its own module here.
 """
 from __future__ import annotations
 
-from vitlab.interop.regionvit_official import is_official_regionvit, regionvit_from_official
-from vitlab.interop.sepvit_official import is_official_sepvit, sepvit_from_official
+from vitlab.interop.regionvit_official import regionvit_from_official
+from vitlab.interop.sepvit_official import sepvit_from_official
 from vitlab.interop.timm import register_official_converter
 from vitlab.models.crossformer import CrossFormer, crossformer_from_official
 from vitlab.models.cswin import CSwinTransformer, cswin_from_official
@@ -33,8 +33,8 @@ OFFICIAL_LAYOUTS = (
     (ConvolutionalVisionTransformer, _has("stage0.patch_embed."), cvt_from_official),
     (ScalableViT, _has("patch_embeds."), scalablevit_from_official),
     (CrossFormer, _has(".downsample.reductions.", start=False), crossformer_from_official),
-    (RegionViT, is_official_regionvit, regionvit_from_official),
-    (SepViT, is_official_sepvit, sepvit_from_official),
+    (RegionViT, _has("cls_token.proj."), regionvit_from_official),  # the regional tokens' conv
+    (SepViT, _has("patch_embeds."), sepvit_from_official),
 )
 for _cls, _recognise, _rename in OFFICIAL_LAYOUTS:
     register_official_converter(_cls, _recognise, _rename)

@@ -33,17 +33,12 @@ from typing import Dict
 import torch
 
 
-__all__ = ["regionvit_from_official", "regionvit_to_official", "is_official_regionvit"]
+__all__ = ["regionvit_from_official", "regionvit_to_official"]
 
 StateDict = Dict[str, torch.Tensor]
 _BLOCK = re.compile(r"^layers\.(\d+)\.block\.(\d+)\.(.*)$")
 _STEM_NORM = re.compile(r"^patch_embed\.proj\.([14])\.(weight|bias)$")
 _REFUSED = re.compile(r"^(layers\.\d+\.peg\.|norm[0-3]\.|layers\.\d+\.block\.\d+\.expand\.)")
-
-
-def is_official_regionvit(state_dict: StateDict) -> bool:
-    """Whether ``state_dict`` has the official code's layout (its regional-token conv ``cls_token.proj``)."""
-    return any(k.startswith("cls_token.proj.") for k in state_dict)
 
 
 def _block_key(i: str, j: str, rest: str, v: torch.Tensor, sd: StateDict):

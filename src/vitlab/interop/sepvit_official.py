@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 
-__all__ = ["sepvit_from_official", "is_official_sepvit", "OFFICIAL_BLOCK_NORM_EPS"]
+__all__ = ["sepvit_from_official", "OFFICIAL_BLOCK_NORM_EPS"]
 
 StateDict = Dict[str, torch.Tensor]
 OFFICIAL_BLOCK_NORM_EPS = 1e-6  # every official recipe builds its blocks with partial(nn.LayerNorm, eps=1e-6)
@@ -47,11 +47,6 @@ _RULES = [(re.compile(p), r) for p, r in (
         f"stages.{m.group(1)}.blocks.{m.group(2)}.attn.{_ATTN[m.group(3)]}.")),
     (r"^blocks\.(\d+)\.(\d+)\.", r"stages.\1.blocks.\2."),
 )]
-
-
-def is_official_sepvit(state_dict: StateDict) -> bool:
-    """Whether ``state_dict`` has the official code's layout (its per-stage ``patch_embeds`` list)."""
-    return any(k.startswith("patch_embeds.") for k in state_dict)
 
 
 def _window_tokens(key: str, tokens: torch.Tensor, sd: StateDict) -> torch.Tensor:

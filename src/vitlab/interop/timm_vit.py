@@ -31,6 +31,7 @@ from torch import nn
 from vitlab.interop.timm import StateDict, register_timm_converter
 from vitlab.models.vit import VisionTransformer
 
+
 def _scaling_blocks(model: nn.Module) -> List[Tuple[str, int, int]]:
     """``(prefix, width C, MLP hidden H)`` of every block wired ``parallel_scaling`` with a two-Linear MLP."""
     found = []

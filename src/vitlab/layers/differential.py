@@ -18,7 +18,8 @@ over both; :meth:`DifferentialCore.normalize` returns the differential map ``(B'
 acting on probabilities and :func:`~vitlab.layers.record_attention` see; it has negative entries).
 
 ``lambda_init`` depends on the block: :func:`number_differential_layers` sets it from each attention's order in a
-model (the recipes call it); a core built alone uses ``layer_index`` (default 0, the first layer's 0.2).
+model (``create_model`` calls it for every family); a core built alone uses ``layer_index`` (default 0, the first
+layer's 0.2).
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Projection parts: where queries, keys and values come from (DESIGN.md, "projection")."""
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -38,18 +38,24 @@ class LinearProjection(_Projection):
     def __init__(self, qkv_bias: bool = True, qk_norm: bool = False):
         self.qkv_bias, self.qk_norm = qkv_bias, qk_norm
 
+    linear_bias = True  # whether the qkv Linear itself carries the bias (subclasses keep it elsewhere)
+
     def setup(self, host) -> None:
-        host.qkv = nn.Linear(host.dim, 3 * host.inner, bias=self.qkv_bias)
+        host.qkv = nn.Linear(host.dim, 3 * host.inner, bias=self.qkv_bias and self.linear_bias)
         host.q_norm = nn.LayerNorm(host.head_dim) if self.qk_norm else nn.Identity()
         host.k_norm = nn.LayerNorm(host.head_dim) if self.qk_norm else nn.Identity()
 
+    def weights(self, host) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The fused ``[q; k; v]`` weight and bias."""
+        return host.qkv.weight, host.qkv.bias
+
     def __call__(self, host, xq, xkv):
         h, d = host.num_heads, host.head_dim
+        w, bias = self.weights(host)
         if xq is xkv:
             b, n, _ = xq.shape
-            q, k, v = host.qkv(xq).reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+            q, k, v = F.linear(xq, w, bias).reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
         else:  # queries and keys from different tokens: the same weights, split
-            w, bias = host.qkv.weight, host.qkv.bias
             wq, wkv = w.split([host.inner, 2 * host.inner])
             bq, bkv = bias.split([host.inner, 2 * host.inner]) if bias is not None else (None, None)
             q = split_heads(F.linear(xq, wq, bq), h)
@@ -100,24 +106,15 @@ class QVBiasProjection(LinearProjection):
     ``beit.Attention``.  A key bias only adds ``q . b_k`` to a whole row of logits, so softmax ignores it unless
     q and k are rotated (RoPE); ``qkv_bias=False`` is the plain bias-free ``linear``."""
 
+    linear_bias = False
+
     def setup(self, host) -> None:
-        host.qkv = nn.Linear(host.dim, 3 * host.inner, bias=False)
-        host.q_norm = nn.LayerNorm(host.head_dim) if self.qk_norm else nn.Identity()
-        host.k_norm = nn.LayerNorm(host.head_dim) if self.qk_norm else nn.Identity()
+        super().setup(host)
         if self.qkv_bias:
             host.q_bias = nn.Parameter(torch.zeros(host.inner))
             host.register_buffer("k_bias", torch.zeros(host.inner), persistent=False)
             host.v_bias = nn.Parameter(torch.zeros(host.inner))
 
-    def __call__(self, host, xq, xkv):
-        h, d, w = host.num_heads, host.head_dim, host.qkv.weight
+    def weights(self, host) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         bias = torch.cat([host.q_bias, host.k_bias, host.v_bias]) if self.qkv_bias else None
-        if xq is xkv:
-            b, n, _ = xq.shape
-            q, k, v = F.linear(xq, w, bias).reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
-        else:  # queries and keys from different tokens: the same weights, split
-            wq, wkv = w.split([host.inner, 2 * host.inner])
-            bq, bkv = bias.split([host.inner, 2 * host.inner]) if bias is not None else (None, None)
-            q = split_heads(F.linear(xq, wq, bq), h)
-            k, v = (split_heads(t, h) for t in F.linear(xkv, wkv, bkv).chunk(2, dim=-1))
-        return host.q_norm(q), host.k_norm(k), v
+        return host.qkv.weight, bias

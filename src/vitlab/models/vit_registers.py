@@ -56,10 +56,13 @@ _TIPS = dict(reg_tokens=1, no_embed_class=True, num_classes=0, branch_scale="lay
 _GAP = dict(class_token=False, no_embed_class=True, global_pool="avg", **_LS)
 
 
-def _register(size: str, patch: int, tag: str, img: int, model: Dict[str, Any], **cfg: Any) -> None:
-    name = f"vit_{size}_patch{patch}_{tag}" + (f"_{img}" if "gap" in tag or "map" in tag else "")
+def _register(size: str, patch: int, tag: str, img: int, model: Dict[str, Any], variant: str = "",
+              cls: type = VisionTransformer, **cfg: Any) -> None:
+    """``vit_{variant}{size}_patch{patch}_{tag}[_{img}]`` as timm names it (``variant``: timm's ``d``/``p``/``dp``
+    prefix of the sbb sizes), a ``cls`` of ``SIZES[size]`` with ``model``'s choices; ``cfg`` is the data config."""
+    name = f"vit_{variant}{size}_patch{patch}_{tag}" + (f"_{img}" if "gap" in tag or "map" in tag else "")
     defaults = dict(SIZES[size], patch_size=patch, img_size=img, **model)
-    register_recipe(VisionTransformer, name, defaults, f"{name}: ViT-{size}/{patch} with register tokens at "
+    register_recipe(cls, name, defaults, f"{name}: ViT-{size}/{patch} with register tokens at "
                     f"{img}x{img} ({defaults}); timm's {name}.", **cfg)
 
 
@@ -91,11 +94,7 @@ for _img in (256, 384, 448):
 _DIFF, _PAR = dict(core="differential"), dict(wiring="parallel_scaling", depth=16)
 for _tag, _size, _model in (("d", "wee", _DIFF), ("d", "little", _DIFF), ("p", "wee", _PAR),
                             ("dp", "wee", dict(_DIFF, **_PAR, mixer_kwargs=dict(proj_bias=False)))):
-    _name = f"vit_{_tag}{_size}_patch16_reg1_gap_256"
-    _defaults = dict(SIZES[_size], patch_size=16, img_size=256, **dict(_GAP, reg_tokens=1, **_model))
-    register_recipe(VisionTransformer, _name, _defaults,
-                    f"{_name}: ViT-{_size}/16 with 1 register at 256x256 ({_defaults}); timm's {_name}.",
-                    crop_pct=0.95, **_HALF)
+    _register(_size, 16, "reg1_gap", 256, dict(_GAP, reg_tokens=1, **_model), variant=_tag, crop_pct=0.95, **_HALF)
 # timm's sbb ViTs with RoPE (timm's Eva, qkv_fused=True): no position table, rope on a 16x16 reference grid (timm's
 # ref_feat_shape, "224/14"), LayerScale 1e-5, average pooling; betwixt keeps timm's Eva default (CLIP) normalisation
 _EVA_ROPE = dict(_GAP, pos_embed="none", mixer_kwargs=dict(projection="linear_qv_bias"),
@@ -103,7 +102,5 @@ _EVA_ROPE = dict(_GAP, pos_embed="none", mixer_kwargs=dict(projection="linear_qv
 for _size, _regs, _bias, _norm in (("medium", 1, True, _HALF), ("mediumd", 1, False, _HALF),
                                    ("betwixt", 4, True, dict(mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD)),
                                    ("base", 1, True, _HALF)):
-    _name = f"vit_{_size}_patch16_rope_reg{_regs}_gap_256"
-    _defaults = dict(SIZES[_size], patch_size=16, img_size=256, **dict(_EVA_ROPE, reg_tokens=_regs, qkv_bias=_bias))
-    register_recipe(Eva, _name, _defaults, f"{_name}: ViT-{_size}/16 with {_regs} register(s) and EVA-02 RoPE at "
-                    f"256x256 ({_defaults}); timm's {_name}.", crop_pct=0.95, **_norm)
+    _register(_size, 16, f"rope_reg{_regs}_gap", 256, dict(_EVA_ROPE, reg_tokens=_regs, qkv_bias=_bias), cls=Eva,
+              crop_pct=0.95, **_norm)
