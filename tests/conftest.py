@@ -34,6 +34,17 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture
+def plain_linear():
+    """The oneDNN linear path off (vitlab.layers.linear): for tests that compare the inference fast paths
+    bit for bit with the autograd path, which runs ``addmm``."""
+    from vitlab.layers.linear import set_onednn_linear
+
+    previous = set_onednn_linear(False)
+    yield
+    set_onednn_linear(previous)
+
+
 def brightness_folder(root: Path, counts: Dict[str, Tuple[int, int]], seed: int, noise: float,
                       levels: Tuple[int, int] = (60, 190), size: int = 8) -> str:
     """An ImageFolder ``root/{split}/{dark,light}/{i}.png`` of ``size`` x ``size`` RGB images: Gaussian

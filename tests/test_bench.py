@@ -69,12 +69,14 @@ def test_cpu_peak_memory_closed_form():
 
 def test_peak_memory_of_inference_grows_with_batch():
     model = vitlab.create_model("vit_tiny_patch16_224", **TINY)
-    m2 = peak_step_memory(make_step(model, StepSpec(batch_size=2, input_size=(3, 32, 32))))
-    m8 = peak_step_memory(make_step(model, StepSpec(batch_size=8, input_size=(3, 32, 32))))
-    # the largest live activations are (B, N, 4C) MLP hiddens: at least one of them is counted
-    # (batch 1 is left out: there, fixed-size small buffers are a large share of the peak)
-    assert m2 >= 2 * 17 * 128 * 4
-    assert 3.0 < m8 / m2 < 5.0
+    m2, m8, m14 = (peak_step_memory(make_step(model, StepSpec(batch_size=b, input_size=(3, 32, 32))))
+                   for b in (2, 8, 14))
+    # the largest live activations are (B, N, 4C) MLP hiddens: at least one of them is counted, and the peak
+    # grows linearly with the batch on top of fixed-size buffers (oneDNN's weight reorder scratch, small
+    # tensors; batch 1 is left out, where they are most of the peak)
+    hidden = 17 * 128 * 4
+    assert m2 >= 2 * hidden and m8 - m2 >= 6 * hidden
+    assert 0.8 < (m14 - m8) / (m8 - m2) < 1.25
 
 
 # -- steps, timing and alternation -----------------------------------------------------------------

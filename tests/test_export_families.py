@@ -70,7 +70,7 @@ def _onnx_logits(path, x):
 
 
 @pytest.mark.parametrize("family,fmt", list(_cases()))
-def test_export_every_family(model_dirs, tmp_path, family, fmt):
+def test_export_every_family(model_dirs, tmp_path, family, fmt, plain_linear):  # the program runs addmm: bit for bit
     if fmt == "onnx":
         pytest.importorskip("onnxruntime")
         pytest.importorskip("onnxscript")

@@ -1,5 +1,6 @@
 """The inference fast path that overwrites a block's own fresh buffers (vitlab.layers.inplace):
-taken only when safe, and bit-identical to the out-of-place path."""
+taken only when safe, and bit-identical to the out-of-place path (with the oneDNN linear path off, which
+sums in another order; tests/test_linear.py covers it)."""
 import pytest
 import torch
 from torch import nn
@@ -7,6 +8,8 @@ from torch import nn
 import vitlab
 from vitlab.layers import Mlp
 from vitlab.layers.inplace import activate, overwritable, residual_add
+
+pytestmark = pytest.mark.usefixtures("plain_linear")
 
 
 @pytest.mark.parametrize("act", [nn.GELU(), nn.GELU(approximate="tanh"), nn.ReLU(), nn.SiLU()])

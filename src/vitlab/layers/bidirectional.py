@@ -18,6 +18,7 @@ from typing import Tuple
 import torch
 from torch import nn
 
+from vitlab.layers.linear import Linear
 from vitlab.layers.projection import split_heads
 from vitlab.layers.recording import RecordsAttention
 
@@ -38,9 +39,9 @@ class BidirectionalCrossAttention(RecordsAttention, nn.Module):
         if dim % num_heads:
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
         self.num_heads, self.scale = num_heads, (dim // num_heads) ** -0.5
-        self.q, self.k, self.v = (nn.Linear(dim, dim, bias=qkv_bias) for _ in range(3))
-        self.v_rev = nn.Linear(dim, dim, bias=qkv_bias)
-        self.proj, self.proj_rev = nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.q, self.k, self.v = (Linear(dim, dim, bias=qkv_bias) for _ in range(3))
+        self.v_rev = Linear(dim, dim, bias=qkv_bias)
+        self.proj, self.proj_rev = Linear(dim, dim), Linear(dim, dim)
         self.attn_drop, self.proj_drop = nn.Dropout(attn_drop), nn.Dropout(proj_drop)
 
     def gather(self, xp: torch.Tensor, xl: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

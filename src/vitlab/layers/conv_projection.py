@@ -17,6 +17,7 @@ from torch import nn
 
 from vitlab.layers.attn_parts import PROJECTIONS
 from vitlab.layers.layout import TokenLayout, as_layout
+from vitlab.layers.linear import Linear
 from vitlab.layers.projection import _Projection, split_heads
 
 __all__ = ["ConvProjection", "DepthwiseConvBN"]
@@ -66,7 +67,7 @@ class ConvProjection(_Projection):
         self._refuse_parts(host)
         for t, stride in (("q", 1), ("k", self.stride_kv), ("v", self.stride_kv)):
             setattr(host, f"conv_proj_{t}", DepthwiseConvBN(host.dim, self.kernel_size, stride))
-            setattr(host, f"proj_{t}", nn.Linear(host.dim, host.inner, bias=self.qkv_bias))
+            setattr(host, f"proj_{t}", Linear(host.dim, host.inner, bias=self.qkv_bias))
 
     def _refuse_parts(self, host) -> None:
         """Setup runs after the grouping, core, modifiers and position parts are built: refuse what cannot hold."""

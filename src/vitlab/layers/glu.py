@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from vitlab.layers.layout import TokenLayout
+from vitlab.layers.linear import Linear
 from vitlab.layers.mlp import CHANNEL_MIXERS
 
 __all__ = ["SwiGLUPacked"]
@@ -29,11 +30,11 @@ class SwiGLUPacked(nn.Module):
         hidden_features = hidden_features or 2 * in_features
         if hidden_features % 2:
             raise ValueError(f"swiglu_packed needs an even hidden width (two halves of fc1), got {hidden_features}")
-        self.fc1 = nn.Linear(in_features, hidden_features, bias=bias)
+        self.fc1 = Linear(in_features, hidden_features, bias=bias)
         self.act = act_layer()
         self.drop1 = nn.Dropout(drop)
         self.norm = nn.Identity()  # timm's optional norm of the gated hidden (a key-free placeholder)
-        self.fc2 = nn.Linear(hidden_features // 2, out_features or in_features, bias=bias)
+        self.fc2 = Linear(hidden_features // 2, out_features or in_features, bias=bias)
         self.drop2 = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor, layout: Optional[TokenLayout] = None) -> torch.Tensor:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from vitlab.layers.attn_parts import PROJECTIONS
+from vitlab.layers.linear import Linear
 from vitlab.layers.mlp import CHANNEL_MIXERS
 from vitlab.layers.norm import create_norm
 from vitlab.layers.projection import _Projection
@@ -59,7 +60,7 @@ class LinearNorm(nn.Module):
     def __init__(self, in_features: int, out_features: int, norm: str = "batchnorm", norm_init: float = 1.0,
                  eps: float = 1e-5):
         super().__init__()
-        self.linear = nn.Linear(in_features, out_features, bias=False)
+        self.linear = Linear(in_features, out_features, bias=False)
         self.bn = channel_norm(norm, out_features, eps)
         _init_norm(self.bn, norm_init)
 
@@ -88,7 +89,7 @@ class NormLinear(nn.Module):
         super().__init__()
         self.bn = channel_norm(norm, in_features, eps) if use_norm else nn.Identity()
         self.drop = nn.Dropout(drop)
-        self.linear = nn.Linear(in_features, out_features)
+        self.linear = Linear(in_features, out_features)
         nn.init.trunc_normal_(self.linear.weight, std=0.02)
         nn.init.zeros_(self.linear.bias)
 

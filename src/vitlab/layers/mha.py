@@ -15,6 +15,7 @@ from vitlab.layers.attn_parts import (CORES, GROUPINGS, MODIFIERS, POSITION_BIAS
                                       build_part, check_compatible, part_keys)
 from vitlab.layers.grouping import Branch
 from vitlab.layers.layout import TokenLayout
+from vitlab.layers.linear import Linear
 from vitlab.layers.recording import RecordsAttention
 from vitlab.registry import check_kwargs
 
@@ -89,7 +90,7 @@ class MultiHeadAttention(RecordsAttention, nn.Module):
         self.attn_drop = nn.Dropout(attn_drop)
         out = getattr(self.projection, "output", None)  # a projection may own the output projection (LeViT's)
         self.proj = (out(self, proj_bias) if out is not None
-                     else nn.Linear(self.value_inner, self.out_dim, bias=proj_bias))
+                     else Linear(self.value_inner, self.out_dim, bias=proj_bias))
         self.proj_drop = nn.Dropout(proj_drop)
         self._needs_matrix = any(m.needs_matrix for m in self.modifiers)
         self.plain_global = (self.grouping.name == "global" and self.projection.name == "linear"

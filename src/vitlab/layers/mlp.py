@@ -10,6 +10,7 @@ from torch import nn
 
 from vitlab.layers.inplace import INPLACE_ACTIVATIONS, activate, chunkable
 from vitlab.layers.layout import TokenLayout, as_layout
+from vitlab.layers.linear import Linear, linear_act
 from vitlab.registry import Registry
 
 __all__ = ["CHANNEL_MIXERS", "Mlp", "LocalityFeedForward"]
@@ -25,7 +26,8 @@ class Mlp(nn.Module):
     Without autograd (``vitlab.layers.inplace``) the activation overwrites ``fc1``'s output, and a
     hidden activation larger than ``chunk_bytes`` is computed in row chunks of about
     ``chunk_target`` bytes, written straight into the output: the hidden tensor (4x the tokens'
-    size) then never exists whole, and each chunk stays in the cache between the two matmuls.
+    size) then never exists whole, and each chunk stays in the cache between the two matmuls.  There, in
+    float32 on the CPU, ``fc1`` and the activation are one oneDNN call (``vitlab.layers.linear``).
     """
 
     chunk_bytes: int = 32 * 1024 * 1024  # chunk the no-autograd path above this hidden size (0: never)
@@ -36,17 +38,21 @@ class Mlp(nn.Module):
         super().__init__()
         hidden_features = hidden_features or in_features
         out_features = out_features or in_features
-        self.fc1 = nn.Linear(in_features, hidden_features, bias=bias)
+        self.fc1 = Linear(in_features, hidden_features, bias=bias)
         self.act = act_layer()
         self.drop1 = nn.Dropout(drop)
-        self.fc2 = nn.Linear(hidden_features, out_features, bias=bias)
+        self.fc2 = Linear(hidden_features, out_features, bias=bias)
         self.drop2 = nn.Dropout(drop)
 
     def forward(self, x, layout=None):
         """``(B, N, C)`` tokens; ``layout`` is accepted (and not needed) as by every channel mixer."""
         # _chunkable first: it is False while tracing, so the size test never becomes a shape guard
-        if self._chunkable(x) and 0 < self.chunk_bytes < self._hidden_bytes(x):
-            return self._chunked(x)
+        if self._chunkable(x):
+            if 0 < self.chunk_bytes < self._hidden_bytes(x):
+                return self._chunked(x)
+            h = linear_act(self.fc1, self.act, x)  # fc1 + act in one oneDNN call (vitlab.layers.linear)
+            if h is not None:
+                return self.drop2(self.fc2(h))
         # without autograd, the activation overwrites fc1's fresh output (vitlab.layers.inplace)
         return self.drop2(self.fc2(self.drop1(activate(self.act, self.fc1(x), self.fc1))))
 
@@ -66,7 +72,8 @@ class Mlp(nn.Module):
         out = x2.new_empty(rows, self.fc2.out_features)
         act_ = INPLACE_ACTIVATIONS[type(self.act)]  # _chunkable checked that it is safe
         for s in range(0, rows, step):
-            h = act_(self.act, self.fc1(x2[s:s + step]))
+            h = linear_act(self.fc1, self.act, x2[s:s + step])
+            h = act_(self.act, self.fc1(x2[s:s + step])) if h is None else h
             if self.fc2.bias is None:
                 torch.mm(h, self.fc2.weight.t(), out=out[s:s + step])
             else:

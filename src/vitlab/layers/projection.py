@@ -4,10 +4,10 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vitlab.layers.attn_parts import PROJECTIONS, AttentionPart
+from vitlab.layers.linear import Linear, linear
 
 __all__ = ["LinearProjection", "QKVProjection", "QVBiasProjection", "SeparateProjection", "split_heads"]
 
@@ -41,7 +41,7 @@ class LinearProjection(_Projection):
     linear_bias = True  # whether the qkv Linear itself carries the bias (subclasses keep it elsewhere)
 
     def setup(self, host) -> None:
-        host.qkv = nn.Linear(host.dim, 3 * host.inner, bias=self.qkv_bias and self.linear_bias)
+        host.qkv = Linear(host.dim, 3 * host.inner, bias=self.qkv_bias and self.linear_bias)
         host.q_norm = nn.LayerNorm(host.head_dim) if self.qk_norm else nn.Identity()
         host.k_norm = nn.LayerNorm(host.head_dim) if self.qk_norm else nn.Identity()
 
@@ -54,12 +54,12 @@ class LinearProjection(_Projection):
         w, bias = self.weights(host)
         if xq is xkv:
             b, n, _ = xq.shape
-            q, k, v = F.linear(xq, w, bias).reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+            q, k, v = linear(xq, w, bias).reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
         else:  # queries and keys from different tokens: the same weights, split
             wq, wkv = w.split([host.inner, 2 * host.inner])
             bq, bkv = bias.split([host.inner, 2 * host.inner]) if bias is not None else (None, None)
-            q = split_heads(F.linear(xq, wq, bq), h)
-            k, v = (split_heads(t, h) for t in F.linear(xkv, wkv, bkv).chunk(2, dim=-1))
+            q = split_heads(linear(xq, wq, bq), h)
+            k, v = (split_heads(t, h) for t in linear(xkv, wkv, bkv).chunk(2, dim=-1))
         return host.q_norm(q), host.k_norm(k), v
 
 
@@ -72,8 +72,8 @@ class QKVProjection(_Projection):
         self.qkv_bias = qkv_bias
 
     def setup(self, host) -> None:
-        host.q = nn.Linear(host.dim, host.inner, bias=self.qkv_bias)
-        host.kv = nn.Linear(host.dim, 2 * host.inner, bias=self.qkv_bias)
+        host.q = Linear(host.dim, host.inner, bias=self.qkv_bias)
+        host.kv = Linear(host.dim, 2 * host.inner, bias=self.qkv_bias)
 
     def __call__(self, host, xq, xkv):
         b, nk, _ = xkv.shape
@@ -91,7 +91,7 @@ class SeparateProjection(_Projection):
 
     def setup(self, host) -> None:
         for name in ("q", "k", "v"):
-            setattr(host, name, nn.Linear(host.dim, host.inner, bias=self.qkv_bias))
+            setattr(host, name, Linear(host.dim, host.inner, bias=self.qkv_bias))
 
     def __call__(self, host, xq, xkv):
         h = host.num_heads

@@ -25,6 +25,7 @@ from torch import nn
 from vitlab.layers.attn_parts import GROUPINGS, POSITION_BIASES, PROJECTIONS
 from vitlab.layers.grouping import _Grouping
 from vitlab.layers.layout import as_layout
+from vitlab.layers.linear import Linear
 from vitlab.layers.position_bias import _Position
 from vitlab.layers.projection import _Projection, split_heads
 from vitlab.layers.window import window_partition, window_reverse
@@ -93,16 +94,16 @@ class ScalableProjection(_Projection):
     def setup(self, host) -> None:
         reduction = getattr(host, "reduction", None)
         if reduction is None:
-            host.q = nn.Linear(host.dim, host.inner, bias=self.qkv_bias)
-            host.kv = nn.Linear(host.dim, 2 * host.inner, bias=self.qkv_bias)
+            host.q = Linear(host.dim, host.inner, bias=self.qkv_bias)
+            host.kv = Linear(host.dim, 2 * host.inner, bias=self.qkv_bias)
             return
         c_new = reduction[-1].out_channels
         if c_new % host.num_heads:
             raise ValueError(f"the scaled width {c_new} (dim {host.dim} x c_ratio {self.c_ratio}) must be divisible "
                              f"by num_heads={host.num_heads}")
-        host.q = nn.Linear(host.dim, c_new, bias=self.qkv_bias)
-        host.k = nn.Linear(c_new, c_new, bias=self.qkv_bias)
-        host.v = nn.Linear(c_new, host.inner, bias=self.qkv_bias)
+        host.q = Linear(host.dim, c_new, bias=self.qkv_bias)
+        host.k = Linear(c_new, c_new, bias=self.qkv_bias)
+        host.v = Linear(c_new, host.inner, bias=self.qkv_bias)
 
     def __call__(self, host, xq, xkv):
         h = host.num_heads

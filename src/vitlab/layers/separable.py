@@ -28,6 +28,7 @@ from torch import nn
 from vitlab.layers.attn_parts import GROUPINGS, require_layout
 from vitlab.layers.grouping import _Grouping
 from vitlab.layers.layout import TokenLayout
+from vitlab.layers.linear import Linear
 from vitlab.layers.recording import RecordsAttention
 from vitlab.layers.window import window_partition, window_reverse
 
@@ -47,7 +48,7 @@ class PointwiseAttention(RecordsAttention, nn.Module):
         self.windows_grid = tuple(windows_grid)
         self.norm = create_norm(norm, dim, eps=norm_eps)
         self.act = nn.GELU()
-        self.qk = nn.Linear(dim, 2 * dim, bias=qkv_bias)
+        self.qk = Linear(dim, 2 * dim, bias=qkv_bias)
 
     def forward(self, host, tokens: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
         """Window tokens ``(B, nW, C)`` and window maps ``(B, nW, n, C)`` -> ``(B * nW, n, C)``."""

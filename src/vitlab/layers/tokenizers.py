@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitlab.layers.linear import Linear
 from vitlab.layers.mlp import Mlp
 from vitlab.layers.patch_embed import EMBEDS, to_2tuple
 
@@ -67,8 +68,8 @@ class TokenPerformer(nn.Module):
         self.dim, self.eps = dim, eps
         self.m = max(int(dim * kernel_ratio), 1)
         self.norm1 = nn.LayerNorm(dim_in)
-        self.kqv = nn.Linear(dim_in, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.kqv = Linear(dim_in, 3 * dim)
+        self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, dim)
@@ -107,8 +108,8 @@ class TokenTransformer(nn.Module):
         self.dim, self.scale, self.attn_drop = dim, dim_in ** -0.5, attn_drop
         self.norm1 = nn.LayerNorm(dim_in)
         self.attn = nn.Module()
-        self.attn.qkv = nn.Linear(dim_in, 3 * dim, bias=qkv_bias)
-        self.attn.proj = nn.Linear(dim, dim)
+        self.attn.qkv = Linear(dim_in, 3 * dim, bias=qkv_bias)
+        self.attn.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop)
@@ -157,7 +158,7 @@ class T2TEmbed(nn.Module):
         extra = dict(kernel_ratio=kernel_ratio) if token_mixer == "performer" else dict(mlp_ratio=mlp_ratio)
         for i, ((k, _, _), c) in enumerate(zip(self.splits[:-1], dims)):
             self.add_module(f"attention{i + 1}", TOKEN_MIXERS[token_mixer](c * k * k, token_dim, **extra))
-        self.project = nn.Linear(dims[-1] * self.splits[-1][0] ** 2, embed_dim)
+        self.project = Linear(dims[-1] * self.splits[-1][0] ** 2, embed_dim)
 
     def out_size(self, hw: Tuple[int, int]) -> Tuple[int, int]:
         """The token grid for an ``hw`` image: :func:`conv_out` through every soft split."""
