@@ -75,6 +75,61 @@ def test_timm_parity_every_variant(name):
                 assert a.shape == b.shape and float((a - b).abs().max()) < 1e-4, kw
 
 
+# -- sides a branch's patch does not divide: grids floored as timm's -------------------------------------------
+def _floored_tables(sizes, patches):
+    """timm's ``_compute_num_patches`` with its one bug fixed: ``(side // p) ** 2`` rows, the tokens its floored
+    patch conv gives (timm reads ``side // p * side // p`` left to right)."""
+    return [(s[0] // p) * (s[1] // p) for s, p in zip(sizes, patches)]
+
+
+def test_timm_sizes_its_tables_by_a_misread_product_at_such_sides():
+    """Why the parity below fixes one line of timm: at 224 branch 0 has 224 // 12 = 18 patches a side (324 tokens)
+    but timm's table 1 + 18 * 224 // 12 = 337 rows, so timm's model builds and cannot run; at 38 (3 and 2 patches
+    a side, remainders 2 and 3) the misread product happens to be right and timm runs unchanged."""
+    small = dict(embed_dim=(16, 32), depth=((1, 1, 0),), num_heads=(2, 2))
+    ref = timm.create_model("crossvit_9_240", img_size=100, **small)
+    ours = vitlab.create_model("crossvit_9_240", img_size=100, **small)
+    assert [t.shape[1] for t in (ref.pos_embed_0, ref.pos_embed_1)] == [1 + 8 * 100 // 12, 1 + 5 * 93 // 16] == [67, 30]
+    assert [t.shape[1] for t in (ours.pos_embed_0, ours.pos_embed_1)] == [1 + 8 * 8, 1 + 5 * 5]
+    with pytest.raises(RuntimeError, match="must match"):
+        ref(torch.randn(1, 3, 100, 100))
+    assert ours(torch.randn(1, 3, 100, 100)).shape == (1, 1000)
+    with torch.device("meta"):
+        assert (sum(p.numel() for p in timm.create_model("crossvit_9_240", img_size=224).parameters())
+                - sum(p.numel() for p in vitlab.create_model("crossvit_9_240", img_size=224).parameters())) == 12 * 128
+
+
+@pytest.mark.parametrize("name,kw,fixed", [
+    ("crossvit_9_240", dict(img_size=224), True),  # 224 / 12 and 209 / 16 not whole: grids 18 and 13
+    ("crossvit_9_240", dict(SMALL, img_size=100), True),  # 100 and 93: grids 8 and 5
+    ("crossvit_9_240", dict(SMALL, img_size=38), False),  # 38 and 35: grids 3 and 2, timm unchanged
+    ("crossvit_15_dagger_240", dict(SMALL, img_size=121), False),  # dagger: 121 = 10 * 12 + 1 and 112 = 7 * 16
+])
+def test_timm_parity_at_sides_the_patch_does_not_divide(name, kw, fixed, monkeypatch):
+    """Every parameter randomised, logits both ways (check_parity: equal parameter counts, timm's keys), the branch
+    features and timm's forward_intermediates on the floored grids; the parameter count is the official layers'
+    with floored grids."""
+    from parity import check_parity, timm_pair
+
+    if fixed:
+        monkeypatch.setattr(timm.models.crossvit, "_compute_num_patches", _floored_tables)
+    check_parity(name, intermediates=False, **kw)
+    ref, ours = timm_pair(name, **kw)
+    side = kw["img_size"]
+    assert any(s % p for (s, _), p in zip(ours.img_size_scaled, ours.patch_size))
+    cfg = {**_SIZES[name][1], **kw}
+    assert sum(p.numel() for p in ours.parameters()) == _official_count(
+        cfg["embed_dim"], cfg["depth"], cfg["num_heads"], cfg["mlp_ratio"], cfg["multi_conv"], side, cfg["img_scale"])
+    x = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for a, b in zip(ours.forward_features(x), ref.forward_features(x)):
+            assert a.shape == b.shape and float((a - b).abs().max()) < 1e-4
+        got, want = ours.forward_intermediates(x, norm=True)[1], ref.forward_intermediates(x, norm=True)[1]
+        assert [t.shape[-1] for t in got] == [s // p for (s, _), p in zip(ours.img_size_scaled, ours.patch_size)
+                                              for _ in ours.blocks]
+        assert all(a.shape == b.shape and float((a - b).abs().max()) < 1e-4 for a, b in zip(got, want))
+
+
 def test_drop_path_schedule_and_feature_info_equal_timm():
     kw = dict(SMALL, drop_path_rate=0.3)
     ref, ours = timm.create_model("crossvit_9_240", **kw), vitlab.create_model("crossvit_9_240", **kw)
@@ -195,8 +250,15 @@ def test_refusals():
         vitlab.create_model("crossvit_9_240", **dict(TINY, depth=((1, 2),)))
     with pytest.raises(ValueError, match="multi_conv .* 12 or 16, got 3"):
         vitlab.create_model("crossvit_9_dagger_240", **TINY)
-    with pytest.raises(ValueError, match="divisible by its patch size, got 28 and patch 3"):
-        vitlab.create_model("crossvit_9_240", **dict(TINY, patch_size=(3, 3)), img_scale=(1.0, 28 / 30))
+    with pytest.raises(ValueError, match="a side of at least its patch, got 2 and 4"):  # int(3 * 28 / 30) = 2
+        vitlab.create_model("crossvit_9_240", **dict(TINY, img_size=3))
+    # the dagger stem gives ceil(209 / 16) = 14 tokens a side where the floored table has 13: timm builds it and
+    # cannot run it, vitlab refuses it
+    with pytest.raises(ValueError, match="gives a 209-pixel branch 14 tokens a side, not the floored grid's 13; "
+                                         "expected a side of 16k pixels"):
+        vitlab.create_model("crossvit_9_dagger_240", img_size=224)
+    with pytest.raises(ValueError, match="a 105-pixel branch 9 tokens .* 8; expected a side of 12k . 0..8 pixels"):
+        vitlab.create_model("crossvit_9_dagger_240", img_size=105, img_scale=(1.0, 1.0), patch_size=(12, 12))
     with pytest.raises(ValueError, match="tua"):
         vitlab.create_model("crossvit_9_240", **TINY, mixer="cosine", mixer_kwargs=dict(tua=1))
 
@@ -222,6 +284,8 @@ def test_fusion_depth_keeps_the_patches_as_keys():
     ("crossvit_9_240", dict(img_size=360), True),  # grids 20 / 14 -> 30 / 21; timm-keyed model directory
     ("crossvit_9_240", dict(img_size=120), False),  # -> 10 / 7
     ("crossvit_15_dagger_408", dict(img_size=240, img_scale=(1.0, 224 / 240)), False),  # 34 / 24 -> 20 / 14
+    ("crossvit_9_240", dict(img_size=224), False),  # -> 224 // 12 = 18 / 209 // 16 = 13, floored
+    ("crossvit_9_240", dict(img_size=100), True),  # -> 8 / 5
 ])
 def test_checkpoint_of_another_image_size_resizes_both_position_tables(tmp_path, name, loaded, as_dir):
     """Weights saved at the recipe's size, loaded at another through the public paths (``create_pretrained`` from a
@@ -255,6 +319,30 @@ def test_checkpoint_of_another_image_size_resizes_both_position_tables(tmp_path,
     side = model.default_cfg["input_size"][-1]
     out = model.eval()(torch.randn(2, 3, side, side))
     assert side == loaded["img_size"] and out.shape == (2, 10) and torch.isfinite(out).all()
+
+
+def test_checkpoint_of_a_floored_grid_loads_at_other_sizes(tmp_path):
+    """Weights saved at 224 (grids 18 / 13 on 224 / 209 pixels) loaded at 240 (20 / 14) and at 100 (8 / 5): each
+    table is timm's ``resample_abs_pos_embed`` of the saved one, the class row kept, every other tensor equal."""
+    from timm.layers import resample_abs_pos_embed
+
+    from vitlab.interop.checkpoint import load_weights
+
+    kw = dict(embed_dim=(16, 32), depth=((1, 1, 0),), num_heads=(2, 2), num_classes=10)
+    src = vitlab.create_model("crossvit_9_240", img_size=224, **kw)
+    assert src.pos_embed_grids == [(18, 18), (13, 13)]
+    torch.save(src.state_dict(), tmp_path / "w224.pth")
+    for side, grids in ((240, [(20, 20), (14, 14)]), (100, [(8, 8), (5, 5)])):
+        model = vitlab.create_model("crossvit_9_240", img_size=side, **kw)
+        load_weights(model, str(tmp_path / "w224.pth"))
+        assert model.pos_embed_grids == grids
+        for b, (old, grid) in enumerate(zip((18, 13), grids)):
+            want = resample_abs_pos_embed(getattr(src, f"pos_embed_{b}").detach(), list(grid), [old, old],
+                                          num_prefix_tokens=1)
+            assert torch.equal(getattr(model, f"pos_embed_{b}").detach(), want)
+        own = model.state_dict()
+        assert all(torch.equal(own[k], v) for k, v in src.state_dict().items() if not k.startswith("pos_embed_"))
+        assert torch.isfinite(model.eval()(torch.randn(1, 3, side, side))).all()
 
 
 def test_vit_pytorch_readme_example_with_only_the_import_changed():

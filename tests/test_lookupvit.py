@@ -70,6 +70,28 @@ def test_parameter_count_equals_an_independent_count():
     assert n - vit_b == extra - 2 * 768  # and no class token, 196 position rows instead of 197
 
 
+@pytest.mark.parametrize("cfg", [dict(), dict(dim=256, depth=3, heads=4, cross_attn_heads=4, mlp_factor=2,
+                                          highres_mlp_factor=1, patch_conv_kernel_size=3)])
+def test_parameter_count_reconciles_with_vit_pytorch_layer_by_layer(cfg):
+    """No official LookupViT code is public (no scenic / big_vision project), so the independent implementation is
+    vit-pytorch's ``look_vit.LookViT``: every weight matrix matches (stem conv, the compressed Block, MHBC's q, k, v,
+    out and the propagation's v, out, the lookup MLP, the unused-by-it position table); what differs is only what
+    ``vitlab.compat.vit_pytorch.look_vit.LookViT``'s docstring lists."""
+    from vit_pytorch.look_vit import LookViT as Reference
+
+    from vitlab.compat.vit_pytorch.look_vit import LookViT
+
+    kw = {**dict(image_size=256, num_classes=1000, dim=512, depth=2, heads=8, dim_head=64, patch_size=32,
+                 highres_patch_size=8, highres_mlp_factor=2, cross_attn_heads=8, cross_attn_dim_head=64), **cfg}
+    with torch.device("meta"):
+        ours = sum(p.numel() for p in LookViT(**kw).parameters())
+        ref = sum(p.numel() for p in Reference(**kw).parameters())
+    d = kw["dim"]
+    # per block: 6 LayerNorms with bias (12d) vs its 7 gamma-only ones (7d), plus Linear biases (qkv 3d, proj d,
+    # MHBC q, k, v, v_rev 4d, proj, proj_rev 2d) it leaves out; its stem LayerNorm (d); our head bias
+    assert ours - ref == kw["depth"] * (12 * d - 7 * d + 10 * d) - d + kw["num_classes"]
+
+
 def test_model_contract_at_a_small_size():
     torch.manual_seed(0)
     m = vitlab.create_model("lookupvit_base_patch16_224", **SMALL)

@@ -301,3 +301,82 @@ def test_parallel_wiring_is_one_residual_over_both_branches():
         assert 0 < lipschitz_estimate(m, torch.randn(2, 3, 32, 32), iters=5) <= rep["bound"]
     h1, h2 = factors["blocks.0 (attention half)"], factors["blocks.0 (MLP half)"]
     assert factors["blocks.0 (parallel block)"] == pytest.approx(h1 + h2 - 1, rel=1e-9)
+
+
+# -- the user's attention position parts (attn_position) in every family ----------------------------------------------
+# families whose attention cannot take RoPE, with the words of the one-line capability error (both parts named)
+ROPE_REFUSED = {
+    **{fam: ("grouping 'spatial_reduction'", "queries are not the keys") for fam in ("pvt", "pvt_v2", "twins")},
+    "scalablevit": ("grouping 'scalable_reduction'", "queries are not the keys"),
+    "levit": ("grouping 'subsample'", "queries are not the keys"),
+    "cvt": ("projection 'conv'", "needs every query to be a key"),
+    "xcit": ("core 'cross_covariance'", "attends over channels"),
+}
+
+
+def _rope_hosts(model):
+    return [m for m in model.modules() if "rope" in [p.name for p in getattr(m, "positions", None) or []]]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rope_through_attn_position_runs_in_every_family_or_is_refused(family):
+    """``attn_position=("rope",)`` on any family: trains one step with a gradient for every parameter and changes
+    the logits of the same (randomised) weights, or is refused naming rope and the part it cannot work with."""
+    from parity import randomize_
+
+    name, small, size = FAMILIES[family]
+    if family in ROPE_REFUSED:
+        with pytest.raises(ValueError) as err:
+            vitlab.create_model(name, **small, attn_position=("rope",))
+        msg = str(err.value)
+        assert "position bias 'rope'" in msg and all(w in msg for w in ROPE_REFUSED[family]), msg
+        return
+    model = run_family(family, attn_position=("rope",))
+    assert _rope_hosts(model), f"{family}: no attention holds rope"
+    plain = vitlab.create_model(name, **small)
+    randomize_(model)
+    plain.load_state_dict(model.state_dict())  # strict: rope adds no tensors
+    x = torch.randn(2, *size)
+    with torch.no_grad():
+        a, b = model.eval()(x), plain.eval()(x)
+    a, b = (a[0], b[0]) if isinstance(a, tuple) else (a, b)
+    assert (a - b).abs().max() > 1e-3 * b.abs().max(), f"{family}: rope does not change the logits"
+
+
+def test_every_family_that_takes_modifiers_takes_attn_position():
+    """One keyword on every family: a model class with ``modifiers`` has ``attn_position`` too."""
+    from vitlab.models.factory import MODELS, model_entrypoint
+    from vitlab.registry import accepted_keys
+
+    vitlab.list_models()
+    missing = set()
+    for name in MODELS.names():
+        fn = model_entrypoint(name)
+        keys = accepted_keys(getattr(fn, "model_cls", None) or fn) or []
+        if "modifiers" in keys and "attn_position" not in keys:
+            missing.add(getattr(getattr(fn, "model_cls", None), "__name__", name))
+    assert not missing, f"take modifiers but not attn_position: {sorted(missing)}"
+
+
+def test_attn_position_follows_the_family_position_parts_and_takes_part_options():
+    name, small, size = FAMILIES["swin"]
+    model = vitlab.create_model(name, **small, attn_position=("rope",), mixer_kwargs={"rope_theta": 50.0})
+    hosts = _rope_hosts(model)
+    assert len(hosts) == sum(small["depths"])
+    for h in hosts:
+        assert [p.name for p in h.positions] == ["relative", "rope"]  # Swin's table first, then the user's
+        assert h.positions[1].theta == 50.0
+    pair = vitlab.create_model(name, **small, attn_position=(("rope", {"rope_theta": 20.0}),))
+    assert {h.positions[1].theta for h in _rope_hosts(pair)} == {20.0}
+    # a linear-cost stage ('L') carries the user's position parts too, so rope is refused there, never dropped
+    with pytest.raises(ValueError, match="position bias 'rope' cannot be combined with core 'focused_linear'"):
+        vitlab.create_model(name, **small, attn_type="SL", attn_position=("rope",))
+
+
+def test_attn_position_refusals_are_one_line():
+    with pytest.raises(ValueError, match=r"mixer 'pooling' is not attention: .*attn_position=\('rope',\) do not apply"):
+        vitlab.create_model("swin_tiny_patch4_window7_224", mixer="pooling", attn_position=("rope",))
+    with pytest.raises(ValueError, match="ropee"):  # the registry's closest-name error
+        vitlab.create_model("maxvit_tiny_tf_224", attn_position=("ropee",))
+    with pytest.raises(ValueError, match="'rope_thta'.*valid keys"):
+        vitlab.create_model("vit_tiny_patch4_32", depth=1, attn_position=("rope",), mixer_kwargs={"rope_thta": 5})

@@ -74,3 +74,81 @@ def test_rope_in_backbones_and_refusals():
         MultiHeadAttention(12, 2, position=("rope",), layout=TokenLayout((2, 2)))
     with pytest.raises(ValueError, match="rope_theta must be > 1"):
         MultiHeadAttention(16, 2, position=(("rope", {"rope_theta": 0.5}),), layout=TokenLayout((2, 2)))
+
+
+def _swin_window_attention(shifted: bool):
+    """A randomised 4x4-window attention of a small Swin built with ``attn_position=("rope",)`` on an 8x8 map
+    (block 1: shifted by 2), in float64."""
+    from parity import randomize_
+
+    torch.manual_seed(0)
+    model = vitlab.create_model("swin_tiny_patch4_window7_224", img_size=32, embed_dim=32, depths=(2,),
+                                num_heads=(2,), window_size=4, num_classes=10, attn_position=("rope",))
+    randomize_(model)
+    return model.layers[0].blocks[int(shifted)].attn.double().eval()
+
+
+def test_swin_rope_rotates_by_window_local_coordinates_explicit_einsum():
+    """Shifted-window attention with rope: each window's probabilities are softmax(rot(q) . rot(k) / sqrt(d) +
+    relative bias + shift mask), q and k rotated by each token's (row, col) inside its 4x4 window (complex
+    multiplication, x pairs first), the window cut from the map rolled by -2 (Swin's cyclic shift)."""
+    attn = _swin_window_attention(shifted=True)
+    heads, d, ws, sh, c = 2, 16, 4, 2, 32
+    x = torch.randn(2, 64, c, dtype=torch.float64)
+    xm = x.view(2, 8, 8, c).roll((-sh, -sh), (1, 2))
+    win = xm.view(2, 2, ws, 2, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(8, ws * ws, c)  # windows in raster order
+    q, k, v = torch.nn.functional.linear(win, attn.qkv.weight, attn.qkv.bias).view(8, 16, 3, heads, d).permute(
+        2, 0, 3, 1, 4)
+    row, col = torch.arange(16) // ws, torch.arange(16) % ws  # inside the window
+    freqs = 100.0 ** (-torch.arange(d // 4, dtype=torch.float64) / (d // 4))
+    angle = torch.cat([col[:, None] * freqs, row[:, None] * freqs], 1)
+    turn = torch.polar(torch.ones_like(angle), angle)
+
+    def rot(t):
+        return torch.view_as_real(torch.view_as_complex(t.reshape(*t.shape[:-1], d // 2, 2).contiguous()) * turn
+                                  ).flatten(-2)
+
+    logits = torch.einsum("bhqd,bhkd->bhqk", rot(q), rot(k)) * d ** -0.5
+    off = (row[:, None] - row[None] + ws - 1) * (2 * ws - 1) + (col[:, None] - col[None] + ws - 1)
+    logits = logits + attn.relative_position_bias_table[off].permute(2, 0, 1)  # Swin's table, (h, 16, 16)
+    region = torch.zeros(8, 8, dtype=torch.long)  # Swin's shift mask: tokens of different regions never attend
+    for i, rs in enumerate((slice(0, -ws), slice(-ws, -sh), slice(-sh, None))):
+        for j, cs in enumerate((slice(0, -ws), slice(-ws, -sh), slice(-sh, None))):
+            region[rs, cs] = 3 * i + j
+    rw = region.view(2, ws, 2, ws).permute(0, 2, 1, 3).reshape(4, 16)
+    blocked = (rw[:, :, None] != rw[:, None, :]).repeat(2, 1, 1)[:, None]  # (8 windows, 1, 16, 16)
+    probs = logits.masked_fill(blocked, float("-inf")).softmax(-1)
+    out = (probs @ v).transpose(1, 2).reshape(2, 2, 2, ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(2, 8, 8, c)
+    want = attn.proj(out.roll((sh, sh), (1, 2)).reshape(2, 64, c))
+    layout = TokenLayout((8, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x, layout), want)
+        with record_attention(attn) as rec:
+            torch.testing.assert_close(attn(x, layout), want)
+    torch.testing.assert_close(next(iter(rec.last().values())), probs, atol=1e-6, rtol=0)  # float32 angles
+
+
+def test_swin_rope_windows_with_the_same_tokens_attend_alike():
+    """Window-local coordinates: the same 16 tokens in two windows give the same attention map (with the map's
+    coordinates they would not: rope makes the logits depend on the offset between positions only)."""
+    attn = _swin_window_attention(shifted=False)
+    x = torch.randn(1, 8, 8, 32, dtype=torch.float64)
+    x[:, 4:, 4:] = x[:, :4, :4]  # window 3 = window 0
+    with torch.no_grad(), record_attention(attn) as rec:
+        attn(x.view(1, 64, 32), TokenLayout((8, 8)))
+    p = next(iter(rec.last().values()))
+    torch.testing.assert_close(p[3], p[0], atol=1e-12, rtol=0)
+    assert (p[1] - p[0]).abs().max() > 1e-3  # other tokens, another map
+
+
+def test_rope_is_refused_where_tokens_have_no_common_grid():
+    """NaViT's packed rows (a 1-D sequence of several images) and ViViT's factorised encoder (a frame's class token
+    and raster-ordered patches as one axis) would rotate by sequence indices, not image coordinates: refused."""
+    navit = vitlab.create_model("navit_tiny_patch4", img_size=32, depth=1, embed_dim=32, num_heads=2,
+                                attn_position=("rope",))
+    assert navit(torch.randn(1, 3, 32, 32)).shape == (1, 10)  # a (B, C, H, W) batch has its 2-D grid
+    with pytest.raises(ValueError, match=r"built for groups on a 2-D grid; these tokens lie on a 1-D grid"):
+        navit([torch.randn(3, 16, 32), torch.randn(3, 32, 16)])
+    with pytest.raises(ValueError, match=r"attn_position=\('rope',\) needs groups on a token grid"):
+        vitlab.create_model("vivit_base_fe", img_size=16, num_frames=4, patch_size=4, depth=1, temporal_depth=1,
+                            embed_dim=24, num_heads=2, num_classes=10, attn_position=("rope",))

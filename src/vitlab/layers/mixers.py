@@ -7,8 +7,8 @@
 
 Every mixer is called as ``mixer(x (B, N, C), layout) -> (B, N, C)``.  Backbones describe the
 attention they want (grouping, projection, position parts) and :class:`MixerSpec` builds the user's
-choice of mixer/core/modifiers into it; a non-attention mixer mixes over the whole map and takes
-none of the attention-only parts.
+choice of mixer/core/modifiers/position parts into it; a non-attention mixer mixes over the whole map
+and takes none of the attention-only parts.
 """
 from __future__ import annotations
 
@@ -18,12 +18,13 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from vitlab.layers.attn_parts import CORES, MODIFIERS, part_keys
+from vitlab.layers.attn_parts import CORES, MODIFIERS, POSITION_BIASES, part_keys
 from vitlab.layers.layout import TokenLayout, as_layout
 from vitlab.layers.mha import MultiHeadAttention
 from vitlab.registry import Registry, accepted_keys, check_kwargs
 
-__all__ = ["MIXERS", "Pooling", "MixerSpec", "create_mixer", "attention_shorthand", "check_stage_kwargs"]
+__all__ = ["MIXERS", "Pooling", "MixerSpec", "create_mixer", "attention_shorthand", "check_stage_kwargs",
+           "position_specs"]
 
 MIXERS = Registry("mixer")
 
@@ -74,16 +75,39 @@ def is_attention(name: str) -> bool:
     return bool(getattr(MIXERS.get(name), "attention", False))
 
 
+def position_specs(specs: Any) -> tuple:
+    """Position parts as a tuple of specs: ``None``, one name, one ``(name, kwargs)`` or a sequence of those."""
+    if specs is None:
+        return ()
+    if isinstance(specs, str) or (isinstance(specs, tuple) and len(specs) == 2 and isinstance(specs[1], dict)):
+        return (specs,)
+    if not isinstance(specs, (tuple, list)):
+        raise ValueError(f"attn_position must be position part names or (name, kwargs) pairs, got {specs!r}")
+    return tuple(tuple(s) if isinstance(s, list) else s for s in specs)
+
+
+def _position_name(spec: Any) -> str:
+    if isinstance(spec, str):
+        return spec
+    if isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], str) and isinstance(spec[1], dict):
+        return spec[0]
+    raise ValueError(f"an attn_position entry must be a position part name or a (name, kwargs) pair, got {spec!r}")
+
+
 @dataclass
 class MixerSpec:
     """The user's token-mixer choice, the same on every family: ``mixer`` (a :data:`MIXERS` name),
     ``core`` (a :data:`~vitlab.layers.attn_parts.CORES` name overriding the mixer's), ``modifiers``
-    (added after the family's own) and ``kwargs`` (``mixer_kwargs``: part options such as ``tau``)."""
+    (added after the family's own), ``kwargs`` (``mixer_kwargs``: part options such as ``tau``) and
+    ``position`` (the families' ``attn_position``: :data:`~vitlab.layers.attn_parts.POSITION_BIASES` names or
+    ``(name, kwargs)`` pairs, e.g. ``("rope",)``, added after the family's own position parts such as Swin's
+    relative table; each part's capabilities decide where it applies, see :mod:`vitlab.layers.rope`)."""
 
     mixer: str = "softmax"
     core: Optional[str] = None
     modifiers: Sequence[str] = ()
     kwargs: Dict[str, Any] = field(default_factory=dict)
+    position: Sequence[Any] = ()
 
     def __post_init__(self):
         MIXERS.get(self.mixer)
@@ -91,9 +115,13 @@ class MixerSpec:
             CORES.get(self.core)
         for m in self.modifiers:
             MODIFIERS.get(m)
-        if (self.core or self.modifiers) and not self.attention:
+        self.position = position_specs(self.position)
+        for p in self.position:
+            POSITION_BIASES.get(_position_name(p))
+        if (self.core or self.modifiers or self.position) and not self.attention:
             raise ValueError(f"mixer '{self.mixer}' is not attention: core={self.core!r} / modifiers="
-                             f"{tuple(self.modifiers)} do not apply; use an attention mixer (softmax, ...)")
+                             f"{tuple(self.modifiers)} / attn_position={self.position} do not apply; use an "
+                             "attention mixer (softmax, ...)")
 
     @property
     def attention(self) -> bool:
@@ -133,7 +161,11 @@ class MixerSpec:
             return [k for k in accepted_keys(fn) or [] if k != "dim"]
         return part_keys(attention.get("projection", "linear"), attention.get("grouping", "global"),
                          self.core or fn.core_name, [*modifiers, *self.modifiers, *fn.modifier_names],
-                         list(attention.get("position", ())))
+                         self.positions(attention))
+
+    def positions(self, attention: Dict[str, Any]) -> tuple:
+        """The position parts of an attention mixer: the family's (``attention["position"]``), then the user's."""
+        return (*position_specs(attention.get("position")), *self.position)
 
     def build(self, dim: int, num_heads: int, layout: Optional[TokenLayout] = None, *, modifiers: Sequence = (),
               lenient: bool = False, **attention: Any) -> nn.Module:
@@ -146,6 +178,8 @@ class MixerSpec:
         if lenient:
             keys = set(self.part_keys(modifiers, **attention))
             kwargs = {k: v for k, v in kwargs.items() if k in keys}
+        if self.position:  # attention only (__post_init__ refuses the others)
+            attention = {**attention, "position": self.positions(attention)}
         return create_mixer(self.mixer, dim, num_heads, layout=layout, core=self.core,
                             modifiers=tuple(modifiers) + tuple(self.modifiers), family=attention, **kwargs)
 

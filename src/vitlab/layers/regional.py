@@ -15,10 +15,16 @@ square of local tokens, so the local map is ``window_size`` times the regional g
 window, ``(heads, (2w-1)**2)``, on the local-to-local logits of the LSA groups only (the regional token's row and
 column and the RSA get none).  Its index is the official one (offsets ``key - query + w // 2``, wrapped modulo
 ``2w - 1``), so the official weights load without reordering.
+
+A local map that is not ``window_size`` times the regional grid is zero-padded at the bottom and right to it
+(:func:`join_streams`, the official ``convert_to_flatten_layout``): the padded tokens live through the stage's
+blocks (:class:`RegionalLayout` records the padding) and the LSA masks them with the official per-window masks
+(:func:`padding_keep`), dropped again by :func:`local_map` when the stage ends.
 """
 from __future__ import annotations
 
-from typing import Tuple
+from dataclasses import dataclass
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +36,60 @@ from vitlab.layers.layout import TokenLayout
 from vitlab.layers.position_bias import _Position
 from vitlab.layers.window import window_partition, window_reverse
 
-__all__ = ["RegionalToLocal", "RegionalRelativeBias", "regional_index", "regional_grid"]
+__all__ = ["RegionalToLocal", "RegionalRelativeBias", "RegionalLayout", "regional_index", "regional_grid",
+           "join_streams", "local_map", "padding_keep"]
+
+MASKED = -1e4  # a masked logit: exp underflows to 0 in float32, and it stays finite in float16 / bfloat16
+
+
+@dataclass(frozen=True)
+class RegionalLayout(TokenLayout):
+    """A two-stream :class:`TokenLayout` whose local map (``grid``) holds ``pad = (rows, cols)`` zero-padded rows
+    at the bottom and columns at the right, so that it is ``window_size`` times the regional grid."""
+
+    pad: Tuple[int, int] = (0, 0)
+
+
+def join_streams(regions: torch.Tensor, local: torch.Tensor, window: int) -> Tuple[torch.Tensor, TokenLayout]:
+    """Regional ``(B, C, rh, rw)`` and local ``(B, C, h, w)`` maps -> tokens ``(B, R + H*W, C)`` and their layout,
+    the local map zero-padded at the bottom and right to ``(rh * window, rw * window)`` where it is smaller (the
+    official ``convert_to_flatten_layout``; a :class:`RegionalLayout` then records the padding)."""
+    (rh, rw), (h, w) = regions.shape[-2:], local.shape[-2:]
+    pad = (rh * window - h, rw * window - w)
+    if min(pad) < 0:
+        raise ValueError(f"a {h}x{w} local map does not fit {rh}x{rw} regions of {window}x{window} local tokens")
+    layout = TokenLayout((h, w), rh * rw)
+    if any(pad):
+        local = F.pad(local, (0, pad[1], 0, pad[0]))
+        layout = RegionalLayout(local.shape[-2:], rh * rw, pad=pad)
+    return torch.cat([regions.flatten(2).transpose(1, 2), local.flatten(2).transpose(1, 2)], dim=1), layout
+
+
+def local_map(x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    """The local tokens of ``x`` as a ``(B, C, h, w)`` map, the padding of a :class:`RegionalLayout` dropped (the
+    official ``convert_to_spatial_layout``)."""
+    fm = layout.to_map(x)
+    ph, pw = getattr(layout, "pad", (0, 0))
+    return fm[:, :, :fm.shape[2] - ph, :fm.shape[3] - pw]
+
+
+def padding_keep(regions: Tuple[int, int], window: int, pad: Tuple[int, int]) -> torch.Tensor:
+    """``(R, n, n)`` booleans (True: attend), ``n = 1 + window**2``: the official LSA masks of a padded map, per
+    region in raster order.  A token (the regional one counts as valid in both) is *x-valid* if its column is
+    among the first ``window - pad[1]`` of its window and *y-valid* if its row is among the first
+    ``window - pad[0]``; the windows of the last column (last row excepted) keep query/key pairs both x-valid,
+    those of the last row pairs both y-valid, and the last window, as the official code builds it, the union of
+    the two (so some padded keys stay visible there); every other window keeps all pairs."""
+    rh, rw = regions
+    t = torch.arange(1 + window * window)
+    x_ok = (t == 0) | ((t - 1) % window < window - pad[1])
+    y_ok = (t == 0) | ((t - 1) // window < window - pad[0])
+    right, bottom = x_ok[:, None] & x_ok[None, :], y_ok[:, None] & y_ok[None, :]
+    keep = torch.ones(rh, rw, t.numel(), t.numel(), dtype=torch.bool)
+    keep[:, -1] = right
+    keep[-1] = bottom
+    keep[-1, -1] = right | bottom
+    return keep.reshape(rh * rw, t.numel(), t.numel())
 
 
 def regional_grid(layout: TokenLayout, window: int) -> Tuple[int, int]:
@@ -62,6 +121,7 @@ class RegionalToLocal(_Grouping):
     tokens among themselves when called without prefix tokens (RSA); see the module docstring."""
 
     takes_prefix = True  # the prefix tokens are the regional tokens
+    padding: Optional[tuple] = None  # (regions, pad, device) of the current call on a padded map, else None
 
     def __init__(self, window_size: int = 7):
         if window_size < 1:
@@ -75,9 +135,15 @@ class RegionalToLocal(_Grouping):
         return self.window, 1
 
     def inputs(self, host, x, layout):
+        self.padding = None
         if layout.num_prefix == 0:  # the regional tokens alone: one group (RSA)
             return x, x, None
-        regional_grid(layout, self.window_size)
+        regions = regional_grid(layout, self.window_size)
+        if any(getattr(layout, "pad", (0, 0))):  # masked by with_mask, read by the call's _bias
+            if not host.core.takes_bias:
+                raise ValueError(f"a padded local map needs a core that takes a logit mask (softmax, cosine), got "
+                                 f"core '{host.core.name}'")
+            self.padding = (regions, layout.pad, x.device)
         b, n, c = x.shape
         p = layout.num_prefix
         local = window_partition(x[:, p:].reshape(b, *layout.hw, c), self.window)  # windows in region order
@@ -88,6 +154,19 @@ class RegionalToLocal(_Grouping):
         if state is None:
             return [Branch(q, k, v, slice(0, host.num_heads), layout.grid, 0)]
         return [Branch(q, k, v, slice(0, host.num_heads), self.window, 1)]
+
+    def with_mask(self, host, bias, rows):
+        """``bias`` ``(1, h, n, n)`` plus the official padding masks (:func:`padding_keep`) as ``MASKED`` logits, for
+        ``rows = B * R`` groups; unchanged when the local map was not padded.  The official code fills masked logits
+        with the dtype's minimum instead, so a query with every key masked attends uniformly there and by its own
+        logits here: such queries are padded tokens that no kept query reads, so no output differs."""
+        if self.padding is None:
+            return bias
+        regions, pad, device = self.padding
+        keep = padding_keep(regions, self.window_size, pad).to(device)
+        m = torch.zeros(keep.shape, device=keep.device).masked_fill_(~keep, MASKED)[:, None]
+        m = m if bias is None else m + bias.to(m.dtype)
+        return m.expand(rows // m.shape[0], *m.shape).reshape(rows, *m.shape[1:])
 
     def outputs(self, host, y, state):
         if state is None:

@@ -8,6 +8,19 @@ ECCV 2024, sec. 3.2, "RoPE-Axial"; timm's ``RotaryEmbedding``) gives the first `
 grid rank works: the pairs are split evenly over the axes, last axis (x) first.  Prefix (class) tokens are
 not rotated (Heo et al.).  The part has no tensors, so it adds no state-dict keys.
 
+Coordinates are those of each attention group's own grid (the grouping's ``Branch.grid``), counted from 0 in
+the group: the whole map for global attention; the position inside the window for windows (Swin, NesT,
+MaxViT's block attention, AlterNet; after Swin's cyclic shift every pair that the shift mask lets attend lies
+in one contiguous region, so its offset is the true one), inside the stripe (CSwin) or inside the region's
+window (RegionViT's local tokens; its regional token is a prefix token); the index inside the group for dilated
+groups (MaxViT's grid attention, CrossFormer's long-distance groups: offsets in units of the dilation) and
+for MobileViT's unfolded groups (one token per patch: the patch's position); the attended axes for
+factorised video attention.  Any family takes it through ``attn_position``
+(:class:`~vitlab.layers.mixers.MixerSpec`); it is refused where a query is not also a key
+(:func:`queries_are_keys`: spatially reduced keys as PVT's and Twins' global attention, LeViT's subsampling,
+class-token queries; CvT's strided keys and memory tokens are refused by their projections) and with cores
+that never form the token-token matrix (linear attention) or attend over channels (XCiT).
+
 Two options give EVA's form ("EVA-02: A Visual Representation for Neon Genesis", Fang, Sun, Wang, Huang, Wang &
 Cao, 2023, sec. 2; timm's ``RotaryEmbeddingCat`` with ``in_pixels=False``, used by timm's ``Eva``):
 ``rope_order="yx"`` gives the first pairs to the first grid axis (rows, y) and ``rope_ref_grid=(h, w)`` rescales
@@ -32,6 +45,12 @@ def queries_are_keys(host) -> bool:
     queries (CaiT's class attention) or spatially reduced keys (PVT; the grouping registers ``sr`` on the host)."""
     g = host.grouping  # keys_are_queries: False for subsampled queries (LeViT) too
     return not g.queries_prefix_only and g.keys_are_queries and getattr(host, "sr", None) is None
+
+
+def _group_rank(host) -> int:
+    """Rank of one attention group's grid as built (axial video attention: the attended axes; default 2-D)."""
+    grid = host.grouping.key_grid(host.layout)[0] if host.layout is not None else None
+    return len(grid) if grid is not None else 2
 
 
 def axial_angles(grid: Tuple[int, ...], head_dim: int, theta: float = 100.0, order: str = "xy",
@@ -79,13 +98,16 @@ class AxialRoPE(_Position):
         self.ref_grid = None if ref is None else tuple(float(r) for r in ref)
 
     def setup(self, host) -> None:
+        if not getattr(host.core, "token_modifiers", True):  # q . k summed over tokens: no token offset left
+            raise ValueError(f"position bias 'rope' cannot be combined with core '{host.core.name}': it attends "
+                             "over channels (a d x d map per head); rope acts on the attention between tokens")
         if not host.core.forms_matrix:  # a kernel feature map is not rotation-equivariant (and stays >= 0)
             raise ValueError(f"position bias 'rope' cannot be combined with core '{host.core.name}': it rotates q "
                              "and k, which a linear-attention feature map does not preserve")
         if not queries_are_keys(host):
             raise ValueError(f"position bias 'rope' cannot be combined with grouping '{host.grouping.name}' here: "
                              "its queries are not the keys, so q and k have no common positions")
-        rank = len(host.layout.grid) if host.layout is not None else 2
+        rank = _group_rank(host)
         if host.head_dim % (2 * rank):
             raise ValueError(f"rope needs head_dim divisible by {2 * rank} on a {rank}-D grid, got {host.head_dim}")
         if self.ref_grid is not None and len(self.ref_grid) not in (1, rank):
@@ -95,6 +117,10 @@ class AxialRoPE(_Position):
         """The branch with its grid tokens' q and k rotated (prefix tokens kept)."""
         if branch.grid is None:
             raise ValueError("rope needs the grid of each attention group; this grouping gives none")
+        if len(branch.grid) != _group_rank(host):  # NaViT's packed rows: a 1-D sequence, not an image grid
+            raise ValueError(f"position bias 'rope' was built for groups on a {_group_rank(host)}-D grid; these tokens "
+                             f"lie on a {len(branch.grid)}-D grid {tuple(branch.grid)} (packed sequences have no common "
+                             "image grid): pass the images as one (B, C, H, W) batch")
         ref = self.ref_grid * len(branch.grid) if self.ref_grid is not None and len(self.ref_grid) == 1 \
             else self.ref_grid
         angles = axial_angles(branch.grid, host.head_dim, self.theta, self.order, ref).to(branch.q.device)

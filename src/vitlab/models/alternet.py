@@ -8,7 +8,8 @@ windows, head dim 64, heads 3/6/12/24 per stage and a ``(2p-1) x (2p-1)`` relati
 shared by all heads.  ``msa_counts`` picks the layout: ``(0, 1, 3, 2)`` (released code default,
 ``alternet50``) or ``(0, 1, 1, 2)`` (paper's CIFAR-100 layout, ``alternet50_cifar``).
 
-Parts: ``mixer`` / ``core`` / ``modifiers`` choose the MSA's attention as in every family
+Parts: ``mixer`` / ``core`` / ``modifiers`` / ``attn_position`` (``("rope",)``: window coordinates) choose the
+MSA's attention as in every family
 (``softmax`` default, ``cosine``, ``attnscale``; a linear-cost core such as ``focused_linear``
 attends over the whole map, without the window table; a non-attention mixer such as ``pooling`` is
 followed by a projection to the block width; FLatten's depthwise conv acts per head, on the
@@ -123,7 +124,8 @@ class AlterNet(PreActResNet):
                  heads: Sequence[int] = (3, 6, 12, 24), head_dim: int = 64, window_size: int = 7,
                  mixer: str = "softmax", shortcut: str = "plain", shortcut_init: Optional[float] = None,
                  featscale: bool = False, mixer_kwargs: Optional[Dict[str, Any]] = None,
-                 core: Optional[str] = None, modifiers: Sequence[str] = (), branch_scale: Optional[str] = None,
+                 core: Optional[str] = None, modifiers: Sequence[str] = (), attn_position: Sequence[Any] = (),
+                 branch_scale: Optional[str] = None,
                  wiring: str = "pre", architecture: str = "alternet", **kwargs: Any):
         if wiring != "pre":
             raise ValueError(f"wiring={wiring!r} is not defined for AlterNet: its MSA blocks are pre-activation ResNet "
@@ -135,7 +137,7 @@ class AlterNet(PreActResNet):
         self._layouts = [msa_layout(n, m) for n, m in zip(layers, msa_counts)]
         self._msa_cfg = dict(heads=tuple(heads), head_dim=head_dim, window_size=window_size,
                              shortcut_init=shortcut_init,
-                             spec=MixerSpec(mixer, core, tuple(modifiers), dict(mixer_kwargs or {})))
+                             spec=MixerSpec(mixer, core, tuple(modifiers), dict(mixer_kwargs or {}), attn_position))
         super().__init__(layers=layers, mixer=mixer, shortcut=branch_scale or shortcut, featscale=featscale,
                          architecture=architecture, **kwargs)
 

@@ -50,7 +50,9 @@ class Cait(Backbone):
     for ``layerscale``, the part's own default otherwise),
     ``featscale``, ``init``, ``depth_token_only`` (class-attention blocks, 2),
     ``mlp_ratio_token_only``, ``mixer_kwargs`` (passed to the self-attention mixer), ``dynamic_img_size``,
-    ``wiring`` (of the self-attention blocks).
+    ``wiring`` (of the self-attention blocks), ``core`` / ``modifiers`` / ``attn_position`` (position parts such
+    as ``("rope",)``; the self-attention blocks only, as the modifiers: class attention's class-token queries
+    are not keys).
     """
 
     stage_attr, tail_attr = "blocks", "blocks_token_only"  # feature taps: the self-attention blocks
@@ -66,8 +68,8 @@ class Cait(Backbone):
                  depth_token_only: int = 2, mlp_ratio_token_only: float = 4.0, drop_rate: float = 0.0,
                  attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0, norm_eps: float = 1e-6,
                  mixer_kwargs: Optional[Dict[str, Any]] = None, core: Optional[str] = None,
-                 modifiers: Sequence[str] = (), branch_scale: Optional[str] = None, dynamic_img_size: bool = False,
-                 architecture: str = "cait",
+                 modifiers: Sequence[str] = (), attn_position: Sequence[Any] = (), branch_scale: Optional[str] = None,
+                 dynamic_img_size: bool = False, architecture: str = "cait",
                  default_cfg: Optional[Dict[str, Any]] = None):
         super().__init__()
         if depth < 1 or depth_token_only < 1 or embed_dim < 1 or num_heads < 1:
@@ -92,7 +94,7 @@ class Cait(Backbone):
         common = dict(norm=norm, norm_eps=norm_eps, branch_scale=branch_scale or shortcut,
                       branch_scale_init=shortcut_init, total_depth=total)
         attention = dict(qkv_bias=qkv_bias, attn_drop=attn_drop_rate, proj_drop=drop_rate)
-        spec = MixerSpec(mixer, core, tuple(modifiers), dict(mixer_kwargs or {}))
+        spec = MixerSpec(mixer, core, tuple(modifiers), dict(mixer_kwargs or {}), attn_position)
         th = ("talking_heads",) if talking_heads and spec.attention else ()
         self.blocks = nn.Sequential(*[
             Block(embed_dim, spec.build(embed_dim, num_heads, TokenLayout(self.grid_size), modifiers=th, **attention),

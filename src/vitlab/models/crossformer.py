@@ -9,9 +9,10 @@ groups of ``G x G`` tokens sampled every ``S / G`` tokens, the ``dilated`` group
 position bias** (DPB, sec. 3.3: the ``dynamic`` position part).  A map not larger than ``G`` is one group
 (LDA then equals SDA, as the official code switches).  Final LayerNorm, mean of the tokens, linear head.
 
-Parts, as in every family: ``mixer`` / ``core`` / ``modifiers`` / ``mixer_kwargs`` (in SDA and LDA; a
-linear-cost core such as ``focused_linear`` attends over the whole map without groups or DPB, FLatten's
-rule), ``norm``, ``branch_scale`` (alias ``shortcut``) / ``shortcut_init``, ``featscale``, ``wiring``, ``init``.
+Parts, as in every family: ``mixer`` / ``core`` / ``modifiers`` / ``attn_position`` (``("rope",)``: coordinates inside
+each SDA window and LDA group) / ``mixer_kwargs`` (in SDA and LDA; a linear-cost core such as ``focused_linear`` attends
+over the whole map without groups or DPB, FLatten's rule), ``norm``, ``branch_scale`` (alias ``shortcut``) /
+``shortcut_init``, ``featscale``, ``wiring``, ``init``.
 
 State-dict keys follow the official code (timm has no CrossFormer): ``patch_embed.{projs.k, norm}``,
 ``layers.{i}.downsample.{norm, projs.k}`` (the official ``layers.{i-1}.downsample.{norm, reductions.k}``:
@@ -105,7 +106,7 @@ class CrossFormer(Backbone):
                  lda_group_size: Optional[Union[int, Sequence[int]]] = None,
                  patch_size: Sequence[int] = (4, 8, 16, 32), merge_size: Sequence[Any] = (2, 4),
                  mlp_ratio: float = 4.0, qkv_bias: bool = True, dpb_residual: bool = False, mixer: str = "softmax",
-                 core: Optional[str] = None, modifiers: Sequence[str] = (),
+                 core: Optional[str] = None, modifiers: Sequence[str] = (), attn_position: Sequence[Any] = (),
                  mixer_kwargs: Optional[Dict[str, Any]] = None, norm: str = "layernorm", norm_eps: float = 1e-5,
                  shortcut: str = "plain", branch_scale: Optional[str] = None, shortcut_init: Optional[float] = None,
                  featscale: bool = False, wiring: str = "pre", init: str = "trunc_normal", drop_rate: float = 0.0,
@@ -125,7 +126,7 @@ class CrossFormer(Backbone):
         self.embed_dim, self.num_features, self.depths = dims[0], dims[-1], depths
         self.patch_embed = CrossScaleEmbed(in_chans, dims[0], patch_size, min(patch_size), norm, norm_eps)
         hw = self.grid_size = self.patch_embed.out_size((img, img))
-        spec = MixerSpec(mixer, core, tuple(modifiers), dict(mixer_kwargs or {}))
+        spec = MixerSpec(mixer, core, tuple(modifiers), dict(mixer_kwargs or {}), attn_position)
         attention = dict(qkv_bias=qkv_bias, attn_drop=attn_drop_rate, proj_drop=drop_rate)
 
         def down(i, hw):

@@ -15,16 +15,18 @@ its class token after a final norm.  The dagger models (sec. 4.1) replace each p
 convolutions (7x7/4, 3x3, 3x3 with ReLUs).
 
 In vitlab the branches run the one :class:`~vitlab.models.block.Block` with any part (``mixer``, ``core``,
-``modifiers``, ``mixer_kwargs``, ``norm`` (every norm), ``branch_scale`` / ``shortcut_init``, ``featscale``,
-``wiring``, ``init``); the fusion is the same ``Block`` with the ``prefix`` wiring and no MLP around attention
-built from the parts ``separate`` (projection) and ``class_query`` (grouping), as CaiT's class attention.  Its
-mixer is ``fusion_mixer`` (``softmax``, or ``cosine`` when ``mixer='cosine'``, as CaiT's ``ca_mixer``): a
-one-query attention takes no token mixer such as pooling.  ``depth`` is timm's: one ``(N, M, L)`` per multi-scale
-block, ``L = 0`` one cross-attention block (every paper model), ``L > 0`` that many in turn between ``f`` and
-``g``, each keeping the other branch's patches as keys (the official code's sequence gives the later blocks the
-class token alone).  Any input size runs: each branch resizes the image to its own size (bicubic), as the
-official code.  State-dict keys are timm's ``CrossVit`` except the fusion's ``attn.{q,k,v}`` (timm: ``wq, wk,
-wv``), renamed by :mod:`vitlab.interop.timm_crossvit`.
+``modifiers``, ``attn_position``, ``mixer_kwargs``, ``norm`` (every norm), ``branch_scale`` / ``shortcut_init``,
+``featscale``, ``wiring``, ``init``); the fusion is the same ``Block`` with the ``prefix`` wiring and no MLP around
+attention built from the parts ``separate`` (projection) and ``class_query`` (grouping), as CaiT's class attention.  Its
+mixer is ``fusion_mixer`` (``softmax``, or ``cosine`` when ``mixer='cosine'``, as CaiT's ``ca_mixer``): a one-query
+attention takes no token mixer such as pooling.  ``depth`` is timm's: one ``(N, M, L)`` per multi-scale block, ``L = 0``
+one cross-attention block (every paper model), ``L > 0`` that many in turn between ``f`` and ``g``, each keeping the
+other branch's patches as keys (the official code's sequence gives the later blocks the class token alone).  Any input
+size runs: each branch resizes the image to its own size (bicubic), as the official code.  Branch sides
+(``int(img_size * scale)``) need not divide by the patch: grids are floored as timm's; timm's position tables have
+``side // p * side // p`` rows (337 for 325 tokens at 224, so it cannot run there), vitlab's the floored grid's.
+State-dict keys are timm's ``CrossVit`` except the fusion's ``attn.{q,k,v}`` (timm: ``wq, wk, wv``), renamed by
+:mod:`vitlab.interop.timm_crossvit`.
 """
 from __future__ import annotations
 
@@ -54,15 +56,21 @@ def scale_image(x: torch.Tensor, size: Tuple[int, int], crop: bool = False) -> t
     return F.interpolate(x, size=size, mode="bicubic", align_corners=False)
 
 
+def _dagger_side(side: int, patch_size: int) -> int:
+    """Tokens per side of the dagger stem on a ``side``-pixel image (7x7/4, then 3x3/3 or twice 3x3/2)."""
+    side = (side - 1) // 4 + 1
+    return (side - 3) // 3 + 1 if patch_size == 12 else ((side - 1) // 2) // 2 + 1
+
+
 class CrossPatchEmbed(nn.Module):
     """One branch's patch projection (names as timm's ``crossvit.PatchEmbed``): a ``patch x patch`` conv, or with
-    ``multi_conv`` the dagger models' three convs (Chen et al., 2021, sec. 4.1; for 12- and 16-pixel patches)."""
+    ``multi_conv`` the dagger models' three convs (Chen et al., 2021, sec. 4.1; for 12- and 16-pixel patches).
+    The grid is floored as timm's (``img_size // patch_size``): the conv drops a last partial patch."""
 
     def __init__(self, img_size: int, patch_size: int, in_chans: int, dim: int, multi_conv: bool = False):
         super().__init__()
-        if img_size % patch_size:
-            raise ValueError(f"a CrossViT branch needs its image side divisible by its patch size, got {img_size} "
-                             f"and patch {patch_size}")
+        if img_size < patch_size:
+            raise ValueError(f"a CrossViT branch needs a side of at least its patch, got {img_size} and {patch_size}")
         self.img_size, self.patch_size = (img_size, img_size), (patch_size, patch_size)
         self.grid_size = (img_size // patch_size,) * 2
         if not multi_conv:
@@ -70,6 +78,10 @@ class CrossPatchEmbed(nn.Module):
             return
         if patch_size not in (12, 16):
             raise ValueError(f"multi_conv (the dagger stem) takes patch sizes 12 or 16, got {patch_size}")
+        if (n := _dagger_side(img_size, patch_size)) != img_size // patch_size:  # timm builds it, cannot run it
+            raise ValueError(f"multi_conv (the dagger stem) gives a {img_size}-pixel branch {n} tokens a side, not the "
+                             f"floored grid's {img_size // patch_size}; expected a side of "
+                             f"{'12k + 0..8' if patch_size == 12 else '16k'} pixels")
         mid = (3, 3, 0) if patch_size == 12 else (3, 2, 1)  # kernel, stride, padding of the second conv
         self.proj = nn.Sequential(nn.Conv2d(in_chans, dim // 4, 7, stride=4, padding=3), nn.ReLU(inplace=True),
                                   nn.Conv2d(dim // 4, dim // 2, mid[0], stride=mid[1], padding=mid[2]),
@@ -167,12 +179,12 @@ class CrossVit(VitlabModel):
                  multi_conv: bool = False, crop_scale: bool = False, qkv_bias: bool = True,
                  fusion_heads: Optional[int] = None, fusion_head_dim: Optional[int] = None,
                  mixer: str = "softmax", core: Optional[str] = None, modifiers: Sequence[str] = (),
-                 mixer_kwargs: Optional[Dict[str, Any]] = None, fusion_mixer: Optional[str] = None,
-                 norm: str = "layernorm", norm_eps: float = 1e-6, branch_scale: Optional[str] = None,
-                 shortcut: str = "plain", shortcut_init: Optional[float] = None, featscale: bool = False,
-                 wiring: str = "pre", init: str = "trunc_normal", global_pool: str = "token", drop_rate: float = 0.0,
-                 pos_drop_rate: float = 0.0, proj_drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
-                 drop_path_rate: float = 0.0, architecture: str = "crossvit",
+                 attn_position: Sequence[Any] = (), mixer_kwargs: Optional[Dict[str, Any]] = None,
+                 fusion_mixer: Optional[str] = None, norm: str = "layernorm", norm_eps: float = 1e-6,
+                 branch_scale: Optional[str] = None, shortcut: str = "plain", shortcut_init: Optional[float] = None,
+                 featscale: bool = False, wiring: str = "pre", init: str = "trunc_normal", global_pool: str = "token",
+                 drop_rate: float = 0.0, pos_drop_rate: float = 0.0, proj_drop_rate: float = 0.0,
+                 attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0, architecture: str = "crossvit",
                  default_cfg: Optional[Dict[str, Any]] = None):
         super().__init__()
         img_size = img_size if isinstance(img_size, int) else img_size[0]
@@ -190,7 +202,7 @@ class CrossVit(VitlabModel):
             setattr(self, f"pos_embed_{b}", nn.Parameter(torch.zeros(1, layout.num_tokens, d)))
             setattr(self, f"cls_token_{b}", nn.Parameter(torch.zeros(1, 1, d)))
         self.pos_drop = nn.Dropout(pos_drop_rate)
-        spec = MixerSpec(mixer, core, tuple(modifiers), dict(mixer_kwargs or {}))
+        spec = MixerSpec(mixer, core, tuple(modifiers), dict(mixer_kwargs or {}), attn_position)
         common = dict(norm=norm, norm_eps=norm_eps, branch_scale=branch_scale or shortcut,
                       branch_scale_init=shortcut_init, total_depth=sum(max(d[:-1]) + d[-1] for d in depth))
         sizes = dict(embed_dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, fusion_heads=fusion_heads,
@@ -243,9 +255,6 @@ class CrossVit(VitlabModel):
         return [pe.grid_size for pe in self.patch_embed]
 
     # -- running --------------------------------------------------------------------------------------------------
-    def _branch(self, b: int, name: str) -> torch.Tensor:
-        return getattr(self, f"{name}_{b}")
-
     def _embed(self, x: torch.Tensor) -> List[torch.Tensor]:
         """Image -> each branch's tokens ``(B, 1 + N_b, C_b)``: its resized image patchified, the class token
         joined, the position table added."""
@@ -253,8 +262,8 @@ class CrossVit(VitlabModel):
         xs = []
         for b, pe in enumerate(self.patch_embed):
             tokens = pe(scale_image(x, self.img_size_scaled[b], self.crop_scale))
-            cls = self._branch(b, "cls_token").expand(x.shape[0], -1, -1)
-            xs.append(self.pos_drop(torch.cat([cls, tokens], dim=1) + self._branch(b, "pos_embed")))
+            cls = getattr(self, f"cls_token_{b}").expand(x.shape[0], -1, -1)
+            xs.append(self.pos_drop(torch.cat([cls, tokens], dim=1) + getattr(self, f"pos_embed_{b}")))
         return xs
 
     def _run_block(self, blk: nn.Module, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:

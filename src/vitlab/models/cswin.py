@@ -74,7 +74,8 @@ class CSwinTransformer(Backbone):
     ``shortcut_init``, ``featscale``, ``init``, ``norm_layout`` (``pre``/``post``/``end``/``parallel``;
     ``wiring`` is its alias),
     ``conv_units``, ``lepe_div_heads``, ``stem_kernel`` (7: 7x7/4 conv, 4: 4x4/4),
-    ``merge_kernel`` (3: 3x3/2, 2: 2x2/2), ``final_norm``, ``mixer_kwargs``.
+    ``merge_kernel`` (3: 3x3/2, 2: 2x2/2), ``final_norm``, ``mixer_kwargs``, ``core`` / ``modifiers`` /
+    ``attn_position`` (position parts after LePE, e.g. ``("rope",)``: coordinates inside each stripe).
     """
 
     def __init__(self, img_size: int = 224, in_chans: int = 3, num_classes: int = 1000, embed_dim: int = 64,
@@ -88,8 +89,8 @@ class CSwinTransformer(Backbone):
                  merge_kernel: int = 3, final_norm: bool = True, drop_rate: float = 0.0,
                  attn_drop_rate: float = 0.0, drop_path_rate: float = 0.1,
                  mixer_kwargs: Optional[Dict[str, Any]] = None, core: Optional[str] = None,
-                 modifiers: Sequence[str] = (), branch_scale: Optional[str] = None, architecture: str = "cswin",
-                 default_cfg: Optional[Dict[str, Any]] = None):
+                 modifiers: Sequence[str] = (), attn_position: Sequence[Any] = (), branch_scale: Optional[str] = None,
+                 architecture: str = "cswin", default_cfg: Optional[Dict[str, Any]] = None):
         super().__init__()
         depths, num_heads = tuple(depths), tuple(num_heads)
         n_stages = len(depths)
@@ -100,7 +101,7 @@ class CSwinTransformer(Backbone):
         norm_layout = wiring or norm_layout  # wiring=: the name every family takes
         if norm_layout not in NORM_LAYOUTS:
             raise ValueError(f"norm_layout must be one of {NORM_LAYOUTS}, got {norm_layout!r}")
-        spec = MixerSpec(mixer, core, tuple(modifiers), dict(mixer_kwargs or {}))
+        spec = MixerSpec(mixer, core, tuple(modifiers), dict(mixer_kwargs or {}), attn_position)
         attn_type = stage_attn_types(spec, attn_type, n_stages, "stripe")
         splits = _per_stage(split_size, n_stages, "split_size")
         if isinstance(img_size, (tuple, list)):

@@ -10,10 +10,10 @@ LayerNorm.  As the official code (microsoft/CvT, ``lib/models/cls_cvt.py``): the
 by ``dim ** -0.5`` (not ``head_dim ** -0.5``; ``scale_by_dim=False`` for the latter), the MLP uses QuickGELU
 (``x * sigmoid(1.702 x)``; ``mlp_act="gelu"`` for the exact GELU), every LayerNorm has eps 1e-5.
 
-Parts as in every family: ``mixer`` / ``core`` / ``modifiers`` (a linear-cost core, FLatten's or XCiT's,
-attends over every token: keys and values keep stride 1, as "FLatten Transformer" does with PVT's key
-reduction), ``norm``, ``branch_scale`` / ``shortcut_init``, ``featscale``, ``wiring``, ``init``,
-``mixer_kwargs``.
+Parts as in every family: ``mixer`` / ``core`` / ``modifiers`` / ``attn_position`` (``("rope",)`` needs ``stride_kv=1``)
+(a linear-cost core, FLatten's or XCiT's, attends over every token: keys and values keep stride 1, as "FLatten
+Transformer" does with PVT's key reduction), ``norm``, ``branch_scale`` / ``shortcut_init``, ``featscale``, ``wiring``,
+``init``, ``mixer_kwargs``.
 
 State-dict keys: ``patch_embed.{proj,norm}``, ``stages.{i}.downsample.{proj,norm}`` (the token embeddings of
 stages 2-3), ``stages.{i}.blocks.{j}.{norm1, attn.conv_proj_{q,k,v}.{conv,bn}, attn.proj_{q,k,v},
@@ -97,10 +97,10 @@ class ConvolutionalVisionTransformer(Backbone):
                  patch_paddings: Sequence[int] = (2, 1, 1), kernel_qkv: Union[int, Sequence[int]] = 3,
                  stride_kv: Union[int, Sequence[int]] = 2, qkv_bias: bool = True, cls_token: bool = True,
                  scale_by_dim: bool = True, mlp_act: str = "quick_gelu", mixer: str = "softmax",
-                 core: Optional[str] = None, modifiers: Sequence[str] = (), norm: str = "layernorm",
-                 norm_eps: float = 1e-5, branch_scale: Optional[str] = None, shortcut: str = "plain",
-                 shortcut_init: Optional[float] = None, featscale: bool = False, wiring: str = "pre",
-                 init: str = "trunc_normal", drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
+                 core: Optional[str] = None, modifiers: Sequence[str] = (), attn_position: Sequence[Any] = (),
+                 norm: str = "layernorm", norm_eps: float = 1e-5, branch_scale: Optional[str] = None,
+                 shortcut: str = "plain", shortcut_init: Optional[float] = None, featscale: bool = False,
+                 wiring: str = "pre", init: str = "trunc_normal", drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
                  drop_path_rate: Union[float, Sequence[float]] = 0.0, mixer_kwargs: Optional[Dict[str, Any]] = None,
                  architecture: str = "cvt", default_cfg: Optional[Dict[str, Any]] = None):
         super().__init__()
@@ -120,7 +120,7 @@ class ConvolutionalVisionTransformer(Backbone):
         self.num_features = self.embed_dim = dims[-1]
         self.global_pool = "token" if cls_token else "avg"
         self.token_stage = ns - 1  # the class token joins the last stage (sec. 3, Fig. 2)
-        spec = MixerSpec(mixer, core, tuple(modifiers), dict(mixer_kwargs or {}))
+        spec = MixerSpec(mixer, core, tuple(modifiers), dict(mixer_kwargs or {}), attn_position)
         dpr = _drop_paths(drop_path_rate, depths)
         block_kw = dict(norm=norm, norm_eps=norm_eps, wiring=wiring, branch_scale=branch_scale or shortcut,
                         branch_scale_init=shortcut_init, total_depth=sum(depths), featscale=featscale)

@@ -12,12 +12,13 @@ the channels, followed by an MLP residual.  The head averages the last map and a
 distilled models (all of timm's) add ``head_dist`` (DeiT's distillation, averaged in evaluation,
 :func:`vitlab.models.deit.distilled_head`).  As the official code, every residual shares one drop-path rate.
 
-Parts, as in every family: ``mixer`` / ``core`` / ``modifiers`` / ``mixer_kwargs`` (every attention, the shrinking
-ones too; a non-attention mixer replaces the blocks' attention, the shrinking attention stays softmax); ``mlp`` (a
-channel mixer, ``linear_norm`` by default); ``norm`` (the norm of every LinearNorm and of the head:
-``batchnorm`` as the paper, or any :data:`~vitlab.layers.NORMS` name; the conv stem keeps BatchNorm2d);
-``branch_scale`` / ``shortcut_init``, ``featscale``, ``wiring`` (``pre`` and ``parallel``: LeViT's blocks have no
-norm outside their branches, so ``post`` / ``end`` are refused); ``init`` (``None``: the official init).
+Parts, as in every family: ``mixer`` / ``core`` / ``modifiers`` / ``attn_position`` (``("rope",)`` is refused by the
+subsampling attention) / ``mixer_kwargs`` (every attention, the shrinking ones too; a non-attention mixer replaces the
+blocks' attention, the shrinking attention stays softmax); ``mlp`` (a channel mixer, ``linear_norm`` by default);
+``norm`` (the norm of every LinearNorm and of the head: ``batchnorm`` as the paper, or any :data:`~vitlab.layers.NORMS`
+name; the conv stem keeps BatchNorm2d); ``branch_scale`` / ``shortcut_init``, ``featscale``, ``wiring`` (``pre`` and
+``parallel``: LeViT's blocks have no norm outside their branches, so ``post`` / ``end`` are refused); ``init``
+(``None``: the official init).
 
 State-dict keys equal timm's ``Levit`` / ``LevitDistilled`` (``stem.conv{1-4}.{linear,bn}``,
 ``stages.{i}.downsample.{attn_downsample.{q.ln,kv,proj.ln,attention_biases},mlp.{ln1,ln2}}``,
@@ -120,7 +121,7 @@ class Levit(Backbone):
                  mlp_ratio: Union[float, Sequence[float]] = 2.0, distilled: bool = True, head_norm: bool = True,
                  use_conv: bool = False, stem_type: str = "s16", act_layer: str = "hard_swish",
                  attn_act_layer: Optional[str] = None, global_pool: str = "avg", mixer: str = "softmax",
-                 core: Optional[str] = None, modifiers: Sequence[str] = (),
+                 core: Optional[str] = None, modifiers: Sequence[str] = (), attn_position: Sequence[Any] = (),
                  mixer_kwargs: Optional[Dict[str, Any]] = None, mlp: str = "linear_norm", norm: str = "batchnorm",
                  shortcut: str = "plain",
                  branch_scale: Optional[str] = None, shortcut_init: Optional[float] = None, featscale: bool = False,
@@ -151,7 +152,7 @@ class Levit(Backbone):
         self.features_fmt = "NCHW" if use_conv else "NLC"
         self.stem = LevitStem(in_chans, dims[0], stride, act)
         self.grid_size = (img // stride, img // stride)
-        spec = MixerSpec(mixer, core, tuple(modifiers), dict(mixer_kwargs or {}))
+        spec = MixerSpec(mixer, core, tuple(modifiers), dict(mixer_kwargs or {}), attn_position)
         sizes = dict(dims=dims, depth=depth, heads=heads, ratios=ratios, key_dim=key_dim,
                      mlp_ratios=_per_stage(mlp_ratio, n, "mlp_ratio"), stride=stride)
         parts = dict(act=act, attn_act=_activation(attn_act_layer, "attn_act_layer") if attn_act_layer else act,

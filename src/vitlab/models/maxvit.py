@@ -11,10 +11,11 @@ last map, normalises it, applies a Linear + tanh pre-logits layer (the official 
 timm's ``NormMlpClassifierHead``) and the class Linear.  The official TensorFlow models use TF's SAME padding,
 tanh-approximated GELU and BatchNorm eps 1e-3 (timm's ``maxvit_*_tf`` configs), as here.
 
-Parts as every family: ``mixer`` / ``core`` / ``modifiers`` / ``mixer_kwargs`` (the attention of both
-sub-blocks; a linear-cost core attends over the whole map, FLatten's rule (Han et al., ICCV 2023); a
-non-attention mixer mixes the whole map), ``norm`` (every LayerNorm, the head's included; the convs keep their
-BatchNorm), ``branch_scale`` / ``shortcut`` with ``shortcut_init``, ``featscale``, ``wiring``, ``init``.
+Parts as every family: ``mixer`` / ``core`` / ``modifiers`` / ``attn_position`` (``("rope",)``: coordinates inside each
+window and grid group) / ``mixer_kwargs`` (the attention of both sub-blocks; a linear-cost core attends over the whole
+map, FLatten's rule (Han et al., ICCV 2023); a non-attention mixer mixes the whole map), ``norm`` (every LayerNorm, the
+head's included; the convs keep their BatchNorm), ``branch_scale`` / ``shortcut`` with ``shortcut_init``, ``featscale``,
+``wiring``, ``init``.
 
 State-dict keys are timm's ``maxvit_*_tf_*`` (``timm.models.maxxvit.MaxxVit``) under vitlab's stage layout:
 timm's ``stem``, ``stages.{i}.blocks.0.conv`` (each stage's strided MBConv) and ``head.{norm, pre_logits.fc,
@@ -136,7 +137,8 @@ class MaxViT(Backbone):
                  grid_size: Optional[int] = None, mlp_ratio: float = 4.0, expand_ratio: float = 4.0,
                  se_ratio: float = 0.25, head_hidden_size: Optional[int] = None, qkv_bias: bool = True,
                  rel_pos_bias: bool = True, mixer: str = "softmax", core: Optional[str] = None,
-                 modifiers: Sequence[str] = (), norm: str = "layernorm", norm_eps: float = 1e-5,
+                 modifiers: Sequence[str] = (), attn_position: Sequence[Any] = (),
+                 norm: str = "layernorm", norm_eps: float = 1e-5,
                  bn_eps: float = 1e-3, shortcut: str = "plain", shortcut_init: Optional[float] = None,
                  branch_scale: Optional[str] = None, featscale: bool = False, wiring: str = "pre",
                  init: str = "trunc_normal", drop_rate: float = 0.0, proj_drop_rate: float = 0.0,
@@ -153,7 +155,7 @@ class MaxViT(Backbone):
         self.num_features = self.embed_dim = embed_dims[-1]
         self.patch_embed = MaxViTStem(in_chans, stem_width, stem_bias, bn_eps)
         self.stem_width = stem_width
-        spec = MixerSpec(mixer, core, tuple(modifiers), dict(mixer_kwargs or {}))
+        spec = MixerSpec(mixer, core, tuple(modifiers), dict(mixer_kwargs or {}), attn_position)
         ctx = dict(spec=spec, dim_head=dim_head, window=window_size, grid=grid_size, rel_pos_bias=rel_pos_bias,
                    mlp_ratio=mlp_ratio, conv=dict(expand_ratio=expand_ratio, se_ratio=se_ratio, eps=bn_eps,
                                                    act=_gelu_tanh),

@@ -14,7 +14,8 @@ The transformer blocks are the one :class:`~vitlab.models.block.Block` (SiLU MLP
 LayerNorm eps 1e-5), so the part options apply to them: ``mixer=``, ``core=``, ``modifiers=`` (attention
 inside the unfolded groups; a linear-cost core attends over the whole map, FLatten's rule; a non-attention
 mixer mixes the whole map), ``norm=`` (every LayerNorm, the block's closing norm included),
-``branch_scale=``/``shortcut=`` with ``shortcut_init=``, ``featscale=``, ``wiring=``, ``mixer_kwargs=``.
+``branch_scale=``/``shortcut=`` with ``shortcut_init=``, ``featscale=``, ``wiring=``, ``mixer_kwargs=``,
+``attn_position=`` (e.g. ``("rope",)``: a token's coordinates are its patch's position on the patch grid).
 Convolutions keep their BatchNorm.
 
 State-dict keys are timm's ``mobilevit_*`` (``timm.models.byobnet.ByobNet``) under vitlab's stage layout:
@@ -181,7 +182,8 @@ class MobileViT(Backbone):
                  transformer_dims: Sequence[int] = (0, 0, 64, 80, 96), transformer_depths: Sequence[int] = (0, 0, 2, 4, 3),
                  patch_size: int = 2, num_heads: int = 4, mlp_ratio: float = 2.0, num_features: int = 320,
                  qkv_bias: bool = True, mixer: str = "softmax", core: Optional[str] = None,
-                 modifiers: Sequence[str] = (), norm: str = "layernorm", norm_eps: float = 1e-5,
+                 modifiers: Sequence[str] = (), attn_position: Sequence[Any] = (),
+                 norm: str = "layernorm", norm_eps: float = 1e-5,
                  shortcut: str = "plain", shortcut_init: Optional[float] = None, branch_scale: Optional[str] = None,
                  featscale: bool = False, wiring: str = "pre", init: str = "trunc_normal", drop_rate: float = 0.0,
                  attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
@@ -195,7 +197,7 @@ class MobileViT(Backbone):
         img = img_size if isinstance(img_size, int) else img_size[0]
         self.num_classes, self.in_chans, self.img_size = num_classes, in_chans, img
         self.patch_embed = ConvStem(in_chans, stem_chs, 3, stride=2)
-        spec = MixerSpec(mixer, core, tuple(modifiers), dict(mixer_kwargs or {}))
+        spec = MixerSpec(mixer, core, tuple(modifiers), dict(mixer_kwargs or {}), attn_position)
         units = sum(depths) + sum(1 for t in transformer_depths if t)
         block_kw = dict(spec=spec, patch=patch_pair(patch_size), num_heads=num_heads, mlp_ratio=mlp_ratio,
                         qkv_bias=qkv_bias, norm=norm, norm_eps=norm_eps, branch_scale=branch_scale or shortcut,

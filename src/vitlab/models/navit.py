@@ -183,7 +183,8 @@ class NaViT(Backbone):
     """NaViT (see the module docstring).  Args beyond ViT's sizes: ``max_img_size`` (the largest image side,
     or (height, width): sizes the position tables; default ``img_size``), ``max_len`` (tokens per packed sequence when the model
     packs a list itself; default one largest image), ``token_drop`` (a rate or ``(H, W) -> rate``, training
-    only), ``mixer`` / ``core`` / ``modifiers`` / ``mixer_kwargs`` (any attention that takes a mask, e.g.
+    only), ``mixer`` / ``core`` / ``modifiers`` / ``attn_position`` (``("rope",)`` on ``(B, C, H, W)`` batches
+    only: packed rows have no common grid) / ``mixer_kwargs`` (any attention that takes a mask, e.g.
     ``mixer_kwargs=dict(qk_norm=True)``), ``norm``, ``init``, and the Block's ``branch_scale`` /
     ``shortcut_init``, ``featscale``, ``wiring`` as in every family."""
 
@@ -198,7 +199,8 @@ class NaViT(Backbone):
                  qkv_bias: bool = True, max_img_size: Union[None, int, Tuple[int, int]] = None,
                  max_len: Optional[int] = None,
                  token_drop: TokenDrop = 0.0, mixer: str = "softmax", core: Optional[str] = None,
-                 modifiers: Sequence[str] = (), mixer_kwargs: Optional[Dict[str, Any]] = None,
+                 modifiers: Sequence[str] = (), attn_position: Sequence[Any] = (),
+                 mixer_kwargs: Optional[Dict[str, Any]] = None,
                  norm: str = "layernorm", norm_eps: float = 1e-6, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
                  drop_path_rate: float = 0.0, init: str = "trunc_normal", branch_scale: str = "plain",
                  shortcut_init: Optional[float] = None, featscale: bool = False, wiring: str = "pre",
@@ -211,7 +213,7 @@ class NaViT(Backbone):
                              f" got {depth}, {embed_dim}, {num_heads}, {patch_size}, {max_img_size}")
         if not callable(token_drop) and not 0.0 <= token_drop < 1.0:
             raise ValueError(f"token_drop must be in [0, 1) or a callable (H, W) -> rate, got {token_drop}")
-        spec = MixerSpec(mixer, core, tuple(modifiers), dict(mixer_kwargs or {}))
+        spec = MixerSpec(mixer, core, tuple(modifiers), dict(mixer_kwargs or {}), attn_position)
         spec.check_grid(TokenLayout((1,)))  # packed sequences have no 2-D map to convolve or pool
         core_part = spec.core_part
         if core_part is None or not core_part.takes_bias:

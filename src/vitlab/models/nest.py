@@ -18,11 +18,12 @@ How the paper's parts map onto vitlab's:
   between the two; :mod:`vitlab.interop.timm_nest` uses them), so the Backbone adds and resizes it;
 * the block aggregation is the stage's downsampler, :class:`BlockAggregation` (the only NesT-specific part).
 
-Parts, as in every family: ``mixer`` / ``core`` / ``modifiers`` / ``mixer_kwargs`` (a linear-cost core such as
-``focused_linear`` attends over the whole level, as FLatten does in Swin; a non-attention mixer mixes over the
-map), ``norm`` (every LayerNorm), ``branch_scale`` (alias ``shortcut``) / ``shortcut_init``, ``featscale``,
-``wiring``, ``init``.  ``pad_type="same"`` (the ``_jx`` models, converted from the official JAX weights) pads
-the max-pool as TensorFlow's ``SAME`` (one row and column of ``-inf`` after the map) instead of one on each side.
+Parts, as in every family: ``mixer`` / ``core`` / ``modifiers`` / ``attn_position`` (``("rope",)``: coordinates inside
+each block) / ``mixer_kwargs`` (a linear-cost core such as ``focused_linear`` attends over the whole level, as FLatten
+does in Swin; a non-attention mixer mixes over the map), ``norm`` (every LayerNorm), ``branch_scale`` (alias
+``shortcut``) / ``shortcut_init``, ``featscale``, ``wiring``, ``init``.  ``pad_type="same"`` (the ``_jx`` models,
+converted from the official JAX weights) pads the max-pool as TensorFlow's ``SAME`` (one row and column of ``-inf``
+after the map) instead of one on each side.
 
 State-dict keys: ``patch_embed.proj``, ``levels.{i}.downsample.{conv,norm}``, ``levels.{i}.pos_embed``
 ``(1, H*W, C)``, ``levels.{i}.blocks.{j}.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}``, ``norm``,
@@ -137,7 +138,8 @@ class Nest(Backbone):
                  qkv_bias: bool = True, drop_rate: float = 0.0, proj_drop_rate: float = 0.0,
                  attn_drop_rate: float = 0.0, drop_path_rate: float = 0.5, pad_type: str = "",
                  global_pool: str = "avg", mixer: str = "softmax", core: Optional[str] = None,
-                 modifiers: Sequence[str] = (), mixer_kwargs: Optional[Dict[str, Any]] = None,
+                 modifiers: Sequence[str] = (), attn_position: Sequence[Any] = (),
+                 mixer_kwargs: Optional[Dict[str, Any]] = None,
                  norm: str = "layernorm", norm_eps: float = 1e-6, shortcut: str = "plain",
                  branch_scale: Optional[str] = None, shortcut_init: Optional[float] = None, featscale: bool = False,
                  wiring: str = "pre", init: str = "trunc_normal", architecture: str = "nest",
@@ -156,7 +158,7 @@ class Nest(Backbone):
         self.block_size = img // patch_size // 2 ** (n - 1)  # image blocks of every level: this many tokens a side
         self.patch_embed = PatchEmbed(img, patch_size, in_chans, dims[0])
         self.grid_size = self.patch_embed.grid_size
-        spec = MixerSpec(mixer, core, tuple(modifiers), dict(mixer_kwargs or {}))
+        spec = MixerSpec(mixer, core, tuple(modifiers), dict(mixer_kwargs or {}), attn_position)
         block_kw = dict(norm=norm, norm_eps=norm_eps, wiring=wiring, branch_scale=branch_scale or shortcut,
                         branch_scale_init=shortcut_init, total_depth=sum(depths), featscale=featscale)
         attention = dict(qkv_bias=qkv_bias, attn_drop=attn_drop_rate, proj_drop=proj_drop_rate)

@@ -95,6 +95,7 @@ def parts_matrix() -> List[Tuple[str, str, Dict[str, str]]]:
             value = (part,) if key == "modifiers" else part
             rows.append((key, part, {f: _cell(f, key, value) for f in FAMILY_EXAMPLES}))
     rows.append(("featscale", "True", {f: _cell(f, "featscale", True) for f in FAMILY_EXAMPLES}))
+    rows.append(("attn_position", "rope", {f: _cell(f, "attn_position", ("rope",)) for f in FAMILY_EXAMPLES}))
     for wiring in ("pre", "post", "end", "parallel", "parallel_scaling"):  # the Block's wirings ("prefix": CaiT's)
         rows.append(("wiring", wiring, {f: _cell(f, "wiring", wiring) for f in FAMILY_EXAMPLES}))
     return rows

@@ -11,10 +11,11 @@ through the poolings; the head reads it after the final norm.  The distilled var
 Touvron et al., ICML 2021) add a distillation token (a second row of ``cls_token``, as timm) and a second
 head ``head_dist``; in evaluation the two heads' logits are averaged.
 
-Every part is an argument, as in every family: ``mixer`` / ``core`` / ``modifiers`` / ``mixer_kwargs``
-(global attention over the class tokens and the map), ``mlp`` (a channel mixer), ``norm`` (the blocks' and
-the final norm), ``branch_scale`` (alias ``shortcut``) / ``shortcut_init``, ``featscale``, ``wiring``,
-``init`` (``None``: PyTorch's default Linear init, as the official code and timm; or a vitlab initialiser).
+Every part is an argument, as in every family: ``mixer`` / ``core`` / ``modifiers`` / ``attn_position`` (``("rope",)``:
+the map's coordinates) / ``mixer_kwargs`` (global attention over the class tokens and the map), ``mlp`` (a channel
+mixer), ``norm`` (the blocks' and the final norm), ``branch_scale`` (alias ``shortcut``) / ``shortcut_init``,
+``featscale``, ``wiring``, ``init`` (``None``: PyTorch's default Linear init, as the official code and timm; or a vitlab
+initialiser).
 
 Keyword names, sizes and state-dict keys are timm's ``PoolingVisionTransformer`` (``patch_embed.conv``,
 ``pos_embed``, ``cls_token``, ``transformers.{i}.blocks.{j}.*``, ``norm``, ``head``, ``head_dist``) except
@@ -114,10 +115,10 @@ class PoolingVisionTransformer(Backbone):
                  depth: Sequence[int] = (2, 6, 4), heads: Sequence[int] = (2, 4, 8), mlp_ratio: float = 4.0,
                  num_classes: int = 1000, in_chans: int = 3, global_pool: str = "token", distilled: bool = False,
                  mixer: str = "softmax", core: Optional[str] = None, modifiers: Sequence[str] = (),
-                 mixer_kwargs: Optional[Dict[str, Any]] = None, mlp: str = "mlp", norm: str = "layernorm",
-                 norm_eps: float = 1e-6, shortcut: str = "plain", branch_scale: Optional[str] = None,
-                 shortcut_init: Optional[float] = None, featscale: bool = False, wiring: str = "pre",
-                 init: Optional[str] = None, drop_rate: float = 0.0, pos_drop_rate: float = 0.0,
+                 attn_position: Sequence[Any] = (), mixer_kwargs: Optional[Dict[str, Any]] = None, mlp: str = "mlp",
+                 norm: str = "layernorm", norm_eps: float = 1e-6, shortcut: str = "plain",
+                 branch_scale: Optional[str] = None, shortcut_init: Optional[float] = None, featscale: bool = False,
+                 wiring: str = "pre", init: Optional[str] = None, drop_rate: float = 0.0, pos_drop_rate: float = 0.0,
                  proj_drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
                  architecture: str = "pit", default_cfg: Optional[Dict[str, Any]] = None):
         super().__init__()
@@ -135,7 +136,7 @@ class PoolingVisionTransformer(Backbone):
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches, dims[0]))
         self.cls_token = nn.Parameter(torch.zeros(1, 2 if distilled else 1, dims[0]))
         self.pos_drop = nn.Dropout(pos_drop_rate)
-        spec = MixerSpec(mixer, core, tuple(modifiers), dict(mixer_kwargs or {}))
+        spec = MixerSpec(mixer, core, tuple(modifiers), dict(mixer_kwargs or {}), attn_position)
         block_kw = dict(norm=norm, norm_eps=norm_eps, wiring=wiring, branch_scale=branch_scale or shortcut,
                         branch_scale_init=shortcut_init, total_depth=sum(depth), featscale=featscale)
         attention = dict(qkv_bias=True, attn_drop=attn_drop_rate, proj_drop=proj_drop_rate)

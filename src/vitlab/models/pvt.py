@@ -14,7 +14,8 @@ Parts: ``mixer`` (``softmax`` | ``attnscale`` | ``cosine``: SRA with that attent
 ``focused_linear``: FLatten's focused linear attention over *all* tokens -- as in "FLatten
 Transformer" (Han et al., ICCV 2023) the key reduction is disabled for it, spec ``flatten.md``
 section 5), ``norm`` (every LayerNorm: blocks, patch embeddings, SR norms, final norm),
-``shortcut``/``shortcut_init``, ``featscale`` (on every attention branch), ``init``.
+``shortcut``/``shortcut_init``, ``featscale`` (on every attention branch), ``init``, ``core`` / ``modifiers`` /
+``attn_position`` (``("rope",)`` is refused where ``sr_ratio > 1``: a query is not a key of the reduced map).
 
 State-dict keys: ``patch_embed.{proj,norm}`` (the stem), ``stages.{i}.downsample.{proj,norm}`` (the
 patch embeddings of stages 2-4), ``stages.{i}.pos_embed``,
@@ -30,6 +31,7 @@ from torch import nn
 
 from vitlab.layers import Mlp, MixerSpec, PatchEmbed, TokenLayout, create_norm, init_weights
 from vitlab.layers.inplace import activate
+from vitlab.layers.linear import Linear
 from vitlab.models.backbone import Backbone, Stage
 from vitlab.models.block import Block, drop_path_rates
 from vitlab.models.base import make_default_cfg, register_recipe
@@ -58,11 +60,11 @@ class MlpWithDepthwiseConv(nn.Module):
 
     def __init__(self, in_features: int, hidden_features: int, drop: float = 0.0, extra_relu: bool = False):
         super().__init__()
-        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.fc1 = Linear(in_features, hidden_features)
         self.relu = nn.ReLU() if extra_relu else nn.Identity()
         self.dwconv = nn.Conv2d(hidden_features, hidden_features, 3, 1, 1, groups=hidden_features)
         self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden_features, in_features)
+        self.fc2 = Linear(hidden_features, in_features)
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
@@ -136,7 +138,8 @@ class PyramidVisionTransformer(Backbone):
                  featscale: bool = False, init: str = "trunc_normal", wiring: str = "pre", global_pool: str = "token",
                  final_norm: Optional[bool] = None, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
                  drop_path_rate: float = 0.0, norm_eps: float = 1e-6, mixer_kwargs: Optional[Dict[str, Any]] = None,
-                 core: Optional[str] = None, modifiers: Sequence[str] = (), branch_scale: Optional[str] = None,
+                 core: Optional[str] = None, modifiers: Sequence[str] = (), attn_position: Sequence[Any] = (),
+                 branch_scale: Optional[str] = None,
                  architecture: str = "pvt", default_cfg: Optional[Dict[str, Any]] = None):
         super().__init__()
         if global_pool not in ("token", "avg"):
@@ -152,7 +155,7 @@ class PyramidVisionTransformer(Backbone):
         self.num_classes, self.in_chans = num_classes, in_chans
         self.num_features = self.embed_dim = embed_dims[-1]
         self.global_pool, self.token_stage = global_pool, ns - 1  # the class token joins the last stage
-        spec = MixerSpec(mixer, core, tuple(modifiers), dict(mixer_kwargs or {}))
+        spec = MixerSpec(mixer, core, tuple(modifiers), dict(mixer_kwargs or {}), attn_position)
         dpr = drop_path_rates(drop_path_rate, sum(depths))
         self.patch_embed = PatchEmbed(img, patch_size, in_chans, embed_dims[0],
                                       norm_layer=create_norm(norm, embed_dims[0], 1e-5))

@@ -10,7 +10,7 @@ ends with a LayerNorm; the classifier averages the last map.
 Parts as in PVT: ``mixer`` (``softmax`` | ``attnscale`` | ``cosine`` as SRA cores;
 ``focused_linear`` = FLatten's focused linear attention over all tokens, no key reduction, "FLatten
 Transformer", Han et al., ICCV 2023), ``norm`` (every LayerNorm), ``shortcut``, ``featscale``,
-``init``.
+``init``, ``core`` / ``modifiers`` / ``attn_position`` (``("rope",)`` is refused with reduced keys, as in PVT).
 
 State-dict keys are timm's ``PyramidVisionTransformerV2`` keys (``patch_embed.{proj,norm}``,
 ``stages.{i}.downsample.{proj,norm}``, ``stages.{i}.blocks.{j}.{norm1, attn.q, attn.kv, attn.sr,
@@ -65,7 +65,7 @@ class PyramidVisionTransformerV2(Backbone):
                  wiring: str = "pre",
                  drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
                  norm_eps: float = 1e-6, mixer_kwargs: Optional[Dict[str, Any]] = None, core: Optional[str] = None,
-                 modifiers: Sequence[str] = (), branch_scale: Optional[str] = None,
+                 modifiers: Sequence[str] = (), attn_position: Sequence[Any] = (), branch_scale: Optional[str] = None,
                  architecture: str = "pvt_v2", default_cfg: Optional[Dict[str, Any]] = None):
         super().__init__()
         depths, embed_dims, num_heads, mlp_ratios, sr_ratios = stage_sizes(depths, embed_dims, num_heads, mlp_ratios,
@@ -77,7 +77,7 @@ class PyramidVisionTransformerV2(Backbone):
         self.patch_embed = OverlapPatchEmbed(7, 4, in_chans, embed_dims[0], norm)
         grid = self.patch_embed.out_size((img, img))
         dpr = drop_path_rates(drop_path_rate, sum(depths))
-        spec = MixerSpec(mixer, core, tuple(modifiers), dict(mixer_kwargs or {}))
+        spec = MixerSpec(mixer, core, tuple(modifiers), dict(mixer_kwargs or {}), attn_position)
         stages, cur = [], 0
         for i, depth in enumerate(depths):
             bk = dict(num_heads=num_heads[i], mlp_ratio=mlp_ratios[i], sr_ratio=sr_ratios[i], linear_sr=linear,

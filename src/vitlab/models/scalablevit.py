@@ -9,10 +9,10 @@ self-attention** (SSA, sec. 3.1: grouping ``scalable_reduction`` + projection ``
 block of every stage (the official code).  A final LayerNorm, the mean of the tokens and the official head: a
 Linear to 4096 -> LayerNorm -> GELU -> Linear (``head_hidden=0``: one Linear).
 
-Parts, as in every family: ``mixer`` / ``core`` / ``modifiers`` / ``mixer_kwargs`` (in IWSA and SSA; a
-linear-cost core such as ``focused_linear`` attends over the whole map, without reduction, FLatten's rule;
-IWSA keeps its LIM), ``norm``, ``branch_scale`` (alias ``shortcut``) / ``shortcut_init``, ``featscale``,
-``wiring``, ``init``.
+Parts, as in every family: ``mixer`` / ``core`` / ``modifiers`` / ``attn_position`` (``("rope",)``: refused by SSA's
+reduced keys) / ``mixer_kwargs`` (in IWSA and SSA; a linear-cost core such as ``focused_linear`` attends over the whole
+map, without reduction, FLatten's rule; IWSA keeps its LIM), ``norm``, ``branch_scale`` (alias ``shortcut``) /
+``shortcut_init``, ``featscale``, ``wiring``, ``init``.
 
 State-dict keys: ``patch_embed.{proj,norm}``, ``stages.{i}.downsample.{proj,norm}``, ``stages.{i}.pos_block.
 proj.0``, ``stages.{i}.blocks.{j}.{norm1, attn.{qkv, lim_func | q, k, v, kv, reduction, norm_act}, attn.proj,
@@ -87,7 +87,8 @@ class ScalableViT(Backbone):
                  sr_ratios: Sequence[int] = (8, 4, 2, 1), wss: Sequence[Optional[int]] = (7, 7, 7, 7),
                  c_ratios: Union[float, Sequence[float]] = (1.25, 1.25, 1.25, 1.0), head_hidden: int = 4096,
                  qkv_bias: bool = True, mixer: str = "softmax", core: Optional[str] = None,
-                 modifiers: Sequence[str] = (), mixer_kwargs: Optional[Dict[str, Any]] = None,
+                 modifiers: Sequence[str] = (), attn_position: Sequence[Any] = (),
+                 mixer_kwargs: Optional[Dict[str, Any]] = None,
                  norm: str = "layernorm", norm_eps: float = 1e-6, shortcut: str = "plain",
                  branch_scale: Optional[str] = None, shortcut_init: Optional[float] = None, featscale: bool = False,
                  wiring: str = "pre", init: str = "trunc_normal", drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
@@ -106,7 +107,7 @@ class ScalableViT(Backbone):
         self.embed_dim, self.num_features = dims[0], dims[-1]
         self.patch_embed = ScalablePatchEmbed(in_chans, dims[0], 7, 4, 3, norm, norm_eps, drop_rate)
         hw = self.grid_size = self.patch_embed.out_size((img, img))
-        spec = MixerSpec(mixer, core, tuple(modifiers), dict(mixer_kwargs or {}))
+        spec = MixerSpec(mixer, core, tuple(modifiers), dict(mixer_kwargs or {}), attn_position)
         attention = dict(qkv_bias=qkv_bias, attn_drop=attn_drop_rate, proj_drop=drop_rate)
 
         def down(i, hw):

@@ -16,10 +16,10 @@ sees tokens after the block's norm, so the window tokens enter normalised alread
 constant is a learned constant: a converter of official weights stores ``norm1(win_tokens)``; both start at
 zero).
 
-Parts, as in every family: ``mixer`` / ``core`` / ``modifiers`` / ``mixer_kwargs`` (a linear-cost core such
-as ``focused_linear`` attends over all tokens of the stage without windows, FLatten's rule), ``norm`` (every
-LayerNorm), ``branch_scale`` (alias ``shortcut``) / ``shortcut_init``, ``featscale``, ``wiring``, ``init``;
-``pos_code`` (a :data:`~vitlab.layers.POS_CODES` name, or None).
+Parts, as in every family: ``mixer`` / ``core`` / ``modifiers`` / ``attn_position`` (``("rope",)``: coordinates inside
+each window) / ``mixer_kwargs`` (a linear-cost core such as ``focused_linear`` attends over all tokens of the stage
+without windows, FLatten's rule), ``norm`` (every LayerNorm), ``branch_scale`` (alias ``shortcut``) / ``shortcut_init``,
+``featscale``, ``wiring``, ``init``; ``pos_code`` (a :data:`~vitlab.layers.POS_CODES` name, or None).
 
 State-dict keys (timm has no SepViT): ``patch_embed.{proj,norm}``, ``stages.{i}.downsample.{proj,norm}``,
 ``stages.{i}.blocks.{j}.{norm1, attn.{qkv, win_tokens, psa.norm, psa.qk, proj}, norm2, mlp.fc1, mlp.fc2}``,
@@ -89,7 +89,8 @@ class SepViT(Backbone):
                  mlp_ratios: Sequence[float] = (4, 4, 4, 4), depths: Sequence[int] = (1, 2, 6, 2),
                  window_size: Any = ((7,), (7, 14), (7, 14), (7,)), qkv_bias: bool = True,
                  pos_code: Optional[str] = "peg", mixer: str = "softmax", core: Optional[str] = None,
-                 modifiers: Sequence[str] = (), mixer_kwargs: Optional[Dict[str, Any]] = None,
+                 modifiers: Sequence[str] = (), attn_position: Sequence[Any] = (),
+                 mixer_kwargs: Optional[Dict[str, Any]] = None,
                  norm: str = "layernorm", norm_eps: float = 1e-6, shortcut: str = "plain",
                  branch_scale: Optional[str] = None, shortcut_init: Optional[float] = None, featscale: bool = False,
                  wiring: str = "pre", init: str = "trunc_normal", drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
@@ -105,7 +106,7 @@ class SepViT(Backbone):
         self.num_classes, self.in_chans, self.img_size = num_classes, in_chans, img
         self.num_features = self.embed_dim = dims[-1]
         self.patch_embed = SepViTPatchEmbed(in_chans, dims[0], 7, 4, norm, drop_rate)
-        spec = MixerSpec(mixer, core, tuple(modifiers), dict(mixer_kwargs or {}))
+        spec = MixerSpec(mixer, core, tuple(modifiers), dict(mixer_kwargs or {}), attn_position)
         block_kw = dict(norm=norm, norm_eps=norm_eps, wiring=wiring, branch_scale=branch_scale or shortcut,
                         branch_scale_init=shortcut_init, total_depth=sum(depths), featscale=featscale)
         attention = dict(qkv_bias=qkv_bias, attn_drop=attn_drop_rate, proj_drop=drop_rate)

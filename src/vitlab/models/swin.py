@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitlab.layers import Mlp, MixerSpec, PatchEmbed, TokenLayout, create_norm, init_weights
+from vitlab.layers.linear import Linear
 from vitlab.layers.mixers import check_stage_kwargs
 from vitlab.layers.window import REL_POS_RESIZE_METHODS
 from vitlab.models.backbone import Backbone, Stage
@@ -81,7 +82,7 @@ def build_stages(spec: MixerSpec, attn_type: str, dims: Sequence[int], depths: S
 
 def linear_spec(spec: MixerSpec) -> MixerSpec:
     """The mixer of an ``L`` stage: FLatten's focused linear attention, with the user's options."""
-    return MixerSpec("focused_linear", None, tuple(spec.modifiers), dict(spec.kwargs))
+    return MixerSpec("focused_linear", None, tuple(spec.modifiers), dict(spec.kwargs), spec.position)
 
 
 def stage_attn_types(spec: MixerSpec, attn_type: Optional[str], n_stages: int, what: str) -> str:
@@ -116,7 +117,7 @@ class PatchMerging(nn.Module):
         super().__init__()
         self.dim, self.out_dim = dim, out_dim or 2 * dim
         self.norm = create_norm(norm, 4 * dim, eps=norm_eps)
-        self.reduction = nn.Linear(4 * dim, self.out_dim, bias=False)
+        self.reduction = Linear(4 * dim, self.out_dim, bias=False)
 
     def forward(self, x: torch.Tensor, layout: TokenLayout) -> Tuple[torch.Tensor, Tuple[int, int]]:
         b, n, c = x.shape
@@ -150,7 +151,8 @@ class SwinTransformer(Backbone):
     ``S`` = ``mixer``; default all ``S``, or all ``L`` when ``mixer="focused_linear"``),
     ``norm``, ``norm_eps``, ``shortcut``, ``shortcut_init``, ``featscale``, ``init``, ``shift``
     (shifted windows in every second block), ``post_norm`` / ``wiring`` (the Block's), ``conv_units``, ``rel_pos_bias``,
-    ``mixer_kwargs`` (handed to every mixer; each ignores what it does not use),
+    ``mixer_kwargs`` (handed to every mixer; each ignores what it does not use), ``core`` / ``modifiers`` /
+    ``attn_position`` (position parts added after the relative table, e.g. ``("rope",)``: window coordinates),
     ``rel_pos_resize`` (how :meth:`load_state_dict` resizes relative position tables of a
     checkpoint trained with another window: ``"timm"`` as timm's ``checkpoint_filter_fn``,
     ``"bicubic"`` as the official Swin code).
@@ -166,7 +168,8 @@ class SwinTransformer(Backbone):
                  conv_units: bool = False, rel_pos_bias: bool = True, drop_rate: float = 0.0,
                  attn_drop_rate: float = 0.0, drop_path_rate: float = 0.1,
                  mixer_kwargs: Optional[Dict[str, Any]] = None, rel_pos_resize: str = "timm",
-                 core: Optional[str] = None, modifiers: Sequence[str] = (), branch_scale: Optional[str] = None,
+                 core: Optional[str] = None, modifiers: Sequence[str] = (), attn_position: Sequence[Any] = (),
+                 branch_scale: Optional[str] = None,
                  architecture: str = "swin", default_cfg: Optional[Dict[str, Any]] = None):
         super().__init__()
         depths, num_heads = tuple(depths), tuple(num_heads)
@@ -175,7 +178,7 @@ class SwinTransformer(Backbone):
             raise ValueError(f"rel_pos_resize must be one of {REL_POS_RESIZE_METHODS}, got {rel_pos_resize!r}")
         self.rel_pos_resize = rel_pos_resize
         check_stage_sizes(depths, num_heads, embed_dim, drop_path_rate)
-        spec = MixerSpec(mixer, core, tuple(modifiers), dict(mixer_kwargs or {}))
+        spec = MixerSpec(mixer, core, tuple(modifiers), dict(mixer_kwargs or {}), attn_position)
         attn_type = stage_attn_types(spec, attn_type, n_stages, "window")
         windows = _per_stage(window_size, n_stages, "window_size")
         self.num_classes, self.in_chans = num_classes, in_chans

@@ -14,10 +14,11 @@ LayerNorm and the mean of the last stage's tokens.
   ``ws x ws`` windows without shift, the ``window`` grouping kept at ``ws`` and zero-padded on smaller maps
   as the official code) and **global sub-sampled attention** (GSA: the same spatial reduction as PCPVT).
 
-Parts, as in every family: ``mixer`` / ``core`` / ``modifiers`` / ``mixer_kwargs`` (in both kinds of
-attention; a linear-cost core such as ``focused_linear`` attends over all tokens of the stage, as FLatten
-does in PVT), ``norm`` (every LayerNorm), ``branch_scale`` (alias ``shortcut``) / ``shortcut_init``,
-``featscale``, ``wiring``, ``init``; ``pos_code`` (a :data:`~vitlab.layers.POS_CODES` name, or None).
+Parts, as in every family: ``mixer`` / ``core`` / ``modifiers`` / ``attn_position`` (``("rope",)``: refused by the
+global sub-attention's reduced keys) / ``mixer_kwargs`` (in both kinds of attention; a linear-cost core such as
+``focused_linear`` attends over all tokens of the stage, as FLatten does in PVT), ``norm`` (every LayerNorm),
+``branch_scale`` (alias ``shortcut``) / ``shortcut_init``, ``featscale``, ``wiring``, ``init``; ``pos_code`` (a
+:data:`~vitlab.layers.POS_CODES` name, or None).
 
 State-dict keys: ``patch_embed.{proj,norm}``, ``stages.{i}.downsample.{proj,norm}``,
 ``stages.{i}.blocks.{j}.{norm1, attn.{qkv | q, kv, sr, norm}, attn.proj, norm2, mlp.fc1, mlp.fc2}``,
@@ -83,7 +84,7 @@ class Twins(Backbone):
                  num_heads: Sequence[int] = (1, 2, 4, 8), mlp_ratios: Sequence[float] = (4, 4, 4, 4),
                  depths: Sequence[int] = (3, 4, 6, 3), sr_ratios: Sequence[int] = (8, 4, 2, 1),
                  wss: Optional[Sequence[int]] = None, pos_code: Optional[str] = "peg", mixer: str = "softmax",
-                 core: Optional[str] = None, modifiers: Sequence[str] = (),
+                 core: Optional[str] = None, modifiers: Sequence[str] = (), attn_position: Sequence[Any] = (),
                  mixer_kwargs: Optional[Dict[str, Any]] = None, norm: str = "layernorm", norm_eps: float = 1e-6,
                  shortcut: str = "plain", branch_scale: Optional[str] = None, shortcut_init: Optional[float] = None,
                  featscale: bool = False, wiring: str = "pre", init: str = "trunc_normal", drop_rate: float = 0.0,
@@ -105,7 +106,7 @@ class Twins(Backbone):
         self.num_features = self.embed_dim = dims[-1]
         self.depths, self.wss = depths, wss
         self.patch_embed = TwinsPatchEmbed(in_chans, dims[0], patch_size, norm, pos_drop_rate)
-        spec = MixerSpec(mixer, core, tuple(modifiers), dict(mixer_kwargs or {}))
+        spec = MixerSpec(mixer, core, tuple(modifiers), dict(mixer_kwargs or {}), attn_position)
         block_kw = dict(norm=norm, norm_eps=norm_eps, wiring=wiring, branch_scale=branch_scale or shortcut,
                         branch_scale_init=shortcut_init, total_depth=sum(depths), featscale=featscale)
         attention = dict(qkv_bias=True, attn_drop=attn_drop_rate, proj_drop=proj_drop_rate)

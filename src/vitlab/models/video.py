@@ -83,8 +83,9 @@ class _VideoBase(Backbone):
 
 class VideoViT(_VideoBase):
     """ViViT model 1 (``factorisation="none"``, also the 3-D ViT) or model 3 (``"self_attention"``); see the
-    module docstring.  ``mixer``, ``core``, ``modifiers``, ``mixer_kwargs`` choose the attention as in every
-    family; ``pos_embed`` is ``learned`` or ``sincos`` (3-D)."""
+    module docstring.  ``mixer``, ``core``, ``modifiers``, ``attn_position`` (``("rope",)``: 3-D, or the attended
+    axes' coordinates in factorised attention), ``mixer_kwargs`` choose the attention as in every family;
+    ``pos_embed`` is ``learned`` or ``sincos`` (3-D)."""
 
     stage_attr = "blocks"
     prefix_names = ("cls_token",)
@@ -94,7 +95,7 @@ class VideoViT(_VideoBase):
                  num_heads: int = 12, mlp_ratio: float = 4.0, qkv_bias: bool = True, factorisation: str = "none",
                  pos_embed: str = "learned", drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
                  drop_path_rate: float = 0.0, norm_eps: float = 1e-6, mixer: str = "softmax",
-                 core: Optional[str] = None, modifiers: Sequence[str] = (),
+                 core: Optional[str] = None, modifiers: Sequence[str] = (), attn_position: Sequence[Any] = (),
                  mixer_kwargs: Optional[Dict[str, Any]] = None, norm: str = "layernorm", branch_scale: str = "plain",
                  shortcut_init: Optional[float] = None, featscale: bool = False, wiring: str = "pre",
                  architecture: str = "vivit",
@@ -117,7 +118,7 @@ class VideoViT(_VideoBase):
                                sincos_nd(self.grid_size, embed_dim)])
             self.register_buffer("pos_embed", table[None], persistent=False)
         self.pos_drop = nn.Dropout(drop_rate)
-        spec = MixerSpec(mixer, core, tuple(modifiers), dict(mixer_kwargs or {}))
+        spec = MixerSpec(mixer, core, tuple(modifiers), dict(mixer_kwargs or {}), attn_position)
         layout = TokenLayout(self.grid_size, 0 if factorised else 1)
         kw = dict(qkv_bias=qkv_bias, attn_drop_rate=attn_drop_rate, drop_rate=drop_rate, mlp_ratio=mlp_ratio,
                   norm_eps=norm_eps, block=self._block_options(norm, branch_scale, shortcut_init, featscale, wiring,
@@ -174,7 +175,8 @@ class FrameClassTokens(nn.Module):
 class ViViTFactorisedEncoder(_VideoBase):
     """ViViT model 2, the factorised encoder (see the module docstring): ``depth`` spatial layers, each frame's
     tokens with that frame's class token, then ``temporal_depth`` temporal layers over the frames' class
-    tokens and the temporal class token (``cls_token``), pooled by that token."""
+    tokens and the temporal class token (``cls_token``), pooled by that token.  ``attn_position`` (e.g.
+    ``("rope",)``) is refused: a frame's tokens are one sequence here, not a grid."""
 
     stage_attr = "stages"
     prefix_names = ("cls_token",)
@@ -186,7 +188,8 @@ class ViViTFactorisedEncoder(_VideoBase):
                  temporal_depth: int = 4, num_heads: int = 12, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
                  norm_eps: float = 1e-6, mixer: str = "softmax", core: Optional[str] = None,
-                 modifiers: Sequence[str] = (), mixer_kwargs: Optional[Dict[str, Any]] = None,
+                 modifiers: Sequence[str] = (), attn_position: Sequence[Any] = (),
+                 mixer_kwargs: Optional[Dict[str, Any]] = None,
                  norm: str = "layernorm", branch_scale: str = "plain", shortcut_init: Optional[float] = None,
                  featscale: bool = False, wiring: str = "pre", architecture: str = "vivit_fe",
                  default_cfg: Optional[Dict[str, Any]] = None):
@@ -195,7 +198,10 @@ class ViViTFactorisedEncoder(_VideoBase):
         self._stem(img_size, num_frames, patch_size, tubelet_size, in_chans, embed_dim)
         self.patch_embed = FrameTokens(self.patch_embed, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        spec = MixerSpec(mixer, core, tuple(modifiers), dict(mixer_kwargs or {}))
+        spec = MixerSpec(mixer, core, tuple(modifiers), dict(mixer_kwargs or {}), attn_position)
+        if spec.position:  # the spatial axis is a frame's class token and raster-ordered patches, not a 2-D grid
+            raise ValueError(f"attn_position={spec.position} needs groups on a token grid; the factorised encoder's "
+                             "spatial attention runs on each frame as one sequence (use vivit_*_st or vivit_*_fsa)")
         kw = dict(qkv_bias=qkv_bias, attn_drop_rate=attn_drop_rate, drop_rate=drop_rate, mlp_ratio=mlp_ratio,
                   norm_eps=norm_eps, block=self._block_options(norm, branch_scale, shortcut_init, featscale, wiring,
                                                                depth + temporal_depth))

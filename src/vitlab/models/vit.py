@@ -89,7 +89,7 @@ class VisionTransformer(Backbone):
         self.global_pool = global_pool
         num_prefix = int(class_token) + reg_tokens + extra_tokens  # extra: prefix tokens a subclass adds
         self.no_embed_class = no_embed_class
-        spec = MixerSpec(mixer, core, tuple(modifiers), dict(mixer_kwargs or {}))
+        spec = MixerSpec(mixer, core, tuple(modifiers), dict(mixer_kwargs or {}), attn_position)
         self.patch_embed = EMBEDS.get(embed)(img_size, patch_size, in_chans, embed_dim,
                                              dynamic_img_size=dynamic_img_size, **(embed_kwargs or {}))
         self.grid_size = self.patch_embed.grid_size
@@ -102,7 +102,7 @@ class VisionTransformer(Backbone):
         layouts = self._token_count_parts(patch_drop_rate, patch_merger, layout, depth, spec, norm, norm_eps, ats)
         self.blocks = self._build_blocks(
             spec, layouts, num_heads, mlp, int(embed_dim * mlp_ratio), num_parallel,
-            _block_attention(block_modifiers, attn_position, depth),
+            _block_attention(block_modifiers, depth),
             dict(qkv_bias=qkv_bias, attn_drop=attn_drop_rate, proj_drop=drop_rate),
             dict(norm=norm, norm_eps=norm_eps, wiring=wiring or ("post" if post_norm else "pre"),
                  branch_scale=branch_scale or shortcut, branch_scale_init=shortcut_init, total_depth=depth,
@@ -251,12 +251,10 @@ def _ats_layouts(cfg: Dict[str, Any], layout: TokenLayout, depth: int) -> Tuple[
     return per_block, [layout if i <= min(blocks) else sampled for i in range(depth)]
 
 
-def _block_attention(block_modifiers: Optional[Dict[int, Any]], position: Sequence[Any], depth: int
-                     ) -> List[Dict[str, Any]]:
+def _block_attention(block_modifiers: Optional[Dict[int, Any]], depth: int) -> List[Dict[str, Any]]:
     """Per block, the attention parts beyond the mixer spec: ``block_modifiers`` ``{block index: modifier
-    specs}`` (negative indices count from the end; DeepViT's re-attention in the last blocks only) and the
-    position parts ``position`` (e.g. ``("rope",)``), the same in every block."""
-    per: List[Dict[str, Any]] = [dict(position=tuple(position)) if position else {} for _ in range(depth)]
+    specs}`` (negative indices count from the end; DeepViT's re-attention in the last blocks only)."""
+    per: List[Dict[str, Any]] = [{} for _ in range(depth)]
     for index, mods in (block_modifiers or {}).items():
         if not -depth <= int(index) < depth:
             raise ValueError(f"block_modifiers index {index} is out of range for depth {depth} "

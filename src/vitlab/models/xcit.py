@@ -43,7 +43,8 @@ class Xcit(Backbone):
     ``mlp_ratio``, ``qkv_bias``, ``drop_rate`` (head), ``pos_drop_rate``, ``proj_drop_rate``, ``attn_drop_rate``,
     ``drop_path_rate`` (the same in every XCA block), ``cls_attn_layers``, ``use_pos_embed``, ``eta``,
     ``tokens_norm``, ``global_pool`` ``token`` | ``avg``), plus the parts: ``mixer`` (default
-    ``cross_covariance``), ``core``, ``modifiers``, ``mixer_kwargs`` (the XCA blocks' mixer; the class attention
+    ``cross_covariance``), ``core``, ``modifiers``, ``attn_position`` (token attention only: cross-covariance
+    refuses ``("rope",)``), ``mixer_kwargs`` (the XCA blocks' mixer; the class attention
     stays softmax), ``norm``, ``norm_eps``, ``branch_scale`` (``layerscale``, init ``eta``), ``featscale`` and
     ``wiring`` (``pre`` | ``post`` of the XCA blocks), ``init``.
     """
@@ -59,9 +60,9 @@ class Xcit(Backbone):
                  proj_drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
                  cls_attn_layers: int = 2, use_pos_embed: bool = True, eta: float = 1.0, tokens_norm: bool = False,
                  mixer: str = "cross_covariance", core: Optional[str] = None, modifiers: Sequence[str] = (),
-                 mixer_kwargs: Optional[Dict[str, Any]] = None, norm: str = "layernorm", norm_eps: float = 1e-6,
-                 branch_scale: str = "layerscale", featscale: bool = False, wiring: str = "pre",
-                 init: str = "trunc_normal", architecture: str = "xcit",
+                 attn_position: Sequence[Any] = (), mixer_kwargs: Optional[Dict[str, Any]] = None,
+                 norm: str = "layernorm", norm_eps: float = 1e-6, branch_scale: str = "layerscale",
+                 featscale: bool = False, wiring: str = "pre", init: str = "trunc_normal", architecture: str = "xcit",
                  default_cfg: Optional[Dict[str, Any]] = None):
         super().__init__()
         if depth < 1 or cls_attn_layers < 1 or embed_dim < 1 or num_heads < 1:
@@ -80,7 +81,7 @@ class Xcit(Backbone):
         common = dict(norm=norm, norm_eps=norm_eps, branch_scale=branch_scale, branch_scale_init=eta,
                       total_depth=depth + cls_attn_layers)
         attention = dict(qkv_bias=qkv_bias, attn_drop=attn_drop_rate, proj_drop=proj_drop_rate)
-        spec = MixerSpec(mixer, core, tuple(modifiers), dict(mixer_kwargs or {}))
+        spec = MixerSpec(mixer, core, tuple(modifiers), dict(mixer_kwargs or {}), attn_position)
         mlp = lambda: Mlp(embed_dim, int(embed_dim * mlp_ratio), drop=proj_drop_rate)  # noqa: E731
         self.blocks = nn.Sequential(*[
             Block(embed_dim, spec.build(embed_dim, num_heads, TokenLayout(self.grid_size), **attention), mlp(),
