@@ -147,7 +147,7 @@ def test_conv_stem_layers_and_tokens():
             ConvStem(img_size=48, patch_size=bad, embed_dim=32)
 
 
-# -- Mlp: the chunked no-autograd path ---------------------------------------------------------------
+# -- Mlp: the chunked no-autograd path (taken where the oneDNN path is off) -------------------------------
 def _mlp(bias=True):
     torch.manual_seed(0)
     mlp = Mlp(24, 96, bias=bias).eval()
@@ -161,6 +161,7 @@ def _taken(monkeypatch):
     return taken
 
 
+@pytest.mark.usefixtures("plain_linear")
 @pytest.mark.filterwarnings("error")  # an out= slice of the wrong size is resized with a warning
 @pytest.mark.parametrize("bias", [True, False])
 def test_mlp_chunked_path_writes_every_row(bias, monkeypatch, nan_fill):
@@ -174,6 +175,7 @@ def test_mlp_chunked_path_writes_every_row(bias, monkeypatch, nan_fill):
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.usefixtures("plain_linear")
 def test_mlp_chunked_in_training_mode_only_without_dropout(monkeypatch):
     mlp = _mlp().train()
     x = torch.randn(3, 37, 24)
@@ -188,6 +190,7 @@ def test_mlp_chunked_in_training_mode_only_without_dropout(monkeypatch):
     assert not taken
 
 
+@pytest.mark.usefixtures("plain_linear")
 @pytest.mark.parametrize("part", ["fc1", "act", "drop1", "drop2"])
 def test_mlp_hook_on_any_part_disables_chunking(part, monkeypatch):
     mlp = _mlp()
