@@ -203,3 +203,38 @@ def test_no_graph_break_under_torch_compile_without_autograd(name, kw):
         assert overwritable()  # eager: the fast path is on
         e = dynamo.explain(m)(x)
     assert (e.graph_count, e.graph_break_count) == (1, 0), [str(b.reason)[:200] for b in e.break_reasons]
+
+
+@pytest.mark.parametrize("act", [None, nn.SiLU(), nn.Hardswish()])
+@pytest.mark.parametrize("conv_bias,affine", [(False, True), (True, True), (False, False)])
+def test_conv_bn_act_folds_the_running_statistics(act, conv_bias, affine):
+    """The folded conv equals conv -> BN (eval, perturbed statistics) -> act computed in float64, and runs no
+    BatchNorm op; training-mode BN takes the plain modules (its running statistics update)."""
+    import copy
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from vitlab.layers.inplace import conv_bn_act
+
+    torch.manual_seed(0)
+    conv, bn = nn.Conv2d(6, 8, 3, padding=1, groups=2, bias=conv_bias), nn.BatchNorm2d(8, affine=affine, eps=1e-3)
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+        if affine:
+            bn.weight.normal_()
+            bn.bias.normal_()
+    bn.eval()
+    x = torch.randn(2, 6, 5, 7)
+    conv64, bn64 = copy.deepcopy(conv).double(), copy.deepcopy(bn).double()
+    with torch.no_grad():
+        ref = (act or nn.Identity())(bn64(conv64(x.double())))
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            out = conv_bn_act(conv, bn, act, x)
+    assert not any("batch_norm" in e.key for e in prof.key_averages())
+    assert out.dtype == torch.float32 and torch.allclose(out.double(), ref, atol=1e-5, rtol=1e-5)
+    bn.train()
+    before = bn.running_mean.clone()
+    with torch.no_grad():
+        conv_bn_act(conv, bn, act, x)
+    assert not torch.equal(bn.running_mean, before)  # training-mode BN ran (and updated its statistics)

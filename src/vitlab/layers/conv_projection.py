@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from vitlab.layers.attn_parts import PROJECTIONS
+from vitlab.layers.inplace import conv_bn_act
 from vitlab.layers.layout import TokenLayout, as_layout
 from vitlab.layers.linear import Linear
 from vitlab.layers.projection import _Projection, split_heads
@@ -33,7 +34,7 @@ class DepthwiseConvBN(nn.Module):
         self.bn = nn.BatchNorm2d(dim)
 
     def forward(self, fm: torch.Tensor) -> torch.Tensor:
-        return self.bn(self.conv(fm))
+        return conv_bn_act(self.conv, self.bn, None, fm)  # without autograd: the BN folded into the conv
 
 
 def _out_grid(grid: Tuple[int, ...], kernel: int, stride: int) -> Tuple[int, ...]:

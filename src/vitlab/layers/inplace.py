@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn.modules import module as _module
 
-__all__ = ["overwritable", "residual_add", "INPLACE_ACTIVATIONS", "activate", "chunkable"]
+__all__ = ["overwritable", "residual_add", "INPLACE_ACTIVATIONS", "activate", "chunkable", "conv_bn_act"]
 
 
 def _hooked(m: nn.Module) -> bool:
@@ -71,3 +71,19 @@ def chunkable(x: torch.Tensor, *producers: Optional[nn.Module]) -> bool:
     """True when a no-autograd chunked path may replace the modules ``producers`` for input ``x``:
     :func:`overwritable`, and no autocast (the chunked paths write into buffers of ``x``'s dtype)."""
     return overwritable(*producers) and not torch.is_autocast_enabled(x.device.type)
+
+
+def conv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, act: Optional[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    """``act(bn(conv(x)))`` (``act=None``: ``bn(conv(x))``); without autograd and with ``bn`` in eval mode (running statistics), one conv with
+    the BatchNorm folded into its weight and bias (``w * g / sqrt(var + eps)``, ``(b - mean) * g / sqrt(var +
+    eps) + beta``) and the activation in place: one pass over the output instead of three."""
+    if (bn.training or bn.running_var is None or not overwritable(conv, bn, act)
+            or torch.is_autocast_enabled(x.device.type) or type(conv) is not nn.Conv2d or x.dtype != torch.float32):
+        y = bn(conv(x))
+        return y if act is None else act(y)
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    scale = scale * bn.weight if bn.weight is not None else scale
+    shift = -bn.running_mean if conv.bias is None else conv.bias - bn.running_mean
+    shift = shift * scale + bn.bias if bn.bias is not None else shift * scale
+    y = conv._conv_forward(x, conv.weight * scale.view(-1, 1, 1, 1), shift)
+    return y if act is None else activate(act, y, conv)

@@ -8,7 +8,7 @@ from typing import Optional, Type
 import torch
 from torch import nn
 
-from vitlab.layers.inplace import INPLACE_ACTIVATIONS, activate, chunkable
+from vitlab.layers.inplace import INPLACE_ACTIVATIONS, activate, chunkable, conv_bn_act
 from vitlab.layers.layout import TokenLayout, as_layout
 from vitlab.layers.linear import Linear, linear_act
 from vitlab.registry import Registry
@@ -106,11 +106,11 @@ class LocalityFeedForward(nn.Module):
     def forward(self, x: torch.Tensor, layout: Optional[TokenLayout] = None) -> torch.Tensor:
         """``(B, P + H*W, C)`` tokens -> ``(B, P + H*W, C')``, zeros for the ``P`` prefix tokens."""
         layout = layout or as_layout(x.shape[1])
-        h = self.act(self.bn1(self.conv1(layout.to_map(x))))
-        h = self.act(self.bn_dw(self.conv_dw(h)))
+        h = conv_bn_act(self.conv1, self.bn1, self.act, layout.to_map(x))  # without autograd: BN folded
+        h = conv_bn_act(self.conv_dw, self.bn_dw, self.act, h)
         if self.se is not None:
             h = h * self.se(h)
-        y = self.drop(layout.from_map(self.bn2(self.conv2(self.drop(h)))))
+        y = self.drop(layout.from_map(conv_bn_act(self.conv2, self.bn2, None, self.drop(h))))
         p = layout.num_prefix
         return torch.cat([y.new_zeros(y.shape[0], p, y.shape[2]), y], dim=1) if p else y
 

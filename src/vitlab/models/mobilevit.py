@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitlab.layers import DropPath, Mlp, MixerSpec, TokenLayout, create_norm, init_weights
+from vitlab.layers.inplace import conv_bn_act
 from vitlab.layers.unfold import patch_pair
 from vitlab.models.backbone import Backbone, Downsample, Stage
 from vitlab.models.base import Intermediate, make_default_cfg, register_recipe
@@ -59,7 +60,7 @@ class ConvNormAct(nn.Module):
         self.act = nn.SiLU() if act else nn.Identity()
 
     def forward(self, fm: torch.Tensor) -> torch.Tensor:
-        return self.act(self.bn(self.conv(fm)))
+        return conv_bn_act(self.conv, self.bn, self.act, fm)  # without autograd: BN folded, act in place
 
 
 class ConvStem(Downsample, ConvNormAct):
