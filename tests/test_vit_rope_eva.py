@@ -203,3 +203,24 @@ def test_layer_decay_and_weight_decay_groups_equal_timm():
     rename = dict(zip(ours.state_dict(), to_timm_state_dict(ours))).get
     got, want = _lr_scale_and_decay(ours, rename), _lr_scale_and_decay(ref)
     assert got == want and want["reg_token"][1] == 0.0 and len({s for s, _ in want.values()}) > 3
+
+
+def test_init_matches_timm_eva_statistics():
+    """From scratch, vitlab's Eva starts as timm's ``Eva.init_weights``: per block ``l`` the ratio std(attn.proj) /
+    std(qkv) and std(mlp.fc2) / std(mlp.fc1) is ``1 / sqrt(2 l)`` in both, the register token has std 0.02 and
+    the head 0.02 * 0.001 (vitlab's ViT init instead gives the token 1e-6 and no depth scaling)."""
+    import timm
+
+    torch.manual_seed(0)
+    kw = dict(depth=4, num_classes=1000)
+    ours, ref = vitlab.create_model(NAMES[2], **kw), timm.create_model(NAMES[2], **kw)
+    for model in (ours, ref):
+        for depth, block in enumerate(model.blocks, start=1):
+            want = 1 / math.sqrt(2 * depth)
+            ratios = (block.attn.proj.weight.std() / block.attn.qkv.weight.std(),
+                      block.mlp.fc2.weight.std() / block.mlp.fc1.weight.std())
+            assert [r.item() for r in ratios] == pytest.approx([want, want], rel=0.03)
+        assert model.reg_token.std().item() == pytest.approx(0.02, rel=0.15)  # 4 x 640 draws
+        assert model.head.weight.std().item() == pytest.approx(2e-5, rel=0.05)
+    plain = vitlab.create_model(NAMES[2], init="xavier", **kw)  # a chosen initialiser is applied as chosen
+    assert (plain.blocks[3].attn.proj.weight.std() / plain.blocks[3].attn.qkv.weight.std()).item() > 0.6

@@ -18,9 +18,12 @@ learnable register tokens join the class token as prefix tokens and are dropped 
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Dict
 
+import torch
 from timm.data import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from torch import nn
 
 from vitlab.models.base import register_recipe
 from vitlab.models.vit import VisionTransformer
@@ -31,7 +34,29 @@ __all__ = ["SIZES", "Eva"]
 class Eva(VisionTransformer):
     """A :class:`VisionTransformer` saved in the key layout of timm's ``Eva`` ("EVA-02: A Visual Representation
     for Neon Genesis", Fang et al., 2023): LayerScale as ``blocks.{i}.gamma_1`` / ``gamma_2`` (the converter in
-    :mod:`vitlab.interop.timm_eva` dispatches on this class); the model itself is built from the usual parts."""
+    :mod:`vitlab.interop.timm_eva` dispatches on this class); the model itself is built from the usual parts.
+
+    With the default ``init`` it starts as timm's ``Eva`` (BEiT's init, Bao et al., ICLR 2022, code): class and
+    register tokens ~ N(0, 0.02), block ``l``'s ``attn.proj`` and ``mlp.fc2`` weights divided by
+    ``sqrt(2 l)``, the head's weight ~ N(0, 0.02) times ``head_init_scale`` (0.001)."""
+
+    head_init_scale = 0.001
+
+    def _init_weights(self, init: str) -> None:
+        super()._init_weights(init)
+        if init != "trunc_normal":  # a chosen initialiser is applied as chosen
+            return
+        with torch.no_grad():
+            for tok in (self.cls_token, self.reg_token):
+                if tok is not None:
+                    nn.init.trunc_normal_(tok, std=0.02)
+            for depth, block in enumerate(self.blocks, start=1):  # depth-scaled residual outputs
+                for linear in (getattr(block.attn, "proj", None), getattr(block.mlp, "fc2", None)):
+                    if isinstance(linear, nn.Linear):
+                        linear.weight.div_(math.sqrt(2.0 * depth))
+            if isinstance(self.head, nn.Linear):  # timm's trunc_normal_ bounds are +-2 absolute: ~ N(0, 0.02)
+                nn.init.trunc_normal_(self.head.weight, std=0.02).mul_(self.head_init_scale)
+                self.head.bias.mul_(self.head_init_scale)
 
 
 # timm's model_args: width, depth, heads and the MLP width as a ratio of the width (fc1's width, both halves, for
