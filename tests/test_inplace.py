@@ -1,13 +1,16 @@
 """The inference fast path that overwrites a block's own fresh buffers (vitlab.layers.inplace):
 taken only when safe, and bit-identical to the out-of-place path (with the oneDNN linear path off, which
 sums in another order; tests/test_linear.py covers it)."""
+import copy
+
 import pytest
 import torch
 from torch import nn
+from torch.profiler import ProfilerActivity, profile
 
 import vitlab
 from vitlab.layers import Mlp
-from vitlab.layers.inplace import activate, overwritable, residual_add
+from vitlab.layers.inplace import activate, conv_bn_act, overwritable, residual_add
 
 pytestmark = pytest.mark.usefixtures("plain_linear")
 
@@ -210,12 +213,6 @@ def test_no_graph_break_under_torch_compile_without_autograd(name, kw):
 def test_conv_bn_act_folds_the_running_statistics(act, conv_bias, affine):
     """The folded conv equals conv -> BN (eval, perturbed statistics) -> act computed in float64, and runs no
     BatchNorm op; training-mode BN takes the plain modules (its running statistics update)."""
-    import copy
-
-    from torch.profiler import ProfilerActivity, profile
-
-    from vitlab.layers.inplace import conv_bn_act
-
     torch.manual_seed(0)
     conv, bn = nn.Conv2d(6, 8, 3, padding=1, groups=2, bias=conv_bias), nn.BatchNorm2d(8, affine=affine, eps=1e-3)
     with torch.no_grad():

@@ -74,9 +74,10 @@ def chunkable(x: torch.Tensor, *producers: Optional[nn.Module]) -> bool:
 
 
 def conv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, act: Optional[nn.Module], x: torch.Tensor) -> torch.Tensor:
-    """``act(bn(conv(x)))`` (``act=None``: ``bn(conv(x))``); without autograd and with ``bn`` in eval mode (running statistics), one conv with
-    the BatchNorm folded into its weight and bias (``w * g / sqrt(var + eps)``, ``(b - mean) * g / sqrt(var +
-    eps) + beta``) and the activation in place: one pass over the output instead of three."""
+    """``act(bn(conv(x)))`` (``act=None``: ``bn(conv(x))``).  Without autograd, in float32 and with ``bn`` in
+    eval mode (running statistics): one conv with the BatchNorm folded into its weight and bias
+    (``w * g / sqrt(var + eps)``, ``(b - mean) * g / sqrt(var + eps) + beta``) and the activation in place, one
+    pass over the output instead of three."""
     if (bn.training or bn.running_var is None or not overwritable(conv, bn, act)
             or torch.is_autocast_enabled(x.device.type) or type(conv) is not nn.Conv2d or x.dtype != torch.float32):
         y = bn(conv(x))

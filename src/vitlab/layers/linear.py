@@ -42,6 +42,11 @@ def onednn_linear_enabled() -> bool:
     return _AVAILABLE and _enabled
 
 
+# activation module type -> oneDNN post-op (attr, algorithm); GELU is handled with its ``approximate``
+FUSED_ACTIVATIONS = {nn.ReLU: ("relu", ""), nn.SiLU: ("swish", ""), nn.Hardswish: ("hardswish", ""),
+                     nn.Sigmoid: ("sigmoid", ""), nn.Tanh: ("tanh", "")}
+
+
 def _act_attr(act: nn.Module):
     """oneDNN post-op ``(attr, algorithm)`` for an activation module, or None (exact types only)."""
     if type(act) is nn.GELU:
@@ -49,13 +54,8 @@ def _act_attr(act: nn.Module):
     return FUSED_ACTIVATIONS.get(type(act))
 
 
-# activation module type -> oneDNN post-op (attr, algorithm); GELU is handled with its ``approximate``
-FUSED_ACTIVATIONS = {nn.ReLU: ("relu", ""), nn.SiLU: ("swish", ""), nn.Hardswish: ("hardswish", ""),
-                     nn.Sigmoid: ("sigmoid", ""), nn.Tanh: ("tanh", "")}
-
-
 def _eligible(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
-    if not (_AVAILABLE and _enabled) or torch.is_grad_enabled():
+    if not onednn_linear_enabled() or torch.is_grad_enabled():
         return False
     if x.dtype is not torch.float32 or weight.dtype is not torch.float32 or x.device.type != "cpu":
         return False
