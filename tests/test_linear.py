@@ -9,8 +9,8 @@ from torch.profiler import ProfilerActivity, profile
 
 import vitlab
 from vitlab.layers import Mlp
-from vitlab.layers.linear import (FUSED_ACTIVATIONS, Linear, linear, linear_act, onednn_linear_enabled,
-                                  set_onednn_linear)
+from vitlab.layers.linear import (FUSED_ACTIVATIONS, Linear, clear_bf16_weights, linear, linear_act,
+                                  onednn_linear_enabled, set_onednn_linear)
 
 pytestmark = pytest.mark.skipif(not onednn_linear_enabled(), reason="this PyTorch build has no oneDNN linear")
 
@@ -77,9 +77,12 @@ def test_plain_op_wherever_onednn_cannot_follow():
     assert ONEDNN not in ops
     out.sum().backward()
     assert torch.allclose(x.grad, lin.weight.sum(0).expand(4, 16))
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
         out, ops = _ops(lambda: lin(x))
-    assert out.dtype == torch.bfloat16 and ONEDNN not in ops  # autocast's cast applies
+    assert out.dtype == torch.float16 and ONEDNN not in ops  # float16 autocast: autocast's cast applies
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, ops = _ops(lambda: lin(x))
+    assert out.dtype == torch.bfloat16 and ONEDNN not in ops  # bf16 autocast with autograd: the plain op
     with torch.no_grad():
         out, ops = _ops(lambda: lin.double()(x.double()))
     assert out.dtype == torch.float64 and ONEDNN not in ops
@@ -127,3 +130,78 @@ def test_vit_logits_agree_with_the_autograd_path():
         out, ops = _ops(lambda: m(x))
     assert ONEDNN in ops
     assert (out - ref).abs().max().item() < 1e-5 * max(1.0, ref.abs().max().item())
+
+
+def _bf16_close(got, ref64):
+    """Within one bf16 rounding of the output (2^-8 relative) plus float32 accumulation error."""
+    return (got.double() - ref64).abs().max().item() <= 2 ** -8 * ref64.abs().max().item() + 1e-4
+
+
+def _bf16(t):
+    return t.to(torch.bfloat16).double()
+
+
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="no oneDNN bf16 on this CPU")
+def test_bf16_autocast_path_keeps_one_weight_copy_and_follows_updates():
+    torch.manual_seed(0)
+    clear_bf16_weights()
+    lin, act = Linear(96, 64), nn.GELU()
+    x = torch.randn(3, 20, 96)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out, ops = _ops(lambda: lin(x))
+        fused, ops_act = _ops(lambda: linear_act(lin, act, x))
+    # autocast's arithmetic (bf16 inputs, float32 sums, bf16 output) on oneDNN's op, GELU fused before rounding
+    assert out.dtype == fused.dtype == torch.bfloat16
+    assert ONEDNN in ops and "aten::addmm" not in ops and not any(op.startswith("aten::gelu") for op in ops_act)
+    ref = F.linear(_bf16(x), _bf16(lin.weight), _bf16(lin.bias))
+    assert _bf16_close(out, ref) and _bf16_close(fused, F.gelu(ref))
+    def casts():  # bf16 casts in a fresh call: x and the bias, and the weight only on its first use
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            lin(x)
+        return sum(e.count for e in prof.key_averages() if e.key == "aten::_to_copy")
+
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert casts() == 2  # x and the bias; the weight's copy was kept
+        lin.weight.mul_(-2)  # an in-place update (optimizer step, load_state_dict): a fresh copy
+        assert casts() == 3 and casts() == 2
+        updated = lin(x)
+    assert _bf16_close(updated, F.linear(_bf16(x), _bf16(lin.weight), _bf16(lin.bias)))
+    assert clear_bf16_weights() == 1 and clear_bf16_weights() == 0
+
+
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="no oneDNN bf16 on this CPU")
+def test_bf16_weight_copies_go_with_their_weights():
+    import gc
+
+    from vitlab.layers import linear as linear_mod
+
+    clear_bf16_weights()
+    lin = Linear(16, 16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        lin(torch.randn(2, 16))
+        linear(torch.randn(2, 16), lin.weight[:8])  # a view made per call: kept only while it lives
+    assert len(linear_mod._bf16_weights) == 1
+    del lin
+    gc.collect()
+    assert len(linear_mod._bf16_weights) == 0
+
+
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="no oneDNN bf16 on this CPU")
+def test_vit_bf16_logits_agree_with_autocast_plain_path():
+    torch.manual_seed(0)
+    m = vitlab.create_model("vit_small_patch16_224", img_size=64, depth=3, num_classes=10).eval()
+    for p in m.parameters():
+        p.data.add_(torch.randn_like(p) * 0.02)
+    x = torch.randn(2, 3, 64, 64)
+    previous = set_onednn_linear(False)
+    try:
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            ref, ref_ops = _ops(lambda: m(x))
+    finally:
+        set_onednn_linear(previous)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out, ops = _ops(lambda: m(x))
+    assert ONEDNN in ops and ONEDNN not in ref_ops
+    assert out.dtype == ref.dtype == torch.bfloat16
+    assert (out.float() - ref.float()).abs().max().item() < 0.02 * ref.float().abs().max().item()
+    clear_bf16_weights()
