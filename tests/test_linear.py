@@ -205,3 +205,20 @@ def test_vit_bf16_logits_agree_with_autocast_plain_path():
     assert out.dtype == ref.dtype == torch.bfloat16
     assert (out.float() - ref.float()).abs().max().item() < 0.02 * ref.float().abs().max().item()
     clear_bf16_weights()
+
+
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="no oneDNN bf16 on this CPU")
+def test_evaluate_bf16_uses_and_then_drops_the_weight_copies():
+    from vitlab.engine.trainer import evaluate
+    from vitlab.layers import linear as linear_mod
+
+    torch.manual_seed(0)
+    m = vitlab.create_model("vit_small_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=10)
+    batches = [(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))) for _ in range(2)]
+    seen = []
+    handle = m.register_forward_hook(lambda *a: seen.append(len(linear_mod._bf16_weights)))
+    metrics = evaluate(m, batches, torch.device("cpu"), amp="bf16")
+    handle.remove()
+    # during the pass one copy per block linear (qkv, proj, fc1, fc2), reused by the second batch; none after it
+    assert seen == [8, 8] and len(linear_mod._bf16_weights) == 0
+    assert 0 <= metrics["top1"] <= 100

@@ -39,8 +39,10 @@ def evaluate(model: nn.Module, loader, device: torch.device, info: Optional[Dist
     """top1/top5 (percent), NLL, ECE (15 bins) and the uncertainty metrics of
     :func:`vitlab.analysis.calibration.calibration_metrics`."""
     from vitlab.engine.metrics import calibration_metrics
+    from vitlab.layers.linear import clear_bf16_weights
 
     p, t = predict(model, loader, device, info, amp, channels_last)
+    clear_bf16_weights()  # the bf16 weight copies of this pass (amp bf16) are stale after the next step
     return calibration_metrics(p, t, n_bins=n_bins)
 
 
