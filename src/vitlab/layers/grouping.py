@@ -23,7 +23,9 @@ __all__ = ["Branch", "GlobalGrouping", "WindowGrouping", "StripeGrouping", "Spat
 @dataclass
 class Branch:
     """Heads ``heads`` of one attention call: ``q (B', h, Nq, d)``, ``k, v (B', h, Nk, d)``; ``grid`` is
-    the grid of each group's key tokens (after ``num_prefix`` prefix keys)."""
+    the grid of each group's key tokens (after ``num_prefix`` prefix keys).  ``keep`` is a mask that depends on
+    the call, ``(G, Nq, Nk)`` booleans (True: attend) repeating over the ``B'`` groups, for the grouping's
+    :meth:`_Grouping.with_mask` (RegionViT's padding masks); it rides on the branch, never on the grouping."""
 
     q: torch.Tensor
     k: torch.Tensor
@@ -32,6 +34,7 @@ class Branch:
     grid: Optional[Tuple[int, ...]]
     num_prefix: int = 0
     index: int = 0
+    keep: Optional[torch.Tensor] = None
 
 
 class _Grouping(AttentionPart):
@@ -64,8 +67,9 @@ class _Grouping(AttentionPart):
         o = outs[0]
         return o.transpose(1, 2).reshape(o.shape[0], o.shape[2], -1)
 
-    def with_mask(self, host, bias: Optional[torch.Tensor], rows: int) -> Optional[torch.Tensor]:
-        """The logit bias of a call over ``rows`` groups, with this grouping's mask added (default: none)."""
+    def with_mask(self, host, bias: Optional[torch.Tensor], branch: Branch) -> Optional[torch.Tensor]:
+        """The logit bias of ``branch`` (over ``branch.q.shape[0]`` groups), with this grouping's mask added
+        (default: none)."""
         return bias
 
 
@@ -130,12 +134,13 @@ class WindowGrouping(_Grouping):
             y = torch.roll(y, shifts=self.shift_size, dims=(1, 2))
         return y.reshape(b, h * w, -1)
 
-    def with_mask(self, host, bias, rows):
+    def with_mask(self, host, bias, branch):
         """The shift mask ``(nW, n, n)`` plus ``bias`` ``(1, h, n, n)``, formed once and expanded to the
         ``rows = B * nW`` windows of the call (one materialisation, as the official code)."""
         m = host.attn_mask
         if m is None:
             return bias
+        rows = branch.q.shape[0]
         nw, n, _ = m.shape
         m = m.view(1, nw, 1, n, n).to(bias.dtype if bias is not None else m.dtype)
         if bias is not None:

@@ -157,7 +157,7 @@ class MultiHeadAttention(RecordsAttention, nn.Module):
             b = p.bias(self, branch)
             if b is not None:
                 bias = b if bias is None else bias + b
-        bias = self.grouping.with_mask(self, bias, branch.q.shape[0])
+        bias = self.grouping.with_mask(self, bias, branch)
         return None if bias is None else bias.to(branch.q.dtype)
 
     def _mask_bias(self, br: Branch, mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

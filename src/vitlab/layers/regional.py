@@ -19,12 +19,14 @@ column and the RSA get none).  Its index is the official one (offsets ``key - qu
 A local map that is not ``window_size`` times the regional grid is zero-padded at the bottom and right to it
 (:func:`join_streams`, the official ``convert_to_flatten_layout``): the padded tokens live through the stage's
 blocks (:class:`RegionalLayout` records the padding) and the LSA masks them with the official per-window masks
-(:func:`padding_keep`), dropped again by :func:`local_map` when the stage ends.
+(:func:`padding_keep`, built from the call's layout into the LSA branch's ``keep`` by ``branches`` and added to the
+logits by ``with_mask``: nothing of one call is kept on the grouping), dropped again by :func:`local_map` when the
+stage ends.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 import torch.nn.functional as F
@@ -121,7 +123,6 @@ class RegionalToLocal(_Grouping):
     tokens among themselves when called without prefix tokens (RSA); see the module docstring."""
 
     takes_prefix = True  # the prefix tokens are the regional tokens
-    padding: Optional[tuple] = None  # (regions, pad, device) of the current call on a padded map, else None
 
     def __init__(self, window_size: int = 7):
         if window_size < 1:
@@ -135,15 +136,12 @@ class RegionalToLocal(_Grouping):
         return self.window, 1
 
     def inputs(self, host, x, layout):
-        self.padding = None
         if layout.num_prefix == 0:  # the regional tokens alone: one group (RSA)
             return x, x, None
-        regions = regional_grid(layout, self.window_size)
-        if any(getattr(layout, "pad", (0, 0))):  # masked by with_mask, read by the call's _bias
-            if not host.core.takes_bias:
-                raise ValueError(f"a padded local map needs a core that takes a logit mask (softmax, cosine), got "
-                                 f"core '{host.core.name}'")
-            self.padding = (regions, layout.pad, x.device)
+        regional_grid(layout, self.window_size)  # a clear error when the map and the regions do not fit
+        if any(getattr(layout, "pad", (0, 0))) and not host.core.takes_bias:  # the padding is masked as logits
+            raise ValueError(f"a padded local map needs a core that takes a logit mask (softmax, cosine), got "
+                             f"core '{host.core.name}'")
         b, n, c = x.shape
         p = layout.num_prefix
         local = window_partition(x[:, p:].reshape(b, *layout.hw, c), self.window)  # windows in region order
@@ -153,17 +151,21 @@ class RegionalToLocal(_Grouping):
     def branches(self, host, q, k, v, layout, state):
         if state is None:
             return [Branch(q, k, v, slice(0, host.num_heads), layout.grid, 0)]
-        return [Branch(q, k, v, slice(0, host.num_heads), self.window, 1)]
+        pad = getattr(layout, "pad", (0, 0))
+        keep = None
+        if any(pad):  # the call's padding masks travel on its branch (no per-call state on the grouping)
+            keep = padding_keep(regional_grid(layout, self.window_size), self.window_size, pad).to(q.device)
+        return [Branch(q, k, v, slice(0, host.num_heads), self.window, 1, keep=keep)]
 
-    def with_mask(self, host, bias, rows):
-        """``bias`` ``(1, h, n, n)`` plus the official padding masks (:func:`padding_keep`) as ``MASKED`` logits, for
-        ``rows = B * R`` groups; unchanged when the local map was not padded.  The official code fills masked logits
-        with the dtype's minimum instead, so a query with every key masked attends uniformly there and by its own
-        logits here: such queries are padded tokens that no kept query reads, so no output differs."""
-        if self.padding is None:
+    def with_mask(self, host, bias, branch):
+        """``bias`` ``(1, h, n, n)`` plus the branch's official padding masks (``branch.keep``, :func:`padding_keep`)
+        as ``MASKED`` logits, for its ``B * R`` groups; unchanged when the local map was not padded.  The official
+        code fills masked logits with the dtype's minimum instead, so a query with every key masked attends uniformly
+        there and by its own logits here: such queries are padded tokens that no kept query reads, so no output
+        differs."""
+        keep, rows = branch.keep, branch.q.shape[0]
+        if keep is None:
             return bias
-        regions, pad, device = self.padding
-        keep = padding_keep(regions, self.window_size, pad).to(device)
         m = torch.zeros(keep.shape, device=keep.device).masked_fill_(~keep, MASKED)[:, None]
         m = m if bias is None else m + bias.to(m.dtype)
         return m.expand(rows // m.shape[0], *m.shape).reshape(rows, *m.shape[1:])
