@@ -40,3 +40,20 @@ def test_compiled_inference_equals_eager_fast_path():
         eager = m(x)
         compiled = torch.compile(m)(x)
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "bf16"])
+def test_inference_compiles_to_one_graph(mode):
+    """The fast paths' eligibility checks are folded by dynamo (no graph break at any linear layer), also under
+    ``no_grad`` and bf16 autocast, where eager takes the oneDNN path."""
+    import contextlib
+
+    import torch._dynamo as dynamo
+
+    import vitlab
+
+    m = vitlab.create_model("vit_small_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=10).eval()
+    amp = torch.autocast("cpu", dtype=torch.bfloat16) if mode == "bf16" else contextlib.nullcontext()
+    with torch.no_grad(), amp:
+        explained = dynamo.explain(m)(torch.randn(2, 3, 32, 32))
+    assert explained.graph_break_count == 0 and explained.graph_count == 1

@@ -66,14 +66,15 @@ def _act_attr(act: nn.Module):
 
 def _eligible(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> Optional[torch.dtype]:
     """The dtype the oneDNN path runs in for this call (float32, or bf16 under CPU bf16 autocast), else None."""
+    # compiling first: dynamo folds it to a constant, and must not trace the functorch query below (a graph break)
+    if torch.compiler.is_compiling() or torch.jit.is_scripting() or torch.jit.is_tracing() or _exporting():
+        return None
     if not onednn_linear_enabled() or torch.is_grad_enabled() or x.device.type != "cpu":
         return None
     if type(x) is not torch.Tensor or x.dim() < 2 or _wrapped(x) or weight.device.type != "cpu":
         return None
     if weight.dtype is not torch.float32 or (bias is not None and (bias.dtype is not torch.float32
                                                                    or bias.device.type != "cpu")):
-        return None
-    if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling() or _exporting():
         return None
     if torch.onnx.is_in_onnx_export():
         return None
