@@ -135,3 +135,30 @@ def test_attention_statistics_use_the_recorded_layout_never_a_guess():
     # 16x16 map: stripes 16x1 and 1x16 (16 keys each, a square number) in one call
     i = stats["names"].index("layers.0.blocks.0.attn")
     assert stats["layout"][i] is None and stats["distance"][i] is None
+
+
+def test_signed_maps_get_no_entropy_or_distance():
+    """Differential attention records softmax1 - lambda softmax2, which has negative entries once the two maps
+    differ: entropy and distance are refused for it, the low-pass distance is still given."""
+    import math
+
+    from vitlab.analysis.attention import attention_entropy, attention_statistics, is_signed
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 32, 32)
+    kw = dict(img_size=32, patch_size=8, depth=2, num_classes=10)
+    diff = vitlab.create_model("vit_small_patch16_224", core="differential", **kw)
+    plain = vitlab.create_model("vit_small_patch16_224", **kw)
+    with torch.no_grad():  # sharp, different maps (at init both are near-uniform and the difference positive)
+        for blk in diff.blocks:
+            blk.attn.qkv.weight.mul_(8)
+    maps = attention_maps(diff, x)
+    assert all(is_signed(p) for p in maps.values())
+    with pytest.raises(ValueError, match="attention entropy needs attention probabilities"):
+        attention_entropy(next(iter(maps.values())))
+    s, ref = attention_statistics(diff, x), attention_statistics(plain, x)
+    assert s["signed"] == [True, True] and ref["signed"] == [False, False]
+    assert s["entropy"] == [None, None] and s["distance"] == [None, None]
+    assert all(v is not None and math.isfinite(v) for row in s["low_pass_distance"] for v in row)
+    # probabilities: entropy never above log N
+    assert all(h <= u + 1e-9 for row, u in zip(ref["entropy"], ref["entropy_uniform"]) for h in row)

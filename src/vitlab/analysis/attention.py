@@ -25,15 +25,26 @@ import torch
 from vitlab.layers.recording import record_attention
 from vitlab.plotting import pyplot, save_figure
 
-__all__ = ["attention_maps", "token_layout", "mean_attention_distance", "attention_entropy",
+__all__ = ["attention_maps", "is_signed", "token_layout", "mean_attention_distance", "attention_entropy",
            "attention_statistics", "attention_rollout", "plot_attention_overlay", "plot_attention_statistics"]
 
 
-def _check_probs(probs: torch.Tensor) -> torch.Tensor:
+def _check_probs(probs: torch.Tensor, what: str = "") -> torch.Tensor:
     if not torch.is_tensor(probs) or probs.dim() != 4:
         raise ValueError(f"expected attention probabilities of shape (B, heads, N_query, N_key), "
                          f"got {getattr(probs, 'shape', type(probs).__name__)}")
+    if what and is_signed(probs):
+        raise ValueError(f"{what} needs attention probabilities; this map has entries down to "
+                         f"{probs.min().item():.3g} (a signed map, e.g. differential attention's softmax1 - "
+                         "lambda softmax2)")
     return probs.detach().double()
+
+
+def is_signed(probs: torch.Tensor) -> bool:
+    """True for a recorded map with negative entries (beyond float rounding), which is not a probability map:
+    differential attention ("Differential Transformer", Ye et al., ICLR 2025) records ``softmax1 - lambda
+    softmax2``.  Entropy and attention distance are not defined for it."""
+    return bool((probs < -1e-6).any())
 
 
 @torch.no_grad()
@@ -90,7 +101,7 @@ def mean_attention_distance(probs: torch.Tensor, grid: Tuple[int, int], num_pref
     (Euclidean distance on the grid, times ``scale``, e.g. the patch size for pixels), then the
     mean over queries and batch.  Dosovitskiy et al. (ICLR 2021); Raghu et al. (NeurIPS 2021).
     """
-    p = _check_probs(probs)
+    p = _check_probs(probs, "mean attention distance")
     h, w = grid
     if p.shape[-1] != num_prefix + h * w or p.shape[-2] != num_prefix + h * w:
         raise ValueError(f"attention of shape {tuple(p.shape)} does not match {num_prefix} prefix tokens "
@@ -106,7 +117,7 @@ def attention_entropy(probs: torch.Tensor) -> torch.Tensor:
     """Entropy −Σ_j a_ij log a_ij (nats) of every query's attention row, averaged over queries and
     batch: a ``(heads,)`` float64 tensor.  Rows are renormalised to sum to 1 first (the implied
     matrix of linear attention sums to 1 − O(1e-6))."""
-    p = _check_probs(probs)
+    p = _check_probs(probs, "attention entropy")
     p = p / p.sum(-1, keepdim=True).clamp_min(1e-300)
     ent = -(p * torch.log(p.clamp_min(1e-300))).sum(-1)
     return ent.mean(dim=(0, 2))
@@ -145,7 +156,8 @@ def attention_statistics(model: torch.nn.Module, images, batch_size: int = 32, m
 
     Returns ``{"names", "shapes", "heads", "distance" (list of per-head lists, token units, None
     when the token layout is unknown), "distance_px", "entropy", "entropy_uniform" (log N_key),
-    "low_pass_distance", "num_images"}``.  Cost: one forward pass with explicit attention
+    "low_pass_distance", "signed", "num_images"}``; a module whose maps have negative entries (``signed``:
+    differential attention) gets ``None`` for distance and entropy, which need probabilities.  Cost: one forward pass with explicit attention
     matrices per batch (memory B·heads·N² per block).
     """
     from vitlab.analysis.features import iterate_images
@@ -168,13 +180,16 @@ def attention_statistics(model: torch.nn.Module, images, batch_size: int = 32, m
         for name, probs in maps.items():
             if name not in acc:
                 layout[name] = _layout_of(probs, recorded.get(name), grids)
-                acc[name] = {"dist": 0.0, "ent": 0.0, "lpd": 0.0, "shape": tuple(probs.shape[1:]),
+                acc[name] = {"dist": 0.0, "ent": 0.0, "lpd": 0.0, "shape": tuple(probs.shape[1:]), "signed": False,
                              "px": _pixels_per_token(probs, b, layout[name], grids, img_hw)}
+            a = acc[name]
+            a["signed"] = a["signed"] or is_signed(probs)  # no entropy or distance for a signed map
             lay = layout[name]
-            if lay is not None:
-                acc[name]["dist"] = acc[name]["dist"] + mean_attention_distance(probs, lay[1], lay[0]) * b
-            acc[name]["ent"] = acc[name]["ent"] + attention_entropy(probs) * b
-            acc[name]["lpd"] = acc[name]["lpd"] + low_pass_distance(probs) * b
+            if lay is not None and not a["signed"]:
+                a["dist"] = a["dist"] + mean_attention_distance(probs, lay[1], lay[0]) * b
+            if not a["signed"]:
+                a["ent"] = a["ent"] + attention_entropy(probs) * b
+            a["lpd"] = a["lpd"] + low_pass_distance(probs) * b
         n += b
     if n == 0:
         raise ValueError("no images to analyse (empty image set)")
@@ -182,15 +197,15 @@ def attention_statistics(model: torch.nn.Module, images, batch_size: int = 32, m
     out = {"names": names, "shapes": [list(acc[k]["shape"]) for k in names],
            "heads": [acc[k]["shape"][0] for k in names], "distance": [], "distance_px": [], "entropy": [],
            "entropy_uniform": [math.log(acc[k]["shape"][-1]) for k in names], "low_pass_distance": [],
-           "layout": [], "num_images": n}
+           "layout": [], "signed": [acc[k]["signed"] for k in names], "num_images": n}
     for k in names:
-        lay = layout[k]
-        d = (acc[k]["dist"] / n).tolist() if lay is not None else None
+        lay, signed = layout[k], acc[k]["signed"]
+        d = (acc[k]["dist"] / n).tolist() if lay is not None and not signed else None
         out["distance"].append(d)
         px = acc[k]["px"]
         out["distance_px"].append([v * px for v in d] if (d is not None and px) else None)
         out["layout"].append(None if lay is None else {"num_prefix": lay[0], "grid": list(lay[1])})
-        out["entropy"].append((acc[k]["ent"] / n).tolist())
+        out["entropy"].append(None if signed else (acc[k]["ent"] / n).tolist())
         out["low_pass_distance"].append((acc[k]["lpd"] / n).tolist())
     return out
 
@@ -308,8 +323,10 @@ def plot_attention_statistics(results: Dict[str, Dict], path):
             ms.append(sum(dist) / len(dist))
         if xs:
             ax1.plot(xs, ms, color=color, label=label)
-        ent = [sum(e) / len(e) / u if u > 0 else 0.0 for e, u in zip(r["entropy"], r["entropy_uniform"])]
-        ax2.plot(depth, ent, marker="o", ms=3, color=color, label=label)
+        ent = [(d, sum(e) / len(e) / u if u > 0 else 0.0) for d, e, u in zip(depth, r["entropy"],
+                                                                               r["entropy_uniform"]) if e is not None]
+        if ent:  # signed maps (differential attention) have no entropy
+            ax2.plot(*zip(*ent), marker="o", ms=3, color=color, label=label)
     ax1.set_xlabel("normalised depth (attention modules)")
     ax1.set_ylabel("mean attention distance (tokens)")
     ax1.legend(fontsize=8)
