@@ -8,7 +8,7 @@ from typing import Optional, Type
 import torch
 from torch import nn
 
-from vitlab.layers.inplace import INPLACE_ACTIVATIONS, activate, chunkable, conv_bn_act
+from vitlab.layers.inplace import INPLACE_ACTIVATIONS, activate, chunkable, conv_bn_act, overwritable
 from vitlab.layers.layout import TokenLayout, as_layout
 from vitlab.layers.linear import Linear, linear_act
 from vitlab.registry import Registry
@@ -47,12 +47,12 @@ class Mlp(nn.Module):
 
     def forward(self, x, layout=None):
         """``(B, N, C)`` tokens; ``layout`` is accepted (and not needed) as by every channel mixer."""
-        # _chunkable first: it is False while tracing, so the size test never becomes a shape guard
-        if self._chunkable(x):
-            h = linear_act(self.fc1, self.act, x)  # fc1 + act in one oneDNN call (vitlab.layers.linear)
+        # the module checks first: False while tracing, so the size test never becomes a shape guard
+        if self._fast(x):
+            h = linear_act(self.fc1, self.act, x)  # fc1 + act in one oneDNN call (also under bf16 autocast)
             if h is not None:
                 return self.drop2(self.fc2(h))
-            if 0 < self.chunk_bytes < self._hidden_bytes(x):
+            if chunkable(x) and 0 < self.chunk_bytes < self._hidden_bytes(x):
                 return self._chunked(x)
         # without autograd, the activation overwrites fc1's fresh output (vitlab.layers.inplace)
         return self.drop2(self.fc2(self.drop1(activate(self.act, self.fc1(x), self.fc1))))
@@ -60,10 +60,11 @@ class Mlp(nn.Module):
     def _hidden_bytes(self, x: torch.Tensor) -> int:
         return x.numel() // max(x.shape[-1], 1) * self.fc1.out_features * x.element_size()
 
-    def _chunkable(self, x: torch.Tensor) -> bool:
+    def _fast(self, x: torch.Tensor) -> bool:
+        """No autograd, no hooks on the modules, no active dropout: fc1 + act may be fused, or chunked."""
         drops_off = not self.training or (self.drop1.p == 0 and self.drop2.p == 0)
         return (drops_off and type(self.act) in INPLACE_ACTIVATIONS
-                and chunkable(x, self.fc1, self.act, self.drop1, self.fc2, self.drop2))
+                and overwritable(self.fc1, self.act, self.drop1, self.fc2, self.drop2))
 
     def _chunked(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
@@ -71,7 +72,7 @@ class Mlp(nn.Module):
         pieces = -(-rows * self.fc1.out_features * x.element_size() // self.chunk_target)
         step = -(-rows // pieces)
         out = x2.new_empty(rows, self.fc2.out_features)
-        act_ = INPLACE_ACTIVATIONS[type(self.act)]  # _chunkable checked that it is safe
+        act_ = INPLACE_ACTIVATIONS[type(self.act)]  # _fast checked that it is safe
         for s in range(0, rows, step):
             h = act_(self.act, self.fc1(x2[s:s + step]))
             if self.fc2.bias is None:
