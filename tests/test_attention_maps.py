@@ -162,3 +162,22 @@ def test_signed_maps_get_no_entropy_or_distance():
     assert all(v is not None and math.isfinite(v) for row in s["low_pass_distance"] for v in row)
     # probabilities: entropy never above log N
     assert all(h <= u + 1e-9 for row, u in zip(ref["entropy"], ref["entropy_uniform"]) for h in row)
+
+
+def test_explicit_attention_normalises_in_float32_under_bf16_autocast():
+    """Under bf16 autocast the explicit path (recording, small biased windows) adds the bias to and normalises
+    float32 logits, as timm's float32 tables make it do: probability rows sum to 1 to float32 accuracy (a bf16
+    softmax is off by up to ~4e-3), and the logits stay within bf16 accuracy of float32."""
+    torch.manual_seed(0)
+    m = vitlab.create_model("swin_tiny_patch4_window7_224", img_size=56, embed_dim=32, depths=(1, 1), num_heads=(2, 4),
+                            num_classes=10).eval()
+    for p in m.parameters():  # the relative tables and biases matter
+        p.data.add_(torch.randn_like(p) * 0.05)
+    x = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        ref = m(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(x)  # small biased windows: the explicit path, not recording
+            probs = attention_maps(m, x)
+    assert all(p.dtype == torch.float32 and (p.sum(-1) - 1).abs().max().item() < 1e-5 for p in probs.values())
+    assert (out.float() - ref).abs().max().item() < 0.05 * ref.abs().max().item()

@@ -151,14 +151,14 @@ class MultiHeadAttention(RecordsAttention, nn.Module):
         return [self._finish(b, o) for b, o in zip(branches, outs)]
 
     def _bias(self, branch: Branch) -> Optional[torch.Tensor]:
-        """Position biases plus the grouping's mask, in the dtype of the call."""
+        """Position biases plus the grouping's mask, in their own dtype (float32 tables stay float32: the fused
+        path casts to the call's dtype, the explicit one adds them to float32 logits)."""
         bias = None
         for p in self.positions:
             b = p.bias(self, branch)
             if b is not None:
                 bias = b if bias is None else bias + b
-        bias = self.grouping.with_mask(self, bias, branch)
-        return None if bias is None else bias.to(branch.q.dtype)
+        return self.grouping.with_mask(self, bias, branch)
 
     def _mask_bias(self, br: Branch, mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """The layout's attention mask as an additive ``(B, 1, Nq, Nk)`` logit bias (0: attend, -inf: not)."""
@@ -178,6 +178,7 @@ class MultiHeadAttention(RecordsAttention, nn.Module):
         """The only fused-vs-explicit branch of vitlab's attention; ``mask`` is the layout's."""
         bias, keep = self._bias(br), self._mask_bias(br, mask)
         if not (self.recording or self._needs_matrix or _explicit_is_faster(br, bias, keep)):
+            bias = bias if bias is None else bias.to(br.q.dtype)
             if keep is not None:
                 bias = keep if bias is None else bias + keep
             out = self.core.fused(self, br.q, br.k, br.v, bias, self.attn_drop.p if self.training else 0.0)
@@ -185,8 +186,10 @@ class MultiHeadAttention(RecordsAttention, nn.Module):
                 out = m.on_output(self, out, br.v, br.heads)
             return out
         logits = self.core.logits(self, br.q, br.k)
+        if logits.dtype in (torch.bfloat16, torch.float16):  # bias and softmax in float32 (as timm's float32 tables)
+            logits = logits.float()
         if bias is not None:
-            logits = logits + bias
+            logits = logits + bias.to(logits.dtype)
         for m in self.modifiers:
             logits = m.on_logits(self, logits, br.heads)
         if keep is not None:  # after the logit modifiers: heads mixing -inf logits would give NaN
@@ -195,7 +198,7 @@ class MultiHeadAttention(RecordsAttention, nn.Module):
         for m in self.modifiers:
             probs = m.on_probs(self, probs, br.heads)
         self._record(probs, TokenLayout(br.grid, br.num_prefix) if br.grid is not None else None)
-        return self.attn_drop(probs) @ br.v
+        return self.attn_drop(probs).to(br.v.dtype) @ br.v
 
     def _finish(self, br: Branch, out: torch.Tensor) -> torch.Tensor:
         for part in (self.core, *self.positions):
