@@ -11,8 +11,8 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from test_linear import ONEDNN, _fp32_close, _ops
 from torch import nn
-from torch.profiler import ProfilerActivity, profile
 
 import vitlab
 from vitlab.layers import MultiHeadAttention, TokenLayout
@@ -22,24 +22,15 @@ from vitlab.layers import linear as linear_mod
 from vitlab.layers.linear import Linear, clear_bf16_weights, linear_act, onednn_linear_enabled, set_onednn_linear
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-ONEDNN = "mkldnn::_linear_pointwise"
 needs_onednn = pytest.mark.skipif(not onednn_linear_enabled(), reason="this PyTorch build has no oneDNN linear")
 needs_bf16 = pytest.mark.skipif(not (onednn_linear_enabled() and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
                                 reason="no oneDNN bf16 on this CPU")
 
 
-def _ops(fn):
-    """The op names ``fn()`` dispatched, as the profiler records them (independent of vitlab's code)."""
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        out = fn()
-    return out, {e.key for e in prof.key_averages()}
-
-
 def _close64(got, x, lin):
     """``got`` equals ``F.linear`` in float64 to float32 accuracy (any summation order)."""
     ref = F.linear(x.double(), lin.weight.double(), lin.bias.double())
-    tol = 8 * x.shape[-1] * torch.finfo(torch.float32).eps * ref.abs().max().item()
-    return got.shape == ref.shape and (got.double() - ref).abs().max().item() <= tol
+    return got.shape == ref.shape and _fp32_close(got, ref, x.shape[-1])
 
 
 # ----------------------------------------------------------------------------------------------- oneDNN linear

@@ -27,8 +27,9 @@ class Mlp(nn.Module):
     hidden activation larger than ``chunk_bytes`` is computed in row chunks of about
     ``chunk_target`` bytes, written straight into the output: the hidden tensor (4x the tokens'
     size) then never exists whole, and each chunk stays in the cache between the two matmuls.  In float32 on
-    the CPU, ``fc1`` and the activation are one oneDNN call instead (``vitlab.layers.linear``), unchunked: with
-    oneDNN's kernels the chunks were slower (ViT-B/16 at batch 16: 1.05x timm chunked, 1.13x not).
+    the CPU, and under CPU bf16 autocast, ``fc1`` and the activation are one oneDNN call instead
+    (``vitlab.layers.linear``), unchunked: with oneDNN's kernels the chunks were slower (ViT-B/16 at batch 16:
+    1.05x timm chunked, 1.13x not).
     """
 
     chunk_bytes: int = 32 * 1024 * 1024  # chunk the no-autograd path above this hidden size (0: never)
