@@ -36,6 +36,7 @@ _STAGES4 = dict(depths=(1, 2, 1, 1), num_heads=(2, 2, 2, 2))
 SMALL: Dict[str, Callable[[nn.Module], Dict[str, Any]]] = {
     "VisionTransformer": _iso,
     "Eva": _iso,  # timm Eva's keys (vit_*_rope_reg*)
+    "ViT5": _iso,  # ViT-5: registers with their own RoPE, RMS QK-norm
     "DistilledVisionTransformer": _iso,
     "Cait": lambda m: dict(_iso(m), depth_token_only=1),
     "T2TViT": lambda m: dict(_iso(m), token_dim=16),

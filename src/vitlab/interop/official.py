@@ -1,6 +1,6 @@
 """Official checkpoints of the families timm does not have, read where timm's would be.
 
-For CSwin, CvT, ScalableViT, CrossFormer, RegionViT and SepViT the converter slot of
+For CSwin, CvT, ScalableViT, CrossFormer, RegionViT, SepViT and ViT-5 the converter slot of
 :mod:`vitlab.interop.timm` recognises the official code's keys and renames them, so
 ``create_model(name, pretrained_path=...)``, ``create_model(name, checkpoint_path=...)``,
 ``vitlab train --pretrained`` and ``load_timm_weights`` read an official ``.pth`` as it was released; a vitlab
@@ -18,6 +18,7 @@ from vitlab.models.cvt import ConvolutionalVisionTransformer, cvt_from_official
 from vitlab.models.regionvit import RegionViT
 from vitlab.models.scalablevit import ScalableViT, scalablevit_from_official
 from vitlab.models.sepvit import SepViT
+from vitlab.models.vit5 import ViT5, vit5_from_official
 
 __all__ = ["OFFICIAL_LAYOUTS"]
 
@@ -35,6 +36,7 @@ OFFICIAL_LAYOUTS = (
     (CrossFormer, _has(".downsample.reductions.", start=False), crossformer_from_official),
     (RegionViT, _has("cls_token.proj."), regionvit_from_official),  # the regional tokens' conv
     (SepViT, _has("patch_embeds."), sepvit_from_official),
+    (ViT5, _has(".gamma_1", start=False), vit5_from_official),  # LayerScale as in DeiT III's official code
 )
 for _cls, _recognise, _rename in OFFICIAL_LAYOUTS:
     register_official_converter(_cls, _recognise, _rename)

@@ -14,6 +14,8 @@ The memory joins after the block's norm (the branch input), as vit-pytorch's ``l
 """
 from __future__ import annotations
 
+from typing import Union
+
 import torch
 from torch import nn
 
@@ -35,7 +37,7 @@ class MemoryProjection(LinearProjection):
     (Sandler et al., CVPR 2022, sec. 3.1); the weights are one ``qkv`` Linear (timm's name), the memory is
     ``memory (1, m, dim)``, drawn from a truncated normal (std 0.02)."""
 
-    def __init__(self, num_memory: int = 4, qkv_bias: bool = True, qk_norm: bool = False):
+    def __init__(self, num_memory: int = 4, qkv_bias: bool = True, qk_norm: Union[bool, str] = False):
         if num_memory < 1:
             raise ValueError(f"num_memory must be >= 1, got {num_memory}")
         super().__init__(qkv_bias=qkv_bias, qk_norm=qk_norm)

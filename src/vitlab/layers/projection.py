@@ -1,13 +1,14 @@
 """Projection parts: where queries, keys and values come from (DESIGN.md, "projection")."""
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 from vitlab.layers.attn_parts import PROJECTIONS, AttentionPart
 from vitlab.layers.linear import Linear, linear
+from vitlab.layers.norm import NORMS, create_norm
 
 __all__ = ["LinearProjection", "QKVProjection", "QVBiasProjection", "SeparateProjection", "split_heads"]
 
@@ -32,18 +33,25 @@ class _Projection(AttentionPart):
 @PROJECTIONS.register("linear")
 class LinearProjection(_Projection):
     """One ``qkv`` Linear (ViT, Dosovitskiy et al., ICLR 2021; timm's ``Attention``), optional
-    per-head qk LayerNorm ("Scaling Vision Transformers to 22 Billion Parameters", Dehghani et al.,
-    2023) as ``q_norm`` / ``k_norm``."""
+    per-head qk norm ("Scaling Vision Transformers to 22 Billion Parameters", Dehghani et al.,
+    2023) as ``q_norm`` / ``k_norm``: ``qk_norm=True`` is their LayerNorm (eps 1e-5, timm's), a
+    :data:`~vitlab.layers.norm.NORMS` name picks another norm with eps 1e-6 (``"rms"``: ViT-5's RMSNorm)."""
 
-    def __init__(self, qkv_bias: bool = True, qk_norm: bool = False):
+    def __init__(self, qkv_bias: bool = True, qk_norm: Union[bool, str] = False):
+        if isinstance(qk_norm, str) and qk_norm not in NORMS:
+            raise ValueError(f"qk_norm must be a bool or a norm name ({', '.join(NORMS)}), got {qk_norm!r}")
         self.qkv_bias, self.qk_norm = qkv_bias, qk_norm
 
     linear_bias = True  # whether the qkv Linear itself carries the bias (subclasses keep it elsewhere)
 
     def setup(self, host) -> None:
         host.qkv = Linear(host.dim, 3 * host.inner, bias=self.qkv_bias and self.linear_bias)
-        host.q_norm = nn.LayerNorm(host.head_dim) if self.qk_norm else nn.Identity()
-        host.k_norm = nn.LayerNorm(host.head_dim) if self.qk_norm else nn.Identity()
+        host.q_norm, host.k_norm = (self._qk_norm(host.head_dim) for _ in range(2))
+
+    def _qk_norm(self, dim: int) -> nn.Module:
+        if isinstance(self.qk_norm, str):
+            return create_norm(self.qk_norm, dim, eps=1e-6)
+        return nn.LayerNorm(dim) if self.qk_norm else nn.Identity()
 
     def weights(self, host) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The fused ``[q; k; v]`` weight and bias."""

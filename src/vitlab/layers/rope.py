@@ -82,10 +82,14 @@ class AxialRoPE(_Position):
     """Axial RoPE on the grid tokens of every attention group (see the module docstring); ``rope_theta`` is the
     frequency base (100 in Heo et al.; timm's ``RotaryEmbedding`` uses 10000 with another spacing),
     ``rope_order`` ``"xy"`` (x pairs first) or ``"yx"`` (grid-axis order: y first, EVA/timm ``Eva``),
-    ``rope_ref_grid`` an int or one size per grid axis to rescale coordinates to (None: token indices)."""
+    ``rope_ref_grid`` an int or one size per grid axis to rescale coordinates to (None: token indices).
+    ``rope_registers = R`` also rotates the last ``R`` prefix tokens (the register tokens) on their own
+    ``sqrt(R) x sqrt(R)`` grid with base ``rope_register_theta`` ("ViT-5: Vision Transformers for The
+    Mid-2020s", Wang et al., 2026, sec. 3: high-frequency RoPE for registers; official ``rope_reg``, base 100)."""
 
     def __init__(self, rope_theta: float = 100.0, rope_order: str = "xy",
-                 rope_ref_grid: Union[None, float, Sequence[float]] = None):
+                 rope_ref_grid: Union[None, float, Sequence[float]] = None, rope_registers: int = 0,
+                 rope_register_theta: float = 100.0):
         if rope_theta <= 1.0:
             raise ValueError(f"rope_theta must be > 1, got {rope_theta}")
         if rope_order not in ("xy", "yx"):
@@ -94,6 +98,13 @@ class AxialRoPE(_Position):
         ref = (rope_ref_grid,) if isinstance(rope_ref_grid, (int, float)) else rope_ref_grid
         if ref is not None and (not ref or any(not isinstance(r, (int, float)) or r <= 0 for r in ref)):
             raise ValueError(f"rope_ref_grid must be a positive size or one per grid axis, got {rope_ref_grid!r}")
+        side = round(rope_registers ** 0.5)
+        if rope_registers < 0 or side * side != rope_registers:
+            raise ValueError(f"rope_registers must be a square number of register tokens (0, 1, 4, 9, ...), "
+                             f"got {rope_registers}")
+        if rope_register_theta <= 1.0:
+            raise ValueError(f"rope_register_theta must be > 1, got {rope_register_theta}")
+        self.registers, self.register_theta = (side, side) if rope_registers else None, float(rope_register_theta)
         self.theta, self.order = float(rope_theta), rope_order
         self.ref_grid = None if ref is None else tuple(float(r) for r in ref)
 
@@ -112,6 +123,8 @@ class AxialRoPE(_Position):
             raise ValueError(f"rope needs head_dim divisible by {2 * rank} on a {rank}-D grid, got {host.head_dim}")
         if self.ref_grid is not None and len(self.ref_grid) not in (1, rank):
             raise ValueError(f"rope_ref_grid {self.ref_grid} must give one size or one per axis of the {rank}-D grid")
+        if self.registers is not None and rank != 2:
+            raise ValueError(f"rope_registers rotates registers on a 2-D grid; these attention groups are {rank}-D")
 
     def on_qk(self, host, branch):
         """The branch with its grid tokens' q and k rotated (prefix tokens kept)."""
@@ -124,10 +137,18 @@ class AxialRoPE(_Position):
         ref = self.ref_grid * len(branch.grid) if self.ref_grid is not None and len(self.ref_grid) == 1 \
             else self.ref_grid
         angles = axial_angles(branch.grid, host.head_dim, self.theta, self.order, ref).to(branch.q.device)
-        p = branch.num_prefix
+        p, r = branch.num_prefix, 0
+        if self.registers is not None:  # the registers' own grid, rescaled like the patches' (the official code's)
+            r = self.registers[0] ** 2
+            if p < r:
+                raise ValueError(f"rope_registers={r} needs {r} register tokens in every attention group; this group "
+                                 f"has {p} prefix tokens (registers join global attention only)")
+            reg_ref = self.registers if self.ref_grid is not None else None
+            reg = axial_angles(self.registers, host.head_dim, self.register_theta, self.order, reg_ref)
+            angles = torch.cat([reg.to(angles.device), angles])
 
         def rot(t: torch.Tensor) -> torch.Tensor:
-            return torch.cat([t[..., :p, :], rotate_pairs(t[..., p:, :], angles)], dim=-2) if p else \
+            return torch.cat([t[..., :p - r, :], rotate_pairs(t[..., p - r:, :], angles)], dim=-2) if p - r else \
                 rotate_pairs(t, angles)
 
         return dataclasses.replace(branch, q=rot(branch.q), k=rot(branch.k))

@@ -33,6 +33,9 @@ ENTRIES: List[Tuple[str, Entry]] = [
     ("featscale_*", Entry("Anti-oversmoothing (Wang et al., ICLR 2022)", "block `featscale`")),
     ("deit3_*", Entry("DeiT III (Touvron et al., ECCV 2022)", "ViT + shortcut `layerscale`, patch-only position "
                       "table", "vit.ViT")),
+    ("vit5_*", Entry("ViT-5 (Wang et al., 2026)", "ViT + norm `rms`, shortcut `layerscale` (1e-4), projection qk_norm "
+                     "`rms`, no qkv bias, patch-only table + position `rope` (base 10000, `yx`), 4 registers with "
+                     "their own RoPE (`rope_registers=4`, base 100)", "vit_5.ViT")),
     ("vit_*_rope_reg[14]_*", Entry("Vision Transformers Need Registers (Darcet et al., ICLR 2024) + EVA-02 RoPE "
                                    "(Fang et al., 2023)", "ViT + 1 or 4 registers, no position table, position "
                                    "`rope` (`rope_order='yx'`, `rope_ref_grid=(16, 16)`), projection "
@@ -134,6 +137,9 @@ ENTRIES: List[Tuple[str, Entry]] = [
 REFERENCES: Dict[str, Tuple[str, str]] = {
     "t2t_vit_7": ("4.3M", "paper table 4 (with the frozen tables)"), "t2t_vit_14": ("21.5M", "paper table 4"),
     "t2t_vit_19": ("39.2M", "paper table 4"), "t2t_vit_24": ("64.1M", "paper table 4"),
+    "vit5_small": ("22.04M", "official code 22,039,144 exact"), "vit5_base": ("86.54M", "official code 86,543,080 exact"),
+    "vit5_large": ("304.26M", "official code 304,258,024 exact"),
+    "vit5_xlarge": ("448.51M", "official code 448,505,128 exact"),
     "cct_7_3x1_32": ("3.76M", "official code and README"), "cct_14_7x2_224": ("22.37M", "official code"),
     "deepvit_s": ("27M", "paper; official code exact"), "deepvit_l": ("58.9M", "official code"),
     "vit_small_data_patch4_32": ("2.69M", "official code"), "vit_small_data_sl_patch4_32": ("2.73M", "official code"),
