@@ -90,10 +90,14 @@ def record_attention(model: nn.Module, detach: bool = True, to_cpu: bool = False
     mods = list(attention_modules(model))
     if not mods:
         raise ValueError(f"{type(model).__name__} has no attention modules to record")
+    before = [(m, vars(m).get("_attn_sink", rec)) for _, m in mods]  # rec: "no instance attribute"
     try:
         for name, m in mods:
             m._attn_sink = rec.sink_for(name)
         yield rec
-    finally:
-        for _, m in mods:
-            m._attn_sink = None
+    finally:  # each module as it was: an enclosing recording keeps its sink, none leaves no attribute behind
+        for m, sink in before:
+            if sink is rec:
+                vars(m).pop("_attn_sink", None)
+            else:
+                m._attn_sink = sink

@@ -28,7 +28,7 @@ from vitlab.layers.linear import Linear
 from vitlab.layers.mlp import Mlp
 from vitlab.layers.patch_embed import EMBEDS, to_2tuple
 
-__all__ = ["conv_out", "soft_split", "TokenPerformer", "TokenTransformer", "T2TEmbed", "CCTTokenizer"]
+__all__ = ["conv_out", "soft_split", "TokenPerformer", "TokenTransformer", "T2TEmbed", "CCTTokenizer", "CCTTokenizer3d"]
 
 
 def conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
@@ -233,5 +233,60 @@ class CCTTokenizer(nn.Module):
         return (tokens, tuple(x.shape[-2:])) if self.dynamic_img_size else tokens
 
 
+class CCTTokenizer3d(nn.Module):
+    """CCT's tokenizer (Hassani et al., 2021, sec. 3.3) for ``(B, C, T, H, W)`` input, as vit-pytorch's ``cct_3d``:
+    ``n_conv_layers`` blocks of a ``frame_kernel_size x kernel_size x kernel_size`` Conv3d without bias (strides
+    ``(frame_stride, stride, stride)``, padding ``(frame_padding, padding, padding)``, default ``k // 2`` in time)
+    -> ReLU -> 3-D max-pool (``frame_pooling_*`` x ``pooling_*``); hidden convs ``in_planes`` wide, the last
+    ``embed_dim``.  Tokens in raster order (time slowest) on ``grid_size = (T', H', W')``; ``patch_size`` must be
+    the spatial stride.  Kaiming-normal convs and names (``conv_layers.{i}.0``) as the 2-D tokenizer's."""
+
+    def __init__(self, img_size=224, patch_size=4, in_chans: int = 3, embed_dim: int = 768,
+                 dynamic_img_size: bool = False, kernel_size: int = 7, n_conv_layers: int = 1, stride: int = 2,
+                 padding: int = 3, in_planes: int = 64, pooling_kernel_size: int = 3, pooling_stride: int = 2,
+                 pooling_padding: int = 1, num_frames: int = 8, frame_kernel_size: int = 3, frame_stride: int = 1,
+                 frame_padding: Optional[int] = None, frame_pooling_kernel_size: int = 1,
+                 frame_pooling_stride: int = 1, frame_pooling_padding: Optional[int] = None):
+        super().__init__()
+        total = (stride * pooling_stride) ** max(n_conv_layers, 1)  # the spatial stride of the stack
+        if dynamic_img_size or n_conv_layers < 1 or to_2tuple(patch_size) != (total, total):
+            raise ValueError(f"the 3-D CCT tokenizer needs n_conv_layers >= 1 (got {n_conv_layers}), patch_size="
+                             f"{total} (got {patch_size}) and dynamic_img_size=False (got {dynamic_img_size})")
+        fp = frame_kernel_size // 2 if frame_padding is None else frame_padding  # vit-pytorch's defaults
+        fpp = frame_pooling_kernel_size // 2 if frame_pooling_padding is None else frame_pooling_padding
+        conv = ((frame_kernel_size, kernel_size, kernel_size), (frame_stride, stride, stride), (fp, padding, padding))
+        pool = ((frame_pooling_kernel_size, pooling_kernel_size, pooling_kernel_size),
+                (frame_pooling_stride, pooling_stride, pooling_stride), (fpp, pooling_padding, pooling_padding))
+        chans = [in_chans] + [in_planes] * (n_conv_layers - 1) + [embed_dim]
+        self.conv_layers = nn.Sequential(*[nn.Sequential(
+            nn.Conv3d(chans[i], chans[i + 1], *conv, bias=False), nn.ReLU(), nn.MaxPool3d(*pool))
+            for i in range(n_conv_layers)])
+        for m in self.conv_layers.modules():
+            if isinstance(m, nn.Conv3d) and not m.weight.is_meta:
+                nn.init.kaiming_normal_(m.weight)
+        self.img_size, self.num_frames, self.in_chans = to_2tuple(img_size), num_frames, in_chans
+        self.grid_size = self.out_size((num_frames, *self.img_size), [conv, pool] * n_conv_layers)
+        self.num_patches = self.grid_size[0] * self.grid_size[1] * self.grid_size[2]
+
+    @staticmethod
+    def out_size(size: Tuple[int, ...], ops) -> Tuple[int, ...]:
+        """The ``(T', H', W')`` grid: :func:`conv_out` per axis through every conv and pooling."""
+        for kernel, stride, pad in ops:
+            size = tuple(conv_out(n, k, s, p) for n, k, s, p in zip(size, kernel, stride, pad))
+        return size
+
+    def check(self, x: torch.Tensor) -> None:
+        want = (self.in_chans, self.num_frames, *self.img_size)
+        if x.ndim != 5 or tuple(x.shape[1:]) != want:
+            raise ValueError(f"expected a video batch (B, C, T, H, W) = (B, {', '.join(map(str, want))}), got "
+                             f"{tuple(x.shape)}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, T, H, W)`` -> ``(B, T'H'W', embed_dim)`` tokens."""
+        self.check(x)
+        return self.conv_layers(x).flatten(2).transpose(1, 2)
+
+
 EMBEDS.register("t2t")(T2TEmbed)
 EMBEDS.register("cct")(CCTTokenizer)
+EMBEDS.register("cct3d")(CCTTokenizer3d)

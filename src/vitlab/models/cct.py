@@ -21,18 +21,23 @@ with the default learned table they are 3.234M and 22.37M.
 ``x = norm1(x + attn(pre_norm(x))); x = x + mlp(x)``.  vitlab's blocks here are plain pre-norm,
 ``x + attn(norm1(x))`` then ``x + mlp(norm2(x))`` (the paper's Fig. 2 / a standard ViT encoder), with the same
 parameters (two LayerNorms per block), so official weights load with renamed keys but compute differently.
+
+**Volumes and video** (``embed="cct3d"``, :class:`CCTTokenizer3d`): the tokenizer with 3-D convolutions, as
+vit-pytorch's ``cct_3d``; the input is ``(B, C, T, H, W)`` and the tokens lie on a ``(T', H', W')`` grid.
 """
 from __future__ import annotations
 
 from typing import Any, Dict, Optional
 
+import torch
 from torch import nn
 
 from vitlab.constants import CIFAR10_MEAN, CIFAR10_STD
+from vitlab.layers.tokenizers import CCTTokenizer3d
 from vitlab.models.base import register_recipe
 from vitlab.models.vit import VisionTransformer
 
-__all__ = ["CCT"]
+__all__ = ["CCT", "CCTTokenizer3d"]
 
 
 class CCT(VisionTransformer):
@@ -49,9 +54,21 @@ class CCT(VisionTransformer):
             raise ValueError(f"kernel_size and n_conv_layers must be positive, got {kernel_size}, {n_conv_layers}")
         if patch_size is None:
             patch_size = (max(1, kernel_size // 2 - 1) * 2) ** n_conv_layers  # conv stride x max-pool stride 2
-        stem = dict(kernel_size=kernel_size, n_conv_layers=n_conv_layers) if embed == "cct" else {}
+        stem = dict(kernel_size=kernel_size, n_conv_layers=n_conv_layers) if embed in ("cct", "cct3d") else {}
+        if embed == "cct3d" and kwargs.get("pos_embed") in ("sincos", "sincos_big_vision"):  # 2-D codes
+            raise ValueError(f"pos_embed={kwargs['pos_embed']!r} is a 2-D code; the 3-D tokenizer takes 'learned', "
+                             "'sincos_1d' or 'none'")
         super().__init__(patch_size=patch_size, embed=embed, embed_kwargs={**stem, **(embed_kwargs or {})},
                          class_token=class_token, global_pool=global_pool, **kwargs)
+        if embed == "cct3d":  # a video input_size (C, T, H, W), as the video family's configs
+            self.default_cfg = dict(self.default_cfg, input_size=(self.in_chans, self.patch_embed.num_frames,
+                                                                  *self.patch_embed.img_size))
+
+    def check_input(self, x: torch.Tensor) -> None:
+        if isinstance(self.patch_embed, CCTTokenizer3d):  # (B, C, T, H, W): the 3-D tokenizer checks it
+            self.patch_embed.check(x)
+        else:
+            super().check_input(x)
 
     def _init_weights(self, init: str) -> None:
         super()._init_weights(init)

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from vitlab.layers import Mlp, MixerSpec, TokenLayout, create_norm, init_weights
+from vitlab.layers.pos_embed import sincos_nd_big_vision
 from vitlab.layers.video import TubeletEmbed, sincos_nd
 from vitlab.models.backbone import Backbone, Stage
 from vitlab.models.base import make_default_cfg, register_recipe
@@ -85,7 +86,9 @@ class VideoViT(_VideoBase):
     """ViViT model 1 (``factorisation="none"``, also the 3-D ViT) or model 3 (``"self_attention"``); see the
     module docstring.  ``mixer``, ``core``, ``modifiers``, ``attn_position`` (``("rope",)``: 3-D, or the attended
     axes' coordinates in factorised attention), ``mixer_kwargs`` choose the attention as in every family;
-    ``pos_embed`` is ``learned`` or ``sincos`` (3-D)."""
+    ``pos_embed`` is ``learned``, ``sincos`` (3-D) or ``sincos_big_vision``
+    (:func:`~vitlab.layers.pos_embed.sincos_nd_big_vision`);
+    ``class_token`` (default: model 1 has one, model 3 none) ``False`` pools by the mean (3-D SimpleViT)."""
 
     stage_attr = "blocks"
     prefix_names = ("cls_token",)
@@ -98,28 +101,25 @@ class VideoViT(_VideoBase):
                  core: Optional[str] = None, modifiers: Sequence[str] = (), attn_position: Sequence[Any] = (),
                  mixer_kwargs: Optional[Dict[str, Any]] = None, norm: str = "layernorm", branch_scale: str = "plain",
                  shortcut_init: Optional[float] = None, featscale: bool = False, wiring: str = "pre",
-                 architecture: str = "vivit",
+                 architecture: str = "vivit", class_token: Optional[bool] = None,
                  default_cfg: Optional[Dict[str, Any]] = None):
         super().__init__()
         if factorisation not in FACTORISATIONS:
             raise ValueError(f"factorisation must be one of {FACTORISATIONS}, got {factorisation!r}")
-        if pos_embed not in ("learned", "sincos"):
-            raise ValueError(f"pos_embed must be 'learned' or 'sincos', got {pos_embed!r}")
+        if pos_embed not in ("learned", "sincos", "sincos_big_vision"):
+            raise ValueError(f"pos_embed must be 'learned', 'sincos' or 'sincos_big_vision', got {pos_embed!r}")
         self.num_classes, self.factorisation = num_classes, factorisation
         self._stem(img_size, num_frames, patch_size, tubelet_size, in_chans, embed_dim)
         factorised = factorisation == "self_attention"
-        self.global_pool = "avg" if factorised else "token"
-        self.cls_token = None if factorised else nn.Parameter(torch.zeros(1, 1, embed_dim))
-        rows = self.patch_embed.num_patches + (0 if factorised else 1)
-        if pos_embed == "learned":
-            self.pos_embed = nn.Parameter(torch.zeros(1, rows, embed_dim))
-        else:
-            table = torch.cat([torch.zeros(rows - self.patch_embed.num_patches, embed_dim),
-                               sincos_nd(self.grid_size, embed_dim)])
-            self.register_buffer("pos_embed", table[None], persistent=False)
+        class_token = not factorised if class_token is None else bool(class_token)
+        if factorised and class_token:  # axial groups take no prefix token (the paper's model 3 has none)
+            raise ValueError("factorisation='self_attention' has no class token; got class_token=True")
+        self.global_pool = "token" if class_token else "avg"
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
+        self._position_table(pos_embed, int(class_token), embed_dim)
         self.pos_drop = nn.Dropout(drop_rate)
         spec = MixerSpec(mixer, core, tuple(modifiers), dict(mixer_kwargs or {}), attn_position)
-        layout = TokenLayout(self.grid_size, 0 if factorised else 1)
+        layout = TokenLayout(self.grid_size, int(class_token))
         kw = dict(qkv_bias=qkv_bias, attn_drop_rate=attn_drop_rate, drop_rate=drop_rate, mlp_ratio=mlp_ratio,
                   norm_eps=norm_eps, block=self._block_options(norm, branch_scale, shortcut_init, featscale, wiring,
                                                                depth))
@@ -140,6 +140,14 @@ class VideoViT(_VideoBase):
             nn.init.normal_(self.cls_token, std=1e-6)
         init_weights(self, "trunc_normal")
         self.default_cfg = self._cfg(default_cfg, architecture, img_size, num_frames, num_classes, in_chans)
+
+    def _position_table(self, kind: str, num_prefix: int, dim: int) -> None:
+        """Learned ``(1, P + N, dim)``, or a fixed 3-D sin-cos buffer with zero prefix rows."""
+        if kind == "learned":
+            self.pos_embed = nn.Parameter(torch.zeros(1, num_prefix + self.patch_embed.num_patches, dim))
+            return
+        code = (sincos_nd if kind == "sincos" else sincos_nd_big_vision)(self.grid_size, dim)
+        self.register_buffer("pos_embed", torch.cat([code.new_zeros(num_prefix, dim), code])[None], persistent=False)
 
 
 class FrameTokens(nn.Module):
