@@ -14,6 +14,7 @@ from torch import nn
 vit_pytorch = pytest.importorskip("vit_pytorch")
 
 from parity import randomize_  # noqa: E402
+from test_compat_vit_pytorch import check_small_contract  # noqa: E402
 from vitlab.layers import record_attention  # noqa: E402
 
 
@@ -273,23 +274,7 @@ SMALL_CASES = [
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("mod,cls,kw,shape", SMALL_CASES, ids=[f"{m}.{c}" for m, c, *_ in SMALL_CASES])
 def test_small_models_run_train_and_keep_the_contract(mod, cls, kw, shape):
-    vp_cls, vl_cls = _classes(mod, cls)
-    ref, ours = vp_cls(**kw).eval(), vl_cls(**kw)
-    x = torch.randn(shape)
-    y = ours.train()(x)
-    y.logsumexp(-1).sum().backward()
-    grads = [p.grad for p in ours.parameters() if p.requires_grad]
-    assert all(g is not None and torch.isfinite(g).all() for g in grads) and torch.isfinite(y).all()
-    with torch.no_grad():
-        assert ours.eval()(x).shape == ref(x).shape
-        feats = ours.forward_features(x)
-        torch.testing.assert_close(ours.forward_head(feats), ours(x))
-        with record_attention(ours) as rec:
-            ours(x)
-        final, inter = ours.forward_intermediates(x, indices=1, output_fmt="NLC")
-    maps = rec.last()
-    assert maps and all(torch.isfinite(a).all() for a in maps.values())
-    assert len(inter) == 1 and final.shape == feats.shape
+    ours = check_small_contract(mod, cls, kw, shape)
     ours.reset_classifier(3)
     assert ours.get_classifier().out_features == 3 and ours.default_cfg["num_classes"] in (5, 3)
     assert ours.group_matcher() and isinstance(ours.no_weight_decay(), set)

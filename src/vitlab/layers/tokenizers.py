@@ -27,6 +27,7 @@ from torch import nn
 from vitlab.layers.linear import Linear
 from vitlab.layers.mlp import Mlp
 from vitlab.layers.patch_embed import EMBEDS, to_2tuple
+from vitlab.layers.video import check_video
 
 __all__ = ["conv_out", "soft_split", "TokenPerformer", "TokenTransformer", "T2TEmbed", "CCTTokenizer", "CCTTokenizer3d"]
 
@@ -276,10 +277,7 @@ class CCTTokenizer3d(nn.Module):
         return size
 
     def check(self, x: torch.Tensor) -> None:
-        want = (self.in_chans, self.num_frames, *self.img_size)
-        if x.ndim != 5 or tuple(x.shape[1:]) != want:
-            raise ValueError(f"expected a video batch (B, C, T, H, W) = (B, {', '.join(map(str, want))}), got "
-                             f"{tuple(x.shape)}")
+        check_video(x, self.in_chans, self.num_frames, self.img_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, T, H, W)`` -> ``(B, T'H'W', embed_dim)`` tokens."""

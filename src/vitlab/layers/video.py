@@ -22,7 +22,15 @@ from torch import nn
 from vitlab.layers.attn_parts import GROUPINGS, require_layout
 from vitlab.layers.grouping import _Grouping
 
-__all__ = ["TubeletEmbed", "sincos_nd", "AxialGrouping"]
+__all__ = ["TubeletEmbed", "check_video", "sincos_nd", "AxialGrouping"]
+
+
+def check_video(x: torch.Tensor, in_chans: int, num_frames: int, img_size) -> None:
+    """A one-line error unless ``x`` is a ``(B, in_chans, num_frames, H, W)`` batch with ``(H, W) == img_size``."""
+    want = (in_chans, num_frames, *img_size)
+    if x.ndim != 5 or tuple(x.shape[1:]) != want:
+        raise ValueError(f"expected a video batch (B, C, T, H, W) = (B, {', '.join(map(str, want))}), got "
+                         f"{tuple(x.shape)}")
 
 
 class TubeletEmbed(nn.Module):
@@ -44,10 +52,7 @@ class TubeletEmbed(nn.Module):
         self.proj = nn.Conv3d(in_chans, embed_dim, kernel, stride=kernel)
 
     def check(self, x: torch.Tensor) -> None:
-        want = (self.in_chans, self.num_frames, *self.img_size)
-        if x.ndim != 5 or tuple(x.shape[1:]) != want:
-            raise ValueError(f"expected a video batch (B, C, T, H, W) = (B, {', '.join(map(str, want))}), got "
-                             f"{tuple(x.shape)}")
+        check_video(x, self.in_chans, self.num_frames, self.img_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check(x)

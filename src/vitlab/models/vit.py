@@ -153,6 +153,13 @@ class VisionTransformer(Backbone):
             self.pos_embed = None
 
     @torch.no_grad()
+    @torch.no_grad()
+    def init_prefix_tokens(self, std: float) -> None:
+        """Class and register tokens ~ N(0, std) cut at +-2 (timm's ``trunc_normal_``; timm's ViT: N(0, 1e-6))."""
+        for tok in (self.cls_token, self.reg_token):
+            if tok is not None:
+                nn.init.trunc_normal_(tok, std=std)
+
     def _init_weights(self, init: str) -> None:
         if isinstance(self.pos_embed, nn.Parameter):
             nn.init.trunc_normal_(self.pos_embed, std=0.02)

@@ -28,7 +28,6 @@ import re
 from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
-from torch import nn
 
 from vitlab.models.base import register_recipe
 from vitlab.models.vit import VisionTransformer
@@ -68,10 +67,7 @@ class ViT5(VisionTransformer):
         super()._init_weights(init)
         if init != "trunc_normal":  # a chosen initialiser is applied as chosen
             return
-        with torch.no_grad():
-            for tok in (self.cls_token, self.reg_token):
-                if tok is not None:
-                    nn.init.trunc_normal_(tok, std=0.02)
+        self.init_prefix_tokens(0.02)
 
 
 def vit5_from_official(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

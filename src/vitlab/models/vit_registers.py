@@ -46,10 +46,8 @@ class Eva(VisionTransformer):
         super()._init_weights(init)
         if init != "trunc_normal":  # a chosen initialiser is applied as chosen
             return
+        self.init_prefix_tokens(0.02)
         with torch.no_grad():
-            for tok in (self.cls_token, self.reg_token):
-                if tok is not None:
-                    nn.init.trunc_normal_(tok, std=0.02)
             for depth, block in enumerate(self.blocks, start=1):  # depth-scaled residual outputs
                 for linear in (getattr(block.attn, "proj", None), getattr(block.mlp, "fc2", None)):
                     if isinstance(linear, nn.Linear):

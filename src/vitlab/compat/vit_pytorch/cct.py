@@ -49,38 +49,24 @@ class CCT(_CCT):
         self.head_drop.p = 0.0  # the official classifier has no dropout before its head
 
 
-def _cct(num_layers: int, num_heads: int, mlp_ratio: float, embedding_dim: int, kernel_size: int = 3,
-         stride: Optional[int] = None, padding: Optional[int] = None, **kwargs: Any) -> CCT:
-    """The official ``_cct``: stride and padding default to ``max(1, k // 2 - 1)`` and ``max(1, k // 2)``."""
-    stride = max(1, kernel_size // 2 - 1) if stride is None else stride
-    padding = max(1, kernel_size // 2) if padding is None else padding
-    return CCT(num_layers=num_layers, num_heads=num_heads, mlp_ratio=mlp_ratio, embedding_dim=embedding_dim,
-               kernel_size=kernel_size, stride=stride, padding=padding, **kwargs)
+# vit-pytorch's (and the official) sizes: blocks, heads, MLP ratio, width
+CCT_SIZES = {"cct_2": (2, 2, 1, 128), "cct_4": (4, 2, 1, 128), "cct_6": (6, 4, 2, 256), "cct_7": (7, 4, 2, 256),
+             "cct_8": (8, 4, 2, 256), "cct_14": (14, 6, 3, 384), "cct_16": (16, 6, 3, 384)}
 
 
-def cct_2(**kwargs: Any) -> CCT:
-    return _cct(2, 2, 1, 128, **kwargs)
+def cct_variant(cls, name: str):
+    """The official ``cct_N`` factory for ``cls`` (the 2-D or the 3-D CCT): stride and padding default to
+    ``max(1, k // 2 - 1)`` and ``max(1, k // 2)`` for the kernel size ``k`` (default 3)."""
+    num_layers, num_heads, mlp_ratio, embedding_dim = CCT_SIZES[name]
+
+    def make(kernel_size: int = 3, stride: Optional[int] = None, padding: Optional[int] = None, **kwargs: Any):
+        stride = max(1, kernel_size // 2 - 1) if stride is None else stride
+        padding = max(1, kernel_size // 2) if padding is None else padding
+        return cls(num_layers=num_layers, num_heads=num_heads, mlp_ratio=mlp_ratio, embedding_dim=embedding_dim,
+                   kernel_size=kernel_size, stride=stride, padding=padding, **kwargs)
+
+    make.__name__ = make.__qualname__ = name
+    return make
 
 
-def cct_4(**kwargs: Any) -> CCT:
-    return _cct(4, 2, 1, 128, **kwargs)
-
-
-def cct_6(**kwargs: Any) -> CCT:
-    return _cct(6, 4, 2, 256, **kwargs)
-
-
-def cct_7(**kwargs: Any) -> CCT:
-    return _cct(7, 4, 2, 256, **kwargs)
-
-
-def cct_8(**kwargs: Any) -> CCT:
-    return _cct(8, 4, 2, 256, **kwargs)
-
-
-def cct_14(**kwargs: Any) -> CCT:
-    return _cct(14, 6, 3, 384, **kwargs)
-
-
-def cct_16(**kwargs: Any) -> CCT:
-    return _cct(16, 6, 3, 384, **kwargs)
+cct_2, cct_4, cct_6, cct_7, cct_8, cct_14, cct_16 = (cct_variant(CCT, n) for n in CCT_SIZES)

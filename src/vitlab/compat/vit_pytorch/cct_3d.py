@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from vitlab.compat.vit_pytorch._args import Size, classes, refuse
-from vitlab.compat.vit_pytorch.cct import _POSITIONS
+from vitlab.compat.vit_pytorch.cct import _POSITIONS, CCT_SIZES, cct_variant
 from vitlab.models.cct import CCT as _CCT
 
 __all__ = ["CCT", "cct_2", "cct_4", "cct_6", "cct_7", "cct_8", "cct_14", "cct_16"]
@@ -56,38 +56,4 @@ class CCT(_CCT):
         self.head_drop.p = 0.0  # vit-pytorch's classifier has no dropout before its head
 
 
-def _cct(num_layers: int, num_heads: int, mlp_ratio: float, embedding_dim: int, kernel_size: int = 3,
-         stride: Optional[int] = None, padding: Optional[int] = None, **kwargs: Any) -> CCT:
-    """vit-pytorch's ``_cct``: stride and padding default to ``max(1, k // 2 - 1)`` and ``max(1, k // 2)``."""
-    stride = max(1, kernel_size // 2 - 1) if stride is None else stride
-    padding = max(1, kernel_size // 2) if padding is None else padding
-    return CCT(num_layers=num_layers, num_heads=num_heads, mlp_ratio=mlp_ratio, embedding_dim=embedding_dim,
-               kernel_size=kernel_size, stride=stride, padding=padding, **kwargs)
-
-
-def cct_2(**kwargs: Any) -> CCT:
-    return _cct(2, 2, 1, 128, **kwargs)
-
-
-def cct_4(**kwargs: Any) -> CCT:
-    return _cct(4, 2, 1, 128, **kwargs)
-
-
-def cct_6(**kwargs: Any) -> CCT:
-    return _cct(6, 4, 2, 256, **kwargs)
-
-
-def cct_7(**kwargs: Any) -> CCT:
-    return _cct(7, 4, 2, 256, **kwargs)
-
-
-def cct_8(**kwargs: Any) -> CCT:
-    return _cct(8, 4, 2, 256, **kwargs)
-
-
-def cct_14(**kwargs: Any) -> CCT:
-    return _cct(14, 6, 3, 384, **kwargs)
-
-
-def cct_16(**kwargs: Any) -> CCT:
-    return _cct(16, 6, 3, 384, **kwargs)
+cct_2, cct_4, cct_6, cct_7, cct_8, cct_14, cct_16 = (cct_variant(CCT, n) for n in CCT_SIZES)
