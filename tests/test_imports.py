@@ -12,8 +12,8 @@ SRC = pathlib.Path(__file__).resolve().parents[1] / "src" / "vitlab"
 # unit -> level; a unit may import units of its own level or lower (siblings: see NO_SIBLING)
 LEVELS = {"errors": 0, "registry": 0, "constants": 0, "plotting": 0, "runtime": 0,
           "layers": 1, "models": 2,
-          "data": 3, "engine": 3, "analysis": 3, "interop": 3, "compat": 3,
-          "pretrain": 4, "bench": 4, "studies": 4, "cli": 5, "__main__": 5, "__init__": 6}
+          "data": 3, "engine": 3, "analysis": 3, "interop": 3,
+          "pretrain": 4, "compat": 4, "bench": 4, "studies": 4, "cli": 5, "__main__": 5, "__init__": 6}
 FORBIDDEN = {("engine", "analysis"), ("data", "engine"), ("data", "analysis"), ("interop", "engine"),
              ("interop", "analysis"), ("bench", "studies")}  # nothing but the CLI imports the studies
 FORBIDDEN |= {(unit, "compat") for unit in LEVELS} | {("compat", "analysis")}  # compat is a leaf: nothing imports it

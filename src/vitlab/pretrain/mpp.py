@@ -48,17 +48,20 @@ def mpp_targets(imgs: torch.Tensor, patch: int, mean: Sequence[float], std: Sequ
 
 
 def mpp_corrupt(patches: torch.Tensor, ratio: float, mask_patch: torch.Tensor,
-                generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Corrupt ``(B, L, D)`` pixel patches; returns the corrupted patches, ``selected`` ``(B, L)``
-    (bool) and ``kind`` ``(B, L)`` (0 untouched, 1 mask patch, 2 random patch, 3 selected but kept)."""
+                generator: Optional[torch.Generator] = None, replace_prob: float = 0.8,
+                random_prob: float = 0.1) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Corrupt ``(B, L, D)`` pixel patches: of the ``ceil(L * ratio)`` selected ones a share ``replace_prob``
+    becomes the mask patch, ``random_prob`` another patch of the image, the rest stays (BERT's 80/10/10 by
+    default); returns the corrupted patches, ``selected`` ``(B, L)`` (bool) and ``kind`` ``(B, L)`` (0 untouched,
+    1 mask patch, 2 random patch, 3 selected but kept)."""
     b, length, _ = patches.shape
     dev = patches.device
     count = int(math.ceil(length * ratio))
     order = torch.rand(b, length, device=dev, generator=generator).argsort(dim=1)
     selected = torch.zeros(b, length, dtype=torch.bool, device=dev).scatter_(1, order[:, :count], True)
     u = torch.rand(b, length, device=dev, generator=generator)
-    as_mask = selected & (u < 0.8)
-    as_random = selected & (u >= 0.8) & (u < 0.9)
+    as_mask = selected & (u < replace_prob)
+    as_random = selected & (u >= replace_prob) & (u < replace_prob + random_prob)
     source = torch.randint(0, length, (b, length), device=dev, generator=generator)
     random_patches = torch.gather(patches, 1, source.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
     out = torch.where(as_random.unsqueeze(-1), random_patches, patches)
@@ -77,7 +80,8 @@ class MPP(nn.Module):
     ``forward(imgs, epoch)`` returns the loss; ``last`` holds logits, targets and the corruption."""
 
     def __init__(self, encoder: nn.Module, name: str, img_size: int, in_chans: int, mean: Sequence[float],
-                 std: Sequence[float], mask_ratio: float = 0.5, bits: int = 3):
+                 std: Sequence[float], mask_ratio: float = 0.5, bits: int = 3, replace_prob: float = 0.8,
+                 random_prob: float = 0.1):
         super().__init__()
         from vitlab.pretrain.mae import refuse_leaking_stem
 
@@ -86,7 +90,11 @@ class MPP(nn.Module):
                             f"{name} is not one; use --method simmim")
         if not 1 <= int(bits) <= 8:
             raise UserError(f"--mpp-bits {bits!r}: expected 1 to 8 bits per channel")
+        if not (0.0 <= replace_prob and 0.0 <= random_prob and replace_prob + random_prob <= 1.0):
+            raise UserError(f"MPP's shares of the selected patches: replace_prob={replace_prob} and random_prob="
+                            f"{random_prob} must be >= 0 with a sum <= 1")
         self.encoder, self.mask_ratio, self.bits = encoder, check_ratio(mask_ratio), int(bits)
+        self.replace_prob, self.random_prob = float(replace_prob), float(random_prob)
         self.mean, self.std = [float(v) for v in mean], [float(v) for v in std]
         layout = refuse_leaking_stem(encoder, "MPP", name, img_size, in_chans)  # corrupted pixels would leak
         self.grid, self.patch, self.in_chans = layout.hw, img_size // layout.hw[0], in_chans
@@ -96,7 +104,8 @@ class MPP(nn.Module):
 
     def logits(self, imgs: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Class logits of every patch of the corrupted ``imgs``, ``selected`` and ``kind``."""
-        patches, selected, kind = mpp_corrupt(patchify(imgs, self.patch), self.mask_ratio, self.mask_patch)
+        patches, selected, kind = mpp_corrupt(patchify(imgs, self.patch), self.mask_ratio, self.mask_patch,
+                                              replace_prob=self.replace_prob, random_prob=self.random_prob)
         tokens, layout = self.encoder.forward_stem(unpatchify(patches, self.patch, self.grid, self.in_chans))
         feats = self.encoder.forward_tokens(tokens, layout)
         return self.head(feats[:, layout.num_prefix:]), selected, kind

@@ -12,14 +12,15 @@ import importlib
 
 __all__ = ["ViT", "SimpleViT", "DeepViT", "CaiT", "T2TViT", "CCT", "DistillableViT", "DistillWrapper", "XCiT",
            "NaViT", "LeViT", "CvT", "MobileViT", "CrossFormer", "ScalableViT", "SepViT", "PiT", "TwinsSVT", "NesT",
-           "RegionViT", "LookViT", "MaxViT", "CrossViT", "Recorder", "Extractor"]
+           "RegionViT", "LookViT", "MaxViT", "CrossViT", "Recorder", "Extractor", "MAE", "SimMIM", "MPP", "MP3", "Dino"]
 
 _LAZY = {"ViT": "vit", "SimpleViT": "simple_vit", "DeepViT": "deepvit", "CaiT": "cait", "T2TViT": "t2t",
          "CCT": "cct", "DistillableViT": "distill", "DistillWrapper": "distill", "XCiT": "xcit", "NaViT": "na_vit",
          "LeViT": "levit", "CvT": "cvt", "MobileViT": "mobile_vit", "CrossFormer": "crossformer",
          "ScalableViT": "scalable_vit", "SepViT": "sep_vit", "PiT": "pit", "TwinsSVT": "twins_svt", "NesT": "nest",
          "RegionViT": "regionvit", "LookViT": "look_vit", "MaxViT": "max_vit", "CrossViT": "cross_vit",
-         "Recorder": "recorder", "Extractor": "extractor"}
+         "Recorder": "recorder", "Extractor": "extractor", "MAE": "mae", "SimMIM": "simmim", "MPP": "mpp",
+         "MP3": "mp3", "Dino": "dino"}
 
 
 def __getattr__(name):  # lazy, so importing one class does not build every family

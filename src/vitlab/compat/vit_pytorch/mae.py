@@ -1,0 +1,83 @@
+"""vit-pytorch's ``vit_pytorch.mae.MAE`` on vitlab's MAE (:class:`vitlab.pretrain.mae.MAE`), and the encoder
+checks the self-supervised compat wrappers (``mae``, ``simmim``, ``mpp``, ``mp3``, ``dino``) share."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Tuple
+
+from torch import nn
+
+from vitlab.compat.vit_pytorch._args import refuse
+from vitlab.errors import UserError
+from vitlab.models.backbone import Backbone
+from vitlab.pretrain.mae import MAE as _MAE
+
+__all__ = ["MAE", "encoder_input", "fraction", "as_value_error"]
+
+
+def encoder_input(cls: str, arg: str, encoder: nn.Module) -> Tuple[str, int, int]:
+    """``(name, image side, channels)`` of a vitlab encoder, read from its ``pretrained_cfg`` (timm's
+    ``input_size``); a non-vitlab module or a non-square input is refused."""
+    if not isinstance(encoder, Backbone):
+        raise refuse(cls, arg, type(encoder).__name__, "a vitlab transformer (e.g. vitlab.compat.vit_pytorch.ViT)")
+    grid = tuple(getattr(encoder, "grid_size", ()))
+    if len(set(grid)) > 1:
+        raise refuse(cls, f"{arg} with a {grid[0]}x{grid[1]} patch grid", "non-square", "a square image_size")
+    chans, side, _ = encoder.pretrained_cfg["input_size"]
+    return encoder.name, int(side), int(chans)
+
+
+def fraction(cls: str, arg: str, value: float) -> float:
+    """vit-pytorch's ratios must lie strictly between 0 and 1 (it asserts so)."""
+    if not isinstance(value, (int, float)) or not 0.0 < float(value) < 1.0:
+        raise ValueError(f"{cls}: {arg}={value!r}; expected a fraction strictly between 0 and 1")
+    return float(value)
+
+
+@contextmanager
+def as_value_error(cls: str) -> Iterator[None]:
+    """vitlab's methods refuse an encoder with a :class:`UserError` (the CLI's one-line error); compat raises
+    ``ValueError`` like the other compat classes."""
+    try:
+        yield
+    except UserError as exc:
+        raise ValueError(f"{cls}: {exc}") from None
+
+
+class MAE(_MAE):
+    """MAE ("Masked Autoencoders Are Scalable Vision Learners", He et al., CVPR 2022, sec. 3) with vit-pytorch's
+    arguments: ``mae = MAE(encoder=v, masking_ratio=0.75, decoder_dim=512, decoder_depth=6); loss = mae(images)``.
+
+    Mapping: ``encoder`` -> the encoder (a vitlab transformer whose stem keeps patches apart, e.g.
+    ``vitlab.compat.vit_pytorch.ViT``; it is trained in place), ``masking_ratio`` -> ``mask_ratio``,
+    ``decoder_dim`` / ``decoder_depth`` / ``decoder_heads`` -> the decoder's width, depth and heads (MLP
+    ``4 * decoder_dim``, as both); ``decoder_dim_head`` must be ``decoder_dim / decoder_heads`` (vitlab's decoder
+    splits its width into the heads; vit-pytorch's default 8 heads of 64 fit ``decoder_dim=512``).
+    ``forward(images)`` returns the loss; ``last`` holds the prediction (every patch), target and mask (1 = removed).
+
+    Follows the paper (facebookresearch/mae) where vit-pytorch does not:
+
+    * the class token runs through the encoder with the kept patches and into the decoder (vit-pytorch drops it);
+    * the decoder's positions are the fixed 2-D sin-cos table (vit-pytorch: a learned ``nn.Embedding``), its qkv
+      projections have biases, its input embedding is a Linear even when the widths agree, its mask token starts
+      at N(0, 0.02) (vit-pytorch: ``randn``);
+    * ``int(L * (1 - masking_ratio))`` patches are kept (vit-pytorch masks ``int(L * masking_ratio)``: one patch
+      more is masked when ``L * masking_ratio`` is not whole).
+    The loss is the same: the mean squared error over the removed patches only, on the pixels as given (set
+    ``mae.norm_pix_loss = True`` for the paper's per-patch normalised target, sec. 3 "Reconstruction target").
+    """
+
+    def __init__(self, *, encoder: nn.Module, decoder_dim: int, masking_ratio: float = 0.75, decoder_depth: int = 1,
+                 decoder_heads: int = 8, decoder_dim_head: int = 64):
+        name, side, chans = encoder_input("MAE", "encoder", encoder)
+        ratio = fraction("MAE", "masking_ratio", masking_ratio)
+        if decoder_dim < 1 or decoder_depth < 1 or decoder_heads < 1:
+            raise ValueError(f"MAE: decoder_dim={decoder_dim}, decoder_depth={decoder_depth} and "
+                             f"decoder_heads={decoder_heads} must be positive")
+        if decoder_heads * decoder_dim_head != decoder_dim:
+            raise refuse("MAE", "decoder_dim_head", decoder_dim_head,
+                         f"decoder_dim / decoder_heads = {decoder_dim / decoder_heads:g} (vitlab's decoder splits "
+                         f"its width into the heads)")
+        with as_value_error("MAE"):
+            super().__init__(encoder, name, side, chans, mask_ratio=ratio, norm_pix_loss=False,
+                             decoder_dim=decoder_dim, decoder_depth=decoder_depth, decoder_heads=decoder_heads)
