@@ -180,9 +180,11 @@ def test_mp3_loss_is_the_position_cross_entropy_with_the_context_as_keys():
 def test_dino_teacher_moves_by_the_ema_formula():
     model = ViT(**SMALL)
     learner = Dino(model, image_size=32, projection_hidden_size=32, num_classes_K=64, moving_average_decay=0.8)
-    assert learner.local_crops == 0 and learner.net is model  # a fixed-size net: the student sees the global crops
+    # a fixed-size net: 2 local crops resized to the net's size, as vit-pytorch's
+    assert (learner.local_crops, learner.local_size) == (2, 32) and learner.net is model
     opt = torch.optim.SGD(learner.parameters(), lr=0.5)
     loss = learner(torch.rand(4, 3, 32, 32))
+    assert [tuple(c.shape) for c in learner.last["crops"]] == [(4, 3, 32, 32)] * 4
     opt.zero_grad()
     loss.backward()
     opt.step()

@@ -113,6 +113,8 @@ def test_multicrop_sizes_and_bad_local_size():
     assert [tuple(c.shape) for c in crops] == [(1, 28, 28)] * 2 + [(1, 12, 12)] * 3
     with pytest.raises(UserError, match="--local-size 32"):
         MultiCrop(28, 1, [0.5], [0.5], local_crops=2, local_size=32)
+    full = MultiCrop(28, 1, [0.5], [0.5], local_crops=2, local_size=28)(img)  # vit-pytorch's full-size local crops
+    assert [tuple(c.shape) for c in full] == [(1, 28, 28)] * 4
 
 
 def test_knn_equals_scikit_learn_weighted_vote():

@@ -42,9 +42,9 @@ class MultiCrop:
         local_size = int(local_size or img_size)
         if local_crops < 0:
             raise UserError(f"--local-crops {local_crops}: expected a count >= 0")
-        if local_crops and local_size >= img_size:
-            raise UserError(f"--local-size {local_size}: local crops must be smaller than the {img_size} px global "
-                            f"crops")
+        if local_crops and local_size > img_size:  # equal: vit-pytorch's local crops resized to the global size
+            raise UserError(f"--local-size {local_size}: local crops must not be larger than the {img_size} px "
+                            f"global crops")
         for flag, (lo, hi) in (("--global-scale", global_scale), ("--local-scale", local_scale)):
             if not 0 < lo <= hi <= 1:
                 raise UserError(f"{flag} {lo},{hi}: expected 0 < min <= max <= 1 (fractions of the image area)")

@@ -72,10 +72,10 @@ class Dino(DINO):
 
     * the views: images in [0, 1] (as 8-bit images) get DINO's augmentation per image (flip, colour jitter,
       grey, blur, solarisation; :class:`~vitlab.pretrain.crops.MultiCrop`, normalised by the net's
-      ``pretrained_cfg`` mean and std); the teacher sees 2 global crops, the student both global crops and, when
-      the net can take the paper's 96/224-size local crops (``dynamic_img_size``), 2 local crops (``local_crops``
-      says how many); vit-pytorch crops the whole batch alike, resizes its local crops to ``image_size`` and shows
-      the student the local crops only;
+      ``pretrained_cfg`` mean and std); the teacher sees 2 global crops, the student both global crops and 2 local crops,
+      of the paper's 96/224 size when the net takes it (``dynamic_img_size``), else resized to ``image_size`` as
+      vit-pytorch's (``local_size`` says which); vit-pytorch crops the whole batch alike and shows the student the
+      local crops only;
     * the loss averages the cross-entropy over every pair of different views (vit-pytorch: the two
       global/local pairs); the centre moves in every forward (vit-pytorch: in ``update_moving_average``);
     * the head's last layer is weight-normalised with its norm fixed to 1 and there is no GELU before the L2
@@ -97,7 +97,9 @@ class Dino(DINO):
             if t <= 0:
                 raise refuse("Dino", arg, t, "a positive temperature")
         local = default_local_size(side, side // net.grid_size[0])
-        local_crops = LOCAL_CROPS if local < side and _takes_size(net, chans, local) else 0
+        if local < side and not _takes_size(net, chans, local):  # a fixed-size net: vit-pytorch's full-size crops
+            local = side
+        local_crops = LOCAL_CROPS
         # one epoch of one step: the temperature and momentum schedules are constant (one entry each)
         super().__init__(net, copy.deepcopy(net), net.num_features, 2 + local_crops, epochs=1, steps_per_epoch=1,
                          out_dim=num_classes_K, hidden_dim=projection_hidden_size,
@@ -106,7 +108,7 @@ class Dino(DINO):
                          center_momentum=center_moving_average_decay, momentum_teacher=moving_average_decay,
                          clip_grad=0.0, freeze_last_layer=0)
         cfg = net.pretrained_cfg
-        self.local_crops = local_crops
+        self.local_crops, self.local_size = local_crops, local
         self.augment = MultiCrop(side, chans, cfg["mean"], cfg["std"], local_crops, local,
                                  (global_lower_crop_scale, 1.0), (0.05, local_upper_crop_scale))
         self.last: dict = {}
