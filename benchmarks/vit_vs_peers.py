@@ -2,11 +2,14 @@
 
     python benchmarks/vit_vs_peers.py                 # CPU float32, batch 16, 5 timed steps each
     python benchmarks/vit_vs_peers.py --device cuda --amp bf16 --compile --train-only
+    python benchmarks/vit_vs_peers.py --variant vit5  # ViT-5-S: vitlab's recipe vs vit-pytorch's vit_5.ViT
 
 The three models have the same sizes (dim 384, depth 12, 6 heads, MLP 1536, 1000 classes);
 their steps alternate (vitlab, timm, vit-pytorch, vitlab, ...) so that machine load affects all
 alike.  Prints img/s, FLOP/s, the torch.mm roofline and the ratios vitlab / peer; writes the
-'vit_vs_peers' section of benchmarks/RESULTS.md (``--no-write`` to skip).
+'vit_vs_peers' section of benchmarks/RESULTS.md (``--no-write`` to skip).  ``--variant vit5``: ViT-5-S (the same
+sizes, 4 registers; RMSNorm, RMS QK-norm, LayerScale, RoPE on patches and registers in both, other RoPE bases in
+vit-pytorch's, which cost the same; timm has no ViT-5), section 'vit5_vs_peers'.
 """
 from __future__ import annotations
 
@@ -19,7 +22,13 @@ import vitlab
 from vitlab.bench import MM_KEY, StepSpec, compare
 
 
-def build(img_size: int = 224):
+def build(img_size: int = 224, variant: str = "vit"):
+    if variant == "vit5":
+        from vit_pytorch.vit_5 import ViT as ViT5
+
+        return {"vitlab": vitlab.create_model("vit5_small", img_size=img_size),
+                "vit-pytorch": ViT5(image_size=img_size, patch_size=16, num_classes=1000, dim=384, depth=12,
+                                    heads=6, mlp_dim=1536, dim_head=64, num_registers=4)}
     models = {"vitlab": vitlab.create_model("vit_small_patch16_224", img_size=img_size),
               "timm": timm.create_model("vit_small_patch16_224", pretrained=False, img_size=img_size)}
     try:
@@ -32,7 +41,9 @@ def build(img_size: int = 224):
 
 
 def main() -> int:
-    args = C.vit_args(__doc__.splitlines()[0]).parse_args()
+    p = C.vit_args(__doc__.splitlines()[0])
+    p.add_argument("--variant", choices=("vit", "vit5"), default="vit", help="ViT-S/16 (default) or ViT-5-S")
+    args = p.parse_args()
     C.setup(args)
     started, load0 = C.now(), C.loadavg()
     print(f"load average: {load0}")
@@ -44,7 +55,7 @@ def main() -> int:
         spec = StepSpec(batch_size=args.batch_size, input_size=(3, args.img_size, args.img_size),
                         train=mode == "train", device=args.device, amp=args.amp, compile=args.compile)
         torch.manual_seed(0)
-        res = compare(build(args.img_size), spec, runs=args.runs, warmup=args.warmup, mm_size=2048)
+        res = compare(build(args.img_size, args.variant), spec, runs=args.runs, warmup=args.warmup, mm_size=2048)
         mm_res = res.pop(MM_KEY)
         mm_run = mm_res.flops_per_s
         rows = [[k] + C.fmt_result(r, mm_run) for k, r in res.items()]
@@ -62,8 +73,9 @@ def main() -> int:
     body = C.header(args, C.command_line(), started, load0) + "\n" + "\n".join(sections)
     if not args.no_write:
         suffix = C.suffix(args)
-        C.update_results("vit_vs_peers" + suffix, f"ViT-S/16 at {args.img_size}: vitlab vs timm vs vit-pytorch"
-                         + (f" ({suffix[1:]})" if suffix else ""), body)
+        name, peers = ("vit5_vs_peers", "ViT-5-S/16 at {}: vitlab vs vit-pytorch") if args.variant == "vit5" \
+            else ("vit_vs_peers", "ViT-S/16 at {}: vitlab vs timm vs vit-pytorch")
+        C.update_results(name + suffix, peers.format(args.img_size) + (f" ({suffix[1:]})" if suffix else ""), body)
     print("\n".join(summary))
     return 0
 
