@@ -20,7 +20,9 @@ num_prefix=M)``): the isotropic :class:`~vitlab.models.backbone.Backbone` taps e
 public (none in google-research/scenic or big_vision) and the paper's size table was not at hand: sizes follow ViT-B/16
 with 10 x 10 compressed tokens and a lookup MLP of width ``dim`` (this reading of sec. 3.2 is vitlab's); the count is
 reconciled with vit-pytorch's ``look_vit`` in the tests.  At 10 x 10 this costs more MACs than ViT-B/16 (18.4 G vs
-17.6 G), not the abstract's 2x fewer FLOPs.
+17.6 G), not the abstract's 2x fewer FLOPs; the cost by grid (``compressed_size``, lookup MLP ratio 1 / 4;
+``vitlab.models.cli.count_macs`` at 224 px): 3 x 3 8.1 / 16.4 G, 5 x 5 9.9 / 18.2 G, 7 x 7 12.6 / 20.9 G, 10 x 10
+18.4 / 26.7 G, so the abstract's factor fits a 3 x 3 or 5 x 5 grid with the narrow lookup MLP under this reading.
 """
 from __future__ import annotations
 
