@@ -235,3 +235,17 @@ def test_conv_bn_act_folds_the_running_statistics(act, conv_bias, affine):
     with torch.no_grad():
         conv_bn_act(conv, bn, act, x)
     assert not torch.equal(bn.running_mean, before)  # training-mode BN ran (and updated its statistics)
+
+
+@pytest.mark.parametrize("name", ["vit_small_patch16_224", "mobilevit_xxs"])
+def test_meta_device_forward_without_grad(name):
+    """Shapes on the meta device under no_grad (the inference paths ask whether autocast is on, which the meta
+    device cannot answer): the same output shape as a real forward's."""
+    import vitlab
+
+    with torch.device("meta"):
+        model = vitlab.create_model(name).eval()
+    size = model.default_cfg["input_size"]
+    with torch.no_grad():
+        out = model(torch.empty(2, *size, device="meta"))
+    assert out.shape == (2, model.num_classes) and out.is_meta

@@ -67,10 +67,15 @@ def activate(act: nn.Module, h: torch.Tensor, *producers: Optional[nn.Module]) -
     return act(h)
 
 
+def autocast_on(x: torch.Tensor) -> bool:
+    """Whether autocast is on for ``x``'s device (never for the meta device, which autocast does not know)."""
+    return x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)
+
+
 def chunkable(x: torch.Tensor, *producers: Optional[nn.Module]) -> bool:
     """True when a no-autograd chunked path may replace the modules ``producers`` for input ``x``:
     :func:`overwritable`, and no autocast (the chunked paths write into buffers of ``x``'s dtype)."""
-    return overwritable(*producers) and not torch.is_autocast_enabled(x.device.type)
+    return overwritable(*producers) and not autocast_on(x)
 
 
 def conv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, act: Optional[nn.Module], x: torch.Tensor) -> torch.Tensor:
@@ -79,7 +84,7 @@ def conv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, act: Optional[nn.Module], x
     (``w * g / sqrt(var + eps)``, ``(b - mean) * g / sqrt(var + eps) + beta``) and the activation in place, one
     pass over the output instead of three."""
     if (bn.training or bn.running_var is None or not overwritable(conv, bn, act)
-            or torch.is_autocast_enabled(x.device.type) or type(conv) is not nn.Conv2d or x.dtype != torch.float32):
+            or autocast_on(x) or type(conv) is not nn.Conv2d or x.dtype != torch.float32):
         y = bn(conv(x))
         return y if act is None else act(y)
     scale = torch.rsqrt(bn.running_var + bn.eps)

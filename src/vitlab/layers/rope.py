@@ -98,7 +98,7 @@ class AxialRoPE(_Position):
         ref = (rope_ref_grid,) if isinstance(rope_ref_grid, (int, float)) else rope_ref_grid
         if ref is not None and (not ref or any(not isinstance(r, (int, float)) or r <= 0 for r in ref)):
             raise ValueError(f"rope_ref_grid must be a positive size or one per grid axis, got {rope_ref_grid!r}")
-        side = round(rope_registers ** 0.5)
+        side = round(max(rope_registers, 0) ** 0.5)  # a negative count would give a complex root
         if rope_registers < 0 or side * side != rope_registers:
             raise ValueError(f"rope_registers must be a square number of register tokens (0, 1, 4, 9, ...), "
                              f"got {rope_registers}")

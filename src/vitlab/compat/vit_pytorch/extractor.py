@@ -109,7 +109,7 @@ class Extractor(nn.Module):
                                  "one of its modules (e.g. vit.blocks[-1]) or a layer_name")
             return found[0]
         name = VIT_PYTORCH_NAMES.get(layer_name, layer_name)
-        if name is None and not hasattr(self.vit, "forward_head") and layer_name in names:
+        if not hasattr(self.vit, "forward_head") and layer_name in names:
             name = layer_name  # not a vitlab model (vit-pytorch's own): hook its module as vit-pytorch does
         if name is None:
             if not hasattr(self.vit, "forward_head"):

@@ -44,7 +44,9 @@ class MPP(_MPP):
 
     The target and loss are vit-pytorch's: each patch's mean colour, ``output_channel_bits`` bits per channel
     (channel 0 least significant), cross-entropy over the selected patches only.  A mean lying exactly on a bin
-    edge goes to the upper bin here (``floor``), to the lower one in vit-pytorch (``bucketize``).  The paper's
+    edge goes to the upper bin here (``floor``), to the lower one in vit-pytorch (``bucketize``), and each pixel is
+    clamped to ``[0, 1]`` before the mean here (vit-pytorch clamps the mean's top only): the two differ only for
+    pixels outside the range after un-normalisation.  The paper's
     proportions (sec. 4.6: 50% of the patches, 80% mask / 10% random / 10% kept) are ``mask_prob=0.5,
     replace_prob=0.8, random_patch_prob=0.1``, ``vitlab pretrain --method mpp``'s defaults; the arguments'
     defaults here are vit-pytorch's.  The encoder is vitlab's ViT (no patch LayerNorms, qkv biases).
