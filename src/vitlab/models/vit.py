@@ -47,6 +47,8 @@ class VisionTransformer(Backbone):
     ``end`` | ``parallel``), ``num_parallel`` (blocks of that many parallel attention and MLP branches, Touvron
     et al., ECCV 2022), ``mlp`` (a :data:`~vitlab.layers.mlp.CHANNEL_MIXERS` name: ``mlp`` | ``localvit``),
     ``block_modifiers`` (``{block index: modifiers}`` added to those blocks only, negative indices from the end),
+    ``block_mixers`` (``{block index: dict(mixer=, core=, modifiers=, mixer_kwargs=, attn_position=)}``: those blocks'
+    token mixer, the model's with these fields replaced; hybrid models),
     ``attn_position`` (attention position parts in every block, e.g. ``("rope",)``), ``conv_units``,
     ``mixer_kwargs``, ``dynamic_img_size`` (any
     input size divisible by the patch; the position table is resampled on the fly, as timm's). ``patch_drop_rate``
@@ -73,7 +75,7 @@ class VisionTransformer(Backbone):
                  num_parallel: int = 1, mlp: str = "mlp", block_modifiers: Optional[Dict[int, Any]] = None,
                  embed_kwargs: Optional[Dict[str, Any]] = None, attn_position: Sequence[Any] = (),
                  patch_drop_rate: float = 0.0, patch_merger: Optional[Dict[str, Any]] = None,
-                 ats: Optional[Dict[str, Any]] = None,
+                 ats: Optional[Dict[str, Any]] = None, block_mixers: Optional[Dict[int, Dict[str, Any]]] = None,
                  architecture: str = "vit", default_cfg: Optional[Dict[str, Any]] = None):
         super().__init__()
         if global_pool not in ("token", "avg", "seqpool", "map"):
@@ -86,10 +88,10 @@ class VisionTransformer(Backbone):
             raise ValueError(f"depth, embed_dim and num_heads must be positive, got {depth}, {embed_dim}, {num_heads}")
         self.num_classes, self.in_chans = num_classes, in_chans
         self.num_features = self.embed_dim = embed_dim
-        self.global_pool = global_pool
+        self.global_pool, self.no_embed_class = global_pool, no_embed_class
         num_prefix = int(class_token) + reg_tokens + extra_tokens  # extra: prefix tokens a subclass adds
-        self.no_embed_class = no_embed_class
-        spec = MixerSpec(mixer, core, tuple(modifiers), dict(mixer_kwargs or {}), attn_position)
+        specs = _block_specs(MixerSpec(mixer, core, tuple(modifiers), dict(mixer_kwargs or {}), attn_position),
+                             block_mixers, depth)
         self.patch_embed = EMBEDS.get(embed)(img_size, patch_size, in_chans, embed_dim,
                                              dynamic_img_size=dynamic_img_size, **(embed_kwargs or {}))
         self.grid_size = self.patch_embed.grid_size
@@ -99,9 +101,9 @@ class VisionTransformer(Backbone):
         self._position_table(pos_embed, 0 if no_embed_class else num_prefix, embed_dim)
         self.pos_drop = nn.Dropout(drop_rate)
         layout = TokenLayout(self.grid_size, num_prefix)
-        layouts = self._token_count_parts(patch_drop_rate, patch_merger, layout, depth, spec, norm, norm_eps, ats)
+        layouts = self._token_count_parts(patch_drop_rate, patch_merger, layout, depth, specs, norm, norm_eps, ats)
         self.blocks = self._build_blocks(
-            spec, layouts, num_heads, mlp, int(embed_dim * mlp_ratio), num_parallel,
+            specs, layouts, num_heads, mlp, int(embed_dim * mlp_ratio), num_parallel,
             _block_attention(block_modifiers, depth),
             dict(qkv_bias=qkv_bias, attn_drop=attn_drop_rate, proj_drop=drop_rate),
             dict(norm=norm, norm_eps=norm_eps, wiring=wiring or ("post" if post_norm else "pre"),
@@ -120,7 +122,7 @@ class VisionTransformer(Backbone):
         self.default_cfg = default_cfg or make_default_cfg(architecture, self.patch_embed.img_size[0], num_classes,
                                                            in_chans)
 
-    def _build_blocks(self, spec: MixerSpec, layouts: List[TokenLayout], heads: int, mlp: str, hidden: int,
+    def _build_blocks(self, specs: List[MixerSpec], layouts: List[TokenLayout], heads: int, mlp: str, hidden: int,
                       num_parallel: int, per_block: List[Dict[str, Any]], attn_kw: Dict[str, Any],
                       block_kw: Dict[str, Any], drop_rate: float, drop_path_rate: float) -> nn.Sequential:
         """The blocks: block ``i`` built for ``layouts[i]`` with the attention parts ``per_block[i]`` on top of
@@ -131,7 +133,7 @@ class VisionTransformer(Backbone):
         many = (lambda make: [make() for _ in range(num_parallel)]) if num_parallel > 1 else (lambda make: make())
         dpr = drop_path_rates(drop_path_rate, len(layouts))
         return nn.Sequential(*[
-            Block(dim, many(lambda: spec.build(dim, heads, layouts[i], **attn_kw, **per_block[i])),
+            Block(dim, many(lambda: specs[i].build(dim, heads, layouts[i], **attn_kw, **per_block[i])),
                   many(lambda: CHANNEL_MIXERS.get(mlp)(dim, hidden, drop=drop_rate)), drop_path=dpr[i], **block_kw)
             for i in range(len(layouts))])
 
@@ -171,13 +173,14 @@ class VisionTransformer(Backbone):
             nn.init.trunc_normal_(self.attn_pool.latent, std=self.embed_dim ** -0.5)  # timm's MAP latent
 
     def _token_count_parts(self, patch_drop_rate: float, patch_merger: Optional[Dict[str, Any]],
-                           layout: TokenLayout, depth: int, spec: MixerSpec, norm: str, eps: float,
+                           layout: TokenLayout, depth: int, specs: List[MixerSpec], norm: str, eps: float,
                            ats: Optional[Dict[str, Any]] = None) -> List[TokenLayout]:
         """``patch_drop`` (timm's name and module), the optional ``patch_merger`` (run after block
         ``after_block``) and the optional adaptive token samplers ``ats`` (run inside the blocks ``in_block``);
         returns the layout each block is built for."""
         if not 0.0 <= patch_drop_rate < 1.0:
             raise ValueError(f"patch_drop_rate must be in [0, 1), got {patch_drop_rate}")
+        spec = next((s for s in specs if s.linear_cost), specs[0])  # a block with FLatten's DWC, if any
         if (patch_drop_rate or patch_merger or ats is not None) and spec.linear_cost:  # FLatten's DWC: the map
             raise ValueError(f"mixer {spec.mixer!r} (core {spec.core or spec.mixer!r}) convolves the token map, which "
                              "patch_drop_rate / patch_merger / ats take away; use a softmax-family mixer")
@@ -256,6 +259,25 @@ def _ats_layouts(cfg: Dict[str, Any], layout: TokenLayout, depth: int) -> Tuple[
     sampled = TokenSubset.of(min(max(ks), layout.num_tokens), layout.num_prefix, "adaptive token sampling",
                              layout.grid)
     return per_block, [layout if i <= min(blocks) else sampled for i in range(depth)]
+
+
+def _block_specs(spec: MixerSpec, block_mixers: Optional[Dict[int, Dict[str, Any]]], depth: int) -> List[MixerSpec]:
+    """Per block, the token mixer: the model's, or for the blocks in ``block_mixers`` (``{block index: dict(mixer=,
+    core=, modifiers=, mixer_kwargs=, attn_position=)}``, negative indices from the end) the model's with those
+    fields replaced: hybrid models such as linear attention early and softmax late (every part stays available)."""
+    specs = [spec] * depth
+    for index, override in (block_mixers or {}).items():
+        if not -depth <= int(index) < depth:
+            raise ValueError(f"block_mixers index {index} is out of range for depth {depth} "
+                             f"(valid: -{depth}..{depth - 1})")
+        check_kwargs(f"block_mixers[{index}]", override,
+                     ("mixer", "core", "modifiers", "mixer_kwargs", "attn_position"))
+        fields = dict(mixer=spec.mixer, core=spec.core, modifiers=tuple(spec.modifiers), kwargs=dict(spec.kwargs),
+                      position=tuple(spec.position))
+        renamed = {"mixer_kwargs": "kwargs", "attn_position": "position"}
+        fields.update({renamed.get(k, k): v for k, v in override.items()})
+        specs[int(index)] = MixerSpec(**fields)
+    return specs
 
 
 def _block_attention(block_modifiers: Optional[Dict[int, Any]], depth: int) -> List[Dict[str, Any]]:
