@@ -74,3 +74,22 @@ def test_bad_block_mixers_are_one_line_errors(bad, match):
 def test_a_linear_block_is_checked_against_token_dropping():
     with pytest.raises(ValueError, match="focused_linear"):
         VisionTransformer(**KW, patch_drop_rate=0.5, block_mixers={1: dict(core="focused_linear")})
+
+
+def test_fine_tuning_loads_a_full_attention_checkpoint_into_a_hybrid(tmp_path):
+    """``load_pretrained`` (``vitlab train --pretrained``): the parts the file's blocks lack start from their init and
+    are reported as new; a block the file lacks entirely is still an error."""
+    from vitlab.errors import UserError
+    from vitlab.interop.checkpoint import load_pretrained
+
+    full = _randomised(VisionTransformer(**KW))
+    path = tmp_path / "full.pt"
+    torch.save(full.state_dict(), path)
+    hybrid = VisionTransformer(**KW, block_mixers={0: dict(core="focused_linear")}, branch_scale="layerscale")
+    rep = load_pretrained(hybrid, str(path))
+    own = set(hybrid.state_dict())
+    assert sorted(rep.new) == sorted(own - set(full.state_dict()))  # DWC, scale, pos_enc of block 0; ls gammas
+    assert any(".ls1." in k for k in rep.new) and any("blocks.0.attn.dwc" in k for k in rep.new)
+    torch.testing.assert_close(hybrid.blocks[1].attn.qkv.weight, full.blocks[1].attn.qkv.weight, rtol=0, atol=0)
+    with pytest.raises(UserError, match="missing blocks.3"):
+        load_pretrained(VisionTransformer(**dict(KW, depth=4)), str(path))

@@ -14,7 +14,8 @@ Readable files:
 :func:`load_pretrained` adapts what fine-tuning must change, with timm's rules: a new head for
 another ``num_classes``, the first conv for another ``in_chans`` (``adapt_input_conv``), position
 and relative-position tables for another image size (the model's own ``load_state_dict`` resizes
-them); everything else must match and is loaded as is.
+them); a part the file's blocks did not have (a block switched to another attention core, LayerScale, QK-norm)
+starts from its initialisation and is reported as new; everything else must match and is loaded as is.
 """
 from __future__ import annotations
 
@@ -202,19 +203,34 @@ def _adapt(model: nn.Module, sd: StateDict, own: StateDict, rep: PretrainedRepor
     return out
 
 
+def _new_part_keys(model: nn.Module, missing: List[str], loaded: StateDict) -> List[str]:
+    """The missing keys of parts the file's model did not have: inside a block (``vitlab.models.block.Block``) of
+    which the file gives other tensors, e.g. a block switched to focused linear attention (its DWC), LayerScale or
+    QK-norm for fine-tuning.  They keep their initialisation; a block the file lacks entirely stays an error."""
+    from vitlab.models.block import Block
+
+    blocks = [n for n, m in model.named_modules() if isinstance(m, Block) and n]
+    owner = {k: max((n for n in blocks if k.startswith(n + ".")), key=len, default=None) for k in missing}
+    given = {n for n in blocks if any(k.startswith(n + ".") for k in loaded)}
+    return [k for k in missing if owner[k] in given]
+
+
 def load_pretrained(model: nn.Module, path: str, ema: bool = False) -> PretrainedReport:
     """Load ``path`` into ``model`` for fine-tuning (see the module docstring); returns the report.
-    Missing keys other than the new head and rebuilt buffers are an error naming them."""
+    Missing keys other than the new head, rebuilt buffers and new parts in loaded blocks (:func:`_new_part_keys`)
+    are an error naming them."""
     rep = PretrainedReport(path=path)
     own = model.state_dict()
     sd = _maybe_from_timm(model, read_state_dict(path, ema=ema), own)
     sd = _adapt(model, sd, own, rep)
     heads = set(_classifier_keys(model, own))
     missing = [k for k in own if k not in sd and k not in heads and not any(s in k for s in _REBUILT)]
+    parts = _new_part_keys(model, missing, sd)
+    missing = [k for k in missing if k not in parts]
     if missing:
         raise UserError(f"{path} does not fit {type(model).__name__}: missing {', '.join(missing[:8])}"
                         f"{' ...' if len(missing) > 8 else ''} ({len(missing)} keys; is it another architecture?)")
-    rep.new = sorted(set(rep.new) | {k for k in heads if k not in sd})
+    rep.new = sorted(set(rep.new) | {k for k in heads if k not in sd} | set(parts))
     try:
         model.load_state_dict(sd, strict=False)
     except RuntimeError as exc:
