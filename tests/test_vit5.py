@@ -157,3 +157,25 @@ def test_register_rope_without_registers_is_a_clear_error():
                               attn_position=(("rope", dict(rope_registers=4)),))  # class token only: 1 prefix token
     with pytest.raises(ValueError, match="rope_registers=4 needs 4 register tokens in every attention group"):
         model(torch.randn(1, 3, 32, 32))
+
+
+def test_rms_norm_under_autocast_runs_in_float32_without_the_fallback_warning():
+    """The ``rms`` norm (ViT-5's every norm and QK-norm) under bf16 autocast: float32 output equal to
+    ``rms_norm`` of the bf16 input in float32 (as autocast treats LayerNorm), and no "cannot dispatch to fused
+    implementation" warning; a bf16 model keeps bf16."""
+    import warnings
+
+    from vitlab.layers.norm import create_norm
+
+    norm = create_norm("rms", 16)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(4, 16).bfloat16()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = norm(x)
+    want = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6) * norm.weight
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, want, rtol=1e-6, atol=1e-6)
+    assert norm.bfloat16()(x).dtype == torch.bfloat16

@@ -33,6 +33,7 @@ from torch import nn
 from vitlab.layers.attn_parts import CORES
 from vitlab.layers.cores import Core
 from vitlab.layers.modifiers import _Modifier
+from vitlab.layers.norm import RMSNorm
 
 __all__ = ["DifferentialCore", "lambda_init_at", "number_differential_layers"]
 
@@ -68,7 +69,7 @@ class DifferentialCore(Core):
         half = host.head_dim // 2
         for name in _LAMBDAS:  # timm's init: N(0, 0.1)
             setattr(host, name, nn.Parameter(torch.empty(half).normal_(0.0, 0.1)))
-        host.sub_norm = nn.RMSNorm(host.value_dim, eps=1e-5)
+        host.sub_norm = RMSNorm(host.value_dim, eps=1e-5)
         host.lambda_init = lambda_init_at(self.layer_index) if self.lambda_init is None else self.lambda_init
 
     def scale(self, host) -> float:

@@ -4,11 +4,12 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vitlab.registry import Registry
 
-__all__ = ["NORMS", "CenterNorm", "create_norm"]
+__all__ = ["NORMS", "CenterNorm", "RMSNorm", "create_norm"]
 
 NORMS = Registry("norm")
 
@@ -44,9 +45,21 @@ class CenterNorm(nn.Module):
         return f"{self.dim}"
 
 
+class RMSNorm(nn.RMSNorm):
+    """``nn.RMSNorm`` ("Root Mean Square Layer Normalization", Zhang & Sennrich, NeurIPS 2019) that normalises a
+    lower-precision input in its weight's dtype: under autocast a bf16 / fp16 activation meets a float32 weight,
+    which torch's ``rms_norm`` (not on autocast's float32 list, unlike ``layer_norm``) serves off its fused kernel
+    with a warning; here it runs in float32 and returns float32, as autocast's LayerNorm does."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight is not None and x.dtype != self.weight.dtype and x.is_floating_point():
+            return F.rms_norm(x.to(self.weight.dtype), self.normalized_shape, self.weight, self.eps)
+        return super().forward(x)
+
+
 NORMS.register("layernorm")(nn.LayerNorm)
 NORMS.register("center")(CenterNorm)
-NORMS.register("rms")(nn.RMSNorm)
+NORMS.register("rms")(RMSNorm)
 
 
 def create_norm(name: Optional[str], dim: int, eps: float = 1e-6) -> nn.Module:
