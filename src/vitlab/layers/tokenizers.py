@@ -29,12 +29,21 @@ from vitlab.layers.mlp import Mlp
 from vitlab.layers.patch_embed import EMBEDS, to_2tuple
 from vitlab.layers.video import check_video
 
-__all__ = ["conv_out", "soft_split", "TokenPerformer", "TokenTransformer", "T2TEmbed", "CCTTokenizer", "CCTTokenizer3d"]
+__all__ = ["conv_out", "grid_after", "soft_split", "TokenPerformer", "TokenTransformer", "T2TEmbed", "CCTTokenizer", "CCTTokenizer3d"]
 
 
 def conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
     """Output length of a convolution / pooling / unfold along one axis: ``(size + 2p - k) // s + 1``."""
     return (size + 2 * padding - kernel) // stride + 1
+
+
+def grid_after(size: Sequence[int], ops) -> Tuple[int, ...]:
+    """``size`` (one length per axis) through the convolutions / poolings ``ops``, each ``(kernel, stride,
+    padding)`` with an int for every axis or one per axis: :func:`conv_out` per axis."""
+    for op in ops:
+        k, s, p = (v if isinstance(v, tuple) else (v,) * len(size) for v in op)
+        size = tuple(conv_out(*a) for a in zip(size, k, s, p))
+    return tuple(size)
 
 
 def soft_split(x: torch.Tensor, kernel: int, stride: int, padding: int) -> Tuple[torch.Tensor, Tuple[int, int]]:
@@ -162,10 +171,8 @@ class T2TEmbed(nn.Module):
         self.project = Linear(dims[-1] * self.splits[-1][0] ** 2, embed_dim)
 
     def out_size(self, hw: Tuple[int, int]) -> Tuple[int, int]:
-        """The token grid for an ``hw`` image: :func:`conv_out` through every soft split."""
-        for k, s, p in self.splits:
-            hw = (conv_out(hw[0], k, s, p), conv_out(hw[1], k, s, p))
-        return hw
+        """The token grid for an ``hw`` image: through every soft split."""
+        return grid_after(hw, self.splits)
 
     def forward(self, x: torch.Tensor):
         """``(B, C, H, W)`` -> ``(B, N, embed_dim)`` tokens (``(tokens, grid)`` with ``dynamic_img_size``)."""
@@ -220,11 +227,8 @@ class CCTTokenizer(nn.Module):
         self.num_patches = self.grid_size[0] * self.grid_size[1]
 
     def out_size(self, hw: Tuple[int, int]) -> Tuple[int, int]:
-        """The token grid for an ``hw`` image: :func:`conv_out` through every conv and pooling."""
-        for _ in self.conv_layers:
-            for k, s, p in self.layers_cfg:
-                hw = (conv_out(hw[0], k, s, p), conv_out(hw[1], k, s, p))
-        return hw
+        """The token grid for an ``hw`` image: through every conv and pooling."""
+        return grid_after(hw, self.layers_cfg * len(self.conv_layers))
 
     def forward(self, x: torch.Tensor):
         """``(B, C, H, W)`` -> ``(B, N, embed_dim)`` tokens (``(tokens, grid)`` with ``dynamic_img_size``)."""
@@ -266,15 +270,8 @@ class CCTTokenizer3d(nn.Module):
             if isinstance(m, nn.Conv3d) and not m.weight.is_meta:
                 nn.init.kaiming_normal_(m.weight)
         self.img_size, self.num_frames, self.in_chans = to_2tuple(img_size), num_frames, in_chans
-        self.grid_size = self.out_size((num_frames, *self.img_size), [conv, pool] * n_conv_layers)
+        self.grid_size = grid_after((num_frames, *self.img_size), [conv, pool] * n_conv_layers)
         self.num_patches = self.grid_size[0] * self.grid_size[1] * self.grid_size[2]
-
-    @staticmethod
-    def out_size(size: Tuple[int, ...], ops) -> Tuple[int, ...]:
-        """The ``(T', H', W')`` grid: :func:`conv_out` per axis through every conv and pooling."""
-        for kernel, stride, pad in ops:
-            size = tuple(conv_out(n, k, s, p) for n, k, s, p in zip(size, kernel, stride, pad))
-        return size
 
     def check(self, x: torch.Tensor) -> None:
         check_video(x, self.in_chans, self.num_frames, self.img_size)
