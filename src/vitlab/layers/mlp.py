@@ -8,7 +8,7 @@ from typing import Optional, Type
 import torch
 from torch import nn
 
-from vitlab.layers.inplace import INPLACE_ACTIVATIONS, activate, chunkable, conv_bn_act, overwritable
+from vitlab.layers.inplace import INPLACE_ACTIVATIONS, activate, autocast_on, conv_bn_act, overwritable
 from vitlab.layers.layout import TokenLayout, as_layout
 from vitlab.layers.linear import Linear, linear_act
 from vitlab.registry import Registry
@@ -53,7 +53,7 @@ class Mlp(nn.Module):
             h = linear_act(self.fc1, self.act, x)  # fc1 + act in one oneDNN call (also under bf16 autocast)
             if h is not None:
                 return self.drop2(self.fc2(h))
-            if chunkable(x) and 0 < self.chunk_bytes < self._hidden_bytes(x):
+            if not autocast_on(x) and 0 < self.chunk_bytes < self._hidden_bytes(x):  # _fast: the rest of chunkable
                 return self._chunked(x)
         # without autograd, the activation overwrites fc1's fresh output (vitlab.layers.inplace)
         return self.drop2(self.fc2(self.drop1(activate(self.act, self.fc1(x), self.fc1))))
