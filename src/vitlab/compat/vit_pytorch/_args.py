@@ -3,9 +3,13 @@
 Every argument is mapped explicitly; one vitlab cannot honour raises a one-line ``ValueError`` naming it."""
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple, Union
+from contextlib import contextmanager
+from typing import Any, Dict, Iterator, Optional, Tuple, Union
 
 from torch import nn
+
+from vitlab.errors import UserError
+from vitlab.models.backbone import Backbone
 
 Size = Union[int, Tuple[int, int]]
 
@@ -86,3 +90,33 @@ def layerscale_init(depth: int) -> float:
     """CaiT's LayerScale initialisation by depth ("Going deeper with Image Transformers", Touvron et al., ICCV
     2021, sec. 3.1): 0.1 up to 18 blocks, 1e-5 up to 24, 1e-6 beyond."""
     return 0.1 if depth <= 18 else 1e-5 if depth <= 24 else 1e-6
+
+
+# -- the encoder checks the self-supervised wrappers (mae, simmim, mpp, mp3, dino) share ---------------------------
+def encoder_input(cls: str, arg: str, encoder: nn.Module) -> Tuple[str, int, int]:
+    """``(name, image side, channels)`` of a vitlab encoder, read from its ``pretrained_cfg`` (timm's
+    ``input_size``); a non-vitlab module or a non-square input is refused."""
+    if not isinstance(encoder, Backbone):
+        raise refuse(cls, arg, type(encoder).__name__, "a vitlab transformer (e.g. vitlab.compat.vit_pytorch.ViT)")
+    grid = tuple(getattr(encoder, "grid_size", ()))
+    if len(set(grid)) > 1:
+        raise refuse(cls, f"{arg} with a {grid[0]}x{grid[1]} patch grid", "non-square", "a square image_size")
+    chans, side, _ = encoder.pretrained_cfg["input_size"]
+    return encoder.name, int(side), int(chans)
+
+
+def fraction(cls: str, arg: str, value: float) -> float:
+    """vit-pytorch's ratios must lie strictly between 0 and 1 (it asserts so)."""
+    if not isinstance(value, (int, float)) or not 0.0 < float(value) < 1.0:
+        raise ValueError(f"{cls}: {arg}={value!r}; expected a fraction strictly between 0 and 1")
+    return float(value)
+
+
+@contextmanager
+def as_value_error(cls: str) -> Iterator[None]:
+    """vitlab's methods refuse an encoder with a :class:`UserError` (the CLI's one-line error); compat raises
+    ``ValueError`` like the other compat classes."""
+    try:
+        yield
+    except UserError as exc:
+        raise ValueError(f"{cls}: {exc}") from None

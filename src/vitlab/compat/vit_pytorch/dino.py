@@ -10,8 +10,7 @@ import torch
 from torch import nn
 from torchvision.transforms.v2.functional import to_pil_image
 
-from vitlab.compat.vit_pytorch._args import refuse
-from vitlab.compat.vit_pytorch.mae import encoder_input
+from vitlab.compat.vit_pytorch._args import encoder_input, refuse
 from vitlab.pretrain.crops import MultiCrop, default_local_size
 from vitlab.pretrain.dino import DINO
 

@@ -1,47 +1,12 @@
-"""vit-pytorch's ``vit_pytorch.mae.MAE`` on vitlab's MAE (:class:`vitlab.pretrain.mae.MAE`), and the encoder
-checks the self-supervised compat wrappers (``mae``, ``simmim``, ``mpp``, ``mp3``, ``dino``) share."""
+"""vit-pytorch's ``vit_pytorch.mae.MAE`` on vitlab's MAE (:class:`vitlab.pretrain.mae.MAE`)."""
 from __future__ import annotations
-
-from contextlib import contextmanager
-from typing import Iterator, Tuple
 
 from torch import nn
 
-from vitlab.compat.vit_pytorch._args import refuse
-from vitlab.errors import UserError
-from vitlab.models.backbone import Backbone
+from vitlab.compat.vit_pytorch._args import as_value_error, encoder_input, fraction, refuse
 from vitlab.pretrain.mae import MAE as _MAE
 
-__all__ = ["MAE", "encoder_input", "fraction", "as_value_error"]
-
-
-def encoder_input(cls: str, arg: str, encoder: nn.Module) -> Tuple[str, int, int]:
-    """``(name, image side, channels)`` of a vitlab encoder, read from its ``pretrained_cfg`` (timm's
-    ``input_size``); a non-vitlab module or a non-square input is refused."""
-    if not isinstance(encoder, Backbone):
-        raise refuse(cls, arg, type(encoder).__name__, "a vitlab transformer (e.g. vitlab.compat.vit_pytorch.ViT)")
-    grid = tuple(getattr(encoder, "grid_size", ()))
-    if len(set(grid)) > 1:
-        raise refuse(cls, f"{arg} with a {grid[0]}x{grid[1]} patch grid", "non-square", "a square image_size")
-    chans, side, _ = encoder.pretrained_cfg["input_size"]
-    return encoder.name, int(side), int(chans)
-
-
-def fraction(cls: str, arg: str, value: float) -> float:
-    """vit-pytorch's ratios must lie strictly between 0 and 1 (it asserts so)."""
-    if not isinstance(value, (int, float)) or not 0.0 < float(value) < 1.0:
-        raise ValueError(f"{cls}: {arg}={value!r}; expected a fraction strictly between 0 and 1")
-    return float(value)
-
-
-@contextmanager
-def as_value_error(cls: str) -> Iterator[None]:
-    """vitlab's methods refuse an encoder with a :class:`UserError` (the CLI's one-line error); compat raises
-    ``ValueError`` like the other compat classes."""
-    try:
-        yield
-    except UserError as exc:
-        raise ValueError(f"{cls}: {exc}") from None
+__all__ = ["MAE"]
 
 
 class MAE(_MAE):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from vitlab.compat.vit_pytorch._args import Size, set_embedding_dropout, vit_kwargs
-from vitlab.compat.vit_pytorch.mae import as_value_error, encoder_input, fraction
+from vitlab.compat.vit_pytorch._args import (Size, as_value_error, encoder_input, fraction, set_embedding_dropout,
+                                             vit_kwargs)
 from vitlab.models.vit_variants import SimpleViT
 from vitlab.pretrain.mp3 import MP3 as _MP3
 

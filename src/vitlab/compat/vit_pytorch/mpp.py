@@ -5,8 +5,7 @@ from typing import Optional, Sequence, Tuple
 
 from torch import nn
 
-from vitlab.compat.vit_pytorch._args import refuse
-from vitlab.compat.vit_pytorch.mae import as_value_error, encoder_input, fraction
+from vitlab.compat.vit_pytorch._args import as_value_error, encoder_input, fraction, refuse
 from vitlab.pretrain.mpp import MPP as _MPP
 
 __all__ = ["MPP"]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from vitlab.compat.vit_pytorch.mae import as_value_error, encoder_input, fraction
+from vitlab.compat.vit_pytorch._args import as_value_error, encoder_input, fraction
 from vitlab.pretrain.simmim import SimMIM as _SimMIM
 
 __all__ = ["SimMIM"]
