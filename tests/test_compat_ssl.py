@@ -238,6 +238,9 @@ def test_added_parameters_match_vit_pytorchs_wrappers():
         (lambda v: MAE(encoder=v, decoder_dim=d, decoder_depth=2, decoder_heads=4, decoder_dim_head=8),
          lambda v: VPMAE(encoder=v, decoder_dim=d, decoder_depth=2, decoder_heads=4, decoder_dim_head=8), 1,
          (d * d + d) + 2 * 3 * d - (L + 1) * d),
+        # vit-pytorch's defaults, 8 heads of 64: the attention is 512 wide inside a 32-wide decoder (qkv biases 3 x 512)
+        (lambda v: MAE(encoder=v, decoder_dim=d), lambda v: VPMAE(encoder=v, decoder_dim=d), 1,
+         (d * d + d) + 3 * 8 * 64 - (L + 1) * d),
         (lambda v: SimMIM(encoder=v), lambda v: VPSimMIM(encoder=v), 1, 0),  # mask token + one linear map
         (lambda v: MPP(v, 8, d), lambda v: VPMPP(v, 8, d), 1, 0),  # mask patch + colour head
         (lambda v: Dino(v, 32, projection_hidden_size=d, num_classes_K=64),  # student + teacher: g (K) vs bias (K)
@@ -263,7 +266,7 @@ def test_mp3_vit_parameters_vs_vit_pytorch_at_the_readme_size():
 
 # -- refusals -------------------------------------------------------------------------------------------------------
 REFUSALS = [
-    (lambda: MAE(encoder=ViT(**SMALL), decoder_dim=32), "decoder_dim_head=64"),
+    (lambda: MAE(encoder=ViT(**SMALL), decoder_dim=32, decoder_dim_head=0), "decoder_dim_head=0"),
     (lambda: MAE(encoder=ViT(**SMALL), decoder_dim=32, decoder_heads=4, decoder_dim_head=8, masking_ratio=1.0),
      "masking_ratio=1.0"),
     (lambda: MAE(encoder=nn.Linear(3, 3), decoder_dim=32), "encoder='Linear'"),

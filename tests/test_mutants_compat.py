@@ -312,11 +312,11 @@ REFUSALS = [  # (what the user does, the whole one-line message)
     (lambda: _mpp(_conv_vit()), "MPP: MPP cannot pretrain model vit_tiny_patch16_224: its stem mixes neighbouring "
      "patches; use a patchify stem (--model-kwargs ...,embed=patch) or --method simmim"),
     (lambda: _mae(masking_ratio=0.0), "MAE: masking_ratio=0.0; expected a fraction strictly between 0 and 1"),
-    (lambda: _mae(decoder_dim=0), "MAE: decoder_dim=0, decoder_depth=1 and decoder_heads=4 must be positive"),
-    (lambda: _mae(decoder_depth=0), "MAE: decoder_dim=32, decoder_depth=0 and decoder_heads=4 must be positive"),
-    (lambda: _mae(decoder_heads=0), "MAE: decoder_dim=32, decoder_depth=1 and decoder_heads=0 must be positive"),
-    (lambda: _mae(decoder_heads=3), f"MAE: decoder_dim_head=8 {_NOT} decoder_dim / decoder_heads = 10.6667 "
-     "(vitlab's decoder splits its width into the heads)"),
+    (lambda: _mae(decoder_dim=0), "MAE: decoder_dim=0, decoder_depth=1, decoder_heads=4 and decoder_dim_head=8 must be positive"),
+    (lambda: _mae(decoder_depth=0), "MAE: decoder_dim=32, decoder_depth=0, decoder_heads=4 and decoder_dim_head=8 must be positive"),
+    (lambda: _mae(decoder_heads=0), "MAE: decoder_dim=32, decoder_depth=1, decoder_heads=0 and decoder_dim_head=8 must be positive"),
+    (lambda: _mae(decoder_dim_head=0), "MAE: decoder_dim=32, decoder_depth=1, decoder_heads=4 and decoder_dim_head=0 "
+     "must be positive"),
     (lambda: MAE(encoder=nn.Linear(2, 2), decoder_dim=32), f"MAE: encoder='Linear' {_VL}"),
     (lambda: _mae(_ssl_vit(image_size=(32, 48))), f"MAE: encoder {_SQ}"),
     (lambda: _mae(_conv_vit()), "MAE: MAE cannot pretrain model vit_tiny_patch16_224: its stem is overlapping (a "

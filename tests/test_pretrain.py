@@ -150,3 +150,31 @@ def test_bad_mask_ratio_is_a_one_line_error():
         MAE(_vit(), "vit", 16, 1, mask_ratio=1.5)
     with pytest.raises(UserError, match=r"--mask-ratio 0"):
         SimMIM(_vit(), "vit", 16, 1, mask_ratio=0)
+
+
+def test_decoder_head_width_is_its_own_option_from_the_command_line_to_the_attention():
+    """``--decoder-head-dim`` (vit-pytorch's ``decoder_dim_head``): the decoder attention is heads x head_dim wide
+    inside a narrower decoder, projected back to the decoder width; without it the width is split into the heads."""
+    import argparse
+
+    from vitlab.pretrain.cli import add_arguments, config_from_args
+    from vitlab.pretrain.methods import build_method
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args(["--method", "mae", "--model", "vit_tiny_patch16_224", "--decoder-dim", "32",
+                         "--decoder-heads", "4", "--decoder-head-dim", "16", "--decoder-depth", "1",
+                         "--model-kwargs", '{"patch_size": 4, "depth": 1, "embed_dim": 32, "num_heads": 2}'])
+    cfg = config_from_args(args).resolved()
+    assert cfg.decoder_head_dim == 16
+    settings = dict(img_size=16, in_chans=1, num_classes=10)
+    mae, _ = build_method(cfg, settings, 10)
+    attn = mae.decoder.decoder_blocks[0].attn
+    assert tuple(attn.qkv.weight.shape) == (3 * 4 * 16, 32) and tuple(attn.proj.weight.shape) == (32, 64)
+    plain = MAE(_vit(), "vit_tiny_patch16_224", 16, 1, decoder_dim=32, decoder_heads=4, decoder_depth=1)
+    assert tuple(plain.decoder.decoder_blocks[0].attn.qkv.weight.shape) == (3 * 32, 32)
+    with pytest.raises(UserError, match="--decoder-head-dim 0: expected a positive width per head"):
+        MAE(_vit(), "vit_tiny_patch16_224", 16, 1, decoder_dim=32, decoder_heads=4, decoder_head_dim=0)
+    with pytest.raises(UserError, match="--decoder-dim 30: expected a multiple of 4"):
+        MAE(_vit(), "vit_tiny_patch16_224", 16, 1, decoder_dim=30, decoder_heads=3, decoder_head_dim=8)
+

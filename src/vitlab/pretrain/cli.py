@@ -65,6 +65,7 @@ def _method_arguments(m, d) -> None:
     m.add_argument("--decoder-dim", type=int, help="MAE decoder width (default 64)")
     m.add_argument("--decoder-depth", type=int, help="MAE decoder blocks (default 2)")
     m.add_argument("--decoder-heads", type=int, help="MAE decoder heads (default 4)")
+    m.add_argument("--decoder-head-dim", type=int, help="MAE decoder width per head (default: decoder width / heads)")
     m.add_argument("--mask-patch", type=int, help="SimMIM mask cell in pixels (default: see docs)")
     d.add_argument("--local-crops", type=int, help="local crops per image (default 6; 0: global crops only)")
     d.add_argument("--local-size", type=int, help="local crop size (default: 96/224 of the image, a patch multiple)")

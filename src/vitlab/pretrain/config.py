@@ -63,6 +63,7 @@ class PretrainConfig:
     decoder_dim: int = 64
     decoder_depth: int = 2
     decoder_heads: int = 4
+    decoder_head_dim: Optional[int] = None  # None: decoder_dim / decoder_heads
     mask_patch: Optional[int] = None
     # MPP
     mpp_bits: int = 3
@@ -139,6 +140,8 @@ class PretrainConfig:
         check(self.workers >= 0, "workers", self.workers, "a count >= 0")
         check(0 <= self.drop_path < 1, "drop-path", self.drop_path, "a rate in [0, 1)")
         check(self.clip_grad is None or self.clip_grad >= 0, "clip-grad", self.clip_grad, "a norm >= 0 (0: off)")
+        check(self.decoder_head_dim is None or self.decoder_head_dim >= 1, "decoder-head-dim", self.decoder_head_dim,
+              "a positive width per head")
         if self.method != "dino":
             check(0 < self.mask_ratio < 1, "mask-ratio", self.mask_ratio, "a fraction strictly between 0 and 1")
         check(self.eval in EVALS, "eval", self.eval, f"one of {', '.join(EVALS)}")

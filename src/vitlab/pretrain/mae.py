@@ -21,7 +21,7 @@ token (an overlapping conv stem would leak removed pixels into kept tokens) is r
 """
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -122,17 +122,20 @@ class MAEDecoder(nn.Module):
     """Embedding, mask token, fixed sin-cos positions, ``depth`` blocks, norm and pixel predictor."""
 
     def __init__(self, in_dim: int, grid: Tuple[int, int], num_prefix: int, out_dim: int, dim: int = 64,
-                 depth: int = 2, num_heads: int = 4, mlp_ratio: float = 4.0):
+                 depth: int = 2, num_heads: int = 4, mlp_ratio: float = 4.0, head_dim: Optional[int] = None):
         super().__init__()
-        if dim % num_heads or dim % 4:
-            raise UserError(f"--decoder-dim {dim}: expected a multiple of 4 and of --decoder-heads {num_heads}")
+        if dim % 4 or (head_dim is None and dim % num_heads):
+            raise UserError(f"--decoder-dim {dim}: expected a multiple of 4 and of --decoder-heads {num_heads} "
+                            "(or set --decoder-head-dim)")
+        if head_dim is not None and head_dim < 1:
+            raise UserError(f"--decoder-head-dim {head_dim}: expected a positive width per head")
         self.grid, self.num_prefix = tuple(grid), int(num_prefix)
         self.decoder_embed = nn.Linear(in_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         table = torch.cat([torch.zeros(self.num_prefix, dim), sincos_2d(self.grid, dim)])
         self.register_buffer("decoder_pos_embed", table[None], persistent=False)
         self.decoder_blocks = nn.ModuleList([
-            Block(dim, create_mixer("softmax", dim, num_heads, family=dict(qkv_bias=True)),
+            Block(dim, create_mixer("softmax", dim, num_heads, family=dict(qkv_bias=True, head_dim=head_dim)),
                   Mlp(dim, int(dim * mlp_ratio)), norm="layernorm", norm_eps=1e-6) for _ in range(depth)])
         self.decoder_norm = nn.LayerNorm(dim, eps=1e-6)
         self.decoder_pred = nn.Linear(dim, out_dim)
@@ -161,7 +164,8 @@ class MAE(nn.Module):
     returns the loss; ``last`` holds the prediction, target and mask of the latest call."""
 
     def __init__(self, encoder: nn.Module, name: str, img_size: int, in_chans: int, mask_ratio: float = 0.75,
-                 norm_pix_loss: bool = False, decoder_dim: int = 64, decoder_depth: int = 2, decoder_heads: int = 4):
+                 norm_pix_loss: bool = False, decoder_dim: int = 64, decoder_depth: int = 2, decoder_heads: int = 4,
+                 decoder_head_dim: Optional[int] = None):
         super().__init__()
         layout = check_token_dropping(encoder, name, img_size, in_chans)
         self.encoder = encoder
@@ -172,7 +176,8 @@ class MAE(nn.Module):
             raise UserError(f"--mask-ratio {mask_ratio}: keeps no token of the {layout.num_grid} patches "
                             f"(int(L * (1 - ratio)) = 0); use a smaller ratio")
         self.decoder = MAEDecoder(encoder.num_features, self.grid, encoder.num_prefix_tokens,
-                                  self.patch ** 2 * in_chans, decoder_dim, decoder_depth, decoder_heads)
+                                  self.patch ** 2 * in_chans, decoder_dim, decoder_depth, decoder_heads,
+                                  head_dim=decoder_head_dim)
         self.last: Dict[str, torch.Tensor] = {}
 
     def encode(self, imgs: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

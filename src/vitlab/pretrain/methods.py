@@ -86,7 +86,7 @@ def build_method(cfg: PretrainConfig, settings: Dict[str, Any], steps_per_epoch:
 
         enc, kw = build_encoder(cfg, settings, cfg.drop_path)
         return MAE(enc, cfg.model, img, chans, cfg.mask_ratio, cfg.norm_pix_loss, cfg.decoder_dim, cfg.decoder_depth,
-                   cfg.decoder_heads), kw
+                   cfg.decoder_heads, cfg.decoder_head_dim), kw
     if cfg.method == "simmim":
         from vitlab.pretrain.simmim import SimMIM
 

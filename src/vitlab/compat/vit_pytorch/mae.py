@@ -16,8 +16,8 @@ class MAE(_MAE):
     Mapping: ``encoder`` -> the encoder (a vitlab transformer whose stem keeps patches apart, e.g.
     ``vitlab.compat.vit_pytorch.ViT``; it is trained in place), ``masking_ratio`` -> ``mask_ratio``,
     ``decoder_dim`` / ``decoder_depth`` / ``decoder_heads`` -> the decoder's width, depth and heads (MLP
-    ``4 * decoder_dim``, as both); ``decoder_dim_head`` must be ``decoder_dim / decoder_heads`` (vitlab's decoder
-    splits its width into the heads; vit-pytorch's default 8 heads of 64 fit ``decoder_dim=512``).
+    ``4 * decoder_dim``, as both); ``decoder_dim_head`` -> ``decoder_head_dim`` (the attention's width is
+    ``decoder_heads * decoder_dim_head``, projected back to ``decoder_dim``, as vit-pytorch's).
     ``forward(images)`` returns the loss; ``last`` holds the prediction (every patch), target and mask (1 = removed).
 
     Follows the paper (facebookresearch/mae) where vit-pytorch does not:
@@ -36,13 +36,10 @@ class MAE(_MAE):
                  decoder_heads: int = 8, decoder_dim_head: int = 64):
         name, side, chans = encoder_input("MAE", "encoder", encoder)
         ratio = fraction("MAE", "masking_ratio", masking_ratio)
-        if decoder_dim < 1 or decoder_depth < 1 or decoder_heads < 1:
-            raise ValueError(f"MAE: decoder_dim={decoder_dim}, decoder_depth={decoder_depth} and "
-                             f"decoder_heads={decoder_heads} must be positive")
-        if decoder_heads * decoder_dim_head != decoder_dim:
-            raise refuse("MAE", "decoder_dim_head", decoder_dim_head,
-                         f"decoder_dim / decoder_heads = {decoder_dim / decoder_heads:g} (vitlab's decoder splits "
-                         f"its width into the heads)")
+        if min(decoder_dim, decoder_depth, decoder_heads, decoder_dim_head) < 1:
+            raise ValueError(f"MAE: decoder_dim={decoder_dim}, decoder_depth={decoder_depth}, decoder_heads="
+                             f"{decoder_heads} and decoder_dim_head={decoder_dim_head} must be positive")
         with as_value_error("MAE"):
             super().__init__(encoder, name, side, chans, mask_ratio=ratio, norm_pix_loss=False,
-                             decoder_dim=decoder_dim, decoder_depth=decoder_depth, decoder_heads=decoder_heads)
+                             decoder_dim=decoder_dim, decoder_depth=decoder_depth, decoder_heads=decoder_heads,
+                             decoder_head_dim=decoder_dim_head)
