@@ -36,6 +36,7 @@ _STAGES4 = dict(depths=(1, 2, 1, 1), num_heads=(2, 2, 2, 2))
 SMALL: Dict[str, Callable[[nn.Module], Dict[str, Any]]] = {
     "VisionTransformer": _iso,
     "Eva": _iso,  # timm Eva's keys (vit_*_rope_reg*)
+    "Beit": _iso,  # BEiT / BEiT v2 (timm Beit's keys)
     "ViT5": _iso,  # ViT-5: registers with their own RoPE, RMS QK-norm
     "DistilledVisionTransformer": _iso,
     "Cait": lambda m: dict(_iso(m), depth_token_only=1),
@@ -51,6 +52,7 @@ SMALL: Dict[str, Callable[[nn.Module], Dict[str, Any]]] = {
                                              temporal_depth=1, embed_dim=24, num_heads=2),
     "SwinTransformer": lambda m: dict(img_size=32, embed_dim=16, window_size=2, drop_path_rate=0.0,
                                       **{k: v[:len(m.layers)] for k, v in _STAGES4.items()}),
+    "SwinTransformerV2": lambda m: dict(img_size=32, embed_dim=16, window_size=2, drop_path_rate=0.0, **_STAGES4),
     "CSwinTransformer": lambda m: dict(img_size=64, embed_dim=16, split_size=(1, 1, 2, 2), drop_path_rate=0.0,
                                        **_STAGES4),
     "PyramidVisionTransformer": lambda m: dict(img_size=64, embed_dims=(8, 16, 24, 32), depths=(1, 2, 1, 1),

@@ -384,8 +384,8 @@ def test_attention_repr_names_every_part_and_its_options():
 
     r = MultiHeadAttention(8, 2, core="cosine", tau=3.0, modifiers=("attnscale",)).extra_repr()
     assert r == ("dim=8, heads=2, head_dim=4, parts=[linear(qkv_bias=True, qk_norm=False, name='linear'), "
-                 "global(name='global'), cosine(tau=3.0, learn_tau=False, normalize_v=False, eps=0.0, name='cosine'), "
-                 "attnscale(name='attnscale')]")
+                 "global(name='global'), cosine(tau=3.0, learn_tau=False, normalize_v=False, eps=0.0, "
+                 "learn_logit_scale=False, max_logit_scale=100.0, name='cosine'), attnscale(name='attnscale')]")
 
 
 def test_spatial_reduction_linear_pool_and_recorded_key_grid():

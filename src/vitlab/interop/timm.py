@@ -112,6 +112,7 @@ def _ensure_loaded() -> None:
     from vitlab.interop import timm_mobilevit  # noqa: F401
     from vitlab.interop import official  # noqa: F401  (families timm lacks: their official checkpoints' keys)
     from vitlab.interop import timm_crossvit  # noqa: F401
+    from vitlab.interop import timm_swinv2  # noqa: F401
     from vitlab.interop import timm_eva  # noqa: F401
 
 

@@ -33,6 +33,7 @@ from vitlab.layers.video import AxialGrouping, TubeletEmbed, sincos_nd  # noqa: 
 from vitlab.layers import memory as _memory  # noqa: F401 (registers projection "memory")
 from vitlab.layers import conv_projection as _conv_projection  # noqa: F401 (registers projection "conv", CvT)
 from vitlab.layers import rope as _rope, spt as _spt  # noqa: F401 (register position "rope", embed "spt", "lsa")
+from vitlab.layers import beit_position as _beit_position  # noqa: F401 (registers position "beit_relative")
 from vitlab.layers import regional as _regional  # noqa: F401 (registers grouping "regional", RegionViT)
 from vitlab.layers import separable as _separable  # noqa: F401 (registers grouping "separable", SepViT)
 from vitlab.layers import unfold as _unfold  # noqa: F401 (registers grouping "unfold", MobileViT)
@@ -42,6 +43,7 @@ from vitlab.layers import grid as _grid  # noqa: F401 (registers grouping "grid"
 from vitlab.layers.mlp import CHANNEL_MIXERS, Mlp
 from vitlab.layers import glu as _glu  # noqa: F401 (registers channel mixer "swiglu_packed", DINOv2-g)
 from vitlab.layers import differential as _differential  # noqa: F401 (registers core "differential")
+from vitlab.layers import cpb as _cpb  # noqa: F401 (registers position "cpb", Swin V2)
 from vitlab.layers import linear_norm as _lnorm, offset_bias as _offset  # noqa: F401 (LeViT's parts)
 from vitlab.layers.norm import NORMS, CenterNorm, create_norm
 from vitlab.layers.patch_embed import EMBEDS, ConvStem, PatchEmbed, to_2tuple

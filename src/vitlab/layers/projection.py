@@ -10,7 +10,8 @@ from vitlab.layers.attn_parts import PROJECTIONS, AttentionPart
 from vitlab.layers.linear import Linear, linear
 from vitlab.layers.norm import NORMS, create_norm
 
-__all__ = ["LinearProjection", "QKVProjection", "QVBiasProjection", "SeparateProjection", "split_heads"]
+__all__ = ["LinearProjection", "QKVProjection", "QVBiasProjection", "SeparateProjection", "SeparateQVBiasProjection",
+           "split_heads"]
 
 Tensors = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -94,16 +95,30 @@ class SeparateProjection(_Projection):
     """Three Linears ``q``, ``k``, ``v`` (CaiT's class attention, Touvron et al., ICCV 2021; names as
     timm's ``ClassAttn``)."""
 
+    names = ("q", "k", "v")  # the host's attributes for the three Linears
+    key_bias = True  # whether k has a bias when qkv_bias does
+
     def __init__(self, qkv_bias: bool = True):
         self.qkv_bias = qkv_bias
 
     def setup(self, host) -> None:
-        for name in ("q", "k", "v"):
-            setattr(host, name, Linear(host.dim, host.inner, bias=self.qkv_bias))
+        for name, bias in zip(self.names, (True, self.key_bias, True)):
+            setattr(host, name, Linear(host.dim, host.inner, bias=self.qkv_bias and bias))
 
     def __call__(self, host, xq, xkv):
         h = host.num_heads
-        return split_heads(host.q(xq), h), split_heads(host.k(xkv), h), split_heads(host.v(xkv), h)
+        q, k, v = (getattr(host, name) for name in self.names)
+        return split_heads(q(xq), h), split_heads(k(xkv), h), split_heads(v(xkv), h)
+
+
+@PROJECTIONS.register("separate_qv_bias")
+class SeparateQVBiasProjection(SeparateProjection):
+    """Three Linears ``q_proj``, ``k_proj``, ``v_proj`` with biases on q and v only: the unfused form of BEiT's
+    q/v bias (``linear_qv_bias``) that EVA-02's base and large models use ("EVA-02: A Visual Representation for
+    Neon Genesis", Fang et al., 2023; names as timm's ``EvaAttention(qkv_fused=False)``)."""
+
+    names = ("q_proj", "k_proj", "v_proj")
+    key_bias = False
 
 
 @PROJECTIONS.register("linear_qv_bias")

@@ -9,7 +9,10 @@ only the prefix (class) tokens are updated, by a mixer whose queries are the pre
 input, ``x + DropPath(ls1(mixer(norm1(x)))) + DropPath(ls2(mlp(norm2(x))))``, so the block has no
 separable halves (:meth:`Block.attn_half` is the whole block, :meth:`Block.mlp_half` the identity);
 ``"parallel_scaling"`` is ViT-22B's block exactly (sec. 2, timm ``ParallelScalingBlock``): one norm and one branch
-scale for both, ``x + DropPath(ls1(mixer(norm1(x)) + mlp(norm1(x))))`` (no ``norm2``/``ls2``).  Optional
+scale for both, ``x + DropPath(ls1(mixer(norm1(x)) + mlp(norm1(x))))`` (no ``norm2``/``ls2``).  ``"res_post"`` is
+Swin V2's residual post-norm ("Swin Transformer V2: Scaling Up Capacity and Resolution", Liu et al., CVPR 2022,
+sec. 3.2): each branch reads the raw tokens and is normalised before it joins the residual,
+``x + DropPath(ls1(norm1(mixer(x))))`` then ``x + DropPath(ls2(norm2(mlp(x))))``.  Optional
 ``conv_units`` (LipsFormer's depthwise-conv residual units) run before the attention half.  An optional
 ``local_mixer`` (XCiT's local patch interaction, El-Nouby et al., NeurIPS 2021, sec. 3.3) is a third residual
 branch between attention and MLP, ``x + DropPath(ls3(local_mp(norm3(x))))``, part of the attention half.
@@ -34,7 +37,7 @@ from vitlab.layers.layout import TokenLayout
 
 __all__ = ["Block", "ParallelBranch", "WIRINGS", "drop_path_rates"]
 
-WIRINGS = ("pre", "post", "end", "prefix", "parallel", "prefix_xcit", "parallel_scaling")
+WIRINGS = ("pre", "post", "end", "prefix", "parallel", "prefix_xcit", "parallel_scaling", "res_post")
 
 
 def drop_path_rates(rate: float, depth: int) -> List[float]:
@@ -87,9 +90,10 @@ class Block(nn.Module):
             raise ValueError(f"wiring must be one of {WIRINGS}, got {wiring!r}")
         if wiring == "parallel_scaling" and mlp is None:
             raise ValueError("wiring 'parallel_scaling' runs the MLP beside the attention; this block has no MLP")
-        if (local_mixer is not None and wiring not in ("pre", "post")) or (tokens_norm and wiring != "prefix_xcit"):
-            raise ValueError(f"local_mixer needs wiring 'pre' or 'post' and tokens_norm wiring 'prefix_xcit'; got "
-                             f"wiring {wiring!r}")
+        if ((local_mixer is not None and wiring not in ("pre", "post", "res_post"))
+                or (tokens_norm and wiring != "prefix_xcit")):
+            raise ValueError(f"local_mixer needs wiring 'pre' or 'post' (or 'res_post') and tokens_norm wiring "
+                             f"'prefix_xcit'; got wiring {wiring!r}")
         self.wiring, self.tokens_norm, self.local_mp = wiring, tokens_norm, None
         if isinstance(mixer, (list, tuple)):  # parallel branches: their own norms and scales, no single halves
             if wiring != "pre" or featscale or conv_units or local_mixer is not None or len(mixer) != len(mlp):
@@ -127,6 +131,11 @@ class Block(nn.Module):
         return self.wiring in ("post", "end")
 
     @property
+    def raw_branches(self) -> bool:
+        """Branches read the un-normalised tokens (``post``, ``end`` and ``res_post`` wiring)."""
+        return self.post_norm or self.wiring == "res_post"
+
+    @property
     def num_parallel(self) -> int:
         """Parallel attention (and MLP) branches: 1 unless built with lists of mixers."""
         return len(self.attns) if hasattr(self, "attns") else 1
@@ -158,16 +167,22 @@ class Block(nn.Module):
         if self.wiring == "prefix_xcit":  # the patch tokens' branch is their normalised value
             xn = self.norm1(x)
             return x + self.drop_path1(self.ls1(torch.cat([self.attn(xn, layout), xn[:, layout.num_prefix:]], 1)))
-        y = self.attn(x if self.post_norm else self.norm1(x), layout)
+        y = self.attn(x if self.raw_branches else self.norm1(x), layout)
         if self.featscale is not None:
             y = self.featscale(y)
-        x = residual_add(x, self.drop_path1(self.ls1(y)), self.attn, self.featscale, self.ls1, self.drop_path1)
+        if self.wiring == "res_post":
+            y = self.norm1(y)
+        res_norm = self.norm1 if self.wiring == "res_post" else None  # a producer of the branch output too
+        x = residual_add(x, self.drop_path1(self.ls1(y)), self.attn, self.featscale, res_norm, self.ls1,
+                         self.drop_path1)
         x = self.norm1(x) if self.post_norm else x
         return x if self.local_mp is None else self._local_half(x, layout)
 
     def _local_half(self, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-        """The third branch (XCiT's LPI): ``x + DropPath(ls3(local_mp(norm3(x))))`` (post-norm: norm after)."""
-        y = self.drop_path3(self.ls3(self.local_mp(x if self.post_norm else self.norm3(x), layout)))
+        """The third branch (XCiT's LPI): ``x + DropPath(ls3(local_mp(norm3(x))))`` (post-norm: norm after the sum;
+        res_post: ``norm3`` on the branch output)."""
+        y = self.local_mp(x if self.raw_branches else self.norm3(x), layout)
+        y = self.drop_path3(self.ls3(self.norm3(y) if self.wiring == "res_post" else y))
         return self.norm3(x + y) if self.post_norm else x + y
 
     def mlp_half(self, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
@@ -186,8 +201,9 @@ class Block(nn.Module):
             p = layout.num_prefix
             x = self.norm2(x) if self.tokens_norm else torch.cat([self.norm2(x[:, :p]), x[:, p:]], dim=1)
             return x + self.drop_path2(torch.cat([self.ls2(self.mlp(x[:, :p])), x[:, p:]], dim=1))
-        y = self.drop_path2(self.ls2(self.mlp(x if self.post_norm else self.norm2(x), layout)))
-        x = residual_add(x, y, self.mlp, self.ls2, self.drop_path2)
+        y = self.mlp(x if self.raw_branches else self.norm2(x), layout)
+        y = self.drop_path2(self.ls2(self.norm2(y) if self.wiring == "res_post" else y))
+        x = residual_add(x, y, self.mlp, self.norm2 if self.wiring == "res_post" else None, self.ls2, self.drop_path2)
         return self.norm2(x) if self.post_norm else x
 
     def forward(self, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:

@@ -31,11 +31,18 @@ ENTRIES: List[Tuple[str, Entry]] = [
                         "blocks")),
     ("attnscale_*", Entry("Anti-oversmoothing (Wang et al., ICLR 2022)", "modifier `attnscale`")),
     ("featscale_*", Entry("Anti-oversmoothing (Wang et al., ICLR 2022)", "block `featscale`")),
+    ("beit*", Entry("BEiT (Bao et al., ICLR 2022) / BEiT v2 (Peng et al., 2022)", "ViT + position `beit_relative` "
+                    "(per block, class-token rows), no position table, projection `linear_qv_bias`, LayerScale, "
+                    "average pool + fc_norm (timm's Beit)")),
     ("deit3_*", Entry("DeiT III (Touvron et al., ECCV 2022)", "ViT + shortcut `layerscale`, patch-only position "
                       "table", "vit.ViT")),
     ("vit5_*", Entry("ViT-5 (Wang et al., 2026)", "ViT + norm `rms`, shortcut `layerscale` (1e-4), projection qk_norm "
                      "`rms`, no qkv bias, patch-only table + position `rope` (base 10000, `yx`), 4 registers with "
                      "their own RoPE (`rope_registers=4`, base 100)", "vit_5.ViT")),
+    ("eva02_*", Entry("EVA-02 (Fang et al., 2023)", "ViT/14 + class token and learned table, position `rope` "
+                      "(`rope_order='yx'`, `rope_ref_grid=(16, 16)`), channel mixer `swiglu_packed` + "
+                      "projection `linear_qv_bias` (Ti, S) or `swiglu_norm` (sub-LN) + `separate_qv_bias` "
+                      "(B, L), average pooling (timm's Eva)")),
     ("vit_*_rope_reg[14]_*", Entry("Vision Transformers Need Registers (Darcet et al., ICLR 2024) + EVA-02 RoPE "
                                    "(Fang et al., 2023)", "ViT + 1 or 4 registers, no position table, position "
                                    "`rope` (`rope_order='yx'`, `rope_ref_grid=(16, 16)`), projection "
@@ -81,6 +88,8 @@ ENTRIES: List[Tuple[str, Entry]] = [
                       "vit_3d.ViT")),
     ("cait_*", Entry("CaiT (Touvron et al., ICCV 2021)", "modifier `talking_heads`, LayerScale, class-attention "
                      "tail (wiring `prefix`)", "cait.CaiT")),
+    ("swinv2_*", Entry("Swin V2 (Liu et al., CVPR 2022)", "Swin + wiring `res_post`, core `cosine` (learned "
+                       "per-head logit scale), position `cpb`, projection `linear_qv_bias`, merging: norm after")),
     ("swin_*", Entry("Swin (Liu et al., ICCV 2021)", "grouping `window` (shifted), relative table, patch merging")),
     ("cswin_*", Entry("CSwin (Dong et al., CVPR 2022)", "grouping `stripes`, LePE, conv merge")),
     ("pit_*", Entry("PiT (Heo et al., ICCV 2021)", "conv stem, class token carried through depthwise-conv pooling "

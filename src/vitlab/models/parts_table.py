@@ -26,6 +26,8 @@ FAMILY_EXAMPLES: Dict[str, Tuple[str, Dict[str, Any], Tuple[int, int, int]]] = {
                                     num_classes=10), (3, 32, 32)),
     "swin": ("swin_tiny_patch4_window7_224", dict(img_size=32, embed_dim=16, depths=(2, 2), num_heads=(2, 2),
                                                   window_size=2, num_classes=10), (3, 32, 32)),
+    "swinv2": ("swinv2_tiny_window8_256", dict(img_size=32, embed_dim=16, depths=(2, 2), num_heads=(2, 2),
+                                               window_size=2, num_classes=10), (3, 32, 32)),
     "cswin": ("cswin_tiny_224", dict(img_size=32, embed_dim=16, depths=(1, 1, 1), num_heads=(2, 2, 2),
                                      split_size=(2, 2, 2), num_classes=10), (3, 32, 32)),
     "pvt": ("pvt_tiny", dict(img_size=32, depths=(1, 1), embed_dims=(16, 32), num_heads=(1, 2), mlp_ratios=(2, 2),
@@ -69,6 +71,8 @@ FAMILY_EXAMPLES: Dict[str, Tuple[str, Dict[str, Any], Tuple[int, int, int]]] = {
                (3, 32, 32)),
     "crossvit": ("crossvit_9_240", dict(img_size=30, patch_size=(3, 4), embed_dim=(16, 32), depth=((1, 1, 0), (1, 1, 0)),
                                         num_heads=(2, 2), num_classes=10), (3, 30, 30)),
+    "beit": ("beit_base_patch16_224", dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2,
+                                           num_classes=10), (3, 32, 32)),
     "alternet": ("alternet50_cifar", dict(layers=(1, 1, 2, 2), msa_counts=(0, 0, 1, 1), heads=(1, 1, 2, 2),
                                           head_dim=8, window_size=2, num_classes=10), (3, 32, 32)),
 }
@@ -95,8 +99,9 @@ def parts_matrix() -> List[Tuple[str, str, Dict[str, str]]]:
             value = (part,) if key == "modifiers" else part
             rows.append((key, part, {f: _cell(f, key, value) for f in FAMILY_EXAMPLES}))
     rows.append(("featscale", "True", {f: _cell(f, "featscale", True) for f in FAMILY_EXAMPLES}))
-    rows.append(("attn_position", "rope", {f: _cell(f, "attn_position", ("rope",)) for f in FAMILY_EXAMPLES}))
-    for wiring in ("pre", "post", "end", "parallel", "parallel_scaling"):  # the Block's wirings ("prefix": CaiT's)
+    for position in ("rope", "beit_relative", "cpb"):
+        rows.append(("attn_position", position, {f: _cell(f, "attn_position", (position,)) for f in FAMILY_EXAMPLES}))
+    for wiring in ("pre", "post", "end", "parallel", "parallel_scaling", "res_post"):  # Block wirings (not CaiT's "prefix")
         rows.append(("wiring", wiring, {f: _cell(f, "wiring", wiring) for f in FAMILY_EXAMPLES}))
     return rows
 

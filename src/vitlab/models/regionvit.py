@@ -136,7 +136,7 @@ class RegionalBlock(Block):
     """The one :class:`Block` (LSA + MLP on both streams) after RegionViT's regional self-attention (Chen et al.,
     2022, sec. 3.2), which reuses the block's attention ``attn`` on the regional tokens with its own norm
     ``norm0``, branch scale ``ls0`` and drop path; the RSA half follows the block's wiring (pre: norm before;
-    post/end: after, ``end`` without a norm)."""
+    post/end: after, ``end`` without a norm; res_post: on the branch output)."""
 
     def __init__(self, dim: int, mixer: nn.Module, mlp: nn.Module, window_size: int, **block: Any):
         super().__init__(dim, mixer, mlp, **block)
@@ -153,6 +153,8 @@ class RegionalBlock(Block):
         r, regions = x[:, :p], TokenLayout(regional_grid(layout, self.window_size))
         if self.post_norm:
             r = self.norm0(r + self.drop_path0(self.ls0(self.attn(r, regions))))
+        elif self.wiring == "res_post":  # Swin V2's residual post-norm: the branch output is normalised
+            r = r + self.drop_path0(self.ls0(self.norm0(self.attn(r, regions))))
         else:
             r = r + self.drop_path0(self.ls0(self.attn(self.norm0(r), regions)))
         return torch.cat([r, x[:, p:]], dim=1)

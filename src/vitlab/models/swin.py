@@ -111,12 +111,14 @@ def _per_stage(value, n: int, what: str) -> Tuple:
 
 class PatchMerging(nn.Module):
     """Concatenate each 2x2 neighbourhood (``4C``), normalise, project to ``out_dim`` without
-    bias (Swin's downsampling; Liu et al., 2021).  Odd maps are zero-padded, as in timm."""
+    bias (Swin's downsampling; Liu et al., 2021).  Odd maps are zero-padded, as in timm.
+    ``norm_after``: project, then normalise the ``out_dim`` channels (Swin V2, Liu et al., CVPR 2022; timm)."""
 
-    def __init__(self, dim: int, out_dim: Optional[int] = None, norm: str = "layernorm", norm_eps: float = 1e-5):
+    def __init__(self, dim: int, out_dim: Optional[int] = None, norm: str = "layernorm", norm_eps: float = 1e-5,
+                 norm_after: bool = False):
         super().__init__()
-        self.dim, self.out_dim = dim, out_dim or 2 * dim
-        self.norm = create_norm(norm, 4 * dim, eps=norm_eps)
+        self.dim, self.out_dim, self.norm_after = dim, out_dim or 2 * dim, norm_after
+        self.norm = create_norm(norm, self.out_dim if norm_after else 4 * dim, eps=norm_eps)
         self.reduction = Linear(4 * dim, self.out_dim, bias=False)
 
     def forward(self, x: torch.Tensor, layout: TokenLayout) -> Tuple[torch.Tensor, Tuple[int, int]]:
@@ -126,7 +128,8 @@ class PatchMerging(nn.Module):
         h2, w2 = (h + 1) // 2, (w + 1) // 2
         # timm/official order of the four neighbours: (0,0), (1,0), (0,1), (1,1)
         x = x.reshape(b, h2, 2, w2, 2, c).permute(0, 1, 3, 4, 2, 5).reshape(b, h2 * w2, 4 * c)
-        return self.reduction(self.norm(x)), (h2, w2)
+        y = self.norm(self.reduction(x)) if self.norm_after else self.reduction(self.norm(x))
+        return y, (h2, w2)
 
 
 def swin_attention(spec: MixerSpec, dim: int, hw: Tuple[int, int], num_heads: int, window_size: int, shift: bool,
