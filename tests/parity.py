@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-__all__ = ["randomize_", "compare", "check_parity", "ParityReport", "timm_pair"]
+__all__ = ["randomize_", "compare", "check_parity", "ParityReport", "timm_pair", "swin_official_layout"]
 
 _NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)
 _TOKENS = ("cls_token", "dist_token", "reg_token", "pos_embed", "mask_token")
@@ -213,3 +213,16 @@ def on_meta(create, name: str, **kwargs) -> nn.Module:
 def meta_count(create, name: str, **kwargs) -> int:
     """The parameter count of :func:`on_meta`'s model."""
     return sum(p.numel() for p in on_meta(create, name, **kwargs).parameters())
+
+
+def swin_official_layout(timm_state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """A timm Swin (V1 or V2) state dict in the official repositories' layout, written independently of vitlab's
+    converter: patch merging saved at the end of stage ``i`` (timm: the start of stage ``i + 1``), the classifier
+    as ``head`` (timm: ``head.fc``)."""
+    official = {}
+    for k, v in timm_state_dict.items():
+        if ".downsample." in k:
+            i = int(k.split(".")[1])
+            k = k.replace(f"layers.{i}.", f"layers.{i - 1}.", 1)
+        official[k.replace("head.fc.", "head.")] = v
+    return official

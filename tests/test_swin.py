@@ -19,7 +19,7 @@ from vitlab.layers import CenterNorm, CosineAttention, FocusedLinearAttention, r
 from vitlab.layers.window import resize_relative_position_table
 from vitlab.models.cli import count_macs, count_params
 from vitlab.models.swin import SwinTransformer
-from parity import check_parity, randomize_
+from parity import check_parity, randomize_, swin_official_layout
 
 SWIN_T = "swin_tiny_patch4_window7_224"
 # a small Swin: 64x64 input -> maps 16, 8, 4, 2; window 4 (stage 3 and 4 windows shrink to the map)
@@ -99,12 +99,7 @@ def _small_timm(**kw):
 def test_official_checkpoint_layout_loads():
     """The official Swin repo saves patch merging at the end of stage i and the head as ``head``."""
     ref = randomize_(_small_timm())
-    official = {}
-    for k, v in ref.state_dict().items():
-        if ".downsample." in k:
-            i = int(k.split(".")[1])
-            k = k.replace(f"layers.{i}.", f"layers.{i - 1}.", 1)
-        official[k.replace("head.fc.", "head.")] = v
+    official = swin_official_layout(ref.state_dict())
     official["layers.0.blocks.1.attn_mask"] = torch.zeros(1)  # old checkpoints saved buffers
     ours = load_timm_weights(vitlab.create_model(SWIN_T, **SMALL), {"model": official}).eval()
     x = torch.randn(2, 3, 64, 64)

@@ -19,7 +19,7 @@ from vitlab.layers.grouping import Branch
 from vitlab.models.block import Block
 from vitlab.models.parts_table import FAMILY_EXAMPLES
 from vitlab.models.swinv2 import SwinTransformerV2
-from parity import check_parity, randomize_, timm_pair
+from parity import check_parity, randomize_, swin_official_layout, timm_pair
 from test_parts_matrix import run_family
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -75,12 +75,7 @@ def test_logit_scale_clamp_matches_timm():
 def test_official_checkpoint_layout_loads():
     """The official repository merges at the end of stage i, names the classifier ``head`` and saved buffers."""
     ref = randomize_(timm.create_model(V2_T, pretrained=False, **SMALL)).eval()
-    official = {}
-    for k, v in ref.state_dict().items():
-        if ".downsample." in k:
-            i = int(k.split(".")[1])
-            k = k.replace(f"layers.{i}.", f"layers.{i - 1}.", 1)
-        official[k.replace("head.fc.", "head.")] = v
+    official = swin_official_layout(ref.state_dict())
     official["layers.0.blocks.0.attn.relative_coords_table"] = torch.zeros(1, 7, 7, 2)
     official["layers.0.blocks.0.attn.relative_position_index"] = torch.zeros(16, 16, dtype=torch.long)
     official["layers.0.blocks.1.attn_mask"] = torch.zeros(1)

@@ -92,10 +92,13 @@ def rename_first(key: str, rules) -> str:
 
 
 def _converter(model: nn.Module):
+    """The converter of the nearest class in the model's MRO (a subclass's own wins over its base's, whatever the
+    import order); for one class, the latest registration."""
     _ensure_loaded()
-    for cls, fwd, bwd in _CONVERTERS:
-        if isinstance(model, cls):
-            return fwd, bwd
+    for base in type(model).__mro__:
+        for cls, fwd, bwd in _CONVERTERS:
+            if cls is base:
+                return fwd, bwd
     raise ValueError(f"no timm converter for {type(model).__name__}; models with one: "
                      f"{', '.join(sorted({c.__name__ for c, _, _ in _CONVERTERS}))}")
 

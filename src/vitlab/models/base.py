@@ -26,7 +26,7 @@ for a ``(B, C, H, W)`` map.  ``_final_norm`` and ``_feature_end`` have defaults.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 from torch import nn
@@ -307,16 +307,28 @@ def make_default_cfg(architecture: str, img_size: int, num_classes: int, in_chan
     return cfg
 
 
-def register_recipe(model_cls, name: str, defaults: Dict[str, Any], doc: str, **cfg: Any) -> None:
+def crop_pct_by_size(kw: Dict[str, Any]) -> float:
+    """timm's ``crop_pct`` for the hierarchical families: 1.0 at 384 px and above, else 0.9."""
+    return 1.0 if kw.get("img_size", 224) >= 384 else 0.9
+
+
+def register_recipe(model_cls, name: str, defaults: Dict[str, Any], doc: str,
+                    adjust: Optional[Callable[[Dict[str, Any], Dict[str, Any]], Dict[str, Any]]] = None,
+                    **cfg: Any) -> None:
     """Register ``name`` as a paper recipe: ``model_cls(**defaults)`` with the caller's overrides
     winning, and a ``default_cfg`` (extra entries ``cfg``, e.g. ``crop_pct``) built from the
-    resolved image size, class count and channels."""
+    resolved image size, class count and channels.  ``adjust(kw, overrides)`` may rewrite the resolved
+    arguments (e.g. a 384-px variant's windows unless the caller set them); a callable ``cfg`` value is
+    called with them (e.g. :func:`crop_pct_by_size`)."""
     from vitlab.models.factory import register_model
 
     def factory(**overrides: Any):
         kw = {**defaults, **overrides}
+        if adjust is not None:
+            kw = adjust(kw, overrides)
+        extra = {k: v(kw) if callable(v) else v for k, v in cfg.items()}
         default_cfg = make_default_cfg(name, kw.get("img_size", 224), kw.get("num_classes", 1000),
-                                       kw.get("in_chans", 3), **cfg)
+                                       kw.get("in_chans", 3), **extra)
         return model_cls(architecture=name, default_cfg=default_cfg, **kw)
 
     factory.__name__ = factory.__qualname__ = name

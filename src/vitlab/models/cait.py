@@ -35,9 +35,8 @@ from torch import nn
 
 from vitlab.layers import Mlp, MixerSpec, PatchEmbed, TokenLayout, create_norm, init_weights
 from vitlab.models.backbone import Backbone
-from vitlab.models.base import make_default_cfg
+from vitlab.models.base import make_default_cfg, register_recipe
 from vitlab.models.block import Block
-from vitlab.models.factory import register_model
 
 __all__ = ["Cait"]
 
@@ -150,16 +149,8 @@ _CAIT_SIZES = {
 def _register(name: str, size: str, img: int, extra: Optional[Dict[str, Any]] = None, doc: str = "") -> None:
     defaults = dict(_CAIT_SIZES[size], patch_size=16, img_size=img, **(extra or {}))
 
-    def factory(**overrides: Any) -> Cait:
-        kw = {**defaults, **overrides}
-        cfg = make_default_cfg(name, kw["img_size"], kw.get("num_classes", 1000), kw.get("in_chans", 3),
-                               crop_pct=1.0)
-        return Cait(architecture=name, default_cfg=cfg, **kw)
-
-    factory.model_cls = Cait
-    factory.__name__ = factory.__qualname__ = name
-    factory.__doc__ = f"{name}: CaiT-{size.upper()} at {img}x{img} (Touvron et al., ICCV 2021){doc}."
-    register_model(factory)
+    register_recipe(Cait, name, defaults, f"{name}: CaiT-{size.upper()} at {img}x{img} (Touvron et al., ICCV 2021)"
+                    f"{doc}.", crop_pct=1.0)
 
 
 for _size, _imgs in (("xxs24", (224, 384)), ("xxs36", (224, 384)), ("xs24", (384,)), ("s24", (224, 384)),

@@ -34,9 +34,8 @@ from torch import nn
 
 from vitlab.layers import MixerSpec, create_norm, init_weights
 from vitlab.models.backbone import Backbone, ConvPatchEmbed
-from vitlab.models.base import make_default_cfg
+from vitlab.models.base import crop_pct_by_size, make_default_cfg, register_recipe
 from vitlab.models.swin import _per_stage, build_stages, check_stage_sizes, stage_attn_types
-from vitlab.models.factory import register_model
 
 __all__ = ["CSwinTransformer", "cswin_attention", "ConvEmbed", "cswin_from_official", "cswin_to_official"]
 
@@ -204,21 +203,16 @@ def cswin_to_official(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Te
 
 
 # -- registered recipes -------------------------------------------------------------------------
-def _register_cswin(name: str, defaults: Dict[str, Any], doc: str) -> None:
-    def factory(**overrides: Any) -> CSwinTransformer:
-        kw = {**defaults, **overrides}
-        img = kw.get("img_size", 224)
-        if img >= 384 and "split_size" not in overrides:
-            # the official 384 models (CSWin-B@384, FLatten-CSwin-B@384): stripes 12 in stages 3-4
-            kw["split_size"] = tuple(kw["split_size"][:2]) + (12, 12)
-        default_cfg = make_default_cfg(name, img, kw.get("num_classes", 1000), kw.get("in_chans", 3),
-                                       crop_pct=1.0 if img >= 384 else 0.9)
-        return CSwinTransformer(architecture=name, default_cfg=default_cfg, **kw)
+def _split_at_384(kw: Dict[str, Any], overrides: Dict[str, Any]) -> Dict[str, Any]:
+    if kw.get("img_size", 224) >= 384 and "split_size" not in overrides:
+        # the official 384 models (CSWin-B@384, FLatten-CSwin-B@384): stripes 12 in stages 3-4
+        kw["split_size"] = tuple(kw["split_size"][:2]) + (12, 12)
+    return kw
 
-    factory.model_cls = CSwinTransformer
-    factory.__name__ = factory.__qualname__ = name
-    factory.__doc__ = f"{name}: {doc} ({defaults})."
-    register_model(factory)
+
+def _register_cswin(name: str, defaults: Dict[str, Any], doc: str) -> None:
+    register_recipe(CSwinTransformer, name, defaults, f"{name}: {doc} ({defaults}).", _split_at_384,
+                    crop_pct=crop_pct_by_size)
 
 
 _CSWIN_T = dict(embed_dim=64, depths=(1, 2, 21, 1), num_heads=(2, 4, 8, 16), split_size=(1, 2, 7, 7),

@@ -38,9 +38,8 @@ from vitlab.layers.linear_norm import ConvNorm, NormLinear
 from vitlab.layers.mixers import check_stage_kwargs
 from vitlab.layers.mlp import CHANNEL_MIXERS
 from vitlab.models.backbone import Backbone, Downsample, Stage
-from vitlab.models.base import VitlabModel, make_default_cfg
+from vitlab.models.base import VitlabModel, make_default_cfg, register_recipe
 from vitlab.models.block import Block
-from vitlab.models.factory import register_model
 
 __all__ = ["LevitStem", "LevitDownsample", "Levit", "ACTIVATIONS"]
 
@@ -270,18 +269,13 @@ _SIZES = {
 }
 
 
-def _register(name: str, defaults: Dict[str, Any], doc: str) -> None:
-    def factory(**overrides: Any) -> Levit:
-        kw = {**defaults, **overrides}
-        heads = ("head.linear", "head_dist.linear") if kw.get("distilled", True) else "head.linear"
-        cfg = make_default_cfg(name, kw.get("img_size", 224), kw.get("num_classes", 1000), kw.get("in_chans", 3),
-                               crop_pct=0.9, fixed_input_size=True, first_conv="stem.conv1.linear", classifier=heads)
-        return Levit(architecture=name, default_cfg=cfg, **kw)
+def _heads(kw: Dict[str, Any]):
+    return ("head.linear", "head_dist.linear") if kw.get("distilled", True) else "head.linear"
 
-    factory.model_cls = Levit
-    factory.__name__ = factory.__qualname__ = name
-    factory.__doc__ = doc
-    register_model(factory)
+
+def _register(name: str, defaults: Dict[str, Any], doc: str) -> None:
+    register_recipe(Levit, name, defaults, doc, crop_pct=0.9, fixed_input_size=True, first_conv="stem.conv1.linear",
+                    classifier=_heads)
 
 
 # timm's untrained experiments beyond the paper (no weights): stride-8 stem, wider, deeper; SiLU throughout, and

@@ -34,8 +34,7 @@ from vitlab.layers.mixers import check_stage_kwargs
 from vitlab.layers.window import REL_POS_RESIZE_METHODS
 from vitlab.models.backbone import Backbone, Stage
 from vitlab.models.block import Block, drop_path_rates
-from vitlab.models.base import make_default_cfg
-from vitlab.models.factory import register_model
+from vitlab.models.base import crop_pct_by_size, make_default_cfg, register_recipe
 
 __all__ = ["SwinTransformer", "swin_attention", "PatchMerging", "stage_attn_types", "linear_spec", "build_stages"]
 
@@ -158,7 +157,8 @@ class SwinTransformer(Backbone):
     ``attn_position`` (position parts added after the relative table, e.g. ``("rope",)``: window coordinates),
     ``rel_pos_resize`` (how :meth:`load_state_dict` resizes relative position tables of a
     checkpoint trained with another window: ``"timm"`` as timm's ``checkpoint_filter_fn``,
-    ``"bicubic"`` as the official Swin code).
+    ``"bicubic"`` as the official Swin code), ``proj_drop_rate`` (attention output and MLP dropout; default
+    ``drop_rate``, as timm's Swin), ``merge_norm_after`` (:class:`PatchMerging`'s ``norm_after``).
     """
 
     def __init__(self, img_size: int = 224, patch_size: int = 4, in_chans: int = 3, num_classes: int = 1000,
@@ -172,7 +172,8 @@ class SwinTransformer(Backbone):
                  attn_drop_rate: float = 0.0, drop_path_rate: float = 0.1,
                  mixer_kwargs: Optional[Dict[str, Any]] = None, rel_pos_resize: str = "timm",
                  core: Optional[str] = None, modifiers: Sequence[str] = (), attn_position: Sequence[Any] = (),
-                 branch_scale: Optional[str] = None,
+                 branch_scale: Optional[str] = None, proj_drop_rate: Optional[float] = None,
+                 merge_norm_after: bool = False,
                  architecture: str = "swin", default_cfg: Optional[Dict[str, Any]] = None):
         super().__init__()
         depths, num_heads = tuple(depths), tuple(num_heads)
@@ -192,18 +193,19 @@ class SwinTransformer(Backbone):
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim,
                                       norm_layer=create_norm(norm, embed_dim, eps=norm_eps))
         self.grid_size = self.patch_embed.grid_size
-        attention = dict(qkv_bias=qkv_bias, attn_drop=attn_drop_rate, proj_drop=drop_rate)
+        proj_drop = drop_rate if proj_drop_rate is None else proj_drop_rate  # timm's Swin V1: one rate for both
+        attention = dict(qkv_bias=qkv_bias, attn_drop=attn_drop_rate, proj_drop=proj_drop)
 
         def down(i, hw):
-            return (PatchMerging(dims[i - 1], dims[i], norm=norm, norm_eps=norm_eps),
+            return (PatchMerging(dims[i - 1], dims[i], norm=norm, norm_eps=norm_eps, norm_after=merge_norm_after),
                     ((hw[0] + 1) // 2, (hw[1] + 1) // 2))
 
         def attend(st_spec, i, j, hw):
-            return swin_attention(st_spec, dims[i], hw, num_heads[i], windows[i], shift and j % 2 == 1, rel_pos_bias,
-                                  **attention)
+            return self.window_attention(st_spec, i, dims[i], hw, num_heads[i], windows[i], shift and j % 2 == 1,
+                                         rel_pos_bias, **attention)
 
         self.layers = nn.ModuleList(build_stages(
-            spec, attn_type, dims, depths, num_heads, self.grid_size, patch_size, down, attend, mlp_ratio, drop_rate,
+            spec, attn_type, dims, depths, num_heads, self.grid_size, patch_size, down, attend, mlp_ratio, proj_drop,
             drop_path_rate, norm=norm, norm_eps=norm_eps, wiring=wiring or ("post" if post_norm else "pre"),
             branch_scale=branch_scale or shortcut, branch_scale_init=shortcut_init, featscale=featscale,
             conv_units=conv_units))
@@ -216,6 +218,12 @@ class SwinTransformer(Backbone):
                                                            in_chans, crop_pct=0.9)
 
     stage_attr = "layers"
+
+    def window_attention(self, spec: MixerSpec, stage: int, dim: int, hw: Tuple[int, int], num_heads: int,
+                         window: int, shift: bool, rel_pos_bias: bool, **attention: Any) -> Dict[str, Any]:
+        """The attention parts of stage ``stage``'s blocks (:func:`swin_attention`; Swin V2 overrides it)."""
+        return swin_attention(spec, dim, hw, num_heads, window, shift, rel_pos_bias, **attention)
+
 
 # -- registered recipes -------------------------------------------------------------------------
 _SWIN_SIZES = {
@@ -237,21 +245,13 @@ def _register_swin(name: str, size: str, extra: Optional[Dict[str, Any]] = None,
                    doc: str = "", **cfg: Any) -> None:
     defaults = dict(_SWIN_SIZES[size], img_size=img_size, **(extra or {}))
 
-    def factory(**overrides: Any) -> SwinTransformer:
-        kw = {**defaults, **overrides}
+    def adjust(kw: Dict[str, Any], overrides: Dict[str, Any]) -> Dict[str, Any]:
         if name.startswith("flatten_") and "window_size" not in overrides and kw["img_size"] >= 384:
             kw["window_size"] = 12  # FLatten-Swin@384: window-12 softmax stages (spec flatten.md section 5)
-        extra_cfg = dict(cfg)
-        if kw["img_size"] >= 384:
-            extra_cfg.setdefault("crop_pct", 1.0)
-        default_cfg = make_default_cfg(name, kw["img_size"], kw.get("num_classes", 1000), kw.get("in_chans", 3),
-                                       **{"crop_pct": 0.9, **extra_cfg})
-        return SwinTransformer(architecture=name, default_cfg=default_cfg, **kw)
+        return kw
 
-    factory.model_cls = SwinTransformer
-    factory.__name__ = factory.__qualname__ = name
-    factory.__doc__ = f"{name}: {doc or 'Swin'}-{size[0].upper()} ({defaults})."
-    register_model(factory)
+    register_recipe(SwinTransformer, name, defaults, f"{name}: {doc or 'Swin'}-{size[0].upper()} ({defaults}).",
+                    adjust, **{"crop_pct": crop_pct_by_size, **cfg})
 
 
 for _size in ("tiny", "small", "base"):

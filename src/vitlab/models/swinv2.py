@@ -27,14 +27,12 @@ from __future__ import annotations
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
-from torch import nn
 
-from vitlab.layers import MixerSpec, PatchEmbed, create_norm, init_weights
+from vitlab.layers import MixerSpec
 from vitlab.layers.cores import CosineCore
 from vitlab.models.backbone import Backbone
-from vitlab.models.base import make_default_cfg
-from vitlab.models.factory import register_model
-from vitlab.models.swin import PatchMerging, _per_stage, build_stages, check_stage_sizes, stage_attn_types
+from vitlab.models.base import crop_pct_by_size, register_recipe
+from vitlab.models.swin import SwinTransformer, _per_stage, stage_attn_types
 
 __all__ = ["SwinTransformerV2", "swinv2_attention"]
 
@@ -61,8 +59,9 @@ def _with_logit_scale(spec: MixerSpec, attn_type: str) -> MixerSpec:
     return spec
 
 
-class SwinTransformerV2(Backbone):
-    """Swin Transformer V2 whose parts are arguments (Liu et al., CVPR 2022); see the module docstring.
+class SwinTransformerV2(SwinTransformer):
+    """Swin Transformer V2 whose parts are arguments (Liu et al., CVPR 2022); see the module docstring.  A
+    :class:`~vitlab.models.swin.SwinTransformer` with V2's defaults and its attention parts (:meth:`window_attention`).
 
     Sizes as Swin's (``embed_dim``, ``depths``, ``num_heads``, ``window_size`` (int or one per stage),
     ``mlp_ratio``) plus ``pretrained_window_sizes`` (0: none; int or one per stage: the windows a fine-tuned
@@ -74,7 +73,6 @@ class SwinTransformerV2(Backbone):
     and MLP), ``attn_drop_rate``, ``drop_path_rate`` (timm's names and meanings).
     """
 
-    stage_attr = "layers"
     _no_weight_decay_keys = Backbone._no_weight_decay_keys + ("cpb_mlp", "logit_scale")  # timm's
 
     def __init__(self, img_size: int = 224, patch_size: int = 4, in_chans: int = 3, num_classes: int = 1000,
@@ -89,44 +87,27 @@ class SwinTransformerV2(Backbone):
                  mixer_kwargs: Optional[Dict[str, Any]] = None, core: Optional[str] = None,
                  modifiers: Sequence[str] = (), attn_position: Sequence[Any] = (),
                  architecture: str = "swinv2", default_cfg: Optional[Dict[str, Any]] = None):
-        super().__init__()
-        depths, num_heads = tuple(depths), tuple(num_heads)
-        n_stages = len(depths)
-        check_stage_sizes(depths, num_heads, embed_dim, drop_path_rate)
+        n_stages = len(tuple(depths))
+        # read by window_attention while the stages are built (plain attributes may precede Module.__init__)
+        self.pretrained_window_sizes = _per_stage(pretrained_window_sizes, n_stages, "pretrained_window_sizes")
+        self.cpb = cpb
         spec = MixerSpec(mixer, core, tuple(modifiers), dict(mixer_kwargs or {}), attn_position)
-        self.attn_type = attn_type = stage_attn_types(spec, attn_type, n_stages, "window")
-        spec = _with_logit_scale(spec, attn_type)
-        windows = _per_stage(window_size, n_stages, "window_size")
-        pretrained = _per_stage(pretrained_window_sizes, n_stages, "pretrained_window_sizes")
-        self.num_classes, self.in_chans, self.depths, self.embed_dim = num_classes, in_chans, depths, embed_dim
-        dims = [int(embed_dim * 2 ** i) for i in range(n_stages)]
-        self.num_features = dims[-1]
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim,
-                                      norm_layer=create_norm(norm, embed_dim, eps=norm_eps))
-        self.grid_size = self.patch_embed.grid_size
-        attention = dict(qkv_bias=qkv_bias, attn_drop=attn_drop_rate, proj_drop=proj_drop_rate)
-
-        def down(i, hw):
-            merge = PatchMerging(dims[i - 1], dims[i], norm=norm, norm_eps=norm_eps, norm_after=True)
-            return merge, ((hw[0] + 1) // 2, (hw[1] + 1) // 2)
-
-        def attend(st_spec, i, j, hw):
-            return swinv2_attention(st_spec, windows[i], shift and j % 2 == 1, pretrained[i], cpb, **attention)
-
-        self.layers = nn.ModuleList(build_stages(
-            spec, attn_type, dims, depths, num_heads, self.grid_size, patch_size, down, attend, mlp_ratio,
-            proj_drop_rate, drop_path_rate, norm=norm, norm_eps=norm_eps, wiring=wiring,
-            branch_scale=branch_scale or shortcut, branch_scale_init=shortcut_init, featscale=featscale,
-            conv_units=conv_units))
-        self.norm = create_norm(norm, self.num_features, eps=norm_eps)
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.init_name = init
-        init_weights(self, init)
+        spec = _with_logit_scale(spec, stage_attn_types(spec, attn_type, n_stages, "window"))
+        super().__init__(img_size, patch_size, in_chans, num_classes, embed_dim, depths, num_heads, window_size,
+                         mlp_ratio, qkv_bias, mixer=mixer, attn_type=attn_type, norm=norm, norm_eps=norm_eps,
+                         shortcut=shortcut, shortcut_init=shortcut_init, featscale=featscale, init=init, shift=shift,
+                         wiring=wiring, conv_units=conv_units, rel_pos_bias=False, drop_rate=drop_rate,
+                         attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate, mixer_kwargs=spec.kwargs,
+                         core=core, modifiers=modifiers, attn_position=attn_position, branch_scale=branch_scale,
+                         proj_drop_rate=proj_drop_rate, merge_norm_after=True, architecture=architecture,
+                         default_cfg=default_cfg)
         if wiring == "res_post":
             self._zero_res_post_norms()
-        self.default_cfg = default_cfg or make_default_cfg(architecture, self.patch_embed.img_size[0], num_classes,
-                                                           in_chans, crop_pct=0.9)
+
+    def window_attention(self, spec: MixerSpec, stage: int, dim: int, hw: Tuple[int, int], num_heads: int,
+                         window: int, shift: bool, rel_pos_bias: bool, **attention: Any) -> Dict[str, Any]:
+        """Swin V2's attention parts (:func:`swinv2_attention`) with stage ``stage``'s pre-training window."""
+        return swinv2_attention(spec, window, shift, self.pretrained_window_sizes[stage], self.cpb, **attention)
 
     @torch.no_grad()
     def _zero_res_post_norms(self) -> None:
@@ -152,18 +133,13 @@ def _register(name: str, size: str, img_size: int, window_size: int, num_classes
               **extra: Any) -> None:
     defaults = dict(_SIZES[size], img_size=img_size, window_size=window_size, num_classes=num_classes, **extra)
 
-    def factory(**overrides: Any) -> SwinTransformerV2:
-        kw = {**defaults, **overrides}
+    def adjust(kw: Dict[str, Any], overrides: Dict[str, Any]) -> Dict[str, Any]:
         if "pretrained_window_sizes" in defaults and "pretrained_window_sizes" not in overrides:
             kw["pretrained_window_sizes"] = defaults["pretrained_window_sizes"][:len(kw["depths"])]  # fewer stages
-        default_cfg = make_default_cfg(name, kw["img_size"], kw["num_classes"], kw.get("in_chans", 3),
-                                       crop_pct=1.0 if kw["img_size"] >= 384 else 0.9)
-        return SwinTransformerV2(architecture=name, default_cfg=default_cfg, **kw)
+        return kw
 
-    factory.model_cls = SwinTransformerV2
-    factory.__name__ = factory.__qualname__ = name
-    factory.__doc__ = f"{name}: Swin V2-{size[0].upper()} (Liu et al., CVPR 2022) ({defaults})."
-    register_model(factory)
+    register_recipe(SwinTransformerV2, name, defaults, f"{name}: Swin V2-{size[0].upper()} (Liu et al., CVPR 2022) "
+                    f"({defaults}).", adjust, crop_pct=crop_pct_by_size)
 
 
 for _size in ("tiny", "small", "base"):
