@@ -5,9 +5,10 @@
     python benchmarks/catalogue.py --models xcit_nano_12_p16_224 --train
 
 The catalogue is issues 14 and 15's list of variants timm also has (DeiT III, register tokens, parallel
-blocks, XCiT, PiT, Twins, NesT, ...), plus BEiT, EVA-02 and Swin V2.  By default one size of each architecture runs at its default input size
-(the register ViTs of DINOv2 at 224 px instead of 518: 1,370 tokens are minutes per step here).  Models
-vitlab has not registered yet are listed as not run.  Steps alternate vitlab/timm.
+blocks, XCiT, PiT, Twins, NesT, ...), plus BEiT, EVA-02, Swin V2, ConViT and SAM's image encoder.  By default
+one size of each architecture runs at its default input size (the register ViTs of DINOv2 at 224 px instead of
+518: 1,370 tokens are minutes per step here).  Models vitlab has not registered yet are listed as not run.  Steps
+alternate vitlab/timm.
 """
 from __future__ import annotations
 
@@ -19,10 +20,11 @@ import _common as C  # noqa: I001
 DEFAULT = ["deit3_small_patch16_224", "vit_base_patch16_reg4_gap_256", "vit_small_patch14_reg4_dinov2",
            "vit_small_patch16_18x2_224", "xcit_nano_12_p16_224", "xcit_tiny_12_p8_224", "pit_s_224",
            "twins_svt_small", "twins_pcpvt_small", "nest_tiny", "levit_128s", "maxvit_tiny_tf_224", "mobilevit_s",
-           "crossvit_9_240", "beit_base_patch16_224", "eva02_small_patch14_224", "swinv2_tiny_window8_256"]
+           "crossvit_9_240", "beit_base_patch16_224", "eva02_small_patch14_224", "swinv2_tiny_window8_256",
+           "convit_tiny", "samvit_base_patch16_224"]
 # --all: every vitlab name matching these (issue 14's isotropic models, issue 15's hierarchical ones)
 PATTERNS = ["deit3_*", "vit_*_reg[14]_*", "vit_*_18x2_*", "xcit_*", "pit_*", "twins_*", "nest_*", "levit_*", "maxvit_*",
-            "mobilevit_*", "crossvit_*", "beit*", "eva02_*", "swinv2_*"]
+            "mobilevit_*", "crossvit_*", "beit*", "eva02_*", "swinv2_*", "convit_*", "samvit_*"]
 
 
 def _all_names():

@@ -84,7 +84,10 @@ SMALL: Dict[str, Callable[[nn.Module], Dict[str, Any]]] = {
                                **(dict(img_size=120, patch_size=(12, 16))  # dagger stems: 12/16 px only
                                   if isinstance(m.patch_embed[0].proj, nn.Sequential)
                                   else dict(img_size=30, patch_size=(3, 4)))),
+    "ConVit": lambda m: dict(_iso(m), embed_dim=16, local_up_to_layer=1),  # embed_dim per head; 1 GPSA block
     "AlterNet": lambda m: dict(img_size=64, layers=(1, 2, 2, 2), msa_counts=(0, 1, 1, 1), window_size=2),
+    "VisionTransformerSAM": lambda m: dict(_iso(m), window_size=3, global_attn_indexes=(1,),  # padded 4x4 map
+                                           **({"neck_chans": 16} if m.num_features != m.embed_dim else {})),
 }
 CNNS = ("ResNet", "PreActResNet")  # no attention to record
 

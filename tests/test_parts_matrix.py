@@ -132,6 +132,16 @@ REFUSED = {
     **{(fam, kind, name): ("lie on a", "-D grid") for fam in ("video", "navit")
        for kind, name in (("mixer", "pooling"), ("mixer", "dwconv_test"), ("mixer", "focused_linear"),
                           ("core", "focused_linear"))},
+    # ConViT's GPSA blocks (modifier 'gpsa') need a softmax matrix; gpsa needs one 2-D grid whose queries are the keys
+    **{("convit", kind, name): ("modifier 'gpsa'",) for kind, name in (
+        ("core", "focused_linear"), ("core", "differential"), ("core", "cross_covariance"),
+        ("mixer", "focused_linear"), ("mixer", "cross_covariance"))},
+    **{(fam, "modifiers", "gpsa"): words for fam, words in (
+        ("swin", ("shifted-window mask",)), ("swinv2", ("shifted-window mask",)), ("cswin", ("several grids",)),
+        ("pvt", ("spatial_reduction", "queries are not the keys")), ("pvt_v2", ("spatial_reduction", "not the keys")),
+        ("twins", ("spatial_reduction", "not the keys")), ("scalablevit", ("scalable_reduction", "not the keys")),
+        ("levit", ("subsample", "not the keys")), ("cvt", ("projection 'conv'", "every query to be a key")),
+        ("navit", ("no common grid",)), ("video", ("2-D token grid",)), ("regionvit", ("regional", "share out")))},
 }
 
 NEW_PARTS = [dict(core="l2_test"), dict(modifiers=("head_temp_test",)), dict(mixer="dwconv_test"),

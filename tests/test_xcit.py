@@ -98,7 +98,8 @@ def test_cross_covariance_core_in_every_family(family):
     refusals = {"cait": "cross_covariance attends over channels .*; talking_heads acts on the attention between tokens",
                 "navit": "core 'cross_covariance' takes no attention mask",  # NaViT masks across packed images
                 "levit": "cross_covariance takes no additive logit bias",  # LeViT's offset bias
-                "regionvit": "cross_covariance takes no additive logit bias"}  # RegionViT's relative table
+                "regionvit": "cross_covariance takes no additive logit bias",  # RegionViT's relative table
+                "convit": "cross_covariance attends over channels .*; gpsa acts on the attention between tokens"}
     if family in refusals:
         with pytest.raises(ValueError, match=refusals[family]):
             vitlab.create_model(name, **small, core="cross_covariance")

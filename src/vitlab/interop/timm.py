@@ -117,6 +117,7 @@ def _ensure_loaded() -> None:
     from vitlab.interop import timm_crossvit  # noqa: F401
     from vitlab.interop import timm_swinv2  # noqa: F401
     from vitlab.interop import timm_eva  # noqa: F401
+    from vitlab.interop import timm_samvit  # noqa: F401
 
 
 def load_timm_weights(model: nn.Module, timm_state_dict: StateDict) -> nn.Module:

@@ -44,7 +44,9 @@ from vitlab.layers.mlp import CHANNEL_MIXERS, Mlp
 from vitlab.layers import glu as _glu  # noqa: F401 (registers channel mixer "swiglu_packed", DINOv2-g)
 from vitlab.layers import differential as _differential  # noqa: F401 (registers core "differential")
 from vitlab.layers import cpb as _cpb  # noqa: F401 (registers position "cpb", Swin V2)
+from vitlab.layers import decomposed_position as _decomposed  # noqa: F401 (position "decomposed_relative", SAM)
 from vitlab.layers import linear_norm as _lnorm, offset_bias as _offset  # noqa: F401 (LeViT's parts)
+from vitlab.layers import gpsa as _gpsa  # noqa: F401 (registers modifier "gpsa", projection "qk_v", ConViT)
 from vitlab.layers.norm import NORMS, CenterNorm, create_norm
 from vitlab.layers.patch_embed import EMBEDS, ConvStem, PatchEmbed, to_2tuple
 from vitlab.layers.peg import PEG, POS_CODES, create_pos_code  # conditional position codes (CPVT, Twins)

@@ -136,13 +136,16 @@ class WindowGrouping(_Grouping):
 
     def with_mask(self, host, bias, branch):
         """The shift mask ``(nW, n, n)`` plus ``bias`` ``(1, h, n, n)``, formed once and expanded to the
-        ``rows = B * nW`` windows of the call (one materialisation, as the official code)."""
+        ``rows = B * nW`` windows of the call (one materialisation, as the official code); a bias of one map per
+        window, ``(rows, h, n, n)`` (it reads the queries: ``decomposed_relative``), gets each window's mask."""
         m = host.attn_mask
         if m is None:
             return bias
         rows = branch.q.shape[0]
         nw, n, _ = m.shape
         m = m.view(1, nw, 1, n, n).to(bias.dtype if bias is not None else m.dtype)
+        if bias is not None and bias.shape[0] > 1:  # windows in batch-major order: row b * nW + w
+            return (bias.reshape(rows // nw, nw, -1, n, n) + m).reshape(rows, -1, n, n)
         if bias is not None:
             m = m + bias.view(1, 1, -1, n, n)
         return m.expand(rows // nw, -1, -1, -1, -1).reshape(rows, -1, n, n)

@@ -167,6 +167,8 @@ class RegionalToLocal(_Grouping):
         if keep is None:
             return bias
         m = torch.zeros(keep.shape, device=keep.device).masked_fill_(~keep, MASKED)[:, None]
+        if bias is not None and bias.shape[0] > 1:  # one bias per group (it reads the queries: decomposed_relative)
+            return (bias.to(m.dtype).reshape(rows // m.shape[0], *m.shape[:1], *bias.shape[1:]) + m).flatten(0, 1)
         m = m if bias is None else m + bias.to(m.dtype)
         return m.expand(rows // m.shape[0], *m.shape).reshape(rows, *m.shape[1:])
 

@@ -139,6 +139,12 @@ ENTRIES: List[Tuple[str, Entry]] = [
     ("alternet*", Entry("How do ViTs work? AlterNet (Park & Kim, ICLR 2022)", "pre-activation ResNet with MSA "
                         "blocks (grouping `window`) closing stages")),
     ("*resnet*", Entry("ResNet (He et al., CVPR 2016) / pre-activation (He et al., ECCV 2016)", "convolutions")),
+    ("samvit_*", Entry("Segment Anything (Kirillov et al., ICCV 2023) / ViTDet (Li et al., ECCV 2022)", "ViT without "
+                       "class token, grouping `window` (14, padded) + global blocks, position `decomposed_relative`, "
+                       "conv neck (1x1, LN, 3x3, LN), average pool")),
+    ("convit_*", Entry("ConViT (d'Ascoli et al., ICML 2021)", "ViT + modifier `gpsa` (gated positional "
+                       "self-attention) on projection `qk_v` in the first 10 blocks, class token joining after them, "
+                       "patch-only table")),
     ("vit_*", Entry("ViT (Dosovitskiy et al., ICLR 2021)", _VIT_PARTS, "vit.ViT")),
 ]
 

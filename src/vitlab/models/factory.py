@@ -20,7 +20,7 @@ def register_model(fn: Callable[..., Any]) -> Callable[..., Any]:
 FAMILIES = ("vit", "deit", "cait", "swin", "cswin", "pvt", "pvt_v2", "resnet", "alternet", "t2t", "cct",
             "vit_variants", "navit", "xcit", "video", "twins", "ats", "pit", "nest",
             "mobilevit", "sepvit", "regionvit", "lookupvit", "levit", "cvt", "crossformer", "scalablevit",
-            "maxvit", "crossvit", "vit5", "beit", "eva02", "swinv2")
+            "maxvit", "crossvit", "vit5", "beit", "eva02", "swinv2", "convit", "samvit")
 
 
 def load_families() -> None:

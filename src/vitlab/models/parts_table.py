@@ -73,6 +73,10 @@ FAMILY_EXAMPLES: Dict[str, Tuple[str, Dict[str, Any], Tuple[int, int, int]]] = {
                                         num_heads=(2, 2), num_classes=10), (3, 30, 30)),
     "beit": ("beit_base_patch16_224", dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2,
                                            num_classes=10), (3, 32, 32)),
+    "samvit": ("samvit_base_patch16", dict(img_size=32, patch_size=4, depth=2, embed_dim=32, num_heads=2, window_size=3,
+                                           global_attn_indexes=(1,), neck_chans=16, num_classes=10), (3, 32, 32)),
+    "convit": ("convit_tiny", dict(img_size=32, patch_size=8, depth=2, local_up_to_layer=1, embed_dim=16, num_heads=2,
+                                   num_classes=10), (3, 32, 32)),
     "alternet": ("alternet50_cifar", dict(layers=(1, 1, 2, 2), msa_counts=(0, 0, 1, 1), heads=(1, 1, 2, 2),
                                           head_dim=8, window_size=2, num_classes=10), (3, 32, 32)),
 }
@@ -99,7 +103,7 @@ def parts_matrix() -> List[Tuple[str, str, Dict[str, str]]]:
             value = (part,) if key == "modifiers" else part
             rows.append((key, part, {f: _cell(f, key, value) for f in FAMILY_EXAMPLES}))
     rows.append(("featscale", "True", {f: _cell(f, "featscale", True) for f in FAMILY_EXAMPLES}))
-    for position in ("rope", "beit_relative", "cpb"):
+    for position in ("rope", "beit_relative", "cpb", "decomposed_relative"):
         rows.append(("attn_position", position, {f: _cell(f, "attn_position", (position,)) for f in FAMILY_EXAMPLES}))
     for wiring in ("pre", "post", "end", "parallel", "parallel_scaling", "res_post"):  # Block wirings (not CaiT's "prefix")
         rows.append(("wiring", wiring, {f: _cell(f, "wiring", wiring) for f in FAMILY_EXAMPLES}))
