@@ -148,17 +148,22 @@ NEW_PARTS = [dict(core="l2_test"), dict(modifiers=("head_temp_test",)), dict(mix
              dict(norm="scalenorm_test")]
 
 
+def run_or_refused(family, words, part, **parts):
+    """:func:`run_family` with ``parts``; where ``words`` is given, instead the one ``ValueError`` at construction,
+    naming ``part`` and every one of ``words`` (then ``None``)."""
+    if words is None:
+        return run_family(family, **parts)
+    with pytest.raises(ValueError) as err:
+        run_family(family, **parts)
+    msg = str(err.value)
+    assert part in msg and all(w in msg for w in words), msg
+    return None
+
+
 def _expect(family, parts):
     kind, value = next(iter(parts.items()))
     name = str(value).strip("(),'")
-    words = REFUSED.get((family, kind, name), REFUSED.get((family, kind, "*")))
-    if words is not None:
-        with pytest.raises(ValueError) as err:
-            run_family(family, **parts)
-        msg = str(err.value)
-        assert name in msg and all(w in msg for w in words), msg
-        return None
-    return run_family(family, **parts)
+    return run_or_refused(family, REFUSED.get((family, kind, name), REFUSED.get((family, kind, "*"))), name, **parts)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -335,13 +340,9 @@ def test_rope_through_attn_position_runs_in_every_family_or_is_refused(family):
     from parity import randomize_
 
     name, small, size = FAMILIES[family]
-    if family in ROPE_REFUSED:
-        with pytest.raises(ValueError) as err:
-            vitlab.create_model(name, **small, attn_position=("rope",))
-        msg = str(err.value)
-        assert "position bias 'rope'" in msg and all(w in msg for w in ROPE_REFUSED[family]), msg
+    model = run_or_refused(family, ROPE_REFUSED.get(family), "position bias 'rope'", attn_position=("rope",))
+    if model is None:
         return
-    model = run_family(family, attn_position=("rope",))
     assert _rope_hosts(model), f"{family}: no attention holds rope"
     plain = vitlab.create_model(name, **small)
     randomize_(model)
