@@ -170,9 +170,8 @@ class Block(nn.Module):
         y = self.attn(x if self.raw_branches else self.norm1(x), layout)
         if self.featscale is not None:
             y = self.featscale(y)
-        if self.wiring == "res_post":
-            y = self.norm1(y)
-        res_norm = self.norm1 if self.wiring == "res_post" else None  # a producer of the branch output too
+        res_norm = self.norm1 if self.wiring == "res_post" else None  # normalises the branch output (a producer too)
+        y = y if res_norm is None else res_norm(y)
         x = residual_add(x, self.drop_path1(self.ls1(y)), self.attn, self.featscale, res_norm, self.ls1,
                          self.drop_path1)
         x = self.norm1(x) if self.post_norm else x
